@@ -1,0 +1,5 @@
+import sys
+
+from dicomfuse.cli.main import main
+
+sys.exit(main())

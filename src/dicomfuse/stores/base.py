@@ -1,0 +1,160 @@
+"""The small, synchronous protocol every remote store satisfies, its record types and its errors.
+
+A *dataset* holds named DICOM *stores*; a store holds studies ▸ series ▸ instances, all named by
+their DICOM UIDs. Concrete stores (``dicomweb``, ``healthcare``, ``local``) only speak their
+protocol: they know nothing of paths, caches or errno. The core maps :class:`StoreError`
+subclasses to errno in one table (``dicomfuse.core.errors``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """One instance as a listing returns it. ``size`` is the stored file's byte size when the
+    server can tell it cheaply (local folder, Orthanc's REST API), else ``None``."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class StowOutcome:
+    """What the server said about one file sent by :meth:`Store.store_files`.
+
+    ``stored`` is True only when the server confirmed the SOP instance (Referenced SOP). On a
+    refusal ``reason`` is a short human-readable reason (never patient data)."""
+
+    path: Path
+    stored: bool
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    reason: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one hierarchy, mapped to errno by the core in one place.
+
+
+class StoreError(Exception):
+    """Base of every error a store raises. ``str(err)`` is safe to log (no PHI, no tokens)."""
+
+
+class NotFound(StoreError):
+    """The store, study, series or instance does not exist on the server."""
+
+
+class AlreadyExists(StoreError):
+    """A store with that ID exists already, or an instance conflicts with a stored one."""
+
+
+class InvalidDicom(StoreError):
+    """The server (or a local parse) refused the file as DICOM; the message says why."""
+
+
+class InvalidName(StoreError):
+    """A store ID that the server does not accept."""
+
+
+class NotEmpty(StoreError):
+    """A store that still holds studies cannot be deleted or renamed."""
+
+
+class Forbidden(StoreError):
+    """Authentication or permission failure after a token refresh (401/403)."""
+
+
+class Unsupported(StoreError):
+    """The server lacks this capability (e.g. store creation on a plain DICOMweb server)."""
+
+
+class TooLarge(StoreError):
+    """The server refused a request body as too large (413)."""
+
+
+class Unavailable(StoreError):
+    """Server error, quota, timeout or dropped connection, after the retries were spent."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocols
+
+
+@runtime_checkable
+class Store(Protocol):
+    """One DICOM store. Listings are iterators that page until the server is exhausted (no
+    result cap). The optional UID filter turns a listing into a lookup of one UID that no listing
+    showed yet: it yields that one entry, or nothing."""
+
+    name: str
+
+    def studies(self, study_uid: str | None = None) -> Iterator[str]:
+        """StudyInstanceUIDs in the store (or just ``study_uid`` if it exists)."""
+        ...
+
+    def series(self, study_uid: str, series_uid: str | None = None) -> Iterator[str]:
+        """SeriesInstanceUIDs of one study. An absent study yields nothing."""
+        ...
+
+    def instances(
+        self, study_uid: str, series_uid: str, sop_uid: str | None = None
+    ) -> Iterator[InstanceInfo]:
+        """Instances of one series. An absent series yields nothing."""
+        ...
+
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
+        """Write the instance's stored bytes (never a transcode) to ``sink`` as they arrive and
+        return how many were written. Raises :class:`NotFound` if absent. A truncated or
+        broken transfer raises (never returns a short count as success)."""
+        ...
+
+    def store_files(self, paths: Sequence[Path]) -> list[StowOutcome]:
+        """Send DICOM Part-10 files (STOW-RS or equivalent); one outcome per path, same order.
+        A refusal of one file is an outcome, not an exception; a transport failure raises."""
+        ...
+
+    def delete_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> None:
+        """Delete one instance. :class:`Unsupported` when the server cannot delete,
+        :class:`NotFound` when it is absent."""
+        ...
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """A container of stores: a Cloud Healthcare dataset, a folder of folders, or a single
+    DICOMweb server shown as a dataset with one store."""
+
+    name: str
+
+    def list_stores(self) -> Iterator[str]:
+        """Store IDs, paged to the end."""
+        ...
+
+    def open_store(self, store_id: str) -> Store:
+        """A handle on one store (no request needed; a missing store fails on first use)."""
+        ...
+
+    def create_store(self, store_id: str) -> None:
+        """Create an empty store. :class:`InvalidName`, :class:`AlreadyExists` or
+        :class:`Unsupported` when it cannot."""
+        ...
+
+    def delete_store(self, store_id: str) -> None:
+        """Delete an *empty* store. :class:`NotEmpty` if it holds studies (checked right
+        before), :class:`Unsupported` when the server cannot."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
