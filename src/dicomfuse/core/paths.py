@@ -1,0 +1,140 @@
+"""The path model: "/store/study/series/<SOPInstanceUID>.dcm" to a level and its UIDs.
+
+Folder and file names are DICOM UIDs, so a path is a stable address. Names the OS, Finder,
+Explorer or an editor make on their own ("side files") are recognised here, once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+STORE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,256}$")
+INSTANCE_SUFFIX = ".dcm"
+
+# Exact names (case-insensitive) and name patterns that are never DICOM data.
+_SIDE_NAMES = {
+    ".ds_store", "desktop.ini", "thumbs.db", "ehthumbs.db", "autorun.inf", "$recycle.bin",
+    "system volume information", ".spotlight-v100", ".fseventsd", ".temporaryitems", ".trashes",
+    ".apdisk", ".volumeicon.icns", ".localized", ".metadata_never_index", ".hidden", ".directory",
+    ".xdg-volume-info", ".nfs", "icon\r",
+}
+_SIDE_PATTERNS = (
+    re.compile(r"^\._"),                 # AppleDouble
+    re.compile(r"^\.trash", re.I),       # .Trash, .Trash-1000
+    re.compile(r"^~\$"),                 # Office lock files
+    re.compile(r"^\.~lock\..*#$"),       # LibreOffice lock files
+    re.compile(r"\.sw[a-p]$"),           # vim swap files
+    re.compile(r"^\..*\.sw[a-p]x?$"),
+    re.compile(r"~$"),                   # editor backups
+    re.compile(r"^#.*#$"),               # emacs autosave
+    re.compile(r"^\.goutputstream-"),    # GNOME
+    re.compile(r"^\.fuse_hidden"),
+)
+# Folder names a GUI gives a new folder before the user renames it.
+_GUI_FOLDER_RE = re.compile(r"^(untitled folder|new folder)( \(?\d+\)?)?$", re.I)
+
+
+class Level(IntEnum):
+    ROOT = 0
+    STORE = 1
+    STUDY = 2
+    SERIES = 3
+    INSTANCE = 4
+
+
+def is_uid(name: str) -> bool:
+    return len(name) <= 64 and bool(UID_RE.match(name))
+
+
+def is_side_file(name: str) -> bool:
+    """A name the OS or an editor makes by itself: kept local, never sent to the server."""
+    low = name.lower()
+    return low in _SIDE_NAMES or any(p.search(name) for p in _SIDE_PATTERNS)
+
+
+def is_gui_folder_name(name: str) -> bool:
+    """"untitled folder" (Finder), "New folder" (Explorer) and their numbered variants."""
+    return bool(_GUI_FOLDER_RE.match(name))
+
+
+def is_valid_store_id(name: str) -> bool:
+    return bool(STORE_ID_RE.match(name)) and name not in (".", "..")
+
+
+def instance_uid(name: str) -> str | None:
+    """The SOPInstanceUID a file name stands for ("<uid>.dcm", any case), else None."""
+    if name.lower().endswith(INSTANCE_SUFFIX):
+        stem = name[: -len(INSTANCE_SUFFIX)]
+        if is_uid(stem):
+            return stem
+    return None
+
+
+def instance_name(sop_uid: str) -> str:
+    return sop_uid + INSTANCE_SUFFIX
+
+
+@dataclass(frozen=True)
+class DicomPath:
+    """A parsed mount path. ``parts`` are the components below the root."""
+
+    parts: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, path: str) -> DicomPath:
+        return cls(tuple(p for p in path.replace("\\", "/").split("/") if p not in ("", ".")))
+
+    @property
+    def level(self) -> Level:
+        """The level of the thing this path names (deeper than an instance: too deep)."""
+        return Level(min(len(self.parts), Level.INSTANCE))
+
+    @property
+    def too_deep(self) -> bool:
+        return len(self.parts) > Level.INSTANCE
+
+    @property
+    def name(self) -> str:
+        return self.parts[-1] if self.parts else ""
+
+    @property
+    def parent(self) -> DicomPath:
+        return DicomPath(self.parts[:-1])
+
+    def child(self, name: str) -> DicomPath:
+        return DicomPath((*self.parts, name))
+
+    @property
+    def store(self) -> str:
+        return self.parts[0]
+
+    @property
+    def study(self) -> str:
+        return self.parts[1]
+
+    @property
+    def series(self) -> str:
+        return self.parts[2]
+
+    @property
+    def is_side_file(self) -> bool:
+        return bool(self.parts) and is_side_file(self.name)
+
+    @property
+    def names_remote_object(self) -> bool:
+        """Whether every component below the store is a well-formed UID (so it can exist on the
+        server); a junk name is answered ENOENT without asking anyone."""
+        if self.too_deep:
+            return False
+        n = len(self.parts)
+        if n >= 2 and not is_uid(self.parts[1]):
+            return False
+        if n >= 3 and not is_uid(self.parts[2]):
+            return False
+        return n < 4 or instance_uid(self.parts[3]) is not None
+
+    def __str__(self) -> str:
+        return "/" + "/".join(self.parts)
