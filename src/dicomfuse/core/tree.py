@@ -1,0 +1,184 @@
+"""Folder listings in RAM: a TTL cache, a bounded negative cache, and the local overlay that
+makes the mount's own uploads and deletes visible at once whatever the server's index lags.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from dicomfuse.core.paths import DicomPath
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One child of a folder. ``size`` is None for a file whose size is not known yet."""
+
+    is_dir: bool
+    size: int | None = None
+
+
+Clock = Callable[[], float]
+
+
+class ListingCache:
+    """Listings per folder path for ``ttl`` seconds, plus names known to be absent for
+    ``negative_ttl`` seconds (bounded), plus an overlay of local changes kept for
+    ``overlay_ttl`` seconds and applied on top of every listing, fresh or cached."""
+
+    def __init__(
+        self,
+        ttl: float,
+        *,
+        negative_ttl: float = 5.0,
+        overlay_ttl: float | None = None,
+        max_negative: int = 10_000,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.negative_ttl = min(negative_ttl, ttl) if ttl > 0 else 0.0
+        self.overlay_ttl = max(ttl, 30.0) if overlay_ttl is None else overlay_ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        # All fields below are protected by _lock.
+        self._listings: dict[DicomPath, tuple[float, dict[str, Entry]]] = {}
+        self._negative: OrderedDict[DicomPath, float] = OrderedDict()
+        self._max_negative = max_negative
+        # Names found by a lookup while their folder's listing is not cached (cd to a UID).
+        self._positive: OrderedDict[DicomPath, tuple[float, Entry]] = OrderedDict()
+        self._added: dict[DicomPath, dict[str, tuple[float, Entry]]] = {}
+        self._removed: dict[DicomPath, dict[str, float]] = {}
+
+    # -- listings -------------------------------------------------------------------------
+
+    def get(self, folder: DicomPath) -> dict[str, Entry] | None:
+        """The cached listing with the overlay applied, or None if absent or expired."""
+        now = self._clock()
+        with self._lock:
+            cached = self._listings.get(folder)
+            if cached is None or now - cached[0] >= self.ttl:
+                return None
+            return self._overlaid(folder, cached[1], now)
+
+    def put(self, folder: DicomPath, children: Iterable[tuple[str, Entry]]) -> dict[str, Entry]:
+        """Store a fresh listing; return it with the overlay applied."""
+        now = self._clock()
+        listing = dict(children)
+        with self._lock:
+            self._listings[folder] = (now, listing)
+            return self._overlaid(folder, listing, now)
+
+    def lookup(self, folder: DicomPath, name: str) -> Entry | None | bool:
+        """Entry if known present; False if known absent (fresh listing without it, or a
+        negative entry); None if the cache cannot tell."""
+        now = self._clock()
+        path = folder.child(name)
+        with self._lock:
+            added = self._added.get(folder, {}).get(name)
+            if added and now - added[0] < self.overlay_ttl:
+                return added[1]
+            removed = self._removed.get(folder, {}).get(name)
+            if removed is not None and now - removed < self.overlay_ttl:
+                return False
+            cached = self._listings.get(folder)
+            if cached is not None and now - cached[0] < self.ttl and name in cached[1]:
+                return cached[1][name]
+            neg = self._negative.get(path)
+            if neg is not None and now - neg < self.negative_ttl:
+                return False
+            pos = self._positive.get(path)
+            if pos is not None and now - pos[0] < self.ttl:
+                return pos[1]
+            return None
+
+    def remember_absent(self, path: DicomPath) -> None:
+        with self._lock:
+            self._negative[path] = self._clock()
+            self._negative.move_to_end(path)
+            while len(self._negative) > self._max_negative:
+                self._negative.popitem(last=False)
+
+    def remember_present(self, folder: DicomPath, name: str, entry: Entry) -> None:
+        """A lookup found ``name``: add it to a cached listing (if any) and drop negatives."""
+        with self._lock:
+            path = folder.child(name)
+            self._negative.pop(path, None)
+            cached = self._listings.get(folder)
+            if cached is not None:
+                cached[1][name] = entry
+            self._positive[path] = (self._clock(), entry)
+            self._positive.move_to_end(path)
+            while len(self._positive) > self._max_negative:
+                self._positive.popitem(last=False)
+
+    def update_size(self, folder: DicomPath, name: str, size: int) -> None:
+        with self._lock:
+            cached = self._listings.get(folder)
+            if cached is not None and name in cached[1]:
+                cached[1][name] = Entry(False, size)
+            pos = self._positive.get(folder.child(name))
+            if pos is not None:
+                self._positive[folder.child(name)] = (pos[0], Entry(False, size))
+            added = self._added.get(folder, {}).get(name)
+            if added is not None:
+                self._added[folder][name] = (added[0], Entry(False, size))
+
+    def invalidate(self, folder: DicomPath) -> None:
+        with self._lock:
+            self._listings.pop(folder, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._listings.clear()
+            self._negative.clear()
+            self._positive.clear()
+
+    # -- local changes ----------------------------------------------------------------------
+
+    def note_added(self, folder: DicomPath, name: str, entry: Entry) -> None:
+        """The mount itself created ``name`` in ``folder``: show it at once."""
+        now = self._clock()
+        with self._lock:
+            self._removed.get(folder, {}).pop(name, None)
+            self._added.setdefault(folder, {})[name] = (now, entry)
+            self._negative.pop(folder.child(name), None)
+            cached = self._listings.get(folder)
+            if cached is not None:
+                cached[1][name] = entry
+
+    def note_removed(self, folder: DicomPath, name: str) -> None:
+        """The mount itself deleted ``name``: hide it at once, even from a lagging server."""
+        now = self._clock()
+        with self._lock:
+            self._added.get(folder, {}).pop(name, None)
+            self._removed.setdefault(folder, {})[name] = now
+            cached = self._listings.get(folder)
+            if cached is not None:
+                cached[1].pop(name, None)
+            self._positive.pop(folder.child(name), None)
+            # Anything cached below the removed entry is gone too.
+            prefix = folder.child(name).parts
+            for path in [p for p in self._listings if p.parts[: len(prefix)] == prefix]:
+                del self._listings[path]
+
+    def _overlaid(self, folder: DicomPath, listing: dict[str, Entry], now: float) -> dict[str, Entry]:
+        """Caller holds _lock."""
+        result = dict(listing)
+        added = self._added.get(folder)
+        if added:
+            for name, (at, entry) in list(added.items()):
+                if now - at >= self.overlay_ttl:
+                    del added[name]
+                elif name not in result or result[name].size is None:
+                    result[name] = entry
+        removed = self._removed.get(folder)
+        if removed:
+            for name, at in list(removed.items()):
+                if now - at >= self.overlay_ttl:
+                    del removed[name]
+                else:
+                    result.pop(name, None)
+        return result
