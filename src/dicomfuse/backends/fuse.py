@@ -1,0 +1,231 @@
+"""libfuse (Linux) and macFUSE (macOS) adapter through mfusepy: translation only.
+
+Each callback turns its arguments into one ``Vfs`` call and its result into what libfuse
+wants; ``translate`` is the one place where errors become errno. Policy lives in the core.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import mfusepy
+
+from dicomfuse.core.errors import FsError
+from dicomfuse.core.vfs import Attr, Vfs
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def translate(func: F) -> F:
+    """FsError → its errno, logged at its level; OSError → its errno; anything else → EIO
+    with one logged traceback (never a crash of the mount)."""
+
+    @functools.wraps(func)
+    def wrapper(self: FuseOperations, *args: Any) -> Any:
+        try:
+            return func(self, *args)
+        except FsError as exc:
+            log.log(exc.level, "%s: %s", func.__name__, exc.strerror)
+            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
+        except mfusepy.FuseOSError:
+            raise
+        except OSError as exc:
+            log.debug("%s: %s", func.__name__, exc)
+            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("Unexpected error in %s; answering EIO", func.__name__)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class FuseOperations(mfusepy.Operations):
+    """mfusepy callbacks for a :class:`Vfs` (``raw_fi=True``: we set direct_io/keep_cache)."""
+
+    use_ns = True
+
+    def __init__(self, vfs: Vfs, uid: int | None = None, gid: int | None = None) -> None:
+        self.vfs = vfs
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self._fuse: int | None = None  # struct fuse *, for kernel cache invalidation
+        vfs.notify_changed = self._invalidate
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def init(self, path: str) -> None:
+        try:
+            self._fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
+            mfusepy._libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        except (AttributeError, ValueError):
+            self._fuse = None
+        self.vfs.start()
+
+    def _invalidate(self, path: str) -> None:
+        """Tell the kernel to drop cached attributes of ``path`` (its size was learnt)."""
+        if self._fuse:
+            try:
+                mfusepy._libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape"))
+            except Exception:  # noqa: BLE001 - best effort: attributes also expire by timeout
+                log.debug("fuse_invalidate_path failed for %s", path, exc_info=True)
+
+    # -- attributes --------------------------------------------------------------------------
+
+    def _stat(self, attr: Attr) -> dict[str, int]:
+        ns = int(attr.mtime * 1e9)
+        if attr.is_dir:
+            return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, "st_size": 0, "st_uid": self.uid,
+                    "st_gid": self.gid, "st_mtime": ns, "st_ctime": ns, "st_atime": ns}
+        return {"st_mode": stat.S_IFREG | 0o644, "st_nlink": 1, "st_size": attr.size,
+                "st_blocks": (attr.size + 511) // 512, "st_blksize": 1 << 17, "st_uid": self.uid,
+                "st_gid": self.gid, "st_mtime": ns, "st_ctime": ns, "st_atime": ns}
+
+    @translate
+    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        return self._stat(self.vfs.getattr(path, fh.fh if fh is not None else None))
+
+    @translate
+    def readdir(self, path: str, fh: Any) -> list[Any]:
+        entries: list[Any] = [".", ".."]
+        for name, attr in self.vfs.readdir(path):
+            entries.append((name, {"st_mode": stat.S_IFDIR if attr.is_dir else stat.S_IFREG}, 0))
+        return entries
+
+    @translate
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.vfs.statfs()
+
+    @translate
+    def chmod(self, path: str, mode: int) -> int:
+        self.vfs.setattr_noop(path)
+        return 0
+
+    @translate
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        self.vfs.setattr_noop(path)
+        return 0
+
+    @translate
+    def utimens(self, path: str, times: Any = None) -> int:
+        self.vfs.setattr_noop(path)
+        return 0
+
+    @translate
+    def access(self, path: str, amode: int) -> int:
+        self.vfs.getattr(path)
+        return 0
+
+    # -- folders ---------------------------------------------------------------------------
+
+    @translate
+    def mkdir(self, path: str, mode: int) -> int:
+        self.vfs.mkdir(path)
+        return 0
+
+    @translate
+    def rmdir(self, path: str) -> int:
+        self.vfs.rmdir(path)
+        return 0
+
+    @translate
+    def rename(self, old: str, new: str) -> int:
+        self.vfs.rename(old, new)
+        return 0
+
+    # -- files -----------------------------------------------------------------------------
+
+    @translate
+    def create(self, path: str, mode: int, fi: Any) -> int:
+        fi.fh = self.vfs.create(path)
+        fi.direct_io = 1
+        return 0
+
+    @translate
+    def open(self, path: str, fi: Any) -> int:
+        result = self.vfs.open(path, fi.flags)
+        fi.fh = result.fh
+        fi.direct_io = int(result.direct_io)
+        fi.keep_cache = int(result.keep_cache)
+        return 0
+
+    @translate
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        return self.vfs.read(fi.fh, size, offset)
+
+    @translate
+    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+        return self.vfs.write(fi.fh, data, offset)
+
+    @translate
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        self.vfs.truncate(path, length, fh.fh if fh is not None else None)
+        return 0
+
+    @translate
+    def flush(self, path: str, fi: Any) -> int:
+        self.vfs.flush(fi.fh)
+        return 0
+
+    @translate
+    def fsync(self, path: str, datasync: int, fi: Any) -> int:
+        self.vfs.fsync(fi.fh)
+        return 0
+
+    @translate
+    def release(self, path: str, fi: Any) -> int:
+        self.vfs.release(fi.fh)
+        return 0
+
+    @translate
+    def unlink(self, path: str) -> int:
+        self.vfs.unlink(path)
+        return 0
+
+    @translate
+    def link(self, target: str, source: str) -> int:
+        self.vfs.link(target)
+        return 0
+
+    @translate
+    def symlink(self, target: str, source: str) -> int:
+        self.vfs.link(target)
+        return 0
+
+    @translate
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        self.vfs.link(path)
+        return 0
+
+    # -- extended attributes ---------------------------------------------------------------
+
+    @translate
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        self.vfs.setxattr(path, name, value)
+        return 0
+
+    @translate
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return self.vfs.getxattr(path, name)
+
+    @translate
+    def listxattr(self, path: str) -> list[str]:
+        return self.vfs.listxattr(path)
+
+    @translate
+    def removexattr(self, path: str, name: str) -> int:
+        self.vfs.removexattr(path, name)
+        return 0
+
+
+def run(vfs: Vfs, mountpoint: str, options: dict[str, str | bool]) -> None:
+    """Mount and serve in the foreground until unmounted (Ctrl+C, SIGTERM, fusermount -u)."""
+    mfusepy.FUSE(FuseOperations(vfs), mountpoint, raw_fi=True, foreground=True, **options)

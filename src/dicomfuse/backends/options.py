@@ -1,0 +1,55 @@
+"""Mount options per OS, and the merge of ``--extraMountOptions`` over them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+MountOptions = dict[str, "str | bool"]
+
+
+def default_options(platform: str = sys.platform, volume_name: str = "DICOMFuse") -> MountOptions:
+    """Defaults that make the mount behave for the tools of each OS.
+
+    Attribute and entry timeouts are small but not zero (zero behaves badly on Linux);
+    ``hard_remove`` stops libfuse renaming open deleted files to ``.fuse_hidden*``."""
+    common: MountOptions = {
+        "fsname": "dicomfuse",
+        "attr_timeout": "1",
+        "entry_timeout": "1",
+        "negative_timeout": "1",
+        "hard_remove": True,
+    }
+    if platform.startswith("linux"):
+        return {**common, "subtype": "dicomfuse"}
+    if platform == "darwin":
+        return {
+            **common,
+            "volname": volume_name,
+            "noappledouble": True,   # Finder's ._* files are not written at all
+            "defer_permissions": True,
+            "nolocalcaches": True,   # sizes learnt on first read show up in Finder
+            "noapplexattr": True,
+        }
+    return common
+
+
+def parse_extra(value: str | list[str] | None) -> MountOptions:
+    """``allow_other,max_read=131072`` → {"allow_other": True, "max_read": "131072"}."""
+    items: list[str] = []
+    for part in [value] if isinstance(value, str) else (value or []):
+        items.extend(x.strip() for x in part.split(","))
+    options: MountOptions = {}
+    for item in filter(None, items):
+        key, sep, val = item.partition("=")
+        options[key.strip()] = val.strip() if sep else True
+    return options
+
+
+def merge(defaults: MountOptions, extra: MountOptions) -> MountOptions:
+    merged = {**defaults, **extra}
+    if "allow_other" in extra:
+        log.warning("allow_other is set: every user of this computer can read the mounted patient data")
+    return merged

@@ -1,0 +1,903 @@
+"""The OS-neutral filesystem: one method per operation, paths in, FsError(errno) out.
+
+Adapters (``dicomfuse.backends``) translate OS callbacks to these methods and nothing else.
+What is allowed where comes from ``policy.TABLE``; store errors become errno through
+``errors.from_store_error``. Network calls are never made while ``_lock`` is held.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from dicomfuse.core.errors import ENOATTR, FsError, from_store_error
+from dicomfuse.core.instance_cache import CachedInstance, CacheKey, InstanceCache
+from dicomfuse.core.paths import (
+    DicomPath,
+    Level,
+    instance_name,
+    instance_uid,
+    is_gui_folder_name,
+    is_valid_store_id,
+)
+from dicomfuse.core.policy import Op, OperationPolicy
+from dicomfuse.core.tree import Entry, ListingCache
+from dicomfuse.core.uploads import DicomIdentity, Spool, inspect_dicom
+from dicomfuse.core.workdirs import WorkDirs
+from dicomfuse.stores.base import Dataset, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ROOT = DicomPath(())
+
+
+@dataclass(frozen=True)
+class VfsConfig:
+    listing_ttl: float = 60.0
+    instance_ttl: float = 300.0
+    cache_bytes: int = 10_000 * 1024 * 1024
+    deletion_enabled: bool = True
+    download_workers: int = 8
+
+
+@dataclass(frozen=True)
+class Attr:
+    """What ``stat`` shows. ``size_known`` is False for an instance not fetched yet (its size
+    reads as 0 and its reads are not limited by it)."""
+
+    is_dir: bool
+    size: int = 0
+    mtime: float = 0.0
+    size_known: bool = True
+
+
+@dataclass(frozen=True)
+class OpenResult:
+    fh: int
+    direct_io: bool = False  # reads must not be clipped to a size the kernel may hold stale
+    keep_cache: bool = False
+
+
+@dataclass
+class LocalNode:
+    """A side file or a GUI "New folder" placeholder: lives on this machine only."""
+
+    is_dir: bool
+    path: Path | None = None  # file content (side files)
+    mtime: float = field(default_factory=time.time)
+
+
+@dataclass
+class Alias:
+    """A name the user wrote to that now stands for an uploaded instance (``cp a.dcm store/``,
+    rsync's temp names): resolvable, renamable, removable, never listed."""
+
+    ident: DicomIdentity
+    size: int
+    at: float
+
+
+@dataclass
+class ReadHandle:
+    entry: CachedInstance
+    fd: int
+
+
+@dataclass
+class LocalHandle:
+    node: LocalNode
+    fd: int
+
+
+@dataclass
+class WriteHandle:
+    """A file being written: bytes go to a spool file, sent at flush/close."""
+
+    path: DicomPath
+    spool_path: Path
+    fd: int
+    overwrites: DicomIdentity | None = None  # the instance opened for writing, if any
+    dirty: bool = False
+    uploaded: DicomIdentity | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+
+Handle = ReadHandle | LocalHandle | WriteHandle
+
+
+class Vfs:
+    def __init__(self, dataset: Dataset, config: VfsConfig, workdirs: WorkDirs) -> None:
+        self.dataset = dataset
+        self.config = config
+        self.workdirs = workdirs
+        self.policy = OperationPolicy(deletion_enabled=config.deletion_enabled)
+        self.listings = ListingCache(config.listing_ttl)
+        self.cache = InstanceCache(
+            workdirs.cache, config.cache_bytes, config.instance_ttl, workers=config.download_workers
+        )
+        self.spool = Spool(workdirs.spool, workdirs.failed)
+        self.mounted_at = time.time()
+        # Called with a mount path whose attributes changed behind the OS's back (size learnt).
+        self.notify_changed: Callable[[str], None] = lambda path: None
+        self._lock = threading.Lock()
+        # Protected by _lock:
+        self._stores: dict[str, Store] = {}
+        self._local: dict[DicomPath, LocalNode] = {}
+        self._aliases: dict[DicomPath, Alias] = {}
+        self._pending: dict[DicomPath, WriteHandle] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._xattrs: dict[DicomPath, dict[str, bytes]] = {}
+        self._side_names = 0
+
+    # ======================================================================================
+    # lifecycle
+
+    def start(self) -> None:
+        """Start worker pools: call from the filesystem's init, after the mount forked."""
+        self.cache.start()
+
+    def shutdown(self) -> None:
+        """Close handles, stop pools, wipe the instance cache (the spool of failures stays)."""
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for h in handles:
+            if isinstance(h, WriteHandle) and h.dirty:
+                self._keep_failed(h, "the mount stopped before the upload")
+            self._close_fd(h.fd)
+        self.cache.stop()
+        self.cache.wipe()
+        self.workdirs.wipe()
+        self.dataset.close()
+
+    # ======================================================================================
+    # attributes and listings
+
+    def getattr(self, path: str, fh: int | None = None) -> Attr:
+        p = DicomPath.parse(path)
+        if fh is not None:
+            handle = self._handle(fh, required=False)
+            if isinstance(handle, ReadHandle) and handle.entry.complete:
+                return self._file_attr(handle.entry.written)
+            if isinstance(handle, WriteHandle):
+                return self._file_attr(handle.size)
+        local = self._local_attr(p)
+        if local is not None:
+            return local
+        if not p.parts:
+            return Attr(True, mtime=self.mounted_at)
+        entry = self._resolve(p)
+        if entry.is_dir:
+            return Attr(True, mtime=self.mounted_at)
+        size = entry.size if entry.size is not None else self.cache.known_size(self._key(p))
+        return self._file_attr(size)
+
+    def readdir(self, path: str) -> list[tuple[str, Attr]]:
+        p = DicomPath.parse(path)
+        self._require_dir(p)
+        self.policy.check(Op.LIST, p.level, str(p))
+        listing = self._listing(p)
+        out: dict[str, Attr] = {}
+        for name, entry in listing.items():
+            if entry.is_dir:
+                out[name] = Attr(True, mtime=self.mounted_at)
+            else:
+                size = entry.size if entry.size is not None else self.cache.known_size(self._key(p.child(name)))
+                out[name] = self._file_attr(size)
+        with self._lock:
+            for lp, node in self._local.items():
+                if lp.parent == p:
+                    out[lp.name] = self._local_node_attr(node)
+            for wp, wh in self._pending.items():
+                if wp.parent == p and p.level == Level.SERIES:
+                    out.setdefault(wp.name, self._file_attr(wh.size))
+        return sorted(out.items())
+
+    def statfs(self) -> dict[str, int]:
+        st = os.statvfs(self.workdirs.cache)
+        return {
+            "f_bsize": st.f_bsize, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks,
+            "f_bfree": st.f_bfree, "f_bavail": st.f_bavail, "f_files": st.f_files,
+            "f_ffree": st.f_ffree, "f_favail": st.f_favail, "f_namemax": 255,
+        }
+
+    # ======================================================================================
+    # folders
+
+    def mkdir(self, path: str) -> None:
+        p = DicomPath.parse(path)
+        if self._exists(p):
+            raise FsError(errno.EEXIST, f"mkdir: exists: {p}")
+        if p.level == Level.STORE and not p.too_deep:
+            if is_gui_folder_name(p.name):
+                with self._lock:
+                    self._local[p] = LocalNode(is_dir=True)
+                log.info("Folder %r stays on this computer until it is renamed to a store name", p.name)
+                return
+            if p.is_side_file:
+                raise FsError(errno.EPERM, f"mkdir: {p.name!r} is a system folder, not created")
+            if not is_valid_store_id(p.name):
+                raise FsError(errno.EINVAL, f"mkdir: {p.name!r} is not a valid store ID "
+                              "(1-256 letters, digits, '_', '-', '.')", logging.WARNING)
+        self.policy.check(Op.MKDIR, p.level if not p.too_deep else Level.INSTANCE, str(p))
+        self._create_store(p.name)
+
+    def rmdir(self, path: str) -> None:
+        p = DicomPath.parse(path)
+        with self._lock:
+            node = self._local.get(p)
+            if node is not None and node.is_dir:
+                if any(lp.parent == p for lp in self._local):
+                    raise FsError(errno.ENOTEMPTY, f"rmdir: not empty: {p}")
+                del self._local[p]
+                return
+        attr = self.getattr(path)
+        if not attr.is_dir:
+            raise FsError(errno.ENOTDIR, f"rmdir: not a folder: {p}")
+        self.policy.check(Op.RMDIR, p.level, str(p))
+        self._remote(f"delete store {p.name}", self.dataset.delete_store, p.name)
+        self.listings.note_removed(ROOT, p.name)
+        with self._lock:
+            self._stores.pop(p.name, None)
+        log.info("Deleted empty store %s", p.name)
+
+    def rename(self, old: str, new: str) -> None:
+        po, pn = DicomPath.parse(old), DicomPath.parse(new)
+        if po == pn:
+            return
+        with self._lock:
+            node = self._local.get(po)
+            alias = self._aliases.get(po)
+        if node is not None:
+            self._rename_local(po, pn, node)
+        elif alias is not None:
+            self._rename_alias(po, pn, alias)
+        elif po.level == Level.STORE and pn.level == Level.STORE and not pn.too_deep:
+            self.getattr(old)
+            self._rename_store(po, pn)
+        else:
+            self.getattr(old)
+            self.policy.check(Op.RENAME, po.level, str(po))
+            raise FsError(errno.EPERM, f"rename: a store can only be renamed to another store name: {po}")
+
+    # ======================================================================================
+    # files
+
+    def unlink(self, path: str) -> None:
+        p = DicomPath.parse(path)
+        with self._lock:
+            node = self._local.get(p)
+            if node is not None and not node.is_dir:
+                del self._local[p]
+                self._xattrs.pop(p, None)
+                if node.path is not None:
+                    Spool.discard(node.path)
+                return
+            if self._aliases.pop(p, None) is not None:
+                return
+        entry = self._resolve(p)
+        if entry.is_dir:
+            raise FsError(errno.EISDIR, f"unlink: is a folder: {p}")
+        self.policy.check(Op.UNLINK, p.level, str(p))
+        uid = instance_uid(p.name)
+        assert uid is not None  # _resolve only finds instances under their UID names
+        self._remote(f"delete {p}", self._store(p.store).delete_instance, p.study, p.series, uid)
+        self.listings.note_removed(p.parent, p.name)
+        self.cache.evict(self._key(p))
+        log.info("Deleted instance %s", p)
+
+    def create(self, path: str) -> int:
+        p = DicomPath.parse(path)
+        if p.too_deep:
+            raise FsError(errno.ENOENT, f"create: no such folder: {p.parent}")
+        if p.is_side_file:
+            return self._create_local(p)
+        parent = self.getattr(str(p.parent))
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR, f"create: not a folder: {p.parent}")
+        self.policy.check(Op.UPLOAD, p.level, str(p))
+        if p.level == Level.INSTANCE and self._exists(p):
+            return self._open_write(p, truncate=True)
+        spool_path, fd = self.spool.new_file()
+        # dirty from the start: even an empty new file is checked at close (an empty file is
+        # not DICOM, and saying so beats a silent no-op).
+        handle = WriteHandle(p, spool_path, fd, dirty=True)
+        with self._lock:
+            self._pending[p] = handle
+            self._aliases.pop(p, None)
+        return self._add_handle(handle)
+
+    def open(self, path: str, flags: int) -> OpenResult:
+        p = DicomPath.parse(path)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+        truncate = bool(flags & os.O_TRUNC)
+        with self._lock:
+            node = self._local.get(p)
+            alias = self._aliases.get(p)
+            pending = self._pending.get(p)
+        if node is not None:
+            if node.is_dir:
+                raise FsError(errno.EISDIR, f"open: is a folder: {p}")
+            assert node.path is not None
+            fd = os.open(node.path, os.O_RDWR | (os.O_TRUNC if truncate else 0))
+            return OpenResult(self._add_handle(LocalHandle(node, fd)), direct_io=True)
+        if writing:
+            if alias is not None or pending is not None:
+                return OpenResult(self._reopen_written(p, truncate), direct_io=True)
+            return OpenResult(self._open_write(p, truncate), direct_io=True)
+        if alias is not None:
+            target = self._alias_target(p, alias)
+            return self._open_read(target)
+        if pending is not None:
+            fd = os.open(pending.spool_path, os.O_RDONLY)
+            return OpenResult(self._add_handle(LocalHandle(LocalNode(False, pending.spool_path), fd)),
+                              direct_io=True)
+        return self._open_read(p)
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        handle = self._handle(fh)
+        if isinstance(handle, ReadHandle):
+            try:
+                return self.cache.read(handle.entry, handle.fd, offset, size)
+            except StoreError as exc:
+                raise from_store_error(exc, f"read {handle.entry.key[3]}") from None
+        return os.pread(handle.fd, size, offset)
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        handle = self._handle(fh)
+        if isinstance(handle, ReadHandle):
+            raise FsError(errno.EBADF, "write to a file opened read-only")
+        if isinstance(handle, WriteHandle):
+            if offset + len(data) > self.cache.max_file:
+                raise FsError(errno.EFBIG, f"write: {handle.path} would exceed the largest file "
+                              f"(cacheSize/4 = {self.cache.max_file} bytes)", logging.ERROR)
+            handle.dirty = True
+        return os.pwrite(handle.fd, data, offset)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        handle = self._handle(fh, required=False) if fh is not None else None
+        if handle is None:
+            p = DicomPath.parse(path)
+            with self._lock:
+                node = self._local.get(p)
+                handle = self._pending.get(p)
+            if node is not None and node.path is not None and not node.is_dir:
+                os.truncate(node.path, length)
+                return
+        if isinstance(handle, (WriteHandle, LocalHandle)):
+            if isinstance(handle, WriteHandle):
+                handle.dirty = True
+            os.ftruncate(handle.fd, length)
+            return
+        p = DicomPath.parse(path)
+        attr = self.getattr(path)
+        if not attr.is_dir and attr.size_known and attr.size == length:
+            return  # a no-op truncate (e.g. to the current size) loses nothing
+        self.policy.check(Op.TRUNCATE, p.level, str(p))
+
+    def flush(self, fh: int) -> None:
+        handle = self._handle(fh)
+        if isinstance(handle, WriteHandle) and handle.dirty:
+            self._upload(handle)
+
+    fsync = flush
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        if isinstance(handle, ReadHandle):
+            self._close_fd(handle.fd)
+            self.cache.release(handle.entry)
+            return
+        if isinstance(handle, WriteHandle):
+            with self._lock:
+                if self._pending.get(handle.path) is handle:
+                    del self._pending[handle.path]
+            if handle.dirty:  # no flush reached us (or it failed and the file changed since)
+                try:
+                    self._upload(handle)
+                except FsError as exc:
+                    log.debug("Upload at release failed: %s", exc)
+            if handle.uploaded is not None and not handle.dirty:
+                ident = handle.uploaded
+                self.cache.adopt((handle.path.store, ident.study_uid, ident.series_uid, ident.sop_uid),
+                                 handle.spool_path)
+                Spool.discard(handle.spool_path)
+            elif handle.spool_path.parent == self.spool.directory:
+                Spool.discard(handle.spool_path)  # opened for writing, never written: nothing to keep
+        self._close_fd(handle.fd)
+
+    # -- attributes that change nothing ----------------------------------------------------
+
+    def setattr_noop(self, path: str) -> None:
+        """chmod, chown, utimens: accepted without effect so ``cp -a``/``rsync -a`` succeed."""
+        self.getattr(path)
+
+    def link(self, path: str) -> None:
+        p = DicomPath.parse(path)
+        self.policy.check(Op.LINK, p.level, str(p))
+
+    # -- extended attributes: in memory for the mount's life -------------------------------
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        p = DicomPath.parse(path)
+        self.getattr(path)
+        with self._lock:
+            self._xattrs.setdefault(p, {})[name] = bytes(value)
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        p = DicomPath.parse(path)
+        with self._lock:
+            value = self._xattrs.get(p, {}).get(name)
+        if value is None:
+            self.getattr(path)
+            raise FsError(ENOATTR, f"no attribute {name}")
+        return value
+
+    def listxattr(self, path: str) -> list[str]:
+        p = DicomPath.parse(path)
+        with self._lock:
+            return sorted(self._xattrs.get(p, {}))
+
+    def removexattr(self, path: str, name: str) -> None:
+        p = DicomPath.parse(path)
+        with self._lock:
+            if self._xattrs.get(p, {}).pop(name, None) is None:
+                raise FsError(ENOATTR, f"no attribute {name}")
+
+    # ======================================================================================
+    # internals: resolution
+
+    def _file_attr(self, size: int | None) -> Attr:
+        return Attr(False, size or 0, self.mounted_at, size_known=size is not None)
+
+    def _local_node_attr(self, node: LocalNode) -> Attr:
+        if node.is_dir:
+            return Attr(True, mtime=node.mtime)
+        size = node.path.stat().st_size if node.path is not None else 0
+        return Attr(False, size, node.mtime)
+
+    def _local_attr(self, p: DicomPath) -> Attr | None:
+        with self._lock:
+            node = self._local.get(p)
+            alias = self._aliases.get(p)
+            pending = self._pending.get(p)
+        if node is not None:
+            return self._local_node_attr(node)
+        if pending is not None:
+            return self._file_attr(pending.size)
+        if alias is not None:
+            return self._file_attr(alias.size)
+        return None
+
+    def _exists(self, p: DicomPath) -> bool:
+        try:
+            self.getattr(str(p))
+            return True
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+
+    def _require_dir(self, p: DicomPath) -> None:
+        if p.parts and not self.getattr(str(p)).is_dir:
+            raise FsError(errno.ENOTDIR, f"not a folder: {p}")
+
+    def _resolve(self, p: DicomPath) -> Entry:
+        """The entry a remote path names, from the listing cache or one lookup request."""
+        if p.is_side_file or not p.names_remote_object:
+            raise FsError(errno.ENOENT, f"no such entry: {p}")
+        if not p.parts:
+            return Entry(True)
+        if p.level > Level.STORE:
+            parent = self._resolve(p.parent)
+            if not parent.is_dir:
+                raise FsError(errno.ENOTDIR, f"not a folder: {p.parent}")
+        known = self.listings.lookup(p.parent, p.name)
+        if known is False:
+            raise FsError(errno.ENOENT, f"no such entry: {p}")
+        if isinstance(known, Entry):
+            return known
+        entry = self._lookup_remote(p)
+        if entry is None:
+            self.listings.remember_absent(p)
+            raise FsError(errno.ENOENT, f"no such entry: {p}")
+        self.listings.remember_present(p.parent, p.name, entry)
+        return entry
+
+    def _lookup_remote(self, p: DicomPath) -> Entry | None:
+        """Ask the server for one name that no cached listing holds."""
+        doing = f"look up {p}"
+        if p.level == Level.STORE:
+            listing = self._listing(ROOT)
+            return listing.get(p.name)
+        store = self._store(p.store)
+        if p.level == Level.STUDY:
+            found = self._remote(doing, lambda: next(iter(store.studies(p.study)), None))
+            return Entry(True) if found else None
+        if p.level == Level.SERIES:
+            found = self._remote(doing, lambda: next(iter(store.series(p.study, p.series)), None))
+            return Entry(True) if found else None
+        uid = instance_uid(p.name)
+        info = self._remote(doing, lambda: next(iter(store.instances(p.study, p.series, uid)), None))
+        return Entry(False, info.size) if info else None
+
+    def _listing(self, p: DicomPath) -> dict[str, Entry]:
+        cached = self.listings.get(p)
+        if cached is not None:
+            return cached
+        doing = f"list {p}"
+        if p.level == Level.ROOT:
+            children = [(n, Entry(True)) for n in self._remote(doing, lambda: list(self.dataset.list_stores()))]
+        else:
+            store = self._store(p.store)
+            if p.level == Level.STORE:
+                children = [(u, Entry(True)) for u in self._remote(doing, lambda: list(store.studies()))]
+            elif p.level == Level.STUDY:
+                children = [(u, Entry(True)) for u in self._remote(doing, lambda: list(store.series(p.study)))]
+            else:
+                infos = self._remote(doing, lambda: list(store.instances(p.study, p.series)))
+                children = [(instance_name(i.sop_uid), Entry(False, i.size)) for i in infos]
+        log.debug("Listed %s: %d entries", p, len(children))
+        return self.listings.put(p, children)
+
+    def _store(self, name: str) -> Store:
+        with self._lock:
+            store = self._stores.get(name)
+        if store is None:
+            store = self._remote(f"open store {name}", self.dataset.open_store, name)
+            with self._lock:
+                store = self._stores.setdefault(name, store)
+        return store
+
+    @staticmethod
+    def _key(p: DicomPath) -> CacheKey:
+        return (p.store, p.study, p.series, instance_uid(p.name) or p.name)
+
+    def _remote(self, doing: str, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return fn(*args)
+        except StoreError as exc:
+            raise from_store_error(exc, doing) from None
+
+    # ======================================================================================
+    # internals: handles
+
+    def _add_handle(self, handle: Handle) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fh: int | None, required: bool = True) -> Handle:
+        with self._lock:
+            handle = self._handles.get(fh) if fh is not None else None
+        if handle is None and required:
+            raise FsError(errno.EBADF, f"no open file {fh}")
+        return handle  # type: ignore[return-value]
+
+    @staticmethod
+    def _close_fd(fd: int) -> None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _open_read(self, p: DicomPath) -> OpenResult:
+        entry = self._resolve(p)
+        if entry.is_dir:
+            raise FsError(errno.EISDIR, f"open: is a folder: {p}")
+        self.policy.check(Op.READ, p.level, str(p))
+        key = self._key(p)
+        store = self._store(p.store)
+        size_before = entry.size if entry.size is not None else self.cache.known_size(key)
+
+        def fetch(sink):  # type: ignore[no-untyped-def]
+            return store.retrieve(p.study, p.series, key[3], sink)
+
+        cached = self.cache.open(key, fetch, entry.size)
+        try:
+            if size_before is None:
+                # The OS holds size 0 for this file: learn the true size before open returns,
+                # so fstat after open (rsync, tar's check) sees it.
+                size = cached.wait_complete()
+                self.listings.update_size(p.parent, p.name, size)
+                self.notify_changed(str(p))
+            fd = os.open(cached.path, os.O_RDONLY)
+        except StoreError as exc:
+            self.cache.release(cached)
+            raise from_store_error(exc, f"read {p}") from None
+        except BaseException:
+            self.cache.release(cached)
+            raise
+        return OpenResult(self._add_handle(ReadHandle(cached, fd)), direct_io=size_before is None,
+                          keep_cache=size_before is not None)
+
+    def _open_write(self, p: DicomPath, truncate: bool) -> int:
+        """Open an existing instance for writing: an overwrite, sent at close."""
+        entry = self._resolve(p)
+        if entry.is_dir:
+            raise FsError(errno.EISDIR, f"open: is a folder: {p}")
+        self.policy.check(Op.OVERWRITE, p.level, str(p))
+        uid = instance_uid(p.name)
+        assert uid is not None
+        spool_path, fd = self.spool.new_file()
+        if not truncate:
+            self._copy_instance_into(p, fd)
+        handle = WriteHandle(p, spool_path, fd, overwrites=DicomIdentity(p.study, p.series, uid), dirty=truncate)
+        with self._lock:
+            self._pending[p] = handle
+        return self._add_handle(handle)
+
+    def _reopen_written(self, p: DicomPath, truncate: bool) -> int:
+        """Open for writing a name that was just uploaded (alias) or is being written."""
+        with self._lock:
+            alias = self._aliases.get(p)
+        spool_path, fd = self.spool.new_file()
+        overwrites = alias.ident if alias is not None else None
+        if alias is not None and not truncate:
+            self._copy_instance_into(self._alias_target(p, alias), fd)
+        handle = WriteHandle(p, spool_path, fd, overwrites=overwrites, dirty=truncate)
+        with self._lock:
+            self._pending[p] = handle
+        return self._add_handle(handle)
+
+    def _copy_instance_into(self, p: DicomPath, fd: int) -> None:
+        result = self._open_read(p)
+        try:
+            offset, chunk = 0, 1 << 20
+            while True:
+                data = self.read(result.fh, chunk, offset)
+                if not data:
+                    break
+                os.pwrite(fd, data, offset)
+                offset += len(data)
+        finally:
+            self.release(result.fh)
+
+    def _alias_target(self, p: DicomPath, alias: Alias) -> DicomPath:
+        i = alias.ident
+        return DicomPath((p.store, i.study_uid, i.series_uid, instance_name(i.sop_uid)))
+
+    # ======================================================================================
+    # internals: uploads
+
+    def _upload(self, h: WriteHandle) -> None:
+        """Check and send a written file. On failure the bytes stay in the spool (moved to
+        ``failed/`` with a log line saying where) and FsError reaches close()."""
+        with h.lock:
+            if not h.dirty:
+                return
+            try:
+                ident = self._send(h)
+            except FsError as exc:
+                kept = self._keep_failed(h, str(exc))
+                exc.strerror = f"{exc.strerror}; the file's bytes are kept at {kept}"
+                raise
+            h.dirty = False
+            h.uploaded = ident
+
+    def _send(self, h: WriteHandle) -> DicomIdentity:
+        size = h.size
+        if size > self.cache.max_file:
+            raise FsError(errno.EFBIG, f"upload {h.path}: {size} bytes exceeds cacheSize/4", logging.ERROR)
+        os.fsync(h.fd)
+        try:
+            ident = inspect_dicom(h.spool_path)
+        except FsError as exc:
+            raise FsError(errno.EINVAL, f"upload {h.path} refused: {exc.strerror}", logging.ERROR) from None
+        store_name = h.path.store
+        if h.path.level == Level.INSTANCE and (ident.study_uid, ident.series_uid) != (h.path.study, h.path.series):
+            log.info("Upload %s: the file belongs to study %s series %s, filed there by its UIDs",
+                     h.path, ident.study_uid, ident.series_uid)
+        target = DicomPath((store_name, ident.study_uid, ident.series_uid, instance_name(ident.sop_uid)))
+        store = self._store(store_name)
+        replaced = h.overwrites
+        exists = self._instance_exists(store, ident)
+        if exists:
+            self._replace(store, target, ident, h)
+        else:
+            self._store_file(store, h.spool_path, target)
+            if replaced is not None and replaced.sop_uid != ident.sop_uid:
+                self._delete_replaced(store_name, replaced)
+        self._note_uploaded(h.path, target, ident, size)
+        log.info("Uploaded %s as %s", h.path, target)
+        return ident
+
+    def _instance_exists(self, store: Store, ident: DicomIdentity) -> bool:
+        found = self._remote(
+            f"look up instance {ident.sop_uid}",
+            lambda: next(iter(store.instances(ident.study_uid, ident.series_uid, ident.sop_uid)), None),
+        )
+        return found is not None
+
+    def _store_file(self, store: Store, path: Path, target: DicomPath) -> None:
+        outcomes = self._remote(f"upload {target}", store.store_files, [path])
+        outcome = outcomes[0] if outcomes else None
+        if outcome is None or not outcome.stored:
+            reason = outcome.reason if outcome is not None else "no answer for the file"
+            raise FsError(errno.EINVAL, f"the server refused {target}: {reason}", logging.ERROR)
+
+    def _replace(self, store: Store, target: DicomPath, ident: DicomIdentity, h: WriteHandle) -> None:
+        """Overwrite an existing instance: delete, then store; if the new bytes are refused,
+        the old instance is stored back. Identical bytes change nothing."""
+        backup_path, backup_fd = self.spool.new_file()
+        try:
+            self._copy_instance_into(target, backup_fd)
+            if _same_content(backup_fd, h.fd):
+                log.info("Upload %s: identical to the stored instance, nothing to do", h.path)
+                return
+            if not self.config.deletion_enabled:
+                raise FsError(errno.EPERM, f"overwrite of {target} refused: deletion is disabled", logging.ERROR)
+            self._remote(f"delete {target} to overwrite it", store.delete_instance,
+                         ident.study_uid, ident.series_uid, ident.sop_uid)
+            self.cache.evict(self._key(target))
+            try:
+                self._store_file(store, h.spool_path, target)
+            except FsError:
+                try:
+                    self._store_file(store, backup_path, target)
+                    log.error("Overwrite of %s refused; the previous instance was stored back", target)
+                except FsError as exc:
+                    kept = self.spool.keep_failed(backup_path, "previous-" + target.name)
+                    log.error("Overwrite of %s refused and the previous instance could not be stored "
+                              "back (%s); its bytes are kept at %s", target, exc.strerror, kept)
+                raise
+        finally:
+            self._close_fd(backup_fd)
+            Spool.discard(backup_path)
+
+    def _delete_replaced(self, store_name: str, old: DicomIdentity) -> None:
+        path = DicomPath((store_name, old.study_uid, old.series_uid, instance_name(old.sop_uid)))
+        if not self.config.deletion_enabled:
+            log.warning("Overwrite with a different instance: %s is kept because deletion is disabled", path)
+            return
+        try:
+            self._remote(f"delete {path}", self._store(store_name).delete_instance,
+                         old.study_uid, old.series_uid, old.sop_uid)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                log.error("The replaced instance %s could not be deleted: %s", path, exc.strerror)
+                return
+        self.listings.note_removed(path.parent, path.name)
+        self.cache.evict(self._key(path))
+
+    def _note_uploaded(self, written: DicomPath, target: DicomPath, ident: DicomIdentity, size: int) -> None:
+        store_path = DicomPath((target.store,))
+        self.listings.note_added(store_path, ident.study_uid, Entry(True))
+        self.listings.note_added(store_path.child(ident.study_uid), ident.series_uid, Entry(True))
+        self.listings.note_added(target.parent, target.name, Entry(False, size))
+        self.cache.evict(self._key(target))
+        if written != target:
+            with self._lock:
+                self._aliases[written] = Alias(ident, size, time.monotonic())
+
+    def _keep_failed(self, h: WriteHandle, why: str) -> Path:
+        if h.spool_path.parent != self.spool.directory:
+            return h.spool_path  # already kept
+        kept = self.spool.keep_failed(h.spool_path, h.path.name)
+        h.spool_path = kept
+        log.error("Upload of %s failed (%s); its bytes are kept at %s", h.path, why, kept)
+        return kept
+
+    # ======================================================================================
+    # internals: stores and local names
+
+    def _create_store(self, name: str) -> None:
+        self._remote(f"create store {name}", self.dataset.create_store, name)
+        self.listings.note_added(ROOT, name, Entry(True))
+        log.info("Created store %s", name)
+
+    def _rename_store(self, po: DicomPath, pn: DicomPath) -> None:
+        if self._exists(pn):
+            raise FsError(errno.EEXIST, f"rename: {pn.name} exists already")
+        if not is_valid_store_id(pn.name):
+            raise FsError(errno.EINVAL, f"rename: {pn.name!r} is not a valid store ID", logging.WARNING)
+        self.policy.check(Op.RENAME, Level.STORE, str(po))
+        store = self._store(po.name)
+        if self._remote(f"check store {po.name} is empty", lambda: next(iter(store.studies()), None)):
+            raise FsError(errno.ENOTEMPTY, f"rename: store {po.name} holds studies; only an empty "
+                          "store can be renamed", logging.WARNING)
+        self._create_store(pn.name)
+        try:
+            self._remote(f"delete store {po.name}", self.dataset.delete_store, po.name)
+        except FsError:
+            log.error("Renamed store %s to %s, but the old store could not be deleted", po.name, pn.name)
+            raise
+        self.listings.note_removed(ROOT, po.name)
+        with self._lock:
+            self._stores.pop(po.name, None)
+        log.info("Renamed empty store %s to %s", po.name, pn.name)
+
+    def _rename_local(self, po: DicomPath, pn: DicomPath, node: LocalNode) -> None:
+        if node.is_dir:
+            if pn.level != Level.STORE or pn.too_deep:
+                raise FsError(errno.EPERM, f"rename: {po} can only become a store")
+            if not is_gui_folder_name(pn.name):
+                if not is_valid_store_id(pn.name):
+                    raise FsError(errno.EINVAL, f"rename: {pn.name!r} is not a valid store ID", logging.WARNING)
+                if self._exists(pn):
+                    raise FsError(errno.EEXIST, f"rename: {pn.name} exists already")
+                self._create_store(pn.name)
+                with self._lock:
+                    self._local.pop(po, None)
+                return
+            with self._lock:
+                self._local[pn] = self._local.pop(po)
+            return
+        if pn.is_side_file or pn.parent != po.parent:
+            with self._lock:
+                if pn.parent == po.parent or self._local.get(pn.parent, LocalNode(True)).is_dir:
+                    self._local[pn] = self._local.pop(po)
+                    return
+            raise FsError(errno.EPERM, f"rename: {po} to another folder")
+        # An editor or tool wrote a side/temp name and now gives it its real name: upload it.
+        self.policy.check(Op.UPLOAD, pn.level, str(pn))
+        assert node.path is not None
+        fd = os.open(node.path, os.O_RDWR)
+        handle = WriteHandle(pn, node.path, fd, dirty=True)
+        try:
+            ident = self._send(handle)
+        finally:
+            self._close_fd(fd)
+        with self._lock:
+            self._local.pop(po, None)
+        self.cache.adopt((pn.store, ident.study_uid, ident.series_uid, ident.sop_uid), node.path)
+
+    def _rename_alias(self, po: DicomPath, pn: DicomPath, alias: Alias) -> None:
+        if pn.parent != po.parent:
+            raise FsError(errno.EPERM, f"rename: {po} to another folder")
+        target = self._alias_target(po, alias)
+        if pn != target and self._local_attr(pn) is None and self._exists(pn):
+            raise FsError(errno.EPERM, f"rename: {pn} is another instance; it is not replaced")
+        with self._lock:
+            del self._aliases[po]
+            if pn != target:
+                self._aliases[pn] = alias
+
+    def _create_local(self, p: DicomPath) -> int:
+        parent = self.getattr(str(p.parent)) if p.parent.parts else Attr(True)
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR, f"create: not a folder: {p.parent}")
+        with self._lock:
+            self._side_names += 1
+            path = self.workdirs.side / f"{self._side_names}"
+        fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)
+        node = LocalNode(False, path)
+        with self._lock:
+            self._local[p] = node
+        log.debug("Side file %s kept on this computer only", p)
+        return self._add_handle(LocalHandle(node, fd))
+
+
+def _same_content(fd_a: int, fd_b: int) -> bool:
+    if os.fstat(fd_a).st_size != os.fstat(fd_b).st_size:
+        return False
+    return _digest(fd_a) == _digest(fd_b)
+
+
+def _digest(fd: int) -> bytes:
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.digest()
+
