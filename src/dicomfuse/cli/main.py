@@ -1,0 +1,196 @@
+"""``dicomfuse``: mount a dataset (the original's flags), or ``dicomfuse demo`` for a local one."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from dicomfuse import __version__
+from dicomfuse.cli.settings import Settings
+
+log = logging.getLogger("dicomfuse")
+
+PROG = "dicomfuse"
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class UsageError(Exception):
+    """Bad input on the command line: one line, exit code 2."""
+
+
+def build_parser(prog: str = PROG, *, demo: bool = False) -> argparse.ArgumentParser:
+    """An argparse parser generated from :class:`Settings` (each option declared once)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=("Mount a local demo dataset of generated DICOM studies." if demo else
+                     "Mount a Cloud Healthcare API dataset, a DICOMweb server or a folder of DICOM "
+                     "files as folders: store / study / series / <SOPInstanceUID>.dcm."),
+        epilog="Stop with Ctrl+C: the mount is removed and its cache wiped. "
+               "Subcommand: 'dicomfuse demo' mounts a local demo dataset.",
+        add_help=False,
+    )
+    groups: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra or {}
+        assert isinstance(extra, dict)
+        if demo and name == "datasetAddr":
+            continue
+        group = groups.setdefault(str(extra["group"]), parser.add_argument_group(str(extra["group"])))
+        flags = [f"--{name}"] + ([str(extra["short"])] if "short" in extra else [])
+        kwargs: dict[str, Any] = {"dest": name, "metavar": extra.get("metavar"), "default": None}
+        help_text = field.description or ""
+        if field.is_required() and not demo:
+            kwargs["required"] = True
+            help_text += " (required)"
+        elif field.default is not None:
+            default = field.default
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default).lower()
+            help_text += f" Default: {shown}."
+        if name == "enableDeletion":
+            kwargs.update(nargs="?", const="true")
+        group.add_argument(*flags, help=help_text, **kwargs)
+    misc = parser.add_argument_group("Other")
+    misc.add_argument("-h", "--help", action="help", help="Print this help and exit.")
+    misc.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def parse_settings(argv: list[str], *, demo: bool = False, **overrides: Any) -> Settings:
+    parser = build_parser(f"{PROG} demo" if demo else PROG, demo=demo)
+
+    def fail(message: str) -> None:
+        raise UsageError(message)
+
+    parser.error = fail  # type: ignore[method-assign]
+    ns = parser.parse_args(argv)
+    values = {k: v for k, v in vars(ns).items() if v is not None}
+    values.update({k: v for k, v in overrides.items() if k not in values or k == "datasetAddr"})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"] if isinstance(x, str)) or "options"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UsageError(f"--{where}: {msg}") from None
+
+
+def check_mount_path(path: Path) -> None:
+    if os.path.ismount(path):
+        raise UsageError(f"--mountPath: {path} is already a mount point")
+    if not path.exists():
+        raise UsageError(f"--mountPath: {path} does not exist (create an empty folder first)")
+    if not path.is_dir():
+        raise UsageError(f"--mountPath: {path} is not a folder")
+    if any(path.iterdir()):
+        raise UsageError(f"--mountPath: {path} is not empty")
+
+
+def mount(settings: Settings) -> int:
+    """Open the dataset, check it answers, mount in the foreground; clean up on exit."""
+    from dicomfuse.backends import fuse, options
+    from dicomfuse.core.vfs import Vfs, VfsConfig
+    from dicomfuse.core.workdirs import WorkDirs
+    from dicomfuse.stores.base import StoreError
+    from dicomfuse.stores.open import open_dataset
+
+    check_mount_path(settings.mountPath)
+    try:
+        dataset = open_dataset(settings.datasetAddr, key_file=settings.keyFile)
+        stores = list(dataset.list_stores())
+    except (ValueError, NotImplementedError) as exc:
+        raise UsageError(f"--datasetAddr: {exc}") from None
+    except StoreError as exc:
+        log.error("Cannot reach the dataset: %s", exc)
+        return EXIT_FAILURE
+    log.info("Dataset %s has %d store(s)", dataset.name, len(stores))
+    workdirs = WorkDirs(settings.cacheDir or default_cache_dir())
+    config = VfsConfig(
+        listing_ttl=settings.cacheTime[0],
+        instance_ttl=settings.cacheTime[1],
+        cache_bytes=settings.cache_bytes,
+        deletion_enabled=settings.enableDeletion,
+        download_workers=settings.downloadThreads,
+    )
+    vfs = Vfs(dataset, config, workdirs)
+    mount_options = options.merge(
+        options.default_options(volume_name=dataset.name), options.parse_extra(settings.extraMountOptions)
+    )
+    log.info("Mounting %s at %s (Ctrl+C to unmount)", dataset.name, settings.mountPath)
+    try:
+        fuse.run(vfs, str(settings.mountPath), mount_options)
+    except RuntimeError as exc:
+        log.error("The mount failed (%s); is FUSE installed and %s free?", exc, settings.mountPath)
+        return EXIT_FAILURE
+    finally:
+        vfs.shutdown()
+    log.info("Unmounted %s; cache wiped", settings.mountPath)
+    return 0
+
+
+def default_cache_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("dicomfuse", appauthor=False))
+
+
+def default_demo_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("dicomfuse", appauthor=False)) / "demo-dataset"
+
+
+def run_demo(argv: list[str]) -> int:
+    from dicomfuse.demo import ensure_demo_dataset
+
+    default_mount = Path.home() / "dicomfuse-demo"
+    has_mount = any(a.startswith(("--mountPath", "-p")) for a in argv)
+    root = ensure_demo_dataset(default_demo_dir())
+    settings = parse_settings(argv, demo=True, datasetAddr=str(root),
+                              **({} if has_mount else {"mountPath": default_mount}))
+    settings.mountPath.mkdir(parents=True, exist_ok=True)
+    print(f"Demo dataset: {root}\nMounting at {settings.mountPath}; try: ls -R {settings.mountPath}",
+          file=sys.stderr)
+    return mount(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] == "demo":
+            settings_argv = args[1:]
+            log_dir = _peek_log_dir(settings_argv)
+            from dicomfuse.cli.logs import setup_logging
+
+            setup_logging(log_dir)
+            return run_demo(settings_argv)
+        settings = parse_settings(args)
+        from dicomfuse.cli.logs import setup_logging
+
+        folder = setup_logging(settings.logDir)
+        log.debug("Log files in %s", folder)
+        return mount(settings)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _peek_log_dir(argv: list[str]) -> Path | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--logDir="):
+            return Path(arg.split("=", 1)[1])
+        if arg == "--logDir" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+    return None
+
+
+def entry() -> None:
+    sys.exit(main())

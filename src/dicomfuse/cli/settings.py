@@ -1,0 +1,119 @@
+"""Every option, declared once: name, short flag, default, help and group, validated by pydantic.
+
+The names and short flags are the original DICOMFuse's (a user switches by changing one
+command); the CLI's argparse parser is generated from this model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TRUE = {"true", "yes", "on", "1"}
+FALSE = {"false", "no", "off", "0"}
+
+
+def opt(default: Any, help: str, *, short: str | None = None, group: str = "Mount options",
+        metavar: str | None = None, required: bool = False) -> Any:
+    extra: dict[str, Any] = {"group": group}
+    if short:
+        extra["short"] = short
+    if metavar:
+        extra["metavar"] = metavar
+    if required:
+        return Field(..., description=help, json_schema_extra=extra)
+    return Field(default, description=help, json_schema_extra=extra)
+
+
+class Settings(BaseModel):
+    """The one settings object that flows down from the CLI."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    datasetAddr: str = opt(
+        None, "Address of the dataset: a Cloud Healthcare API dataset "
+        "(https://healthcare.googleapis.com/v1/projects/P/locations/L/datasets/D), any DICOMweb "
+        "root (http://host:8042/dicom-web) or a local folder of DICOM files.",
+        short="-a", metavar="ADDRESS", required=True)
+    mountPath: Path = opt(
+        None, "Empty folder to mount the dataset on (Linux/macOS), e.g. /home/user/dicom.",
+        short="-p", metavar="PATH", required=True)
+    cacheTime: tuple[int, int] = opt(
+        (60, 300), "Seconds to keep folder listings in RAM and opened instances on disk, "
+        "as LISTINGS,INSTANCES.", short="-t", metavar="L,I", group="Caching")
+    cacheSize: int = opt(
+        10000, "Largest size in MB of the instance cache on disk; the largest file that can be "
+        "read or uploaded is cacheSize/4.", short="-s", metavar="MB", group="Caching")
+    enableDeletion: bool = opt(
+        True, "Allow deleting instances and stores (true|false). With false, rm answers "
+        "'Operation not permitted'.", short="-d", metavar="BOOL")
+    keyFile: Path | None = opt(
+        None, "Service account key (JSON) for the Cloud Healthcare API; default: application "
+        "default credentials.", short="-k", metavar="FILE", group="Credentials")
+    extraMountOptions: str | None = opt(
+        None, "Comma-separated mount options merged over this OS's defaults, e.g. "
+        "allow_other,max_read=131072.", metavar="OPTS")
+    downloadThreads: int = opt(
+        8, "Parallel downloads of instances.", metavar="N", group="Advanced")
+    cacheDir: Path | None = opt(
+        None, "Folder for the private instance cache and upload spool (default: the user cache "
+        "folder).", metavar="DIR", group="Advanced")
+    logDir: Path | None = opt(
+        None, "Folder for the DEBUG/INFO/ERROR log files (default: the user log folder).",
+        metavar="DIR", group="Advanced")
+
+    @field_validator("datasetAddr")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("cacheTime", mode="before")
+    @classmethod
+    def _cache_time(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",")]
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise ValueError("expected two whole numbers of seconds like 60,300")
+            return (int(parts[0]), int(parts[1]))
+        return value
+
+    @field_validator("cacheSize")
+    @classmethod
+    def _cache_size(cls, value: int) -> int:
+        if value < 4:
+            raise ValueError("must be at least 4 (MB)")
+        return value
+
+    @field_validator("downloadThreads")
+    @classmethod
+    def _threads(cls, value: int) -> int:
+        if not 1 <= value <= 64:
+            raise ValueError("must be between 1 and 64")
+        return value
+
+    @field_validator("enableDeletion", mode="before")
+    @classmethod
+    def _bool(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in TRUE:
+                return True
+            if low in FALSE:
+                return False
+            raise ValueError("expected true or false")
+        return value
+
+    @model_validator(mode="after")
+    def _times(self) -> Settings:
+        if min(self.cacheTime) < 0:
+            raise ValueError("cacheTime: seconds cannot be negative")
+        return self
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cacheSize * 1024 * 1024
