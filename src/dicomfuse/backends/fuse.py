@@ -58,6 +58,7 @@ class FuseOperations(mfusepy.Operations):
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self._fuse: int | None = None  # struct fuse *, for kernel cache invalidation
+        self.initialized = False
         vfs.notify_changed = self._invalidate
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -69,6 +70,7 @@ class FuseOperations(mfusepy.Operations):
         except (AttributeError, ValueError):
             self._fuse = None
         self.vfs.start()
+        self.initialized = True
 
     def _invalidate(self, path: str) -> None:
         """Tell the kernel to drop cached attributes of ``path`` (its size was learnt)."""
@@ -227,5 +229,13 @@ class FuseOperations(mfusepy.Operations):
 
 
 def run(vfs: Vfs, mountpoint: str, options: dict[str, str | bool]) -> None:
-    """Mount and serve in the foreground until unmounted (Ctrl+C, SIGTERM, fusermount -u)."""
-    mfusepy.FUSE(FuseOperations(vfs), mountpoint, raw_fi=True, foreground=True, **options)
+    """Mount and serve in the foreground until unmounted (Ctrl+C, SIGTERM, fusermount -u).
+    Raises RuntimeError only if the mount never came up."""
+    ops = FuseOperations(vfs)
+    try:
+        mfusepy.FUSE(ops, mountpoint, raw_fi=True, foreground=True, **options)
+    except RuntimeError as exc:
+        if not ops.initialized:
+            raise
+        # libfuse answers non-zero when a signal (Ctrl+C, SIGTERM) ended the loop: a clean stop.
+        log.debug("libfuse returned %s after serving the mount", exc)

@@ -85,7 +85,7 @@ class DicomPath:
 
     @classmethod
     def parse(cls, path: str) -> DicomPath:
-        return cls(tuple(p for p in path.replace("\\", "/").split("/") if p not in ("", ".")))
+        return cls(tuple(p for p in path.split("/") if p not in ("", ".")))
 
     @property
     def level(self) -> Level:

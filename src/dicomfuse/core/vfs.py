@@ -688,8 +688,8 @@ class Vfs:
             try:
                 ident = self._send(h)
             except FsError as exc:
-                kept = self._keep_failed(h, str(exc))
-                exc.strerror = f"{exc.strerror}; the file's bytes are kept at {kept}"
+                self._keep_failed(h, exc.strerror or str(exc))
+                exc.level = logging.DEBUG  # _keep_failed logged the one ERROR line
                 raise
             h.dirty = False
             h.uploaded = ident

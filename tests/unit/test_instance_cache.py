@@ -1,0 +1,158 @@
+"""Instance cache: single-flight, streaming reads, bound, TTL, errors, private files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from dicomfuse.core.errors import FsError
+from dicomfuse.core.instance_cache import InstanceCache
+from dicomfuse.stores.base import Unavailable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def key(n: int) -> tuple[str, str, str, str]:
+    return ("s", "1", "2", f"3.{n}")
+
+
+def blob(n: int, size: int = 1000) -> bytes:
+    return bytes([n % 256]) * size
+
+
+@pytest.fixture
+def cache(tmp_path: Path):
+    c = InstanceCache(tmp_path, capacity=10_000, ttl=100, workers=4)
+    c.start()
+    yield c
+    c.stop()
+
+
+def read_all(cache: InstanceCache, entry) -> bytes:
+    fd = os.open(entry.path, os.O_RDONLY)
+    try:
+        out, off = b"", 0
+        while chunk := cache.read(entry, fd, off, 300):
+            out += chunk
+            off += len(chunk)
+        return out
+    finally:
+        os.close(fd)
+
+
+def test_single_flight(cache: InstanceCache):
+    calls = []
+    gate = threading.Event()
+
+    def fetch(sink):
+        calls.append(1)
+        gate.wait(5)
+        return sink.write(blob(1))
+
+    entries = []
+    threads = [threading.Thread(target=lambda: entries.append(cache.open(key(1), fetch))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gate.set()
+    assert len(calls) == 1 and len({id(e) for e in entries}) == 1
+    assert entries[0].wait_complete() == 1000
+    assert read_all(cache, entries[0]) == blob(1)
+    assert oct(entries[0].path.stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_read_waits_only_for_its_range(cache: InstanceCache):
+    first_half = threading.Event()
+    release = threading.Event()
+
+    def fetch(sink):
+        sink.write(b"a" * 500)
+        first_half.set()
+        release.wait(5)
+        sink.write(b"b" * 500)
+        return 1000
+
+    entry = cache.open(key(2), fetch)
+    first_half.wait(5)
+    fd = os.open(entry.path, os.O_RDONLY)
+    assert cache.read(entry, fd, 0, 100) == b"a" * 100  # served before the download ends
+    assert not entry.complete
+    release.set()
+    assert cache.read(entry, fd, 900, 200) == b"b" * 100
+    os.close(fd)
+
+
+def test_bound_evicts_lru_but_never_pinned(cache: InstanceCache):
+    entries = []
+    for n in range(12):
+        e = cache.open(key(n), lambda sink, n=n: sink.write(blob(n)))
+        e.wait_complete()
+        entries.append(e)
+        if n != 0:
+            cache.release(e)
+    assert cache.used_bytes <= cache.capacity + 1000  # pinned entry 0 may be over the bound alone
+    assert entries[0].path.exists() and read_all(cache, entries[0]) == blob(0)
+    assert cache.known_size(key(11)) == 1000
+    assert cache.known_size(key(1)) is None  # least recently used went first
+    cache.release(entries[0])
+    assert cache.used_bytes <= cache.capacity
+
+
+def test_too_large_is_efbig(cache: InstanceCache):
+    with pytest.raises(FsError) as e:
+        cache.open(key(1), lambda sink: 0, expected_size=cache.max_file + 1)
+    assert e.value.errno == errno.EFBIG
+    entry = cache.open(key(2), lambda sink: sink.write(b"x" * (cache.max_file + 1)))
+    with pytest.raises(FsError) as e:
+        entry.wait_complete()
+    assert e.value.errno == errno.EFBIG
+    cache.release(entry)
+    assert cache.known_size(key(2)) is None
+
+
+def test_failed_download_is_not_cached(cache: InstanceCache):
+    def broken(sink):
+        sink.write(b"partial")
+        raise Unavailable("connection dropped")
+
+    entry = cache.open(key(3), broken)
+    with pytest.raises(Unavailable):
+        entry.wait_complete()
+    cache.release(entry)
+    assert not entry.path.exists()
+    again = cache.open(key(3), lambda sink: sink.write(b"whole"))
+    assert again.wait_complete() == 5
+
+
+def test_ttl_refetches(tmp_path: Path):
+    clock = Clock()
+    cache = InstanceCache(tmp_path, capacity=10_000, ttl=10, clock=clock)
+    calls = []
+
+    def fetch(sink):
+        calls.append(1)
+        return sink.write(b"v%d" % len(calls))
+
+    e = cache.open(key(1), fetch)
+    e.wait_complete()
+    cache.release(e)
+    e = cache.open(key(1), fetch)
+    cache.release(e)
+    assert len(calls) == 1
+    clock.now = 11
+    e = cache.open(key(1), fetch)
+    e.wait_complete()
+    cache.release(e)
+    assert len(calls) == 2
+    cache.stop()

@@ -1,0 +1,61 @@
+"""Listing cache: TTL, negative entries, local overlay."""
+
+from __future__ import annotations
+
+from dicomfuse.core.paths import DicomPath
+from dicomfuse.core.tree import Entry, ListingCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ttl_and_overlay():
+    clock = Clock()
+    cache = ListingCache(10, negative_ttl=2, overlay_ttl=30, clock=clock)
+    folder = DicomPath.parse("/s")
+    cache.put(folder, [("1.1", Entry(True)), ("1.2", Entry(True))])
+    assert set(cache.get(folder)) == {"1.1", "1.2"}
+    cache.note_added(folder, "1.3", Entry(True))
+    cache.note_removed(folder, "1.1")
+    assert set(cache.get(folder)) == {"1.2", "1.3"}
+    clock.now = 11
+    assert cache.get(folder) is None  # expired
+    # A lagging server still lists 1.1 and lacks 1.3: the overlay wins until overlay_ttl.
+    assert set(cache.put(folder, [("1.1", Entry(True)), ("1.2", Entry(True))])) == {"1.2", "1.3"}
+    clock.now = 45
+    assert set(cache.put(folder, [("1.1", Entry(True))])) == {"1.1"}
+
+
+def test_lookup_negative_and_positive():
+    clock = Clock()
+    cache = ListingCache(10, negative_ttl=2, clock=clock)
+    folder = DicomPath.parse("/s")
+    assert cache.lookup(folder, "9.9") is None
+    cache.remember_absent(folder.child("9.9"))
+    assert cache.lookup(folder, "9.9") is False
+    clock.now = 3
+    assert cache.lookup(folder, "9.9") is None  # negative entries are brief
+    cache.remember_present(folder, "9.9", Entry(True))
+    assert cache.lookup(folder, "9.9") == Entry(True)
+    clock.now = 14
+    assert cache.lookup(folder, "9.9") is None
+
+
+def test_size_learnt_updates_listing():
+    cache = ListingCache(10)
+    folder = DicomPath.parse("/s/1/2")
+    cache.put(folder, [("3.dcm", Entry(False, None))])
+    cache.update_size(folder, "3.dcm", 123)
+    assert cache.get(folder)["3.dcm"] == Entry(False, 123)
+
+
+def test_negative_cache_is_bounded():
+    cache = ListingCache(10, max_negative=5)
+    for i in range(20):
+        cache.remember_absent(DicomPath.parse(f"/s/{i}"))
+    assert len(cache._negative) == 5
