@@ -1,0 +1,167 @@
+"""Shared fixtures: generated DICOM data, a real Orthanc, and real mounts of each backend."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from dicomfuse.samples import SampleInstance, make_uid, write_instance
+from dicomfuse.stores.base import Store
+from tests.mounting import Mount
+
+PATIENT_NAME = "Secret^Patient"  # must never appear in a log line
+
+
+def fuse_available() -> bool:
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+requires_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3 (apt install fuse3)")
+
+
+@dataclass
+class DicomFactory:
+    """Writes valid, unique DICOM files for one test."""
+
+    folder: Path
+    seed: str = field(default_factory=lambda: uuid.uuid4().hex)
+    count: int = 0
+
+    def instance(self, study: int = 0, series: int = 0, *, name: str | None = None,
+                 pixel_bytes: int = 4096, **kwargs: object) -> SampleInstance:
+        self.count += 1
+        study_uid = make_uid(self.seed, "study", study)
+        series_uid = make_uid(self.seed, "series", study, series)
+        sop_uid = make_uid(self.seed, "sop", self.count)
+        path = self.folder / (name or f"{sop_uid}.dcm")
+        kwargs.setdefault("patient_name", PATIENT_NAME)
+        write_instance(path, study_uid, series_uid, sop_uid, pixel_bytes=pixel_bytes, **kwargs)  # type: ignore[arg-type]
+        return SampleInstance(path, study_uid, series_uid, sop_uid)
+
+    def series(self, n: int, study: int = 0, series: int = 0, **kwargs: object) -> list[SampleInstance]:
+        return [self.instance(study, series, **kwargs) for _ in range(n)]
+
+
+@pytest.fixture
+def dicom(tmp_path: Path) -> DicomFactory:
+    folder = tmp_path / "dicom-files"
+    folder.mkdir()
+    return DicomFactory(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: the same user operations run against each.
+
+
+@dataclass
+class Backend:
+    name: str
+    address: str
+    store_name: str
+    server: Store  # to check what the server holds, without the mount
+    can_create_stores: bool
+    can_delete: bool
+    sizes_known: bool
+    extra_args: tuple[str, ...] = ()
+    dataset_root: Path | None = None
+
+    def seed(self, instances: list[SampleInstance]) -> None:
+        outcomes = self.server.store_files([i.path for i in instances])
+        assert all(o.stored for o in outcomes), outcomes
+
+    def server_bytes(self, inst: SampleInstance) -> bytes:
+        sink = io.BytesIO()
+        self.server.retrieve(inst.study_uid, inst.series_uid, inst.sop_uid, sink)
+        return sink.getvalue()
+
+    def has(self, inst: SampleInstance) -> bool:
+        return any(True for _ in self.server.instances(inst.study_uid, inst.series_uid, inst.sop_uid))
+
+    def series_path(self, mount: Mount, inst: SampleInstance) -> Path:
+        return mount.path / self.store_name / inst.study_uid / inst.series_uid
+
+    def instance_path(self, mount: Mount, inst: SampleInstance) -> Path:
+        return self.series_path(mount, inst) / f"{inst.sop_uid}.dcm"
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from tests.orthanc_server import OrthancServer, OrthancUnavailable
+
+    try:
+        server = OrthancServer(tmp_path_factory.mktemp("orthanc")).start()
+    except OrthancUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"Orthanc unavailable: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _local_backend(root: Path) -> Backend:
+    from dicomfuse.stores.local import LocalDataset
+
+    (root / "store-a").mkdir(parents=True, exist_ok=True)
+    dataset = LocalDataset(root)
+    return Backend("local", str(root), "store-a", dataset.open_store("store-a"), can_create_stores=True,
+                   can_delete=True, sizes_known=True, dataset_root=root)
+
+
+def _orthanc_backend(server: object, *, rest: bool = True) -> Backend:
+    from dicomfuse.stores.dicomweb import DicomwebDataset
+
+    url = server.dicomweb_url  # type: ignore[attr-defined]
+    dataset = DicomwebDataset(url, orthanc_rest_url="auto")
+    extra = () if rest else ("--orthancRest", "off")
+    return Backend("orthanc" if rest else "orthanc-norest", url, dataset.store.name, dataset.store,
+                   can_create_stores=False, can_delete=rest, sizes_known=rest, extra_args=extra)
+
+
+@pytest.fixture(params=["local", "orthanc"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "local":
+        return _local_backend(tmp_path / "dataset")
+    return _orthanc_backend(request.getfixturevalue("orthanc"))
+
+
+@pytest.fixture
+def orthanc_norest(orthanc: object) -> Backend:
+    """Orthanc seen as a plain DICOMweb server: no sizes in listings, no delete."""
+    return _orthanc_backend(orthanc, rest=False)
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    mounts: list[Mount] = []
+
+    def make(backend: Backend, *args: str) -> Mount:
+        workdir = tmp_path / f"mount{len(mounts)}"
+        workdir.mkdir()
+        m = Mount(backend.address, workdir, *backend.extra_args, *args)
+        mounts.append(m)
+        return m.start()
+
+    yield make
+    for m in mounts:
+        m.stop()
+    for m in mounts:
+        assert not os.path.ismount(m.path), m.diagnostics()
+        # PHI: no patient name ever reaches a log line.
+        assert PATIENT_NAME not in m.log_text()
+        assert "Bearer" not in m.log_text()
+
+
+def run(*cmd: str | Path, check: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a shell tool as a user would, capturing its output."""
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=check, cwd=cwd,
+                          timeout=120)

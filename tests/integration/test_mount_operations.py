@@ -1,0 +1,309 @@
+"""The user's operations through a real mount, with real shell tools, against each backend
+(the local folder store and a real Orthanc with its DICOMweb plugin)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Backend, DicomFactory, requires_fuse, run
+from tests.mounting import wait_for
+
+pytestmark = [requires_fuse, pytest.mark.mount]
+
+
+def test_browse_and_copy_out_byte_identical(backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path):
+    insts = dicom.series(3) + dicom.series(2, study=1)
+    backend.seed(insts)
+    m = mount_factory(backend)
+    assert backend.store_name in os.listdir(m.path)
+    studies = os.listdir(m.path / backend.store_name)
+    assert {insts[0].study_uid, insts[3].study_uid} <= set(studies)
+    listed = sorted(os.listdir(backend.series_path(m, insts[0])))
+    assert listed == sorted(f"{i.sop_uid}.dcm" for i in insts[:3])
+    out = tmp_path / "out"
+    r = run("cp", "-r", backend.series_path(m, insts[0]), out)
+    assert r.returncode == 0, r.stderr
+    for inst in insts[:3]:
+        copied = (out / f"{inst.sop_uid}.dcm").read_bytes()
+        assert copied == backend.server_bytes(inst) == inst.path.read_bytes()
+
+
+def test_every_reader_gets_the_whole_file(backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path):
+    """cp, cat, dd, Python, rsync and tar all read complete instances (sizes known or not)."""
+    insts = dicom.series(2, pixel_bytes=300_000)
+    backend.seed(insts)
+    m = mount_factory(backend)
+    series = backend.series_path(m, insts[0])
+    want = {f"{i.sop_uid}.dcm": i.path.read_bytes() for i in insts}
+    files = sorted(want)
+    assert run("cp", series / files[0], tmp_path / "cp.dcm").returncode == 0
+    assert (tmp_path / "cp.dcm").read_bytes() == want[files[0]]
+    assert run("sh", "-c", f"cat '{series / files[1]}' > '{tmp_path / 'cat.dcm'}'").returncode == 0
+    assert (tmp_path / "cat.dcm").read_bytes() == want[files[1]]
+    r = run("dd", f"if={series / files[0]}", f"of={tmp_path / 'dd.dcm'}", "bs=7777")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "dd.dcm").read_bytes() == want[files[0]]
+    with open(series / files[1], "rb") as f:
+        assert f.read() == want[files[1]]
+    r = run("rsync", "-a", f"{series}/", f"{tmp_path / 'rsync'}/")
+    assert r.returncode == 0, r.stderr
+    for name in files:
+        assert (tmp_path / "rsync" / name).read_bytes() == want[name]
+    r = run("tar", "cf", tmp_path / "x.tar", "-C", series, ".")
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(tmp_path / "x.tar") as tar:
+        for name in files:
+            assert tar.extractfile(f"./{name}").read() == want[name]  # type: ignore[union-attr]
+    # After a read, stat shows the true size.
+    for name in files:
+        assert os.stat(series / name).st_size == len(want[name])
+
+
+def test_unknown_sizes_read_completely_and_show_after_first_read(orthanc_norest: Backend, mount_factory,
+                                                                  dicom: DicomFactory, tmp_path: Path):
+    backend = orthanc_norest
+    insts = dicom.series(3, pixel_bytes=200_000)
+    backend.seed(insts)
+    m = mount_factory(backend)
+    series = backend.series_path(m, insts[0])
+    paths = [series / f"{i.sop_uid}.dcm" for i in insts]
+    assert os.stat(paths[0]).st_size == 0  # not known before the first read
+    assert run("cp", paths[0], tmp_path / "a.dcm").returncode == 0
+    assert (tmp_path / "a.dcm").read_bytes() == insts[0].path.read_bytes()
+    assert os.stat(paths[0]).st_size == insts[0].path.stat().st_size
+    r = run("rsync", "-a", paths[1], tmp_path / "b.dcm")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "b.dcm").read_bytes() == insts[1].path.read_bytes()
+    with open(paths[2], "rb") as f:
+        assert f.read() == insts[2].path.read_bytes()
+
+
+def test_cd_straight_to_a_uid_no_listing_showed(backend: Backend, mount_factory, dicom: DicomFactory):
+    first = dicom.instance(study=0)
+    backend.seed([first])
+    m = mount_factory(backend)
+    store = m.path / backend.store_name
+    before = set(os.listdir(store))  # listing now cached
+    later = dicom.instance(study=7)
+    backend.seed([later])  # added behind the mount's back, after the listing
+    assert later.study_uid not in before
+    r = run("sh", "-c", f"cd '{backend.series_path(m, later)}' && ls")
+    assert r.returncode == 0, r.stderr
+    assert f"{later.sop_uid}.dcm" in r.stdout
+    missing = store / (later.study_uid + ".999")
+    assert not missing.exists()
+    r = run("ls", missing)
+    assert r.returncode != 0 and "No such file" in r.stderr
+
+
+def test_upload_into_store_folder_lands_by_its_uids(backend: Backend, mount_factory, dicom: DicomFactory):
+    m = mount_factory(backend)
+    inst = dicom.instance(name="scan.dcm")
+    r = run("cp", inst.path, m.path / backend.store_name)
+    assert r.returncode == 0, r.stderr
+    assert backend.has(inst)
+    assert backend.server_bytes(inst) == inst.path.read_bytes()
+    # Visible in its folder at once, and readable back.
+    target = backend.instance_path(m, inst)
+    assert target.read_bytes() == inst.path.read_bytes()
+    assert f"{inst.sop_uid}.dcm" in os.listdir(target.parent)
+
+
+def test_upload_into_series_folder(backend: Backend, mount_factory, dicom: DicomFactory):
+    existing = dicom.instance()
+    backend.seed([existing])
+    m = mount_factory(backend)
+    new = dicom.instance()
+    series = backend.series_path(m, existing)
+    r = run("cp", new.path, series)
+    assert r.returncode == 0, r.stderr
+    assert backend.has(new)
+    assert f"{new.sop_uid}.dcm" in os.listdir(series)
+
+
+def test_overwrite_existing_instance(backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path):
+    if not backend.can_delete:
+        pytest.skip("overwrite needs delete on this server")
+    old = dicom.instance(pixel_bytes=1000)
+    backend.seed([old])
+    m = mount_factory(backend)
+    target = backend.instance_path(m, old)
+    assert target.read_bytes() == old.path.read_bytes()
+    from dicomfuse.samples import write_instance
+
+    newer = write_instance(tmp_path / "newer.dcm", old.study_uid, old.series_uid, old.sop_uid, pixel_bytes=3000)
+    r = run("cp", newer, target)
+    assert r.returncode == 0, r.stderr
+    assert backend.server_bytes(old) == newer.read_bytes()
+    assert target.read_bytes() == newer.read_bytes()
+
+
+def test_rm_deletes_instance(backend: Backend, mount_factory, dicom: DicomFactory):
+    keep, gone = dicom.series(2)
+    backend.seed([keep, gone])
+    m = mount_factory(backend)
+    path = backend.instance_path(m, gone)
+    assert path.exists()
+    r = run("rm", path)
+    assert r.returncode == 0, r.stderr
+    assert f"{gone.sop_uid}.dcm" not in os.listdir(path.parent)
+    assert not backend.has(gone)
+    assert backend.has(keep)
+
+
+def test_rm_refused_when_deletion_disabled(backend: Backend, mount_factory, dicom: DicomFactory):
+    inst = dicom.instance()
+    backend.seed([inst])
+    m = mount_factory(backend, "--enableDeletion=false")
+    r = run("rm", "-f", backend.instance_path(m, inst))
+    assert r.returncode != 0 and "Operation not permitted" in r.stderr
+    assert backend.has(inst)
+    assert backend.instance_path(m, inst).exists()
+
+
+def test_mkdir_only_at_dataset_level(backend: Backend, mount_factory, dicom: DicomFactory):
+    inst = dicom.instance()
+    backend.seed([inst])
+    m = mount_factory(backend)
+    for folder in (m.path / backend.store_name, m.path / backend.store_name / inst.study_uid,
+                   backend.series_path(m, inst)):
+        r = run("mkdir", folder / "new_folder")
+        assert r.returncode != 0 and "Operation not permitted" in r.stderr, folder
+    r = run("mkdir", m.path / "new-store")
+    if backend.can_create_stores:
+        assert r.returncode == 0, r.stderr
+        assert "new-store" in os.listdir(m.path)
+        assert (backend.dataset_root / "new-store").is_dir()  # type: ignore[operator]
+        assert run("mkdir", m.path / "bad name!").returncode != 0
+    else:
+        assert r.returncode != 0 and "Operation not permitted" in r.stderr
+
+
+def test_mv_only_empty_store(backend: Backend, mount_factory, dicom: DicomFactory):
+    if not backend.can_create_stores:
+        pytest.skip("this server has one fixed store")
+    inst = dicom.instance()
+    backend.seed([inst])
+    m = mount_factory(backend)
+    assert run("mkdir", m.path / "empty").returncode == 0
+    r = run("mv", m.path / "empty", m.path / "renamed")
+    assert r.returncode == 0, r.stderr
+    assert {"renamed", backend.store_name} <= set(os.listdir(m.path)) and "empty" not in os.listdir(m.path)
+    r = run("mv", m.path / backend.store_name, m.path / "elsewhere")
+    assert r.returncode != 0, "renaming a store that holds studies must fail"
+    assert backend.has(inst) and backend.store_name in os.listdir(m.path)
+
+
+def test_side_files_stay_local_and_never_fail_the_copy(backend: Backend, mount_factory, dicom: DicomFactory,
+                                                        tmp_path: Path):
+    inst = dicom.instance()
+    backend.seed([inst])
+    m = mount_factory(backend)
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not dicom at all")
+    studies_before = set(backend.server.studies())
+    for folder in (m.path / backend.store_name, backend.series_path(m, inst)):
+        for name in (".DS_Store", "._scan.dcm", "desktop.ini", "Thumbs.db", ".scan.dcm.swp", "~$lock"):
+            r = run("cp", junk, folder / name)
+            assert r.returncode == 0, (name, r.stderr)
+            assert (folder / name).read_bytes() == b"not dicom at all"
+        assert ".DS_Store" in os.listdir(folder)
+        assert run("rm", folder / ".DS_Store").returncode == 0
+    assert set(backend.server.studies()) == studies_before
+
+
+def test_non_dicom_and_truncated_files_fail_at_close(backend: Backend, mount_factory, dicom: DicomFactory,
+                                                     tmp_path: Path):
+    m = mount_factory(backend)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    whole = dicom.instance(pixel_bytes=100_000)
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(whole.path.read_bytes()[:60_000])
+    for bad in (text, truncated):
+        r = run("cp", bad, m.path / backend.store_name)
+        assert r.returncode != 0 and "Invalid argument" in r.stderr, (bad, r.stderr)
+    assert not backend.has(whole)
+    errors = (m.log_dir / "error.log").read_text()
+    assert "not a DICOM Part-10 file" in errors and "truncated DICOM file" in errors
+    kept = list((m.cache_dir / "spool" / "failed").iterdir())
+    assert any(p.read_bytes() == b"hello" for p in kept), "a failed upload keeps its bytes"
+
+
+def test_rsync_into_store(backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path):
+    m = mount_factory(backend)
+    src = tmp_path / "src"
+    src.mkdir()
+    insts = [dicom.instance(name=f"img{i}.dcm") for i in range(3)]
+    for i in insts:
+        shutil.copy(i.path, src / i.path.name)
+    r = run("rsync", "-rt", f"{src}/", f"{m.path / backend.store_name}/")
+    assert r.returncode == 0, r.stderr
+    for i in insts:
+        assert backend.server_bytes(i) == i.path.read_bytes()
+
+
+def test_sigterm_unmounts_and_wipes_cache(backend: Backend, mount_factory, dicom: DicomFactory):
+    inst = dicom.instance()
+    backend.seed([inst])
+    m = mount_factory(backend)
+    backend.instance_path(m, inst).read_bytes()
+    cached = list((m.cache_dir / "mounts").rglob("*.dcm"))
+    assert cached, "the instance was cached on disk"
+    for d in [m.cache_dir, *(m.cache_dir / "mounts").iterdir()]:
+        assert d.stat().st_mode & 0o777 == 0o700
+    assert m.stop(signal.SIGTERM) == 0
+    assert not os.path.ismount(m.path)
+    assert not any((m.cache_dir / "mounts").iterdir())
+
+
+def test_stale_cache_of_a_crashed_mount_is_wiped(backend: Backend, mount_factory, dicom: DicomFactory):
+    inst = dicom.instance()
+    backend.seed([inst])
+    m = mount_factory(backend)
+    backend.instance_path(m, inst).read_bytes()
+    stale = list((m.cache_dir / "mounts").iterdir())
+    assert m.proc is not None
+    m.proc.kill()
+    m.proc.wait()
+    run("fusermount3", "-uz", m.path)
+    wait_for(lambda: not os.path.ismount(m.path), 10, what="the dead mount to go")
+    m2 = type(m)(m.address, m.path.parent, *m.extra_args).start()
+    try:
+        assert all(not p.exists() for p in stale)
+        assert "ended without cleaning up" in m2.log_text()
+    finally:
+        m2.stop()
+
+
+def test_errno_for_refused_operations(backend: Backend, mount_factory, dicom: DicomFactory):
+    inst = dicom.instance()
+    backend.seed([inst])
+    m = mount_factory(backend)
+    path = backend.instance_path(m, inst)
+    with pytest.raises(OSError) as e:
+        os.symlink("x", path.parent / "link")
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError) as e:
+        os.truncate(path, 10)
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError) as e:
+        os.rename(path, path.parent / "renamed.dcm")
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError) as e:
+        open(m.path / "file-at-root.dcm", "wb").close()
+    assert e.value.errno == errno.EPERM
+    os.chmod(path, 0o600)  # accepted, no effect: cp -a and rsync -a exit 0
+    os.utime(path, (1, 1))
+    with pytest.raises(OSError) as e:
+        os.getxattr(path, "user.missing")
+    assert e.value.errno == errno.ENODATA
+    os.setxattr(path, "user.tag", b"v")
+    assert os.getxattr(path, "user.tag") == b"v"

@@ -1,0 +1,155 @@
+"""The Vfs without a mount: the same contract the mounted suite checks, on the bare core."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from dicomfuse.core.errors import FsError
+from dicomfuse.core.vfs import Vfs, VfsConfig
+from dicomfuse.core.workdirs import WorkDirs
+from dicomfuse.stores.local import LocalDataset
+from tests.conftest import DicomFactory
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> LocalDataset:
+    (tmp_path / "ds" / "store").mkdir(parents=True)
+    return LocalDataset(tmp_path / "ds")
+
+
+def make_vfs(dataset: LocalDataset, tmp_path: Path, **config) -> Vfs:
+    vfs = Vfs(dataset, VfsConfig(**config), WorkDirs(tmp_path / "work"))
+    vfs.start()
+    return vfs
+
+
+def upload(vfs: Vfs, path: str, data: bytes) -> None:
+    fh = vfs.create(path)
+    try:
+        vfs.write(fh, data, 0)
+        vfs.flush(fh)
+    finally:
+        vfs.release(fh)
+
+
+def read(vfs: Vfs, path: str) -> bytes:
+    result = vfs.open(path, os.O_RDONLY)
+    out = b""
+    while chunk := vfs.read(result.fh, 65536, len(out)):
+        out += chunk
+    vfs.release(result.fh)
+    return out
+
+
+def errno_of(fn, *args) -> int:
+    with pytest.raises(FsError) as e:
+        fn(*args)
+    return e.value.errno  # type: ignore[return-value]
+
+
+def test_upload_read_delete(dataset, tmp_path, dicom: DicomFactory):
+    vfs = make_vfs(dataset, tmp_path)
+    inst = dicom.instance()
+    upload(vfs, "/store/any-name.dcm", inst.path.read_bytes())
+    target = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    assert vfs.getattr(target).size == inst.path.stat().st_size
+    assert read(vfs, target) == inst.path.read_bytes()
+    assert vfs.getattr("/store/any-name.dcm").size == inst.path.stat().st_size  # the name written stays valid
+    vfs.unlink(target)
+    assert errno_of(vfs.getattr, target) == errno.ENOENT
+    assert inst.study_uid in dict(vfs.readdir("/store"))  # study folder lists until TTL
+    vfs.shutdown()
+
+
+def test_deletion_disabled(dataset, tmp_path, dicom: DicomFactory):
+    inst = dicom.instance()
+    dataset.open_store("store").store_files([inst.path])
+    vfs = make_vfs(dataset, tmp_path, deletion_enabled=False)
+    target = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    assert errno_of(vfs.unlink, target) == errno.EPERM
+    assert errno_of(vfs.rmdir, "/store") == errno.EPERM
+    assert vfs.getattr(target).size > 0
+    vfs.shutdown()
+
+
+def test_refusals(dataset, tmp_path, dicom: DicomFactory):
+    inst = dicom.instance()
+    dataset.open_store("store").store_files([inst.path])
+    vfs = make_vfs(dataset, tmp_path)
+    study = f"/store/{inst.study_uid}"
+    series = f"{study}/{inst.series_uid}"
+    assert errno_of(vfs.mkdir, f"{study}/x") == errno.EPERM
+    assert errno_of(vfs.mkdir, f"{series}/x") == errno.EPERM
+    assert errno_of(vfs.mkdir, "/bad name") == errno.EINVAL
+    assert errno_of(vfs.mkdir, "/store") == errno.EEXIST
+    assert errno_of(vfs.create, "/x.dcm") == errno.EPERM
+    assert errno_of(vfs.create, f"{study}/x.dcm") == errno.EPERM
+    assert errno_of(vfs.rename, series, f"{study}/1.2.3") == errno.EPERM
+    assert errno_of(vfs.rmdir, study) == errno.EPERM
+    assert errno_of(vfs.rmdir, "/store") == errno.ENOTEMPTY
+    assert errno_of(vfs.getattr, "/store/not-a-uid") == errno.ENOENT
+    assert errno_of(vfs.getattr, f"{series}/{inst.sop_uid}.dcm/deeper") == errno.ENOENT
+    assert errno_of(vfs.truncate, f"{series}/{inst.sop_uid}.dcm", 1) == errno.EPERM
+    assert errno_of(vfs.getxattr, series, "user.none") == errno.ENODATA
+    vfs.shutdown()
+
+
+def test_bad_upload_keeps_bytes(dataset, tmp_path):
+    vfs = make_vfs(dataset, tmp_path)
+    fh = vfs.create("/store/notes.txt")
+    vfs.write(fh, b"plain text", 0)
+    assert errno_of(vfs.flush, fh) == errno.EINVAL
+    vfs.release(fh)
+    kept = list(vfs.workdirs.failed.iterdir())
+    assert [p.read_bytes() for p in kept] == [b"plain text"]
+    assert oct(kept[0].stat().st_mode & 0o777) == oct(0o600)
+    vfs.shutdown()
+
+
+def test_largest_file_is_cachesize_over_4(dataset, tmp_path):
+    vfs = make_vfs(dataset, tmp_path, cache_bytes=4 * 1024 * 1024)
+    fh = vfs.create("/store/big.dcm")
+    assert errno_of(vfs.write, fh, b"x" * 10, 1024 * 1024) == errno.EFBIG
+    vfs.release(fh)
+    vfs.shutdown()
+
+
+def test_gui_new_folder_becomes_a_store_when_renamed(dataset, tmp_path):
+    vfs = make_vfs(dataset, tmp_path)
+    vfs.mkdir("/untitled folder")
+    assert "untitled folder" in dict(vfs.readdir("/"))
+    assert not (tmp_path / "ds" / "untitled folder").exists()
+    vfs.rename("/untitled folder", "/study-2024")
+    assert (tmp_path / "ds" / "study-2024").is_dir()
+    names = dict(vfs.readdir("/"))
+    assert "study-2024" in names and "untitled folder" not in names
+    vfs.shutdown()
+
+
+def test_side_files_are_local(dataset, tmp_path):
+    vfs = make_vfs(dataset, tmp_path)
+    upload(vfs, "/store/.DS_Store", b"finder")
+    upload(vfs, "/._x", b"apple double")
+    assert read(vfs, "/store/.DS_Store") == b"finder"
+    assert ".DS_Store" in dict(vfs.readdir("/store"))
+    assert list(dataset.open_store("store").studies()) == []
+    vfs.unlink("/store/.DS_Store")
+    assert errno_of(vfs.getattr, "/store/.DS_Store") == errno.ENOENT
+    vfs.shutdown()
+
+
+def test_overwrite_refused_keeps_original(dataset, tmp_path, dicom: DicomFactory):
+    inst = dicom.instance()
+    dataset.open_store("store").store_files([inst.path])
+    vfs = make_vfs(dataset, tmp_path)
+    target = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    res = vfs.open(target, os.O_WRONLY | os.O_TRUNC)
+    vfs.write(res.fh, b"garbage", 0)
+    assert errno_of(vfs.flush, res.fh) == errno.EINVAL
+    vfs.release(res.fh)
+    assert read(vfs, target) == inst.path.read_bytes()
+    vfs.shutdown()
