@@ -55,6 +55,9 @@ class Settings(BaseModel):
     extraMountOptions: str | None = opt(
         None, "Comma-separated mount options merged over this OS's defaults, e.g. "
         "allow_other,max_read=131072.", metavar="OPTS")
+    orthancRest: str = opt(
+        "auto", "Orthanc's REST API, used for delete and for sizes in listings: auto (detected), "
+        "off, or its URL.", metavar="auto|off|URL", group="DICOMweb servers")
     downloadThreads: int = opt(
         8, "Parallel downloads of instances.", metavar="N", group="Advanced")
     cacheDir: Path | None = opt(
@@ -88,6 +91,16 @@ class Settings(BaseModel):
         if value < 4:
             raise ValueError("must be at least 4 (MB)")
         return value
+
+    @field_validator("orthancRest")
+    @classmethod
+    def _orthanc_rest(cls, value: str) -> str:
+        value = value.strip()
+        if value.lower() in ("auto", "off"):
+            return value.lower()
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected auto, off or an http(s):// URL")
+        return value.rstrip("/")
 
     @field_validator("downloadThreads")
     @classmethod
