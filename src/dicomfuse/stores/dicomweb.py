@@ -1,0 +1,817 @@
+"""A plain DICOMweb server (QIDO-RS, WADO-RS, STOW-RS) as a dataset with one store.
+
+Orthanc gets two extras through its REST API when it is detected (or named): instance sizes in
+listings and deletion, which its DICOMweb plugin refuses (405).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote, unquote, urlsplit
+from xml.etree import ElementTree
+
+import requests
+
+from dicomfuse.stores.base import (
+    InstanceInfo,
+    InvalidDicom,
+    NotFound,
+    StoreError,
+    StowOutcome,
+    Unavailable,
+    Unsupported,
+)
+from dicomfuse.stores.http import (
+    DEFAULT_TIMEOUT,
+    HttpClient,
+    MultipartReader,
+    RetryPolicy,
+    Timeout,
+    body_errors,
+    error_for_response,
+    make_session,
+    parse_content_type,
+    safe_path,
+    server_error_detail,
+    write_all,
+)
+
+logger = logging.getLogger(__name__)
+
+STUDY_UID_TAG = "0020000D"
+SERIES_UID_TAG = "0020000E"
+SOP_UID_TAG = "00080018"
+FAILURE_REASON_TAG = "00081197"
+FAILED_SOP_SEQUENCE_TAG = "00081198"
+REFERENCED_SOP_SEQUENCE_TAG = "00081199"
+REFERENCED_SOP_UID_TAG = "00081155"
+
+DICOM_JSON = "application/dicom+json"
+RETRIEVE_ACCEPTS = (
+    'multipart/related; type="application/dicom"; transfer-syntax=*',
+    'multipart/related; type="application/dicom"',
+    "application/dicom",
+)
+"""WADO-RS Accept headers, best first. Orthanc answers 400 to ``application/dicom``."""
+
+GENERIC_PATH_SEGMENTS = frozenset({"dicom-web", "dicomweb", "rs", "wado", "wado-rs", "qido-rs", "stow-rs"})
+_FORBIDDEN_NAME_CHARACTERS = '<>:"/\\|?*'
+
+DEFAULT_PAGE_SIZE = 1000
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+MAX_EPILOGUE_BYTES = 64 * 1024
+STOW_BATCH_FILES = 50
+STOW_BATCH_BYTES = 64 * 1024 * 1024
+
+OrthancSetting = str | None
+"""Orthanc's REST root URL, ``"auto"`` (detect it), or None (never use it)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def _folder_safe(name: str) -> str:
+    """``name`` with the characters Windows forbids in a folder name replaced by ``-``."""
+    cleaned = "".join("-" if c in _FORBIDDEN_NAME_CHARACTERS or ord(c) < 32 else c for c in name)
+    return cleaned.strip(" .") or "dicomweb"
+
+
+def host_name(url: str) -> str:
+    """The URL's host, without port or credentials, safe as a folder name."""
+    return _folder_safe(urlsplit(url).hostname or "dicomweb")
+
+
+def store_name_from_url(url: str) -> str:
+    """The last path segment of ``url`` that is not a generic DICOMweb one, else the host.
+
+    ``http://127.0.0.1:8042/dicom-web`` → ``127.0.0.1``;
+    ``http://h:8080/dcm4chee-arc/aets/DCM4CHEE/rs`` → ``DCM4CHEE``."""
+    segments = [unquote(s) for s in urlsplit(url).path.split("/") if s]
+    for segment in reversed(segments):
+        if segment.lower() not in GENERIC_PATH_SEGMENTS:
+            return _folder_safe(segment)
+    return host_name(url)
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM JSON
+
+
+def _first_value(entry: object, tag: str) -> Any:
+    """The first value of ``tag`` in a DICOM JSON dataset, or None."""
+    if not isinstance(entry, dict):
+        return None
+    element = entry.get(tag)
+    if not isinstance(element, dict):
+        return None
+    values = element.get("Value")
+    if not isinstance(values, list) or not values:
+        return None
+    return values[0]
+
+
+def _uid_of(entry: object, tag: str) -> str | None:
+    value = _first_value(entry, tag)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _sequence_items(dataset: object, tag: str) -> list[object]:
+    if not isinstance(dataset, dict):
+        return []
+    element = dataset.get(tag)
+    if not isinstance(element, dict):
+        return []
+    values = element.get("Value")
+    return values if isinstance(values, list) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthanc's REST API
+
+
+class OrthancRest:
+    """The few Orthanc REST calls DICOMweb lacks: delete, and stored file sizes."""
+
+    def __init__(self, client: HttpClient, rest_url: str) -> None:
+        self.client = client
+        self.url = rest_url.rstrip("/")
+
+    @staticmethod
+    def detect(client: HttpClient, base_url: str) -> bool | None:
+        """True if ``base_url`` is Orthanc's REST root, False if it answered as something else,
+        None if it could not be asked (try again later)."""
+        url = base_url.rstrip("/") + "/system"
+        try:
+            response = client.request("GET", url, attempts=1, passthrough=range(300, 600))
+        except Unavailable as exc:
+            logger.debug("Orthanc detection at %s failed: %s", safe_path(url), exc)
+            return None
+        with response:
+            if response.status_code in (408, 429) or response.status_code >= 500:
+                return None
+            if response.status_code != 200:
+                return False
+            try:
+                system = _json(response)
+            except ValueError:
+                return False
+        return isinstance(system, dict) and "DicomAet" in system and "Version" in system
+
+    def lookup(self, uid: str, level: str, *, attempts: int | None = None) -> list[str]:
+        """Orthanc IDs of the resources of ``level`` (``Instance``, ``Series``…) with that UID."""
+        response = self.client.request(
+            "POST",
+            f"{self.url}/tools/lookup",
+            data=uid.encode("ascii", errors="replace"),
+            headers={"Content-Type": "text/plain", "Accept": "application/json"},
+            idempotent=True,  # a lookup changes nothing
+            attempts=attempts,
+        )
+        with response:
+            matches = _json(response)
+        return [str(m["ID"]) for m in matches if isinstance(m, dict) and m.get("Type") == level and "ID" in m]
+
+    def _get_json(self, path: str, *, attempts: int | None = None) -> Any:
+        response = self.client.request(
+            "GET", f"{self.url}{path}", headers={"Accept": "application/json"}, attempts=attempts
+        )
+        with response:
+            return _json(response)
+
+    def instance_id(self, series_uid: str, sop_uid: str) -> str:
+        """The Orthanc ID of the instance ``sop_uid`` in series ``series_uid``, or NotFound."""
+        candidates = [
+            instance_id
+            for instance_id in self.lookup(sop_uid, "Instance")
+            if self._series_uid_of(instance_id) == series_uid
+        ]
+        if not candidates:
+            raise NotFound(f"instance {sop_uid} is not in series {series_uid}")
+        return candidates[0]
+
+    def _series_uid_of(self, instance_id: str) -> str | None:
+        try:
+            series = self._get_json(f"/instances/{instance_id}/series")
+        except NotFound:
+            return None
+        tags = series.get("MainDicomTags", {}) if isinstance(series, dict) else {}
+        value = tags.get("SeriesInstanceUID")
+        return value if isinstance(value, str) else None
+
+    def delete_instance(self, series_uid: str, sop_uid: str) -> None:
+        instance_id = self.instance_id(series_uid, sop_uid)
+        self.client.request("DELETE", f"{self.url}/instances/{instance_id}").close()
+
+    def series_file_sizes(self, series_uid: str) -> dict[str, int]:
+        """SOPInstanceUID → stored file size for one series: two requests, whatever its size."""
+        series_ids = self.lookup(series_uid, "Series", attempts=1)
+        if len(series_ids) != 1:
+            return {}
+        sizes: dict[str, int] = {}
+        for entry in self._get_json(f"/series/{series_ids[0]}/instances", attempts=1):
+            sop_uid = entry.get("MainDicomTags", {}).get("SOPInstanceUID")
+            if isinstance(sop_uid, str) and isinstance(entry.get("FileSize"), int):
+                sizes[sop_uid] = entry["FileSize"]
+        return sizes
+
+    def instance_file_size(self, sop_uid: str) -> int | None:
+        instance_ids = self.lookup(sop_uid, "Instance", attempts=1)
+        if len(instance_ids) != 1:
+            return None
+        size = self._get_json(f"/instances/{instance_ids[0]}", attempts=1).get("FileSize")
+        return size if isinstance(size, int) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# STOW-RS: the files, the streamed body and the response
+
+
+@dataclass(frozen=True)
+class _StowFile:
+    index: int
+    path: Path
+    size: int
+    study_uid: str | None
+    series_uid: str | None
+    sop_uid: str
+
+
+def _inspect_stow_file(index: int, path: Path) -> _StowFile | StowOutcome:
+    """Read a file's UIDs (header only); a file that cannot be sent becomes a refused outcome."""
+    import pydicom  # heavy: only when uploading
+
+    try:
+        size = path.stat().st_size
+        dataset = pydicom.dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+        )
+    except OSError as exc:
+        reason = f"cannot read the file ({exc.strerror or type(exc).__name__})"
+        return StowOutcome(path, stored=False, reason=reason)
+    except Exception:  # pydicom raises many kinds of errors on non-DICOM bytes
+        logger.debug("%s: pydicom cannot read it", path.name, exc_info=True)
+        return StowOutcome(path, stored=False, reason="not a DICOM file")
+    meta = getattr(dataset, "file_meta", None)
+    sop_uid = str(
+        dataset.get("SOPInstanceUID") or (meta.get("MediaStorageSOPInstanceUID") if meta else "") or ""
+    ).strip()
+    study_uid = str(dataset.get("StudyInstanceUID") or "").strip() or None
+    series_uid = str(dataset.get("SeriesInstanceUID") or "").strip() or None
+    if not sop_uid:
+        return StowOutcome(path, stored=False, reason="not a DICOM file (no SOPInstanceUID)")
+    return _StowFile(index, path, size, study_uid, series_uid, sop_uid)
+
+
+def _batches(files: Sequence[_StowFile], max_files: int, max_bytes: int) -> Iterator[list[_StowFile]]:
+    """Consecutive batches of at most ``max_files`` files and ``max_bytes`` bytes (a larger
+    file goes alone)."""
+    batch: list[_StowFile] = []
+    batch_bytes = 0
+    for item in files:
+        if batch and (len(batch) >= max_files or batch_bytes + item.size > max_bytes):
+            yield batch
+            batch, batch_bytes = [], 0
+        batch.append(item)
+        batch_bytes += item.size
+    if batch:
+        yield batch
+
+
+class MultipartUpload:
+    """A ``multipart/related; type="application/dicom"`` request body streamed from files.
+
+    ``len()`` gives the exact byte count, so ``requests`` sends a Content-Length instead of
+    chunked encoding; each iteration reads the files afresh (a retried request resends)."""
+
+    def __init__(self, files: Sequence[tuple[Path, int]], boundary: str | None = None) -> None:
+        self.files = list(files)
+        self.boundary = boundary or f"dicomfuse-{uuid.uuid4().hex}"
+        self._part_head = f"--{self.boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        self._closing = f"--{self.boundary}--\r\n".encode()
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; type="application/dicom"; boundary={self.boundary}'
+
+    def __len__(self) -> int:
+        per_part = len(self._part_head) + 2  # head, then CRLF before the next delimiter
+        return sum(size + per_part for _, size in self.files) + len(self._closing)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for path, size in self.files:
+            yield self._part_head
+            yield from _read_exactly(path, size)
+            yield b"\r\n"
+        yield self._closing
+
+
+def _read_exactly(path: Path, size: int) -> Iterator[bytes]:
+    """The file's bytes in chunks; StoreError if it no longer has ``size`` bytes (a
+    Content-Length already went out)."""
+    sent = 0
+    try:
+        with open(path, "rb") as handle:
+            while sent < size:
+                chunk = handle.read(min(UPLOAD_CHUNK_BYTES, size - sent))
+                if not chunk:
+                    break
+                sent += len(chunk)
+                yield chunk
+    except OSError as exc:
+        raise StoreError(f"cannot read {path.name} while sending it ({exc.strerror})") from exc
+    if sent != size:
+        raise StoreError(f"{path.name} changed size while being sent")
+
+
+FAILURE_REASONS = {
+    0x0110: "processing failure",
+    0x0111: "duplicate SOP instance",
+    0x0112: "no such object instance",
+    0x0117: "invalid object instance",
+    0x0119: "class-instance conflict",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0x0131: "duplicate transaction UID",
+    0xA700: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xC000: "cannot understand",
+    0xC122: "transfer syntax not supported",
+}
+
+
+def failure_reason_text(code: int) -> str:
+    """``failure reason 0xA700 (out of resources)`` for a STOW FailureReason code."""
+    if code in FAILURE_REASONS:
+        meaning = FAILURE_REASONS[code]
+    elif 0xA700 <= code <= 0xA7FF:
+        meaning = "out of resources"
+    elif 0xA900 <= code <= 0xA9FF:
+        meaning = "data set does not match SOP class"
+    elif 0xC000 <= code <= 0xCFFF:
+        meaning = "cannot understand"
+    else:
+        meaning = "refused"
+    return f"failure reason 0x{code:04X} ({meaning})"
+
+
+@dataclass
+class StowResult:
+    """What a STOW response body says: stored SOP UIDs and refused ones with a reason."""
+
+    stored: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def add_failure(self, sop_uid: str | None, code: object) -> None:
+        if not sop_uid:
+            return
+        try:
+            number = int(str(code).strip(), 0) if not isinstance(code, int) else code
+        except ValueError:
+            self.failed[sop_uid] = "refused by the server"
+            return
+        self.failed[sop_uid] = failure_reason_text(number)
+
+
+def parse_stow_json(document: object) -> StowResult:
+    """The outcome lists of a DICOM JSON STOW response (a dataset, or a list of one)."""
+    if isinstance(document, list):
+        document = document[0] if document else {}
+    result = StowResult()
+    for item in _sequence_items(document, REFERENCED_SOP_SEQUENCE_TAG):
+        uid = _uid_of(item, REFERENCED_SOP_UID_TAG)
+        if uid:
+            result.stored.add(uid)
+    for item in _sequence_items(document, FAILED_SOP_SEQUENCE_TAG):
+        result.add_failure(_uid_of(item, REFERENCED_SOP_UID_TAG), _first_value(item, FAILURE_REASON_TAG))
+    return result
+
+
+def parse_stow_xml(text: bytes) -> StowResult:
+    """The outcome lists of a NativeDicomModel (``application/dicom+xml``) STOW response."""
+    root = ElementTree.fromstring(text)
+    result = StowResult()
+
+    def attribute(parent: ElementTree.Element, tag: str) -> ElementTree.Element | None:
+        for child in parent:
+            if child.tag.rsplit("}", 1)[-1] == "DicomAttribute" and child.get("tag", "").upper() == tag:
+                return child
+        return None
+
+    def first_value(parent: ElementTree.Element, tag: str) -> str | None:
+        element = attribute(parent, tag)
+        if element is None:
+            return None
+        for child in element:
+            if child.tag.rsplit("}", 1)[-1] == "Value" and child.text:
+                return child.text.strip()
+        return None
+
+    def items(tag: str) -> list[ElementTree.Element]:
+        element = attribute(root, tag)
+        if element is None:
+            return []
+        return [c for c in element if c.tag.rsplit("}", 1)[-1] == "Item"]
+
+    for item in items(REFERENCED_SOP_SEQUENCE_TAG):
+        uid = first_value(item, REFERENCED_SOP_UID_TAG)
+        if uid:
+            result.stored.add(uid)
+    for item in items(FAILED_SOP_SEQUENCE_TAG):
+        result.add_failure(first_value(item, REFERENCED_SOP_UID_TAG), first_value(item, FAILURE_REASON_TAG))
+    return result
+
+
+def parse_stow_response(response: requests.Response) -> StowResult | None:
+    """The STOW outcome lists of a response body, or None if it holds none (an error body)."""
+    media_type, _ = parse_content_type(response.headers.get("Content-Type"))
+    body = response.content
+    if not body.strip():
+        return None
+    try:
+        if media_type.endswith("xml"):
+            return parse_stow_xml(body)
+        document = json.loads(body)
+    except (ValueError, ElementTree.ParseError):
+        return None
+    dataset = document[0] if isinstance(document, list) and document else document
+    if not isinstance(dataset, dict) or not (
+        REFERENCED_SOP_SEQUENCE_TAG in dataset or FAILED_SOP_SEQUENCE_TAG in dataset
+    ):
+        return None
+    return parse_stow_json(document)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class DicomwebStore:
+    """One DICOMweb root URL as a :class:`~dicomfuse.stores.base.Store`. Thread-safe."""
+
+    def __init__(
+        self,
+        name: str,
+        root_url: str,
+        client: HttpClient,
+        *,
+        orthanc_rest_url: OrthancSetting = "auto",
+        page_size: int = DEFAULT_PAGE_SIZE,
+        stow_batch_files: int = STOW_BATCH_FILES,
+        stow_batch_bytes: int = STOW_BATCH_BYTES,
+    ) -> None:
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        self.name = name
+        self.root_url = root_url.rstrip("/")
+        self.client = client
+        self.page_size = page_size
+        self.stow_batch_files = max(1, stow_batch_files)
+        self.stow_batch_bytes = max(1, stow_batch_bytes)
+        self._orthanc_lock = threading.Lock()  # protects _orthanc and _orthanc_known
+        self._orthanc: OrthancRest | None = None
+        self._orthanc_known = orthanc_rest_url is None
+        if orthanc_rest_url not in (None, "auto"):
+            self._orthanc = OrthancRest(client, str(orthanc_rest_url))
+            self._orthanc_known = True
+        self._accept_start = 0  # index in RETRIEVE_ACCEPTS of the first Accept to try
+
+    def __repr__(self) -> str:
+        return f"DicomwebStore(name={self.name!r}, root={safe_path(self.root_url)!r})"
+
+    # -- Orthanc ----------------------------------------------------------------------------------
+
+    def orthanc(self) -> OrthancRest | None:
+        """Orthanc's REST API when configured or detected (detection asks once)."""
+        with self._orthanc_lock:
+            if self._orthanc_known:
+                return self._orthanc
+        base = self._orthanc_base_url()
+        detected = OrthancRest.detect(self.client, base) if base else False
+        with self._orthanc_lock:
+            if detected is not None and not self._orthanc_known:
+                self._orthanc = OrthancRest(self.client, base) if detected and base else None
+                self._orthanc_known = True
+                logger.debug("%s: Orthanc REST API %s", self.name, "found" if detected else "absent")
+            return self._orthanc
+
+    def _orthanc_base_url(self) -> str | None:
+        head, _, last = self.root_url.rpartition("/")
+        return head if last.lower() == "dicom-web" and "://" in head else None
+
+    # -- QIDO-RS ----------------------------------------------------------------------------------
+
+    def studies(self, study_uid: str | None = None) -> Iterator[str]:
+        filters = {"StudyInstanceUID": study_uid} if study_uid else {}
+        yield from self._search(f"{self.root_url}/studies", STUDY_UID_TAG, filters, study_uid)
+
+    def series(self, study_uid: str, series_uid: str | None = None) -> Iterator[str]:
+        url = f"{self.root_url}/studies/{_segment(study_uid)}/series"
+        filters = {"SeriesInstanceUID": series_uid} if series_uid else {}
+        yield from self._search(url, SERIES_UID_TAG, filters, series_uid)
+
+    def instances(self, study_uid: str, series_uid: str, sop_uid: str | None = None) -> Iterator[InstanceInfo]:
+        url = f"{self._series_url(study_uid, series_uid)}/instances"
+        filters = {"SOPInstanceUID": sop_uid} if sop_uid else {}
+        uids = self._search(url, SOP_UID_TAG, filters, sop_uid)
+        first = next(uids, None)
+        if first is None:
+            return
+        sizes = self._file_sizes(series_uid, sop_uid)
+        for uid in _prepend(first, uids):
+            yield InstanceInfo(study_uid, series_uid, uid, sizes.get(uid))
+
+    def _series_url(self, study_uid: str, series_uid: str) -> str:
+        return f"{self.root_url}/studies/{_segment(study_uid)}/series/{_segment(series_uid)}"
+
+    def _search(self, url: str, uid_tag: str, filters: dict[str, str], wanted: str | None) -> Iterator[str]:
+        """UIDs of a QIDO-RS search, paged with limit/offset until a short or empty page.
+
+        A page that brings no new UID ends the search too: a server that ignores limit/offset
+        answers everything every time, and must not make this loop forever."""
+        seen: set[str] = set()
+        offset = 0
+        while True:
+            params: dict[str, str | int] = {**filters, "limit": self.page_size, "offset": offset}
+            page = self._search_page(url, params, lookup=bool(filters))
+            fresh = 0
+            for entry in page:
+                uid = _uid_of(entry, uid_tag)
+                if uid is None or uid in seen:
+                    continue
+                seen.add(uid)
+                fresh += 1
+                if wanted is None or uid == wanted:  # a server may ignore the filter
+                    yield uid
+            if len(page) < self.page_size or fresh == 0 or (wanted is not None and wanted in seen):
+                return
+            offset += len(page)
+
+    def _search_page(self, url: str, params: dict[str, str | int], *, lookup: bool) -> list[object]:
+        """One QIDO-RS page. 204 and (below the studies level, or for a lookup) 404 are empty."""
+        response = self.client.request("GET", url, params=params, headers={"Accept": DICOM_JSON}, passthrough=(404,))
+        with response:
+            if response.status_code == 404:
+                if url.endswith("/studies") and not lookup:
+                    raise error_for_response("GET", url, response)
+                return []
+            if response.status_code == 204 or not response.content.strip():
+                return []
+            try:
+                page = _json(response)
+            except ValueError as exc:
+                raise StoreError(f"GET {safe_path(url)}: answer is not JSON") from exc
+        if not isinstance(page, list):
+            raise StoreError(f"GET {safe_path(url)}: answer is not a JSON list")
+        return page
+
+    def _file_sizes(self, series_uid: str, sop_uid: str | None) -> dict[str, int]:
+        """Stored sizes from Orthanc's REST API; empty (sizes unknown) without it or on error."""
+        orthanc = self.orthanc()
+        if orthanc is None:
+            return {}
+        try:
+            if sop_uid is not None:
+                size = orthanc.instance_file_size(sop_uid)
+                return {sop_uid: size} if size is not None else {}
+            return orthanc.series_file_sizes(series_uid)
+        except (StoreError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.debug("%s: no sizes from Orthanc for series %s: %s", self.name, series_uid, exc)
+            return {}
+
+    # -- WADO-RS ----------------------------------------------------------------------------------
+
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
+        url = f"{self._series_url(study_uid, series_uid)}/instances/{_segment(sop_uid)}"
+        start = self._accept_start
+        for index in range(start, len(RETRIEVE_ACCEPTS)):
+            last = index == len(RETRIEVE_ACCEPTS) - 1
+            response = self.client.request(
+                "GET",
+                url,
+                headers={"Accept": RETRIEVE_ACCEPTS[index], "Accept-Encoding": "identity"},
+                stream=True,
+                passthrough=() if last else (400, 406),
+            )
+            with response:
+                if response.status_code in (400, 406):
+                    logger.debug(
+                        "%s: HTTP %d to Accept %s, trying the next",
+                        self.name,
+                        response.status_code,
+                        RETRIEVE_ACCEPTS[index],
+                    )
+                    continue
+                written = _copy_instance(url, response, sink)
+            if index != start:
+                self._accept_start = index
+            return written
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- STOW-RS ----------------------------------------------------------------------------------
+
+    def store_files(self, paths: Sequence[Path]) -> list[StowOutcome]:
+        outcomes: list[StowOutcome | None] = [None] * len(paths)
+        sendable: list[_StowFile] = []
+        for index, path in enumerate(paths):
+            inspected = _inspect_stow_file(index, Path(path))
+            if isinstance(inspected, StowOutcome):
+                outcomes[index] = inspected
+            else:
+                sendable.append(inspected)
+        for batch in _batches(sendable, self.stow_batch_files, self.stow_batch_bytes):
+            for item, outcome in self._stow(batch):
+                outcomes[item.index] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _stow(self, batch: list[_StowFile]) -> list[tuple[_StowFile, StowOutcome]]:
+        """Send one batch; one outcome per file. A 413 splits the batch in two."""
+        url = f"{self.root_url}/studies"
+        upload = MultipartUpload([(item.path, item.size) for item in batch])
+        # STOW is a POST: never sent again once bytes went out (HttpClient only repeats a
+        # non-idempotent request whose connection failed before sending anything).
+        response = self.client.request(
+            "POST",
+            url,
+            data=upload,
+            headers={"Content-Type": upload.content_type, "Accept": DICOM_JSON},
+            idempotent=False,
+            passthrough=(400, 409, 413, 415),
+            bad_request=InvalidDicom,
+        )
+        with response:
+            status = response.status_code
+            if status == 413 and len(batch) > 1:
+                middle = len(batch) // 2
+                return self._stow(batch[:middle]) + self._stow(batch[middle:])
+            result = parse_stow_response(response) or StowResult()
+            refusal = None
+            if status >= 400:
+                detail = server_error_detail(response)
+                refusal = f"HTTP {status}" + (f": {detail}" if detail else "")
+        logger.debug(
+            "STOW of %d files: HTTP %d, %d stored, %d failed",
+            len(batch),
+            status,
+            len(result.stored),
+            len(result.failed),
+        )
+        return [(item, _stow_outcome(item, result, refusal)) for item in batch]
+
+    # -- delete -----------------------------------------------------------------------------------
+
+    def delete_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> None:
+        orthanc = self.orthanc()
+        if orthanc is not None:
+            orthanc.delete_instance(series_uid, sop_uid)
+            return
+        url = f"{self._series_url(study_uid, series_uid)}/instances/{_segment(sop_uid)}"
+        response = self.client.request("DELETE", url, passthrough=(405, 501))
+        with response:
+            if response.status_code in (405, 501):
+                raise Unsupported(f"DELETE {safe_path(url)}: HTTP {response.status_code}, the server does not delete")
+
+
+def _stow_outcome(item: _StowFile, result: StowResult, refusal: str | None) -> StowOutcome:
+    if item.sop_uid in result.stored:
+        stored, reason = True, None
+    elif item.sop_uid in result.failed:
+        stored, reason = False, result.failed[item.sop_uid]
+    else:
+        stored, reason = False, refusal or "server did not confirm"
+    return StowOutcome(
+        item.path,
+        stored=stored,
+        study_uid=item.study_uid,
+        series_uid=item.series_uid,
+        sop_uid=item.sop_uid,
+        reason=reason,
+    )
+
+
+def _copy_instance(url: str, response: requests.Response, sink: BinaryIO) -> int:
+    """Stream a WADO-RS answer into ``sink``: the first part of a multipart body, or a
+    single-part body; raise if it is cut short."""
+    media_type, params = parse_content_type(response.headers.get("Content-Type"))
+    with body_errors("GET", url):
+        if media_type.startswith("multipart/"):
+            return _copy_first_part(url, response, params.get("boundary", ""), sink)
+        if media_type in ("application/dicom", "application/octet-stream", ""):
+            return _copy_single_part(url, response, sink)
+    raise StoreError(f"GET {safe_path(url)}: unexpected Content-Type {media_type}")
+
+
+def _copy_first_part(url: str, response: requests.Response, boundary: str, sink: BinaryIO) -> int:
+    if not boundary:
+        raise StoreError(f"GET {safe_path(url)}: multipart answer without a boundary")
+    reader = MultipartReader(boundary, sink)
+    epilogue = 0
+    for chunk in response.iter_content(DOWNLOAD_CHUNK_BYTES):
+        if reader.done:
+            epilogue += len(chunk)  # drained so the connection can be reused
+            if epilogue > MAX_EPILOGUE_BYTES:
+                break
+            continue
+        reader.feed(chunk)
+    return reader.finish()
+
+
+def _copy_single_part(url: str, response: requests.Response, sink: BinaryIO) -> int:
+    written = 0
+    for chunk in response.iter_content(DOWNLOAD_CHUNK_BYTES):
+        write_all(sink, chunk)
+        written += len(chunk)
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and not response.headers.get("Content-Encoding") and written < int(declared):
+        raise Unavailable(f"GET {safe_path(url)}: body ended after {written} of {declared} bytes (truncated)")
+    return written
+
+
+def _json(response: requests.Response) -> Any:
+    """The JSON body (``json.loads`` on bytes: no charset guessing on short bodies)."""
+    return json.loads(response.content)
+
+
+def _segment(uid: str) -> str:
+    """A UID as one URL path segment (UIDs are digits and dots; quote anything else)."""
+    return quote(uid, safe="")
+
+
+def _prepend(first: str, rest: Iterable[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+
+
+class DicomwebDataset:
+    """A DICOMweb server as a dataset holding exactly one store, named after its root URL.
+
+    ``session`` may carry authentication; :meth:`close` closes it (given or made here).
+    ``orthanc_rest_url``: Orthanc's REST root, ``"auto"`` to detect it (``GET {base}/system``
+    where base is the root URL without ``/dicom-web``), or None to never use it."""
+
+    def __init__(
+        self,
+        root_url: str,
+        session: requests.Session | None = None,
+        *,
+        orthanc_rest_url: OrthancSetting = "auto",
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        pool_size: int = 16,
+        ca_bundle: str | os.PathLike[str] | None = None,
+        stow_batch_files: int = STOW_BATCH_FILES,
+        stow_batch_bytes: int = STOW_BATCH_BYTES,
+    ) -> None:
+        scheme = urlsplit(root_url).scheme
+        if scheme not in ("http", "https"):
+            raise ValueError("a DICOMweb root URL starts with http:// or https://")
+        self.root_url = root_url.rstrip("/")
+        self.name = host_name(self.root_url)
+        if session is None:
+            session = make_session(pool_size, ca_bundle)
+        self.client = HttpClient(session, timeout=timeout, retry=retry)
+        self.store = DicomwebStore(
+            store_name_from_url(self.root_url),
+            self.root_url,
+            self.client,
+            orthanc_rest_url=orthanc_rest_url,
+            page_size=page_size,
+            stow_batch_files=stow_batch_files,
+            stow_batch_bytes=stow_batch_bytes,
+        )
+
+    def __repr__(self) -> str:
+        return f"DicomwebDataset(name={self.name!r}, store={self.store.name!r})"
+
+    def list_stores(self) -> Iterator[str]:
+        yield self.store.name
+
+    def open_store(self, store_id: str) -> DicomwebStore:
+        if store_id != self.store.name:
+            raise NotFound(f"no store {store_id!r} on this DICOMweb server (it has {self.store.name!r})")
+        return self.store
+
+    def create_store(self, store_id: str) -> None:
+        raise Unsupported("a DICOMweb server cannot create stores")
+
+    def delete_store(self, store_id: str) -> None:
+        raise Unsupported("a DICOMweb server cannot delete stores")
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,567 @@
+"""The HTTP layer every ``requests``-based store shares: pooled sessions, timeouts on every call,
+bounded retries with backoff, one mapping from HTTP failures to :class:`StoreError`, and a
+streaming ``multipart/related`` reader.
+
+Error messages name the method, the URL path (never the query, the host's credentials or an
+``Authorization`` header) and the status; a short server message is added only for 4xx bodies that
+are JSON or plain text, truncated, because a response body may hold patient data.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.utils
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, BinaryIO, TypeAlias
+from urllib.parse import urlsplit
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from dicomfuse.stores.base import (
+    AlreadyExists,
+    Forbidden,
+    NotFound,
+    StoreError,
+    TooLarge,
+    Unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+Timeout: TypeAlias = float | tuple[float, float]
+"""A ``requests`` timeout: seconds, or (connect, read) seconds."""
+
+RequestBody: TypeAlias = bytes | str | Iterable[bytes] | Callable[[], Any] | None
+"""A request body. A callable is called once per attempt to get a fresh body (for generators)."""
+
+DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 60.0)
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "PUT"})
+ERROR_DETAIL_CHARS = 200
+_ERROR_BODY_READ_LIMIT = 16 * 1024
+
+
+def make_session(pool_size: int = 16, ca_bundle: str | os.PathLike[str] | None = None) -> requests.Session:
+    """A session with one pooled adapter for http and https, sized for ``pool_size`` concurrent
+    requests to one host. urllib3's own retries are off: :class:`HttpClient` retries."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    if ca_bundle is not None:
+        session.verify = str(ca_bundle)
+    return session
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry policy
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to wait. ``attempts`` counts the first try (1 = no retry)."""
+
+    attempts: int = 5
+    backoff_base: float = 0.5
+    backoff_max: float = 20.0
+    retry_after_max: float = 60.0
+
+    def backoff(self, retry_number: int) -> float:
+        """Exponential backoff with jitter for the ``retry_number``-th retry (1-based): a random
+        delay between half and all of ``base * 2**(n-1)``, capped at ``backoff_max``."""
+        ceiling = float(min(self.backoff_max, self.backoff_base * 2.0 ** (retry_number - 1)))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def delay(self, retry_number: int, retry_after: float | None) -> float:
+        """The wait before a retry: the server's ``Retry-After`` (capped) when it sent a
+        positive one, else the backoff."""
+        if retry_after is not None and retry_after > 0:
+            return min(retry_after, self.retry_after_max)
+        return self.backoff(retry_number)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error mapping
+
+
+def safe_path(url: str) -> str:
+    """The URL's path only: no scheme, host, credentials, query or fragment."""
+    return urlsplit(url).path or "/"
+
+
+def _describe(method: str, url: str) -> str:
+    return f"{method.upper()} {safe_path(url)}"
+
+
+def _read_error_body(response: requests.Response) -> bytes:
+    """At most a few KiB of an error response's body (it may be streamed)."""
+    try:
+        return next(response.iter_content(_ERROR_BODY_READ_LIMIT), b"")[:_ERROR_BODY_READ_LIMIT]
+    except (requests.RequestException, urllib3.exceptions.HTTPError, RuntimeError):
+        return b""
+
+
+def _message_from_json(document: object) -> str | None:
+    """The human message of a JSON error body: Orthanc's ``Details``/``Message``, Google's
+    ``error.message``, or a plain ``message``/``detail``. Never the whole body."""
+    if isinstance(document, list) and document:
+        document = document[0]
+    if not isinstance(document, dict):
+        return None
+    nested = document.get("error")
+    if isinstance(nested, dict) and isinstance(nested.get("message"), str):
+        return str(nested["message"])
+    for key in ("Details", "Message", "message", "detail", "error_description", "error"):
+        value = document.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def server_error_detail(response: requests.Response) -> str | None:
+    """A short, safe server message for a 4xx answer whose body is JSON or plain text.
+
+    Orthanc sends its JSON error bodies without a Content-Type, so a body that parses as JSON
+    counts as JSON. HTML, DICOM and anything else is never quoted."""
+    if not 400 <= response.status_code < 500:
+        return None
+    media_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if (
+        media_type
+        and media_type not in ("application/json", "text/plain")
+        and not (media_type.endswith("+json") and "dicom" not in media_type)
+    ):
+        return None
+    body = _read_error_body(response)
+    if not body:
+        return None
+    text = body.decode("utf-8", errors="replace").strip()
+    if media_type != "text/plain":
+        try:
+            message = _message_from_json(json.loads(text))
+        except ValueError:
+            message = text if media_type == "" and not text.startswith("<") else None
+        text = message or ""
+    text = " ".join(text.split())
+    if not text:
+        return None
+    if len(text) > ERROR_DETAIL_CHARS:
+        text = text[: ERROR_DETAIL_CHARS - 1] + "…"
+    return text
+
+
+def error_for_response(
+    method: str,
+    url: str,
+    response: requests.Response,
+    *,
+    bad_request: type[StoreError] = StoreError,
+) -> StoreError:
+    """The :class:`StoreError` for a final (non-retried) failed response.
+
+    ``bad_request`` is the class for 400 (e.g. :class:`InvalidDicom` where the caller knows a
+    400 means the server refused the DICOM content)."""
+    status = response.status_code
+    reason = response.reason or ""
+    head = f"{_describe(method, url)}: HTTP {status}" + (f" {reason}" if reason else "")
+    detail = server_error_detail(response)
+    message = f"{head}: {detail}" if detail else head
+    error_class: type[StoreError]
+    if status == 400:
+        error_class = bad_request
+    elif status == 404 or status == 410:
+        error_class = NotFound
+    elif status == 409:
+        error_class = AlreadyExists
+    elif status in (401, 403):
+        error_class = Forbidden
+    elif status == 413:
+        error_class = TooLarge
+    elif status in RETRYABLE_STATUSES or status >= 500:
+        error_class = Unavailable
+    else:
+        error_class = StoreError
+    return error_class(message)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """An exception, its arguments, causes and contexts, and urllib3's ``reason``s."""
+    stack: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        nested = [getattr(current, "reason", None), current.__cause__, current.__context__]
+        nested.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        stack.extend(item for item in nested if isinstance(item, BaseException))
+
+
+def never_sent(exc: BaseException) -> bool:
+    """True when the request failed before any byte went out (no connection was made), so even a
+    non-idempotent request may be sent again."""
+    return any(isinstance(e, urllib3.exceptions.ConnectTimeoutError) for e in _chain(exc))
+
+
+def _transport_error(method: str, url: str, exc: BaseException) -> Unavailable:
+    if isinstance(exc, requests.Timeout):
+        what = "timed out"
+    elif isinstance(exc, requests.ConnectionError):
+        what = "connection failed"
+    else:
+        what = "transfer failed"
+    return Unavailable(f"{_describe(method, url)}: {what} ({type(exc).__name__})")
+
+
+@contextmanager
+def body_errors(method: str, url: str) -> Iterator[None]:
+    """Turn ``requests``/``urllib3`` errors raised while reading a streamed body into
+    :class:`Unavailable` (a dropped connection, a read timeout, a short body)."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+        raise _transport_error(method, url, exc) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+
+
+class HttpClient:
+    """Sends requests through one session with a timeout, bounded retries and error mapping.
+
+    Thread-safe for concurrent requests (``requests`` sessions are, for this use: no cookie or
+    header mutation after construction)."""
+
+    def __init__(
+        self,
+        session: requests.Session | None = None,
+        *,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.session = session if session is not None else make_session()
+        self.timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
+        self._sleep = sleep
+
+    def close(self) -> None:
+        self.session.close()
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        headers: Mapping[str, str] | None = None,
+        data: RequestBody = None,
+        stream: bool = False,
+        idempotent: bool | None = None,
+        passthrough: Collection[int] = (),
+        bad_request: type[StoreError] = StoreError,
+        attempts: int | None = None,
+        timeout: Timeout | None = None,
+    ) -> requests.Response:
+        """Send a request and return a successful (2xx) response, or one whose status is in
+        ``passthrough``; raise the mapped :class:`StoreError` otherwise.
+
+        Retries 408/429/5xx answers and transport errors when the request is idempotent
+        (``idempotent=None`` decides by method); a non-idempotent request is only sent again when
+        it never left (connection refused). ``attempts`` overrides the policy's count."""
+        method = method.upper()
+        safe_to_repeat = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
+        max_attempts = max(1, attempts if attempts is not None else self.retry.attempts)
+        for attempt in range(1, max_attempts + 1):
+            last_try = attempt == max_attempts
+            body = data() if callable(data) else data
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    headers=dict(headers) if headers else None,
+                    data=body,
+                    stream=stream,
+                    timeout=timeout if timeout is not None else self.timeout,
+                )
+            except requests.RequestException as exc:
+                if last_try or not (safe_to_repeat or never_sent(exc)) or _hopeless(exc):
+                    raise _transport_error(method, url, exc) from exc
+                self._wait(method, url, attempt, max_attempts, type(exc).__name__, None)
+                continue
+            status = response.status_code
+            if 200 <= status < 300 or status in passthrough:
+                return response
+            if status in RETRYABLE_STATUSES and safe_to_repeat and not last_try:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                response.close()
+                self._wait(method, url, attempt, max_attempts, f"HTTP {status}", retry_after)
+                continue
+            try:
+                raise error_for_response(method, url, response, bad_request=bad_request)
+            finally:
+                response.close()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait(
+        self,
+        method: str,
+        url: str,
+        attempt: int,
+        max_attempts: int,
+        cause: str,
+        retry_after: float | None,
+    ) -> None:
+        delay = self.retry.delay(attempt, retry_after)
+        logger.info(
+            "%s %s: %s, retry %d/%d in %.2f s",
+            method,
+            safe_path(url),
+            cause,
+            attempt,
+            max_attempts - 1,
+            delay,
+        )
+        if delay > 0:
+            self._sleep(delay)
+
+
+def _hopeless(exc: BaseException) -> bool:
+    """Errors no retry can fix: bad URL, TLS verification failure."""
+    return isinstance(
+        exc,
+        requests.exceptions.SSLError
+        | requests.exceptions.InvalidURL
+        | requests.exceptions.MissingSchema
+        | requests.exceptions.InvalidSchema
+        | requests.exceptions.InvalidHeader,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Content-Type parsing
+
+
+def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
+    """``(media type, parameters)`` of a Content-Type header; quoted values are unquoted and
+    parameter names lower-cased. An absent header gives ``("", {})``."""
+    if not value:
+        return "", {}
+    message = email.message.Message()
+    message["Content-Type"] = value
+    params: dict[str, str] = {}
+    for name, param_value in message.get_params(failobj=[])[1:]:
+        if isinstance(param_value, tuple):  # RFC 2231 encoded
+            param_value = email.utils.collapse_rfc2231_value(param_value)
+        params[name.lower()] = str(param_value)
+    return message.get_content_type(), params
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming multipart/related reader
+
+
+def write_all(sink: BinaryIO, data: bytes | bytearray | memoryview) -> None:
+    """Write every byte of ``data`` (a raw file object may accept only part of a write)."""
+    view = memoryview(data)
+    with view:
+        while len(view):
+            written = sink.write(view)
+            if written is None or written >= len(view):
+                return
+            if written <= 0:
+                raise OSError("the sink accepted no bytes")
+            view = view[written:]
+
+
+class MultipartReader:
+    """An incremental ``multipart/related`` parser that writes the *first* part's body to a sink.
+
+    Feed it the response body in chunks of any size; the part's body goes to ``sink`` as it
+    arrives, minus a tail no longer than the delimiter (kept until the next chunk shows whether it
+    starts a boundary). Later parts and the epilogue are read and dropped. :meth:`finish` raises
+    :class:`Unavailable` if the stream ended before the closing boundary.
+
+    Per RFC 2046 the delimiter is CRLF ``--boundary``: the CRLF before it belongs to the
+    delimiter, not the body. The first boundary may start the stream without a CRLF, so the
+    reader behaves as if the stream began with one.
+    """
+
+    _PREAMBLE, _AFTER_DELIMITER, _HEADERS, _BODY, _DONE = range(5)
+    MAX_HEADER_BYTES = 64 * 1024
+    MAX_PADDING_BYTES = 1024
+
+    def __init__(self, boundary: str, sink: BinaryIO) -> None:
+        if not boundary or len(boundary) > 200:
+            raise StoreError("multipart response with an invalid boundary")
+        self._delimiter = b"\r\n--" + boundary.encode("latin-1")
+        self._sink = sink
+        self._buffer = bytearray(b"\r\n")
+        self._state = self._PREAMBLE
+        self._part_index = -1
+        self._part_headers: dict[str, str] = {}
+        self._in_body_state = self._PREAMBLE  # the state a delimiter search runs in
+        self.written = 0
+        """Bytes of the first part's body written to the sink so far."""
+        self.parts = 0
+        """Parts seen so far (their headers were read)."""
+
+    @property
+    def done(self) -> bool:
+        """True once the closing boundary was read."""
+        return self._state == self._DONE
+
+    @property
+    def first_part_headers(self) -> Mapping[str, str]:
+        """The first part's headers (names lower-cased), once read."""
+        return self._part_headers
+
+    def feed(self, chunk: bytes) -> None:
+        """Consume one chunk of the stream."""
+        if self._state == self._DONE or not chunk:
+            return
+        self._buffer += chunk
+        progressing = True
+        while progressing and self._state != self._DONE:
+            progressing = self._step()
+
+    def finish(self) -> int:
+        """Check the stream was complete; return the bytes written."""
+        if self._state != self._DONE:
+            raise Unavailable("multipart response ended before its closing boundary (truncated)")
+        if self.parts == 0:
+            raise StoreError("multipart response without any part")
+        self._check_part_length()
+        return self.written
+
+    # -- the state machine; each step returns whether it consumed input --------------------------
+
+    def _step(self) -> bool:
+        if self._state in (self._PREAMBLE, self._BODY):
+            return self._scan_for_delimiter()
+        if self._state == self._AFTER_DELIMITER:
+            return self._read_after_delimiter()
+        return self._read_headers()
+
+    def _scan_for_delimiter(self) -> bool:
+        index = self._buffer.find(self._delimiter)
+        if index < 0:
+            keep = len(self._delimiter) - 1
+            self._emit(max(0, len(self._buffer) - keep))
+            return False
+        self._emit(index)
+        self._in_body_state = self._state
+        self._state = self._AFTER_DELIMITER
+        return True
+
+    def _read_after_delimiter(self) -> bool:
+        """After ``CRLF--boundary``: ``--`` closes, optional padding then CRLF opens a part;
+        anything else means the bytes were data that merely looked like a delimiter."""
+        buffer, start = self._buffer, len(self._delimiter)
+        if len(buffer) < start + 2:
+            return False
+        if buffer[start : start + 2] == b"--":
+            self._close_part()
+            self._state = self._DONE
+            self._buffer = bytearray()
+            return True
+        position = start
+        while position < len(buffer) and buffer[position] in b" \t":
+            position += 1
+        if position - start > self.MAX_PADDING_BYTES:
+            raise StoreError("malformed multipart response (boundary line too long)")
+        if len(buffer) < position + 2:
+            return False
+        if buffer[position : position + 2] != b"\r\n":
+            self._not_a_delimiter()
+            return True
+        self._close_part()
+        del self._buffer[: position + 2]
+        self._state = self._HEADERS
+        return True
+
+    def _not_a_delimiter(self) -> None:
+        """The delimiter-like bytes were content: emit them (in a body) and scan on."""
+        self._state = self._in_body_state
+        self._emit(len(self._delimiter))
+
+    def _read_headers(self) -> bool:
+        if self._buffer.startswith(b"\r\n"):
+            header_bytes, end = b"", 2
+        else:
+            index = self._buffer.find(b"\r\n\r\n")
+            if index < 0:
+                if len(self._buffer) > self.MAX_HEADER_BYTES:
+                    raise StoreError("malformed multipart response (part headers too long)")
+                return False
+            header_bytes, end = bytes(self._buffer[:index]), index + 4
+        self.parts += 1
+        self._part_index += 1
+        if self._part_index == 0:
+            self._part_headers = _parse_part_headers(header_bytes)
+        del self._buffer[:end]
+        self._state = self._BODY
+        return True
+
+    def _emit(self, count: int) -> None:
+        """Consume ``count`` bytes from the buffer's start, writing them to the sink if they
+        are the first part's body."""
+        if count <= 0:
+            return
+        if self._state == self._BODY and self._part_index == 0:
+            with memoryview(self._buffer) as view, view[:count] as part:
+                write_all(self._sink, part)
+            self.written += count
+        del self._buffer[:count]
+
+    def _close_part(self) -> None:
+        if self._in_body_state == self._BODY and self._part_index == 0:
+            self._check_part_length()
+
+    def _check_part_length(self) -> None:
+        declared = self._part_headers.get("content-length")
+        if declared is None or not declared.strip().isdigit():
+            return
+        if int(declared) != self.written:
+            raise Unavailable(f"multipart part holds {self.written} bytes but declares Content-Length {declared}")
+
+
+def _parse_part_headers(raw: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in raw.decode("latin-1").split("\r\n"):
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return headers

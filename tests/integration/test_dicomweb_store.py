@@ -1,0 +1,474 @@
+"""DicomwebDataset/DicomwebStore against a real Orthanc with its DICOMweb plugin."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from dicomfuse.samples import SampleInstance, make_uid, write_instance, write_samples
+from dicomfuse.stores.base import Dataset, NotFound, Store, Unavailable, Unsupported
+from dicomfuse.stores.dicomweb import DicomwebDataset, DicomwebStore, store_name_from_url
+from tests.orthanc_server import OrthancServer
+
+ABSENT_UID = "1.2.826.0.1.3680043.8.498.999999"
+
+
+@pytest.fixture
+def dataset(orthanc: OrthancServer) -> Iterator[DicomwebDataset]:
+    orthanc.reset()
+    ds = DicomwebDataset(orthanc.dicomweb_url, page_size=2)
+    yield ds
+    ds.close()
+
+
+@pytest.fixture
+def store(dataset: DicomwebDataset) -> DicomwebStore:
+    return dataset.open_store(next(dataset.list_stores()))
+
+
+@pytest.fixture
+def samples(tmp_path: Path) -> list[SampleInstance]:
+    return write_samples(tmp_path / "samples", studies=5, series_per_study=1, instances_per_series=3)
+
+
+def stored(store: Store, samples: list[SampleInstance]) -> None:
+    outcomes = store.store_files([s.path for s in samples])
+    assert [o.path for o in outcomes] == [s.path for s in samples]
+    assert all(o.stored for o in outcomes), [o.reason for o in outcomes if not o.stored]
+
+
+# -- names and the dataset (no server needed) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("http://127.0.0.1:8042/dicom-web", "127.0.0.1"),
+        ("http://127.0.0.1:8042/dicom-web/", "127.0.0.1"),
+        ("http://h:8080/dcm4chee-arc/aets/DCM4CHEE/rs", "DCM4CHEE"),
+        ("https://pacs.example.org/orthanc/dicom-web", "orthanc"),
+        ("https://user:pw@pacs.example.org:443/", "pacs.example.org"),
+        ("http://[::1]:8042/dicomweb", "--1"),
+        ("http://h/wado-rs/QIDO-RS", "h"),
+    ],
+)
+def test_store_name_from_url(url: str, name: str) -> None:
+    assert store_name_from_url(url) == name
+
+
+def test_dataset_has_one_store() -> None:
+    ds = DicomwebDataset("http://h:8080/dcm4chee-arc/aets/DCM4CHEE/rs", orthanc_rest_url=None)
+    try:
+        assert isinstance(ds, Dataset)
+        assert list(ds.list_stores()) == ["DCM4CHEE"]
+        assert isinstance(ds.open_store("DCM4CHEE"), Store)
+        with pytest.raises(NotFound):
+            ds.open_store("other")
+        with pytest.raises(Unsupported):
+            ds.create_store("new")
+        with pytest.raises(Unsupported):
+            ds.delete_store("DCM4CHEE")
+    finally:
+        ds.close()
+
+
+# -- against Orthanc -----------------------------------------------------------------------------
+
+
+@pytest.mark.orthanc
+def test_store_then_list_with_paging(store: DicomwebStore, samples: list[SampleInstance]) -> None:
+    stored(store, samples)
+    assert store.page_size == 2
+    assert sorted(store.studies()) == sorted({s.study_uid for s in samples})
+    for study_uid in {s.study_uid for s in samples}:
+        in_study = [s for s in samples if s.study_uid == study_uid]
+        assert list(store.series(study_uid)) == [in_study[0].series_uid]
+        infos = list(store.instances(study_uid, in_study[0].series_uid))
+        assert sorted(i.sop_uid for i in infos) == sorted(s.sop_uid for s in in_study)
+        for info in infos:
+            assert info.study_uid == study_uid
+            assert info.size == (Path(in_study[0].path).parent / f"{info.sop_uid}.dcm").stat().st_size
+
+
+@pytest.mark.orthanc
+def test_lookups_by_uid(store: DicomwebStore, samples: list[SampleInstance]) -> None:
+    stored(store, samples)
+    one = samples[4]
+    assert list(store.studies(one.study_uid)) == [one.study_uid]
+    assert list(store.series(one.study_uid, one.series_uid)) == [one.series_uid]
+    [info] = store.instances(one.study_uid, one.series_uid, one.sop_uid)
+    assert info.sop_uid == one.sop_uid
+    assert info.size == one.path.stat().st_size
+    assert list(store.studies(ABSENT_UID)) == []
+    assert list(store.series(one.study_uid, ABSENT_UID)) == []
+    assert list(store.instances(one.study_uid, one.series_uid, ABSENT_UID)) == []
+
+
+@pytest.mark.orthanc
+def test_absent_study_and_series_yield_nothing(store: DicomwebStore, samples: list[SampleInstance]) -> None:
+    stored(store, samples[:1])
+    assert list(store.series(ABSENT_UID)) == []
+    assert list(store.instances(ABSENT_UID, ABSENT_UID)) == []
+    assert list(store.instances(samples[0].study_uid, ABSENT_UID)) == []
+
+
+@pytest.mark.orthanc
+def test_empty_store_lists_nothing(store: DicomwebStore) -> None:
+    assert list(store.studies()) == []
+
+
+@pytest.mark.orthanc
+def test_retrieve_is_byte_identical(store: DicomwebStore, samples: list[SampleInstance]) -> None:
+    stored(store, samples[:3])
+    for sample in samples[:3]:
+        sink = io.BytesIO()
+        written = store.retrieve(sample.study_uid, sample.series_uid, sample.sop_uid, sink)
+        assert sink.getvalue() == sample.path.read_bytes()
+        assert written == sample.path.stat().st_size
+
+
+@pytest.mark.orthanc
+def test_retrieve_large_instance_streams_to_a_file(store: DicomwebStore, tmp_path: Path) -> None:
+    uids = [make_uid("large", part) for part in ("study", "series", "sop")]
+    path = write_instance(tmp_path / "large.dcm", *uids, pixel_bytes=3 * 1024 * 1024 + 17)
+    stored_outcome = store.store_files([path])
+    assert stored_outcome[0].stored
+    target = tmp_path / "copy.dcm"
+    with open(target, "wb") as sink:
+        written = store.retrieve(*uids, sink)
+    assert written == path.stat().st_size
+    assert target.read_bytes() == path.read_bytes()
+
+
+@pytest.mark.orthanc
+def test_concurrent_retrieves(store: DicomwebStore, samples: list[SampleInstance]) -> None:
+    stored(store, samples)
+
+    def fetch(sample: SampleInstance) -> bytes:
+        sink = io.BytesIO()
+        store.retrieve(sample.study_uid, sample.series_uid, sample.sop_uid, sink)
+        return sink.getvalue()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(fetch, samples * 2))
+    assert results == [s.path.read_bytes() for s in samples * 2]
+
+
+@pytest.mark.orthanc
+def test_retrieve_absent_is_not_found(store: DicomwebStore, samples: list[SampleInstance]) -> None:
+    stored(store, samples[:1])
+    sample = samples[0]
+    with pytest.raises(NotFound):
+        store.retrieve(sample.study_uid, sample.series_uid, ABSENT_UID, io.BytesIO())
+    with pytest.raises(NotFound):
+        store.retrieve(ABSENT_UID, sample.series_uid, sample.sop_uid, io.BytesIO())
+
+
+@pytest.mark.orthanc
+def test_delete_then_second_delete_is_not_found(store: DicomwebStore, samples: list[SampleInstance]) -> None:
+    stored(store, samples[:3])
+    gone, kept = samples[0], samples[1]
+    store.delete_instance(gone.study_uid, gone.series_uid, gone.sop_uid)
+    remaining = {i.sop_uid for i in store.instances(gone.study_uid, gone.series_uid)}
+    assert gone.sop_uid not in remaining
+    assert kept.sop_uid in remaining
+    with pytest.raises(NotFound):
+        store.retrieve(gone.study_uid, gone.series_uid, gone.sop_uid, io.BytesIO())
+    with pytest.raises(NotFound):
+        store.delete_instance(gone.study_uid, gone.series_uid, gone.sop_uid)
+
+
+@pytest.mark.orthanc
+def test_delete_with_the_wrong_series_is_not_found(store: DicomwebStore, samples: list[SampleInstance]) -> None:
+    stored(store, samples[:1])
+    sample = samples[0]
+    with pytest.raises(NotFound):
+        store.delete_instance(sample.study_uid, ABSENT_UID, sample.sop_uid)
+    assert [i.sop_uid for i in store.instances(sample.study_uid, sample.series_uid)] == [sample.sop_uid]
+
+
+@pytest.mark.orthanc
+def test_non_dicom_file_is_a_refused_outcome(
+    store: DicomwebStore, samples: list[SampleInstance], tmp_path: Path
+) -> None:
+    junk = tmp_path / "notes.dcm"
+    junk.write_bytes(b"this is not DICOM\r\n" * 20)
+    missing = tmp_path / "missing.dcm"
+    outcomes = store.store_files([samples[0].path, junk, missing, samples[1].path])
+    assert [o.path for o in outcomes] == [samples[0].path, junk, missing, samples[1].path]
+    assert [o.stored for o in outcomes] == [True, False, False, True]
+    assert outcomes[1].reason == "not a DICOM file"
+    assert outcomes[2].reason is not None and "cannot read" in outcomes[2].reason
+    assert outcomes[0].sop_uid == samples[0].sop_uid
+    assert outcomes[0].study_uid == samples[0].study_uid
+    assert outcomes[0].series_uid == samples[0].series_uid
+
+
+@pytest.mark.orthanc
+def test_resending_identical_files_counts_as_stored(store: DicomwebStore, samples: list[SampleInstance]) -> None:
+    stored(store, samples[:2])
+    stored(store, samples[:2])
+
+
+@pytest.mark.orthanc
+def test_stow_in_small_batches(orthanc: OrthancServer, samples: list[SampleInstance]) -> None:
+    orthanc.reset()
+    ds = DicomwebDataset(orthanc.dicomweb_url, stow_batch_files=2)
+    try:
+        stored(ds.store, samples)
+    finally:
+        ds.close()
+    assert orthanc.instance_count() == len(samples)
+
+
+@pytest.mark.orthanc
+def test_without_orthanc_rest(orthanc: OrthancServer, samples: list[SampleInstance]) -> None:
+    orthanc.reset()
+    ds = DicomwebDataset(orthanc.dicomweb_url, orthanc_rest_url=None)
+    try:
+        stored(ds.store, samples[:2])
+        sample = samples[0]
+        infos = list(ds.store.instances(sample.study_uid, sample.series_uid))
+        assert {i.size for i in infos} == {None}
+        with pytest.raises(Unsupported):  # Orthanc's DICOMweb DELETE answers 405
+            ds.store.delete_instance(sample.study_uid, sample.series_uid, sample.sop_uid)
+    finally:
+        ds.close()
+
+
+@pytest.mark.orthanc
+def test_explicit_orthanc_rest_url(orthanc: OrthancServer, samples: list[SampleInstance]) -> None:
+    orthanc.reset()
+    ds = DicomwebDataset(orthanc.dicomweb_url, orthanc_rest_url=orthanc.url)
+    try:
+        stored(ds.store, samples[:1])
+        sample = samples[0]
+        [info] = ds.store.instances(sample.study_uid, sample.series_uid)
+        assert info.size == sample.path.stat().st_size
+        ds.store.delete_instance(sample.study_uid, sample.series_uid, sample.sop_uid)
+        assert list(ds.store.studies()) == []
+    finally:
+        ds.close()
+
+
+# -- odd servers: a scripted stand-in on 127.0.0.1 ----------------------------------------------------
+
+Answer = tuple[int, dict[str, str], bytes]
+
+
+class FakeDicomweb:
+    """A DICOMweb stand-in whose answers a test sets with ``route`` (method, path+query, headers
+    → status, headers, body). ``close_early`` sends fewer body bytes than promised."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.route: Callable[[str, str, dict[str, str], bytes], Answer] = lambda *_: (404, {}, b"")
+        self.close_early = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = dict(self.headers)
+                fake.requests.append((self.command, self.path, headers))
+                status, reply_headers, reply = fake.route(self.command, self.path, headers, body)
+                self.send_response(status)
+                for name, value in reply_headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                if fake.close_early:
+                    self.wfile.write(reply[: -fake.close_early])
+                    self.close_connection = True
+                else:
+                    self.wfile.write(reply)
+
+            do_GET = do_POST = do_DELETE = _handle
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self.datasets: list[DicomwebDataset] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
+
+    def stop(self) -> None:
+        for ds in self.datasets:
+            ds.close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeDicomweb]:
+    server = FakeDicomweb()
+    yield server
+    server.stop()
+
+
+def fake_store(fake: FakeDicomweb, **kwargs: object) -> DicomwebStore:
+    from dicomfuse.stores.http import RetryPolicy
+
+    ds = DicomwebDataset(
+        fake.url,
+        orthanc_rest_url=None,
+        retry=RetryPolicy(attempts=1),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    fake.datasets.append(ds)
+    return ds.store
+
+
+def dicom_json(*uids: str, tag: str = "0020000D") -> bytes:
+    return json.dumps([{tag: {"vr": "UI", "Value": [uid]}} for uid in uids]).encode()
+
+
+@pytest.mark.parametrize("page_size", [2, 3, 10])
+def test_server_that_ignores_limit_and_offset(fake: FakeDicomweb, page_size: int) -> None:
+    fake.route = lambda *_: (200, {"Content-Type": "application/dicom+json"}, dicom_json("1.1", "1.2", "1.3"))
+    store = fake_store(fake, page_size=page_size)
+    assert list(store.studies()) == ["1.1", "1.2", "1.3"]
+    assert len(fake.requests) <= 2
+    fake.requests.clear()
+    assert list(store.studies("1.2")) == ["1.2"]  # the filter is ignored too
+    assert list(store.studies("9.9")) == []
+    assert len(fake.requests) <= 3
+
+
+def test_qido_404_and_204_are_empty_below_studies(fake: FakeDicomweb) -> None:
+    fake.route = lambda method, path, *_: (404 if "/series" in path else 204, {}, b"")
+    store = fake_store(fake)
+    assert list(store.series("1.2")) == []
+    assert list(store.instances("1.2", "1.3")) == []
+    assert list(store.studies()) == []
+
+
+def test_single_part_retrieve_and_accept_fallback(fake: FakeDicomweb) -> None:
+    payload = b"\x00" * 128 + b"DICM" + b"\r\n--x\r\n" * 100
+
+    def route(method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        if headers.get("Accept") != "application/dicom":
+            return 406, {}, b""
+        return 200, {"Content-Type": "application/dicom"}, payload
+
+    fake.route = route
+    store = fake_store(fake)
+    sink = io.BytesIO()
+    assert store.retrieve("1", "2", "3", sink) == len(payload)
+    assert sink.getvalue() == payload
+    assert [r[2]["Accept"] for r in fake.requests][-1] == "application/dicom"
+    assert len(fake.requests) == 3
+    fake.requests.clear()
+    store.retrieve("1", "2", "3", io.BytesIO())
+    assert len(fake.requests) == 1  # the Accept that worked is tried first from now on
+
+
+def test_truncated_single_part_raises(fake: FakeDicomweb) -> None:
+    fake.route = lambda *_: (200, {"Content-Type": "application/dicom"}, b"x" * 5000)
+    fake.close_early = 100
+    with pytest.raises(Unavailable):
+        fake_store(fake).retrieve("1", "2", "3", io.BytesIO())
+
+
+def test_truncated_multipart_raises(fake: FakeDicomweb) -> None:
+    body = b"--bnd\r\nContent-Type: application/dicom\r\n\r\n" + b"y" * 5000 + b"\r\n--bnd--"
+    content_type = 'multipart/related; type="application/dicom"; boundary="bnd"'
+    fake.route = lambda *_: (200, {"Content-Type": content_type}, body)
+    assert fake_store(fake).retrieve("1", "2", "3", io.BytesIO()) == 5000
+    fake.close_early = 4
+    with pytest.raises(Unavailable):
+        fake_store(fake).retrieve("1", "2", "3", io.BytesIO())
+
+
+def stow_json(stored: list[str], failed: list[tuple[str, int]]) -> bytes:
+    def item(uid: str, **extra: object) -> dict[str, object]:
+        entry: dict[str, object] = {"00081155": {"vr": "UI", "Value": [uid]}}
+        entry.update(extra)
+        return entry
+
+    return json.dumps(
+        {
+            "00081199": {"vr": "SQ", "Value": [item(u) for u in stored]},
+            "00081198": {
+                "vr": "SQ",
+                "Value": [item(u, **{"00081197": {"vr": "US", "Value": [code]}}) for u, code in failed],
+            },
+        }
+    ).encode()
+
+
+def stow_xml(stored: list[str], failed: list[tuple[str, int]]) -> bytes:
+    ns = 'xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM"'
+    ok = "".join(
+        f'<Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{u}</Value></DicomAttribute></Item>'
+        for u in stored
+    )
+    bad = "".join(
+        f'<Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{u}</Value>'
+        f'</DicomAttribute><DicomAttribute tag="00081197" vr="US"><Value number="1">{code}</Value>'
+        "</DicomAttribute></Item>"
+        for u, code in failed
+    )
+    return (
+        f'<?xml version="1.0"?><NativeDicomModel {ns}>'
+        f'<DicomAttribute tag="00081198" vr="SQ">{bad}</DicomAttribute>'
+        f'<DicomAttribute tag="00081199" vr="SQ">{ok}</DicomAttribute></NativeDicomModel>'
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "render"),
+    [
+        (200, "application/dicom+json", stow_json),
+        (202, "application/dicom+json", stow_json),
+        (409, "application/dicom+json", stow_json),
+        (200, "application/dicom+xml; charset=utf-8", stow_xml),
+    ],
+)
+def test_stow_outcomes_map_back_to_paths(
+    fake: FakeDicomweb,
+    tmp_path: Path,
+    status: int,
+    content_type: str,
+    render: Callable[[list[str], list[tuple[str, int]]], bytes],
+) -> None:
+    samples = write_samples(tmp_path, studies=1, series_per_study=1, instances_per_series=3)
+    ok, bad, silent = samples
+    sent: list[bytes] = []
+
+    def route(method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        sent.append(body)
+        assert method == "POST" and path == "/dicom-web/studies"
+        assert headers["Content-Type"].startswith('multipart/related; type="application/dicom"; boundary=')
+        return status, {"Content-Type": content_type}, render([ok.sop_uid], [(bad.sop_uid, 0xA700)])
+
+    fake.route = route
+    outcomes = fake_store(fake).store_files([s.path for s in samples])
+    assert [o.stored for o in outcomes] == [True, False, False]
+    assert outcomes[1].reason == "failure reason 0xA700 (out of resources)"
+    assert outcomes[2].reason == ("server did not confirm" if status < 400 else "HTTP 409")
+    assert all(s.path.read_bytes() in sent[0] for s in samples)  # streamed body holds each file
+
+
+def test_stow_400_without_outcomes_refuses_with_the_server_message(fake: FakeDicomweb, tmp_path: Path) -> None:
+    samples = write_samples(tmp_path, studies=1, series_per_study=1, instances_per_series=1)
+    fake.route = lambda *_: (415, {}, b'{"Message": "Unsupported media type", "HttpStatus": 415}')
+    [outcome] = fake_store(fake).store_files([samples[0].path])
+    assert not outcome.stored
+    assert outcome.reason == "HTTP 415: Unsupported media type"

@@ -1,0 +1,342 @@
+"""HttpClient against a real local HTTP server: retries, backoff, Retry-After, timeouts, errors."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from dicomfuse.stores.base import (
+    AlreadyExists,
+    Forbidden,
+    InvalidDicom,
+    NotFound,
+    StoreError,
+    TooLarge,
+    Unavailable,
+)
+from dicomfuse.stores.http import (
+    HttpClient,
+    RetryPolicy,
+    make_session,
+    never_sent,
+    parse_retry_after,
+    server_error_detail,
+)
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b"ok"
+    headers: dict[str, str] = field(default_factory=dict)
+    stall: bool = False  # hold the answer until the test ends (read timeout)
+    drop: bool = False  # close the connection without answering
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class ScriptedServer:
+    """Answers each request with the next scripted :class:`Reply` (the last one repeats)."""
+
+    def __init__(self) -> None:
+        self.replies: list[Reply] = [Reply()]
+        self.seen: list[Seen] = []
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                reply = server.record(Seen(self.command, self.path, dict(self.headers), body))
+                if reply.drop:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if reply.stall:
+                    server.release.wait(10)
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def script(self, *replies: Reply) -> None:
+        with self._lock:
+            self.replies = list(replies)
+            self.seen = []
+
+    def record(self, seen: Seen) -> Reply:
+        with self._lock:
+            self.seen.append(seen)
+            return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+
+    def stop(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ScriptedServer]:
+    scripted = ScriptedServer()
+    yield scripted
+    scripted.stop()
+
+
+class RecordingSleep:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> RecordingSleep:
+    return RecordingSleep()
+
+
+@pytest.fixture
+def client(sleeps: RecordingSleep) -> Iterator[HttpClient]:
+    http = HttpClient(
+        make_session(pool_size=4),
+        timeout=(2, 5),
+        retry=RetryPolicy(attempts=4, backoff_base=0.01, backoff_max=0.04, retry_after_max=5),
+        sleep=sleeps,
+    )
+    yield http
+    http.close()
+
+
+# -- retries ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_get_retries_transient_statuses(server: ScriptedServer, client: HttpClient, status: int) -> None:
+    server.script(Reply(status), Reply(status), Reply(200, b"finally"))
+    response = client.request("GET", f"{server.url}/thing")
+    assert response.status_code == 200
+    assert response.content == b"finally"
+    assert len(server.seen) == 3
+
+
+def test_backoff_grows_and_is_capped(server: ScriptedServer, client: HttpClient, sleeps: RecordingSleep) -> None:
+    server.script(Reply(503))
+    with pytest.raises(Unavailable):
+        client.request("GET", f"{server.url}/down")
+    assert len(server.seen) == 4  # bounded attempts
+    assert len(sleeps.delays) == 3
+    first, second, third = sleeps.delays
+    assert 0.005 <= first <= 0.01
+    assert 0.01 <= second <= 0.02
+    assert 0.02 <= third <= 0.04
+
+
+def test_retry_after_seconds_is_honoured_and_capped(
+    server: ScriptedServer, client: HttpClient, sleeps: RecordingSleep
+) -> None:
+    server.script(
+        Reply(429, headers={"Retry-After": "3"}),
+        Reply(503, headers={"Retry-After": "120"}),
+        Reply(200),
+    )
+    assert client.request("GET", f"{server.url}/busy").status_code == 200
+    assert sleeps.delays == [3.0, 5.0]
+
+
+def test_retry_after_http_date(server: ScriptedServer, client: HttpClient, sleeps: RecordingSleep) -> None:
+    server.script(Reply(503, headers={"Retry-After": email.utils.formatdate(0, usegmt=True)}), Reply(200))
+    assert client.request("GET", f"{server.url}/busy").status_code == 200
+    assert len(sleeps.delays) == 1  # a date in the past: the usual backoff
+    assert 0.005 <= sleeps.delays[0] <= 0.01
+
+
+def test_parse_retry_after() -> None:
+    now = 1_000_000.0
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30)
+    assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("") is None
+
+
+def test_post_is_not_retried_unless_safe(server: ScriptedServer, client: HttpClient) -> None:
+    server.script(Reply(503))
+    with pytest.raises(Unavailable, match=r"POST /stow: HTTP 503"):
+        client.request("POST", f"{server.url}/stow", data=b"x")
+    assert len(server.seen) == 1
+
+    server.script(Reply(503), Reply(200))
+    assert client.request("POST", f"{server.url}/lookup", data=b"x", idempotent=True).status_code == 200
+    assert len(server.seen) == 2
+
+
+def test_body_factory_is_called_per_attempt(server: ScriptedServer, client: HttpClient) -> None:
+    server.script(Reply(502), Reply(200))
+    calls: list[int] = []
+
+    def body() -> bytes:
+        calls.append(1)
+        return b"payload"
+
+    client.request("PUT", f"{server.url}/put", data=body)
+    assert len(calls) == 2
+    assert [s.body for s in server.seen] == [b"payload", b"payload"]
+
+
+def test_dropped_connection_is_retried_for_get(server: ScriptedServer, client: HttpClient) -> None:
+    server.script(Reply(drop=True), Reply(200, b"ok"))
+    assert client.request("GET", f"{server.url}/flaky").content == b"ok"
+    assert len(server.seen) == 2
+
+
+def test_dropped_connection_fails_a_post_at_once(server: ScriptedServer, client: HttpClient) -> None:
+    server.script(Reply(drop=True), Reply(200))
+    with pytest.raises(Unavailable, match="POST /stow: connection failed"):
+        client.request("POST", f"{server.url}/stow", data=b"x")
+    assert len(server.seen) == 1
+
+
+def test_read_timeout_is_retried_then_unavailable(server: ScriptedServer, sleeps: RecordingSleep) -> None:
+    server.script(Reply(stall=True))
+    http = HttpClient(timeout=(2, 0.2), retry=RetryPolicy(attempts=2, backoff_base=0.01), sleep=sleeps)
+    try:
+        with pytest.raises(Unavailable, match="GET /slow: timed out"):
+            http.request("GET", f"{server.url}/slow?token=secret")
+    finally:
+        http.close()
+    assert len(server.seen) == 2
+    assert len(sleeps.delays) == 1
+
+
+def test_connection_refused_retries_even_a_post(sleeps: RecordingSleep) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    http = HttpClient(timeout=(2, 2), retry=RetryPolicy(attempts=3, backoff_base=0.01), sleep=sleeps)
+    try:
+        with pytest.raises(Unavailable, match="POST /studies: connection failed") as caught:
+            http.request("POST", f"http://127.0.0.1:{port}/studies", data=b"x")
+    finally:
+        http.close()
+    assert len(sleeps.delays) == 2  # it never left, so the POST was tried three times
+    assert caught.value.__cause__ is not None and never_sent(caught.value.__cause__)
+
+
+# -- error mapping --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (404, NotFound),
+        (409, AlreadyExists),
+        (401, Forbidden),
+        (403, Forbidden),
+        (413, TooLarge),
+        (400, StoreError),
+        (418, StoreError),
+    ],
+)
+def test_status_mapping(server: ScriptedServer, client: HttpClient, status: int, error: type) -> None:
+    server.script(Reply(status, b""))
+    with pytest.raises(error) as caught:
+        client.request("GET", f"{server.url}/studies/1.2.3")
+    assert type(caught.value) is error
+    assert f"GET /studies/1.2.3: HTTP {status}" in str(caught.value)
+    assert len(server.seen) == 1  # 4xx are final
+
+
+def test_400_is_invalid_dicom_only_when_the_caller_says_so(server: ScriptedServer, client: HttpClient) -> None:
+    server.script(Reply(400, b'{"Message": "Bad file format"}', {"Content-Type": "application/json"}))
+    with pytest.raises(InvalidDicom, match="Bad file format"):
+        client.request("POST", f"{server.url}/studies", data=b"x", bad_request=InvalidDicom)
+
+
+def test_passthrough_statuses_are_returned(server: ScriptedServer, client: HttpClient) -> None:
+    server.script(Reply(405, b""))
+    assert client.request("DELETE", f"{server.url}/x", passthrough=(405,)).status_code == 405
+
+
+def test_messages_hide_query_host_auth_and_bodies(server: ScriptedServer, client: HttpClient) -> None:
+    secret_url = f"http://user:pw@127.0.0.1:{server.httpd.server_address[1]}/studies?access_token=tok123"
+    server.script(Reply(403, b"<html>Patient Doe^John</html>", {"Content-Type": "text/html"}))
+    with pytest.raises(Forbidden) as caught:
+        client.request("GET", secret_url, headers={"Authorization": "Bearer tok456"})
+    message = str(caught.value)
+    assert message.startswith("GET /studies: HTTP 403")
+    for leak in ("tok123", "tok456", "user", "pw@", "127.0.0.1", "Doe", "html"):
+        assert leak not in message
+
+
+def test_server_json_detail_is_quoted_and_truncated(server: ScriptedServer, client: HttpClient) -> None:
+    # Orthanc sends its JSON error bodies without a Content-Type.
+    server.script(Reply(404, json.dumps({"Details": "x" * 500, "HttpStatus": 404}).encode()))
+    with pytest.raises(NotFound) as caught:
+        client.request("GET", f"{server.url}/instances/1")
+    detail = str(caught.value).split(": ", 2)[-1]
+    assert detail.startswith("xxx")
+    assert len(detail) <= 200
+
+
+def test_server_errors_never_quote_5xx_bodies(server: ScriptedServer, client: HttpClient) -> None:
+    server.script(Reply(500, b"internal: patient Doe", {"Content-Type": "text/plain"}))
+    with pytest.raises(Unavailable) as caught:
+        client.request("GET", f"{server.url}/boom")
+    assert "Doe" not in str(caught.value)
+    assert len(server.seen) == 4
+
+
+def test_text_detail_and_google_shape(server: ScriptedServer) -> None:
+    import requests
+
+    def answer(status: int, body: bytes, content_type: str) -> requests.Response:
+        server.script(Reply(status, body, {"Content-Type": content_type}))
+        return requests.get(f"{server.url}/x", timeout=5)
+
+    google = json.dumps({"error": {"code": 409, "message": "instance exists", "status": "ALREADY_EXISTS"}})
+    assert server_error_detail(answer(409, google.encode(), "application/json")) == "instance exists"
+    assert server_error_detail(answer(400, b"bad  request\nline", "text/plain")) == "bad request line"
+    assert server_error_detail(answer(400, b'{"00081198": {}}', "application/dicom+json")) is None
+
+
+def test_make_session_pools_and_ca_bundle(tmp_path: object) -> None:
+    session = make_session(pool_size=7, ca_bundle="/etc/ssl/certs/ca-certificates.crt")
+    adapter = session.get_adapter("https://example.org")
+    assert adapter._pool_maxsize == 7  # type: ignore[attr-defined]
+    assert adapter.max_retries.total == 0  # type: ignore[attr-defined]
+    assert session.verify == "/etc/ssl/certs/ca-certificates.crt"
+    session.close()
