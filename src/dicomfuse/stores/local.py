@@ -1,0 +1,774 @@
+"""A folder of folders of DICOM files as a dataset: each immediate sub-folder of the root is a store.
+
+Reading: every Part-10 file below a store folder (any name, any depth; suffix ``.dcm``, none, or
+numeric as in ``1.2.840…3.1``) whose header holds Study, Series and SOP Instance UIDs is an
+instance. Other files are skipped (DEBUG log). Hidden entries (names starting with ``.``) are
+ignored, which is also how in-flight temporary files stay invisible.
+
+Writing: :meth:`LocalStore.store_files` lays files out as ``<store>/<Study>/<Series>/<SOP>.dcm``,
+atomically (temporary file in the same folder, fsync, ``os.replace``), and removes any other copy
+of the same SOP so an instance is never listed twice.
+
+Index and refresh: each store keeps an index study ▸ series ▸ SOP ▸ file(s), built on first use.
+At most once per ``rescan_interval`` seconds (1 s by default) a use re-checks the folder tree:
+one ``stat`` per directory; only directories whose mtime changed are listed again, and only new or
+changed files (size or mtime) are parsed again. Files added, replaced or removed by other
+processes are therefore seen within about one interval. Directory mtimes closer than two seconds
+to the check are treated as unsettled and re-listed at the next check (mtime granularity can be
+coarse), so a file still being written is picked up once it settles. A file rewritten in place
+(same name, no rename) changes no directory mtime: sizes come from a ``stat`` at listing time so
+they are always right, and a full check (every folder listed, every file stat'ed, still only
+changed files parsed) every ``full_rescan_interval`` seconds (60 s) catches changed UIDs.
+
+Logs name stores and UIDs, never file or folder names below a store (they may hold patient names).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
+
+from dicomfuse.stores.base import (
+    AlreadyExists,
+    Forbidden,
+    InstanceInfo,
+    InvalidName,
+    NotEmpty,
+    NotFound,
+    StoreError,
+    StowOutcome,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+DEFAULT_RESCAN_INTERVAL = 1.0
+_T = TypeVar("_T")
+DEFAULT_FULL_RESCAN_INTERVAL = 60.0
+_RACY_WINDOW_NS = 2_000_000_000
+_UNSETTLED = -1  # a recorded mtime that never matches: list the directory again at the next check
+_DEFER_SIZE = 1 << 20  # upload parse: larger values are checked by position, not loaded into memory
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+_STORE_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+_UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_IMAGE_PIXEL_ATTRIBUTES = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation")
+_OTHER_PIXEL_SOURCES = ("FloatPixelData", "DoubleFloatPixelData", "PixelDataProviderURL")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def _is_valid_uid(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+
+
+def _is_plain_name(name: str) -> bool:
+    """A single, visible path component (what a store folder can be called)."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+def _validate_new_store_id(store_id: str) -> None:
+    if not _STORE_ID_RE.fullmatch(store_id) or store_id in (".", ".."):
+        raise InvalidName(f"invalid store ID {store_id!r}: use 1-256 letters, digits, '_', '-' or '.'")
+    if store_id.startswith("."):
+        raise InvalidName(f"invalid store ID {store_id!r}: a leading '.' would hide the store")
+
+
+def _may_be_dicom_name(name: str) -> bool:
+    """``x.dcm`` (any case), no suffix, or a numeric suffix (files named after their UID)."""
+    suffix = os.path.splitext(name)[1][1:]
+    return suffix == "" or suffix.lower() == "dcm" or suffix.isdigit()
+
+
+def _store_error(exc: OSError, action: str) -> StoreError:
+    """The store error for a local OS failure; the message holds no file content."""
+    if isinstance(exc, PermissionError):
+        return Forbidden(f"{action}: permission denied")
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(f"{action}: no such file or folder")
+    return Unavailable(f"{action}: {exc.strerror or type(exc).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+@dataclass(frozen=True)
+class _Uids:
+    study: str
+    series: str
+    sop: str
+
+
+def _uids_of(ds: pydicom.Dataset) -> _Uids | str:
+    """The three UIDs, or the reason they are unusable."""
+    values = []
+    for keyword in _UID_TAGS:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return f"no {keyword}"
+        if not _is_valid_uid(value):
+            return f"{keyword} is not a valid UID"
+        values.append(str(value))
+    return _Uids(*values)
+
+
+def _read_indexed_uids(path: Path) -> _Uids | None:
+    """The UIDs of a file met while scanning (header only), or None to skip it."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_UID_TAGS))
+        uids = _uids_of(ds)
+    except Exception as exc:  # pydicom raises many types on garbage; a scan must never crash
+        log.debug("skipped a file: not readable as DICOM (%s)", type(exc).__name__)
+        return None
+    if isinstance(uids, str):
+        log.debug("skipped a DICOM file: %s", uids)
+        return None
+    return uids
+
+
+def _parse_upload(path: Path) -> _Uids | str:
+    """The UIDs of a file to store, or the reason to refuse it.
+
+    The whole file is parsed (no force, so the Part-10 preamble and file meta are required);
+    values above 1 MiB are checked by position rather than loaded. A file whose last element
+    does not end where the file ends, or whose native pixel data is shorter than its image
+    attributes say, is refused as truncated."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot read the file ({exc.strerror or type(exc).__name__})"
+    except InvalidDicomError:
+        return "not a DICOM Part-10 file (no 'DICM' preamble or file meta information)"
+    except Exception as exc:  # pydicom raises many types on garbage
+        log.debug("cannot parse an upload", exc_info=True)
+        return f"truncated or corrupt DICOM ({type(exc).__name__})"
+    try:
+        problem = _truncation_problem(ds, path, size) or _pixel_data_problem(ds)
+    except Exception as exc:  # malformed image attributes and the like
+        log.debug("cannot check an upload", exc_info=True)
+        return f"inconsistent DICOM attributes ({type(exc).__name__})"
+    return problem or _uids_of(ds)
+
+
+def _element_end(elem: object) -> int | None:
+    """File offset just past a top-level element, when the raw element tells it."""
+    if not isinstance(elem, RawDataElement) or elem.value_tell is None:
+        return None
+    if elem.length != _UNDEFINED_LENGTH:
+        return elem.value_tell + elem.length
+    if isinstance(elem.value, bytes):
+        return elem.value_tell + len(elem.value) + 8  # + the sequence delimitation item
+    return None
+
+
+def _truncation_problem(ds: pydicom.Dataset, path: Path, size: int) -> str | None:
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
+    if transfer_syntax is not None and transfer_syntax.is_deflated:
+        return None  # offsets refer to the inflated stream; zlib reports truncation itself
+    tags = sorted(ds.keys())
+    if not tags:
+        return "no data set after the file meta information (truncated?)"
+    ends = [end for end in map(_element_end, _raw_items(ds, tags)) if end is not None]
+    if ends and max(ends) > size:
+        return "truncated: an element runs past the end of the file"
+    last_end = _element_end(ds.get_item(tags[-1], keep_deferred=True))
+    if last_end is None:
+        return None  # an undefined-length last element: pydicom drops it if its delimiter is missing
+    tail = size - max(ends)
+    if tail and (tail >= 8 or any(_read_tail(path, tail))):
+        return "truncated: the last element is incomplete"
+    return None
+
+
+def _raw_items(ds: pydicom.Dataset, tags: list[BaseTag]) -> Iterator[object]:
+    return (ds.get_item(tag, keep_deferred=True) for tag in tags)
+
+
+def _read_tail(path: Path, count: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-count, os.SEEK_END)
+        return f.read()
+
+
+def _pixel_data_problem(ds: pydicom.Dataset) -> str | None:
+    """Pixel data that an image needs but lacks, or native (not encapsulated) pixel data
+    shorter than Rows × Columns × … says. A file cut at an element boundary parses cleanly;
+    for images this is what tells it apart."""
+    if "PixelData" not in ds:
+        return _missing_pixel_data_problem(ds)
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
+    raw = ds.get_item("PixelData", keep_deferred=True)
+    if transfer_syntax is None or transfer_syntax.is_encapsulated or raw is None:
+        return None
+    length = raw.length if isinstance(raw, RawDataElement) else len(raw.value or b"")
+    if length != _UNDEFINED_LENGTH and length < _expected_pixel_bytes(ds):
+        return "pixel data is shorter than the image attributes say"
+    return None
+
+
+def _missing_pixel_data_problem(ds: pydicom.Dataset) -> str | None:
+    if any(keyword in ds for keyword in _OTHER_PIXEL_SOURCES):
+        return None
+    if any(keyword in ds for keyword in _IMAGE_PIXEL_ATTRIBUTES):
+        return "image attributes but no pixel data (truncated?)"
+    sop_class = ds.get("SOPClassUID")
+    if "Image Storage" in str(getattr(sop_class, "name", "")):
+        return "an image SOP class but no pixel data (truncated?)"
+    return None
+
+
+def _expected_pixel_bytes(ds: pydicom.Dataset) -> int:
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    bits = int(ds.BitsAllocated) * int(ds.Rows) * int(ds.Columns) * samples * frames
+    expected = -(-bits // 8)
+    if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+        expected = expected * 2 // 3  # chroma subsampled in native data
+    return expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Index
+
+
+@dataclass(frozen=True)
+class _FileState:
+    size: int
+    mtime_ns: int
+    uids: _Uids | None
+
+
+@dataclass(frozen=True)
+class _DirState:
+    mtime_ns: int
+    subdirs: tuple[str, ...]
+    files: dict[str, _FileState]
+
+
+class _Index:
+    """Study ▸ series ▸ SOP ▸ the files holding it. Not thread-safe: its owner locks."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._uids: dict[Path, _Uids] = {}
+        self._tree: dict[str, dict[str, dict[str, set[Path]]]] = {}
+        self._by_sop: dict[str, set[Path]] = {}
+
+    def add(self, path: Path, uids: _Uids) -> None:
+        if self._uids.get(path) == uids:
+            return
+        self.remove(path)
+        self._uids[path] = uids
+        series = self._tree.setdefault(uids.study, {}).setdefault(uids.series, {})
+        series.setdefault(uids.sop, set()).add(path)
+        self._by_sop.setdefault(uids.sop, set()).add(path)
+
+    def remove(self, path: Path) -> None:
+        uids = self._uids.pop(path, None)
+        if uids is None:
+            return
+        study = self._tree[uids.study]
+        series = study[uids.series]
+        series[uids.sop].discard(path)
+        if not series[uids.sop]:
+            del series[uids.sop]
+            if not series:
+                del study[uids.series]
+                if not study:
+                    del self._tree[uids.study]
+        self._by_sop[uids.sop].discard(path)
+        if not self._by_sop[uids.sop]:
+            del self._by_sop[uids.sop]
+
+    def clear(self) -> None:
+        self._uids.clear()
+        self._tree.clear()
+        self._by_sop.clear()
+
+    def studies(self) -> list[str]:
+        return sorted(self._tree)
+
+    def series(self, study_uid: str) -> list[str]:
+        return sorted(self._tree.get(study_uid, {}))
+
+    def sops(self, study_uid: str, series_uid: str) -> dict[str, Path]:
+        """SOP UID → the file that serves it (the canonical copy when there are several)."""
+        instances = self._tree.get(study_uid, {}).get(series_uid, {})
+        return {sop: self._primary(paths) for sop, paths in sorted(instances.items())}
+
+    def copies(self, study_uid: str, series_uid: str, sop_uid: str) -> list[Path]:
+        return sorted(self._tree.get(study_uid, {}).get(series_uid, {}).get(sop_uid, ()))
+
+    def copies_of_sop(self, sop_uid: str) -> list[Path]:
+        return sorted(self._by_sop.get(sop_uid, ()))
+
+    def _primary(self, paths: set[Path]) -> Path:
+        return min(paths, key=lambda p: (p != self.canonical_path(self._uids[p]), str(p)))
+
+    def canonical_path(self, uids: _Uids) -> Path:
+        return self._root / uids.study / uids.series / f"{uids.sop}.dcm"
+
+
+def _diff(old: dict[Path, _DirState], new: dict[Path, _DirState]) -> tuple[list[Path], list[tuple[Path, _Uids]]]:
+    """Indexed files that disappeared or changed, and files to (re-)index."""
+    removed: list[Path] = []
+    added: list[tuple[Path, _Uids]] = []
+    for folder in old.keys() | new.keys():
+        before, after = old.get(folder), new.get(folder)
+        if before is after:
+            continue
+        old_files = before.files if before else {}
+        new_files = after.files if after else {}
+        for name, state in old_files.items():
+            if state.uids and (name not in new_files or new_files[name].uids != state.uids):
+                removed.append(folder / name)
+        for name, state in new_files.items():
+            if state.uids and (name not in old_files or old_files[name].uids != state.uids):
+                added.append((folder / name, state.uids))
+    return removed, added
+
+
+# ---------------------------------------------------------------------------------------------
+# Store
+
+
+class LocalStore:
+    """One store: a folder whose DICOM files, at any depth, are its instances."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
+        full_rescan_interval: float = DEFAULT_FULL_RESCAN_INTERVAL,
+    ) -> None:
+        self.name = root.name
+        self._root = root
+        self._rescan_interval = rescan_interval
+        self._full_rescan_interval = full_rescan_interval
+        # _scan_lock serialises whoever changes the index (a scan, or the index update after a
+        # write) and guards _dirs. Order: _scan_lock before _lock.
+        self._scan_lock = threading.Lock()
+        self._dirs: dict[Path, _DirState] = {}
+        self._full_checked_at = 0.0
+        # _lock guards _index, _exists, _built and _checked_at; held only for dict work.
+        self._lock = threading.Lock()
+        self._index = _Index(root)
+        self._exists = False
+        self._built = False
+        self._checked_at = 0.0
+        # _layout_lock makes "mkdir + create temp file" and "rmdir of an empty folder" exclusive.
+        self._layout_lock = threading.Lock()
+
+    # -- listings -------------------------------------------------------------------------
+
+    def studies(self, study_uid: str | None = None) -> Iterator[str]:
+        found = self._listed(lambda index: index.studies(), study_uid)
+        return iter(found if study_uid is None else [u for u in found if u == study_uid])
+
+    def series(self, study_uid: str, series_uid: str | None = None) -> Iterator[str]:
+        found = self._listed(lambda index: index.series(study_uid), series_uid)
+        return iter(found if series_uid is None else [u for u in found if u == series_uid])
+
+    def instances(self, study_uid: str, series_uid: str, sop_uid: str | None = None) -> Iterator[InstanceInfo]:
+        sops = self._listed(lambda index: index.sops(study_uid, series_uid), sop_uid)
+        if sop_uid is not None:
+            sops = {sop_uid: sops[sop_uid]} if sop_uid in sops else {}
+        infos = []
+        for sop, path in sops.items():
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue  # removed since the last check
+            infos.append(InstanceInfo(study_uid, series_uid, sop, size))
+        return iter(infos)
+
+    # -- instances ------------------------------------------------------------------------
+
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
+        with self._fresh_index() as index:
+            path = index.sops(study_uid, series_uid).get(sop_uid)
+        if path is None:
+            raise NotFound(f"instance {sop_uid} not found in store {self.name!r}")
+        try:
+            source = open(path, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"instance {sop_uid} not found in store {self.name!r}") from None
+        except OSError as exc:
+            raise _store_error(exc, f"reading instance {sop_uid}") from exc
+        with source:
+            written = _copy_to_sink(source, sink, f"reading instance {sop_uid}")
+        log.debug("retrieved %s from %s: %d bytes", sop_uid, self.name, written)
+        return written
+
+    def store_files(self, paths: Sequence[Path]) -> list[StowOutcome]:
+        with self._fresh_index():
+            pass  # NotFound if the store folder is gone
+        return [self._store_one(Path(path)) for path in paths]
+
+    def delete_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> None:
+        with self._fresh_index() as index:
+            copies = index.copies(study_uid, series_uid, sop_uid)
+        removed = [path for path in copies if self._unlink(path, f"deleting instance {sop_uid}")]
+        for path in copies:
+            self._prune_empty_folders(path)
+        with self._scan_lock, self._lock:
+            for path in copies:
+                self._index.remove(path)
+        if not removed:
+            raise NotFound(f"instance {sop_uid} not found in store {self.name!r}")
+        log.debug("deleted %s from %s (%d file(s))", sop_uid, self.name, len(removed))
+
+    # -- writing helpers ------------------------------------------------------------------
+
+    def _store_one(self, source: Path) -> StowOutcome:
+        parsed = _parse_upload(source)
+        if isinstance(parsed, str):
+            log.info("store %s refused a file: %s", self.name, parsed)
+            return StowOutcome(path=source, stored=False, reason=parsed)
+        with self._lock:
+            target = self._index.canonical_path(parsed)
+            stale = [p for p in self._index.copies_of_sop(parsed.sop) if p != target]
+        try:
+            source_file = open(source, "rb")
+        except OSError as exc:
+            reason = f"cannot read the file ({exc.strerror or type(exc).__name__})"
+            return StowOutcome(path=source, stored=False, reason=reason)
+        with source_file:
+            self._write_atomically(source_file, target, parsed.sop)
+        for path in stale:
+            self._unlink(path, f"replacing instance {parsed.sop}")
+            self._prune_empty_folders(path)
+        with self._scan_lock, self._lock:
+            for path in stale:
+                self._index.remove(path)
+            self._index.add(target, parsed)
+        log.debug("stored %s in %s", parsed.sop, self.name)
+        return StowOutcome(source, True, parsed.study, parsed.series, parsed.sop)
+
+    def _write_atomically(self, source: BinaryIO, target: Path, sop_uid: str) -> None:
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with self._layout_lock:
+                target.parent.parent.mkdir(exist_ok=True)  # never parents=True: a deleted
+                target.parent.mkdir(exist_ok=True)  # store folder must stay deleted (NotFound)
+                out = open(temp, "xb")
+            with out:
+                shutil.copyfileobj(source, out, CHUNK_SIZE)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, target)
+            _fsync_folder(target.parent)
+        except OSError as exc:
+            with suppress(OSError):
+                temp.unlink()
+            raise _store_error(exc, f"writing instance {sop_uid} to store {self.name!r}") from exc
+
+    def _unlink(self, path: Path, action: str) -> bool:
+        """Remove a file; False if it was gone already."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _store_error(exc, action) from exc
+        return True
+
+    def _prune_empty_folders(self, path: Path) -> None:
+        """Remove the series and study folders of a canonical path once they are empty."""
+        series_dir = path.parent
+        study_dir = series_dir.parent
+        if study_dir.parent != self._root or not (_is_valid_uid(series_dir.name) and _is_valid_uid(study_dir.name)):
+            return  # not a folder this store lays out
+        with self._layout_lock:
+            for folder in (series_dir, study_dir):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    return  # not empty (or gone): leave it
+
+    # -- index freshness ------------------------------------------------------------------
+
+    def _listed(self, read: Callable[[_Index], _T], wanted: str | None) -> _T:
+        """``read(index)`` on a fresh index. A lookup of one UID that the index lacks checks
+        the folder tree again at once: navigating straight to a UID another process just wrote
+        must not wait for the rescan interval."""
+        with self._fresh_index() as index:
+            found = read(index)
+        if wanted is not None and wanted not in found:  # type: ignore[operator]
+            with self._lock:
+                self._checked_at = 0.0
+            with self._fresh_index() as index:
+                found = read(index)
+        return found
+
+    @contextmanager
+    def _fresh_index(self) -> Iterator[_Index]:
+        """The index, checked against the folder tree if the last check is old enough, with
+        ``_lock`` held. Raises :class:`NotFound` when the store folder does not exist."""
+        self._refresh()
+        with self._lock:
+            if not self._exists:
+                raise NotFound(f"store {self.name!r} does not exist")
+            yield self._index
+
+    def _refresh(self) -> None:
+        if not self._is_due():
+            return
+        with self._lock:
+            wait = not self._built  # without a first index there is nothing to answer from
+        if not self._scan_lock.acquire(blocking=wait):
+            return  # another thread is scanning: answer from the current index
+        try:
+            if self._is_due():
+                self._scan()
+        finally:
+            self._scan_lock.release()
+
+    def _invalidate(self) -> None:
+        """Make the next use check the folder tree (after the dataset created or deleted it)."""
+        with self._lock:
+            self._built = False
+
+    def _is_due(self) -> bool:
+        with self._lock:
+            return not self._built or time.monotonic() - self._checked_at >= self._rescan_interval
+
+    def _scan(self) -> None:
+        """Bring ``_dirs`` and the index up to date with the folder tree. Needs ``_scan_lock``."""
+        started = time.monotonic()
+        full = started - self._full_checked_at >= self._full_rescan_interval
+        new_dirs = self._walk(time.time_ns(), full)
+        if full:
+            self._full_checked_at = started
+        removed, added = _diff(self._dirs, new_dirs or {})
+        self._dirs = new_dirs or {}
+        with self._lock:
+            self._exists = new_dirs is not None
+            for path in removed:
+                self._index.remove(path)
+            for path, uids in added:
+                self._index.add(path, uids)
+            self._built = True
+            self._checked_at = time.monotonic()
+        if removed or added or new_dirs is None:
+            log.debug(
+                "indexed store %s: %d file(s) added, %d removed, %.3f s",
+                self.name,
+                len(added),
+                len(removed),
+                time.monotonic() - started,
+            )
+
+    def _walk(self, now_ns: int, full: bool) -> dict[Path, _DirState] | None:
+        """The state of every folder below the root, re-listing only changed ones (all of them
+        when ``full``); None when the root is not a folder."""
+        found: dict[Path, _DirState] = {}
+        pending = [self._root]
+        while pending:
+            folder = pending.pop()
+            try:
+                info = os.stat(folder)
+            except OSError:
+                info = None
+            if info is None or not stat.S_ISDIR(info.st_mode):
+                if folder == self._root:
+                    return None
+                continue
+            state = self._dirs.get(folder)
+            if full or state is None or state.mtime_ns != info.st_mtime_ns:
+                state = self._list_folder(folder, info.st_mtime_ns, now_ns)
+            found[folder] = state
+            pending.extend(folder / name for name in state.subdirs)
+        return found
+
+    def _list_folder(self, folder: Path, mtime_ns: int, now_ns: int) -> _DirState:
+        previous = self._dirs.get(folder)
+        known = previous.files if previous else {}
+        subdirs: list[str] = []
+        files: dict[str, _FileState] = {}
+        settled = now_ns - mtime_ns >= _RACY_WINDOW_NS
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            log.debug("store %s: cannot list a folder (%s)", self.name, exc.strerror)
+            entries = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.name)
+                    continue
+                if not (entry.is_file() and _may_be_dicom_name(entry.name)):
+                    continue
+                info = entry.stat()
+            except OSError:
+                continue  # vanished while listing
+            files[entry.name] = self._file_state(Path(entry.path), info, known.get(entry.name))
+            settled = settled and now_ns - info.st_mtime_ns >= _RACY_WINDOW_NS
+        return _DirState(mtime_ns if settled else _UNSETTLED, tuple(sorted(subdirs)), files)
+
+    @staticmethod
+    def _file_state(path: Path, info: os.stat_result, known: _FileState | None) -> _FileState:
+        if known and known.size == info.st_size and known.mtime_ns == info.st_mtime_ns:
+            return known
+        return _FileState(info.st_size, info.st_mtime_ns, _read_indexed_uids(path))
+
+
+def _copy_to_sink(source: BinaryIO, sink: BinaryIO, action: str) -> int:
+    """Copy in chunks; a read failure is a store error, a sink failure propagates as it is."""
+    written = 0
+    while True:
+        try:
+            chunk = source.read(CHUNK_SIZE)
+        except OSError as exc:
+            raise _store_error(exc, action) from exc
+        if not chunk:
+            return written
+        sink.write(chunk)
+        written += len(chunk)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist a rename (POSIX only: Windows cannot open a folder)."""
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+
+
+class LocalDataset:
+    """A folder whose visible immediate sub-folders are stores."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
+        full_rescan_interval: float = DEFAULT_FULL_RESCAN_INTERVAL,
+    ) -> None:
+        self.root = Path(root)
+        self.name = self.root.name or str(self.root)
+        self._intervals = {
+            "rescan_interval": rescan_interval,
+            "full_rescan_interval": full_rescan_interval,
+        }
+        self._lock = threading.Lock()  # guards _stores
+        self._stores: dict[str, LocalStore] = {}
+
+    def list_stores(self) -> Iterator[str]:
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            raise NotFound(f"dataset folder {str(self.root)!r} does not exist") from None
+        except OSError as exc:
+            raise _store_error(exc, f"listing dataset folder {str(self.root)!r}") from exc
+        names = []
+        for entry in entries:
+            try:
+                if _is_plain_name(entry.name) and entry.is_dir():
+                    names.append(entry.name)
+            except OSError:
+                continue
+        return iter(sorted(names))
+
+    def open_store(self, store_id: str) -> LocalStore:
+        """A handle on one store; the same object for the same ID. Raises :class:`NotFound` at
+        once for a name that cannot be a store folder (hidden, or not a single component)."""
+        if not _is_plain_name(store_id) or store_id == "..":
+            raise NotFound(f"no store called {store_id!r}")
+        with self._lock:
+            store = self._stores.get(store_id)
+            if store is None:
+                store = LocalStore(self.root / store_id, **self._intervals)
+                self._stores[store_id] = store
+        return store
+
+    def create_store(self, store_id: str) -> None:
+        _validate_new_store_id(store_id)
+        try:
+            (self.root / store_id).mkdir()
+        except FileExistsError:
+            raise AlreadyExists(f"store {store_id!r} already exists") from None
+        except FileNotFoundError:
+            raise NotFound(f"dataset folder {str(self.root)!r} does not exist") from None
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise InvalidName(f"store ID {store_id!r} is too long for this file system") from exc
+            raise _store_error(exc, f"creating store {store_id!r}") from exc
+        self.open_store(store_id)._invalidate()
+        log.info("created store %s in %s", store_id, self.root)
+
+    def delete_store(self, store_id: str) -> None:
+        """Delete an empty store folder. Refuses with :class:`NotEmpty` while *any* file remains
+        below it (DICOM or not), so nothing is lost; empty sub-folders are removed."""
+        folder = self.open_store(store_id)._root
+        if not folder.is_dir():
+            raise NotFound(f"no store called {store_id!r}")
+        remaining = _count_files(folder)
+        if remaining:
+            raise NotEmpty(f"store {store_id!r} still holds {remaining} file(s)")
+        try:
+            _remove_empty_tree(folder)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise NotEmpty(f"store {store_id!r} received files while being deleted") from exc
+            raise _store_error(exc, f"deleting store {store_id!r}") from exc
+        self.open_store(store_id)._invalidate()
+        log.info("deleted store %s from %s", store_id, self.root)
+
+    def close(self) -> None:
+        """Nothing to release: stores hold no open files between calls."""
+
+
+def _count_files(folder: Path) -> int:
+    """Every entry below ``folder`` that is not a real folder (hidden files and links count)."""
+    count = 0
+    pending = [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                else:
+                    count += 1
+    return count
+
+
+def _remove_empty_tree(folder: Path) -> None:
+    """rmdir every folder bottom-up; fails (ENOTEMPTY) if a file appeared meanwhile."""
+    for current, dirnames, _ in os.walk(folder, topdown=False):
+        for name in dirnames:
+            os.rmdir(os.path.join(current, name))
+    os.rmdir(folder)

@@ -1,0 +1,141 @@
+"""Turn a ``--datasetAddr`` value into a :class:`~dicomfuse.stores.base.Dataset`.
+
+Accepted addresses:
+
+* a folder path, or ``file:///path/to/folder``: a local dataset (each sub-folder is a store);
+* ``https://healthcare.googleapis.com/v1/projects/P/locations/L/datasets/D`` (or ``v1beta1``):
+  a Cloud Healthcare API dataset (a later release);
+* any other ``http(s)://`` URL: a DICOMweb server, shown as a dataset with one store.
+
+Concrete stores other than the local one are imported lazily, so a local dataset needs none of
+their dependencies.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from dicomfuse.stores.base import Dataset
+from dicomfuse.stores.local import DEFAULT_RESCAN_INTERVAL, LocalDataset
+
+HEALTHCARE_HOST = "healthcare.googleapis.com"
+HEALTHCARE_VERSIONS = ("v1", "v1beta1")
+
+ACCEPTED = (
+    "a folder path, file:///path, "
+    f"https://{HEALTHCARE_HOST}/v1/projects/P/locations/L/datasets/D, "
+    "or an http(s):// DICOMweb URL"
+)
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_WINDOWS_DRIVE_RE = re.compile(r"^[A-Za-z]:[\\/]")
+_HEALTHCARE_PATH_RE = re.compile(
+    r"^/(?P<version>v1|v1beta1)/projects/(?P<project>[^/]+)"
+    r"/locations/(?P<location>[^/]+)/datasets/(?P<dataset>[^/]+)/?$"
+)
+
+
+class HealthcareAddress(NamedTuple):
+    """The parts of a Cloud Healthcare API dataset URL."""
+
+    api_root: str  # "https://healthcare.googleapis.com"
+    version: str  # "v1" or "v1beta1"
+    project: str
+    location: str
+    dataset: str
+
+
+def parse_healthcare_address(address: str) -> HealthcareAddress | None:
+    """The parts of ``https://healthcare.googleapis.com/{v1|v1beta1}/projects/P/locations/L/
+    datasets/D`` (a trailing slash allowed), or None when ``address`` is not such a URL."""
+    parts = urlsplit(address.strip())
+    if parts.scheme.lower() != "https" or (parts.hostname or "") != HEALTHCARE_HOST:
+        return None
+    if parts.query or parts.fragment:
+        return None
+    match = _HEALTHCARE_PATH_RE.match(parts.path)
+    if match is None:
+        return None
+    return HealthcareAddress(
+        api_root=f"https://{parts.netloc.lower()}",
+        version=match["version"],
+        project=match["project"],
+        location=match["location"],
+        dataset=match["dataset"],
+    )
+
+
+def open_dataset(
+    address: str,
+    *,
+    key_file: str | Path | None = None,
+    timeout: float | tuple[float, float] | None = None,
+    rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
+    orthanc_rest: str | None = "auto",
+) -> Dataset:
+    """The dataset ``address`` names. Raises :class:`ValueError` (one line, naming what is
+    accepted) for an address that is none of them or a folder that does not exist.
+
+    ``key_file`` (service-account JSON) and ``timeout`` (seconds per HTTP request, or
+    (connect, read); None keeps the store's default) are for the remote datasets;
+    ``rescan_interval`` is for a local one."""
+    text = address.strip()
+    if not text:
+        raise ValueError(f"empty dataset address: give {ACCEPTED}")
+    scheme_match = _SCHEME_RE.match(text)
+    if scheme_match is None or _WINDOWS_DRIVE_RE.match(text):
+        return _local_dataset(Path(text).expanduser(), text, rescan_interval)
+    scheme = scheme_match.group(1).lower()
+    if scheme == "file":
+        return _local_dataset(_file_url_path(text), text, rescan_interval)
+    if scheme not in ("http", "https"):
+        raise ValueError(f"unsupported dataset address scheme {scheme!r}: give {ACCEPTED}")
+    if (urlsplit(text).hostname or "") == HEALTHCARE_HOST:
+        return _healthcare_dataset(text, key_file=key_file, timeout=timeout)
+    return _dicomweb_dataset(text, timeout=timeout, orthanc_rest=orthanc_rest)
+
+
+def _local_dataset(folder: Path, address: str, rescan_interval: float) -> Dataset:
+    if not folder.exists():
+        raise ValueError(f"dataset folder {address!r} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"dataset address {address!r} is not a folder")
+    return LocalDataset(folder, rescan_interval=rescan_interval)
+
+
+def _file_url_path(url: str) -> Path:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"file URL {url!r} names another host: only local folders can be mounted")
+    if not parts.path:
+        raise ValueError(f"file URL {url!r} names no folder: write file:///path/to/folder")
+    return Path(url2pathname(parts.path))  # url2pathname also percent-decodes
+
+
+def _healthcare_dataset(
+    url: str, *, key_file: str | Path | None, timeout: float | tuple[float, float] | None
+) -> Dataset:
+    if parse_healthcare_address(url) is None:
+        raise ValueError(
+            f"not a Cloud Healthcare dataset URL: {url!r}; expected "
+            f"https://{HEALTHCARE_HOST}/v1/projects/P/locations/L/datasets/D"
+        )
+    raise NotImplementedError("Cloud Healthcare API datasets arrive in a later release")
+
+
+def _dicomweb_dataset(
+    url: str, *, timeout: float | tuple[float, float] | None, orthanc_rest: str | None
+) -> Dataset:
+    """``orthanc_rest``: "auto" (detect), None or "off" (never), or the REST API's URL."""
+    from dicomfuse.stores.dicomweb import DicomwebDataset  # lazy: only remote mounts need it
+
+    rest = None if orthanc_rest in (None, "off") else orthanc_rest
+    if timeout is None:
+        dataset: Dataset = DicomwebDataset(url, orthanc_rest_url=rest)
+    else:
+        dataset = DicomwebDataset(url, orthanc_rest_url=rest, timeout=timeout)
+    return dataset

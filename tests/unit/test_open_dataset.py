@@ -1,0 +1,154 @@
+"""open_dataset: --datasetAddr values to datasets."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from dicomfuse.stores.local import LocalDataset
+from dicomfuse.stores.open import HealthcareAddress, open_dataset, parse_healthcare_address
+
+HC = "https://healthcare.googleapis.com"
+
+
+def test_folder_path(tmp_path: Path) -> None:
+    dataset = open_dataset(str(tmp_path))
+    assert isinstance(dataset, LocalDataset)
+    assert dataset.root == tmp_path
+
+
+def test_relative_folder_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    dataset = open_dataset("data")
+    assert isinstance(dataset, LocalDataset)
+    assert dataset.root.resolve() == (tmp_path / "data").resolve()
+
+
+def test_home_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "dicom").mkdir()
+    dataset = open_dataset("~/dicom")
+    assert isinstance(dataset, LocalDataset) and dataset.root == tmp_path / "dicom"
+
+
+@pytest.mark.parametrize("prefix", ["file://", "file://localhost", "FILE://"])
+def test_file_url(tmp_path: Path, prefix: str) -> None:
+    folder = tmp_path / "with space"
+    folder.mkdir()
+    dataset = open_dataset(prefix + str(folder).replace(" ", "%20"))
+    assert isinstance(dataset, LocalDataset)
+    assert dataset.root == folder
+
+
+def test_file_url_of_another_host(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="another host"):
+        open_dataset(f"file://server{tmp_path}")
+
+
+@pytest.mark.parametrize("address", ["{tmp}/absent", "file://{tmp}/absent", "C:\\no\\such\\folder"])
+def test_missing_folder(tmp_path: Path, address: str) -> None:
+    with pytest.raises(ValueError, match="does not exist") as info:
+        open_dataset(address.format(tmp=tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_file_is_not_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a folder"):
+        open_dataset(str(tmp_path / "f"))
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        (f"{HC}/v1/projects/p/locations/us-central1/datasets/d", ("v1", "p", "us-central1", "d")),
+        (
+            f"{HC}/v1beta1/projects/my-proj/locations/europe-west4/datasets/ds.1/",
+            ("v1beta1", "my-proj", "europe-west4", "ds.1"),
+        ),
+        (f"  {HC}/v1/projects/p/locations/l/datasets/d/  ", ("v1", "p", "l", "d")),
+        ("https://HEALTHCARE.googleapis.com/v1/projects/p/locations/l/datasets/d", ("v1", "p", "l", "d")),
+    ],
+)
+def test_parse_healthcare_address(address: str, expected: tuple[str, ...]) -> None:
+    parsed = parse_healthcare_address(address)
+    assert isinstance(parsed, HealthcareAddress)
+    assert parsed == (HC, *expected)
+    api_root, version, project, location, dataset = parsed
+    assert (api_root, version, project, location, dataset) == (HC, *expected)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d",
+        "https://example.com/v1/projects/p/locations/l/datasets/d",
+        f"{HC}/v2/projects/p/locations/l/datasets/d",
+        f"{HC}/v1/projects/p/locations/l/datasets/d/dicomStores/s",
+        f"{HC}/v1/projects/p/locations/l/datasets",
+        f"{HC}/v1/projects/p/locations/l/datasets//",
+        f"{HC}/v1/projects/p/locations/l/datasets/d?x=1",
+        "/some/folder",
+        "",
+    ],
+)
+def test_parse_healthcare_address_rejects_others(address: str) -> None:
+    assert parse_healthcare_address(address) is None
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_healthcare_dataset_is_not_there_yet(suffix: str) -> None:
+    with pytest.raises(NotImplementedError, match="later release"):
+        open_dataset(f"{HC}/v1beta1/projects/p/locations/l/datasets/d{suffix}")
+
+
+def test_healthcare_host_with_a_non_dataset_path() -> None:
+    with pytest.raises(ValueError, match="datasets/D"):
+        open_dataset(f"{HC}/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb")
+
+
+class FakeDicomwebDataset:
+    def __init__(self, url: str, **kwargs: object) -> None:
+        self.url = url
+        self.kwargs = kwargs
+
+
+@pytest.fixture
+def fake_dicomweb(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.ModuleType("dicomfuse.stores.dicomweb")
+    fake.DicomwebDataset = FakeDicomwebDataset  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "dicomfuse.stores.dicomweb", fake)
+
+
+@pytest.mark.usefixtures("fake_dicomweb")
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8042/dicom-web", "https://pacs.example.org/wado/"])
+def test_other_http_urls_are_dicomweb(url: str) -> None:
+    dataset = open_dataset(url)
+    assert isinstance(dataset, FakeDicomwebDataset)
+    assert (dataset.url, dataset.kwargs) == (url, {"orthanc_rest_url": "auto"})
+
+
+@pytest.mark.usefixtures("fake_dicomweb")
+def test_dicomweb_timeout_is_passed_on() -> None:
+    dataset = open_dataset("http://127.0.0.1:8042/dicom-web", timeout=(3.0, 30.0))
+    assert isinstance(dataset, FakeDicomwebDataset)
+    assert dataset.kwargs == {"orthanc_rest_url": "auto", "timeout": (3.0, 30.0)}
+
+
+def test_real_dicomweb_dataset_opens_without_a_request() -> None:
+    pytest.importorskip("dicomfuse.stores.dicomweb")
+    dataset = open_dataset("http://127.0.0.1:9/dicom-web")
+    assert type(dataset).__name__ == "DicomwebDataset"
+    dataset.close()
+
+
+@pytest.mark.parametrize("address", ["", "   ", "ftp://host/x", "s3://bucket/key", "dicom://pacs:104"])
+def test_garbage_is_refused_naming_what_is_accepted(address: str) -> None:
+    with pytest.raises(ValueError) as info:
+        open_dataset(address)
+    message = str(info.value)
+    assert "folder path" in message and "http(s)://" in message and "\n" not in message
