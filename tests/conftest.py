@@ -97,7 +97,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from tests.orthanc_server import OrthancServer, OrthancUnavailable
 
     try:
-        server = OrthancServer(tmp_path_factory.mktemp("orthanc")).start()
+        server = OrthancServer().start()
     except OrthancUnavailable as exc:
         if os.environ.get("CI"):
             raise

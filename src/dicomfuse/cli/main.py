@@ -102,7 +102,7 @@ def mount(settings: Settings) -> int:
 
     check_mount_path(settings.mountPath)
     try:
-        dataset = open_dataset(settings.datasetAddr, key_file=settings.keyFile)
+        dataset = open_dataset(settings.datasetAddr, key_file=settings.keyFile, orthanc_rest=settings.orthancRest)
         stores = list(dataset.list_stores())
     except (ValueError, NotImplementedError) as exc:
         raise UsageError(f"--datasetAddr: {exc}") from None
