@@ -24,8 +24,9 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 class Mount:
     """``python -m dicomfuse -a ADDRESS -p PATH ...`` as a user runs it."""
 
-    def __init__(self, address: str, workdir: Path, *extra_args: str) -> None:
+    def __init__(self, address: str, workdir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
         self.address = address
+        self.env = env
         self.path = workdir / "mnt"
         self.cache_dir = workdir / "cache"
         self.log_dir = workdir / "logs"
@@ -36,14 +37,16 @@ class Mount:
 
     @property
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "dicomfuse", "-a", self.address, "-p", str(self.path),
+        target = ["demo"] if self.address == "demo" else ["-a", self.address]
+        return [sys.executable, "-m", "dicomfuse", *target, "-p", str(self.path),
                 "--cacheDir", str(self.cache_dir), "--logDir", str(self.log_dir), *self.extra_args]
 
     def start(self) -> Mount:
         self.path.mkdir(parents=True, exist_ok=True)
         out = open(self.output, "wb")
+        env = {**os.environ, **(self.env or {})}
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env=env)
         out.close()
         try:
             wait_for(lambda: os.path.ismount(self.path) or self.proc.poll() is not None,  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ log = logging.getLogger("dicomfuse")
 PROG = "dicomfuse"
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+PROBE_UID = "2.25.0"  # a valid UID no real study has: looking it up costs one small request
 
 
 class UsageError(Exception):
@@ -104,6 +105,8 @@ def mount(settings: Settings) -> int:
     try:
         dataset = open_dataset(settings.datasetAddr, key_file=settings.keyFile, orthanc_rest=settings.orthancRest)
         stores = list(dataset.list_stores())
+        if stores:  # one small query proves the server answers before anything is mounted
+            next(iter(dataset.open_store(stores[0]).studies(PROBE_UID)), None)
     except (ValueError, NotImplementedError) as exc:
         raise UsageError(f"--datasetAddr: {exc}") from None
     except StoreError as exc:

@@ -1,0 +1,34 @@
+"""The README's first command: ``dicomfuse demo`` leaves a browsable mount of sample studies."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.conftest import requires_fuse, run
+from tests.mounting import Mount
+
+pytestmark = [requires_fuse, pytest.mark.mount]
+
+
+def test_demo_mount_is_browsable_and_writable(tmp_path: Path):
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    m = Mount("demo", tmp_path, env=env).start()
+    try:
+        assert {"demo-store", "scratch"} <= set(os.listdir(m.path))
+        files = sorted((m.path / "demo-store").glob("*/*/*.dcm"))
+        assert len(files) >= 4
+        ds = pydicom.dcmread(files[0])
+        assert f"{ds.SOPInstanceUID}.dcm" == files[0].name
+        r = run("cp", files[0], m.path / "scratch")
+        assert r.returncode == 0, r.stderr
+        assert (m.path / "scratch" / ds.StudyInstanceUID / ds.SeriesInstanceUID / files[0].name).read_bytes() == \
+            files[0].read_bytes()
+        assert m.stop(signal.SIGINT) == 0  # Ctrl+C
+    finally:
+        m.stop()
+    assert not os.path.ismount(m.path)

@@ -1,0 +1,77 @@
+"""The command line: the original's flags, one-line errors with exit code 2, help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomfuse.cli.main import EXIT_USAGE, main, parse_settings
+from dicomfuse.cli.settings import Settings
+
+
+def test_original_flags_and_defaults(tmp_path: Path):
+    s = parse_settings(["-a", str(tmp_path), "-p", str(tmp_path / "m")])
+    assert s.cacheTime == (60, 300) and s.cacheSize == 10000 and s.enableDeletion is True
+    assert s.cache_bytes == 10000 * 1024 * 1024
+    s = parse_settings(["--datasetAddr", "http://h/dicom-web", "--mountPath", "/m", "-t", "5,10", "-s", "100",
+                        "-k", "/key.json", "--extraMountOptions", "allow_other,max_read=4096"])
+    assert s.cacheTime == (5, 10) and s.cacheSize == 100 and s.keyFile == Path("/key.json")
+    assert s.extraMountOptions == "allow_other,max_read=4096"
+
+
+@pytest.mark.parametrize("spelling", [["--enableDeletion=false"], ["--enableDeletion", "false"], ["-d", "false"],
+                                      ["-d", "False"], ["--enableDeletion=no"]])
+def test_enable_deletion_spellings(spelling):
+    assert parse_settings(["-a", "/x", "-p", "/m", *spelling]).enableDeletion is False
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["-p", "/m"], "--datasetAddr"),
+    (["-a", "/x"], "--mountPath"),
+    (["-a", "/x", "-p", "/m", "-t", "60"], "--cacheTime: expected two whole numbers"),
+    (["-a", "/x", "-p", "/m", "-t", "a,b"], "--cacheTime"),
+    (["-a", "/x", "-p", "/m", "-s", "lots"], "--cacheSize"),
+    (["-a", "/x", "-p", "/m", "-s", "1"], "--cacheSize: must be at least 4"),
+    (["-a", "/x", "-p", "/m", "-d", "maybe"], "--enableDeletion: expected true or false"),
+    (["-a", "/x", "-p", "/m", "--orthancRest", "ftp://x"], "--orthancRest"),
+    (["-a", "/x", "-p", "/m", "--bogus"], "unrecognized arguments"),
+])
+def test_bad_values_print_one_line_and_exit_2(argv, fragment, capsys):
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dicomfuse: error:"), err
+    assert fragment in err
+
+
+def test_bad_addresses_and_mount_paths(tmp_path: Path, capsys):
+    mnt = tmp_path / "mnt"
+    assert main(["-a", str(tmp_path / "missing"), "-p", str(tmp_path), "--logDir", str(tmp_path / "l")]) == EXIT_USAGE
+    assert main(["-a", str(tmp_path), "-p", str(mnt), "--logDir", str(tmp_path / "l")]) == EXIT_USAGE
+    mnt.mkdir()
+    (mnt / "file").write_text("x")
+    assert main(["-a", str(tmp_path), "-p", str(mnt), "--logDir", str(tmp_path / "l")]) == EXIT_USAGE
+    assert main(["-a", "ftp://host/x", "-p", str(tmp_path / "l"), "--logDir", str(tmp_path / "l")]) == EXIT_USAGE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[2].strip() for line in lines if line.startswith("dicomfuse: error:")] == [
+        "--datasetAddr", "--mountPath", "--mountPath", "--mountPath"] or len(lines) >= 4
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in Settings.model_fields:
+        assert f"--{name}" in out
+    for short in ("-a", "-p", "-t", "-s", "-d", "-k", "-h"):
+        assert short in out
+
+
+def test_unreachable_server_exits_1_without_mounting(tmp_path: Path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    rc = main(["-a", "http://127.0.0.1:9/dicom-web", "-p", str(mnt), "--logDir", str(tmp_path / "logs"),
+               "--cacheDir", str(tmp_path / "cache")])
+    assert rc == 1
+    assert "Cannot reach the dataset" in (tmp_path / "logs" / "error.log").read_text()
