@@ -68,21 +68,34 @@ def test_every_reader_gets_the_whole_file(backend: Backend, mount_factory, dicom
 
 def test_unknown_sizes_read_completely_and_show_after_first_read(orthanc_norest: Backend, mount_factory,
                                                                   dicom: DicomFactory, tmp_path: Path):
+    """A server that lists no sizes: ls -l fetches nothing beyond its first file, yet cp, cat,
+    rsync, Python and tar all get whole files, and stat shows true sizes after a read."""
     backend = orthanc_norest
-    insts = dicom.series(3, pixel_bytes=200_000)
+    insts = dicom.series(4, pixel_bytes=200_000)
     backend.seed(insts)
+    want = {f"{i.sop_uid}.dcm": i.path.read_bytes() for i in insts}
     m = mount_factory(backend)
     series = backend.series_path(m, insts[0])
-    paths = [series / f"{i.sop_uid}.dcm" for i in insts]
-    assert os.stat(paths[0]).st_size == 0  # not known before the first read
-    assert run("cp", paths[0], tmp_path / "a.dcm").returncode == 0
-    assert (tmp_path / "a.dcm").read_bytes() == insts[0].path.read_bytes()
-    assert os.stat(paths[0]).st_size == insts[0].path.stat().st_size
-    r = run("rsync", "-a", paths[1], tmp_path / "b.dcm")
+    r = run("ls", "-l", series)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "b.dcm").read_bytes() == insts[1].path.read_bytes()
-    with open(paths[2], "rb") as f:
-        assert f.read() == insts[2].path.read_bytes()
+    sizes = [int(line.split()[4]) for line in r.stdout.splitlines()[1:]]
+    assert len(sizes) == 4 and sizes.count(0) >= 3, r.stdout  # a scan does not download the series
+    names = sorted(want)
+    assert run("cp", series / names[0], tmp_path / "a.dcm").returncode == 0
+    assert (tmp_path / "a.dcm").read_bytes() == want[names[0]]
+    assert os.stat(series / names[0]).st_size == len(want[names[0]])
+    r = run("rsync", "-a", series / names[1], tmp_path / "b.dcm")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "b.dcm").read_bytes() == want[names[1]]
+    with open(series / names[2], "rb") as f:
+        assert f.read() == want[names[2]]
+    # tar archives the size it sees before opening: it must see true sizes (fresh mount).
+    m2 = mount_factory(backend)
+    r = run("tar", "cf", tmp_path / "x.tar", "-C", backend.series_path(m2, insts[0]), ".")
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(tmp_path / "x.tar") as tar:
+        for name in names:
+            assert tar.extractfile(f"./{name}").read() == want[name]  # type: ignore[union-attr]
 
 
 def test_cd_straight_to_a_uid_no_listing_showed(backend: Backend, mount_factory, dicom: DicomFactory):

@@ -91,9 +91,13 @@ class FuseOperations(mfusepy.Operations):
                 "st_blocks": (attr.size + 511) // 512, "st_blksize": 1 << 17, "st_uid": self.uid,
                 "st_gid": self.gid, "st_mtime": ns, "st_ctime": ns, "st_atime": ns}
 
+    @staticmethod
+    def _caller() -> int:
+        return mfusepy.fuse_get_context()[2]
+
     @translate
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
-        return self._stat(self.vfs.getattr(path, fh.fh if fh is not None else None))
+        return self._stat(self.vfs.getattr(path, fh.fh if fh is not None else None, self._caller()))
 
     @translate
     def readdir(self, path: str, fh: Any) -> list[Any]:
@@ -153,7 +157,7 @@ class FuseOperations(mfusepy.Operations):
 
     @translate
     def open(self, path: str, fi: Any) -> int:
-        result = self.vfs.open(path, fi.flags)
+        result = self.vfs.open(path, fi.flags, self._caller())
         fi.fh = result.fh
         fi.direct_io = int(result.direct_io)
         fi.keep_cache = int(result.keep_cache)

@@ -52,10 +52,12 @@ class CachedInstance:
             if self.error is not None and self.written < end:
                 raise self.error
 
-    def wait_complete(self) -> int:
+    def wait_complete(self, timeout: float | None = None) -> int | None:
+        """The final size once the download ends (re-raising its error), or None if
+        ``timeout`` seconds pass first."""
         with self.cond:
-            while not self.complete and self.error is None:
-                self.cond.wait()
+            if not self.cond.wait_for(lambda: self.complete or self.error is not None, timeout):
+                return None
             if self.error is not None:
                 raise self.error
             return self.written

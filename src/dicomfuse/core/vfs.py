@@ -29,6 +29,7 @@ from dicomfuse.core.paths import (
     is_valid_store_id,
 )
 from dicomfuse.core.policy import Op, OperationPolicy
+from dicomfuse.core.sizes import Caller, StatProbePolicy
 from dicomfuse.core.tree import Entry, ListingCache
 from dicomfuse.core.uploads import DicomIdentity, Spool, inspect_dicom
 from dicomfuse.core.workdirs import WorkDirs
@@ -47,6 +48,7 @@ class VfsConfig:
     cache_bytes: int = 10_000 * 1024 * 1024
     deletion_enabled: bool = True
     download_workers: int = 8
+    stat_fetch_timeout: float = 30.0  # longest a stat waits to learn an unknown size
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class Vfs:
             workdirs.cache, config.cache_bytes, config.instance_ttl, workers=config.download_workers
         )
         self.spool = Spool(workdirs.spool, workdirs.failed)
+        self.stat_probes = StatProbePolicy()
         self.mounted_at = time.time()
         # Called with a mount path whose attributes changed behind the OS's back (size learnt).
         self.notify_changed: Callable[[str], None] = lambda path: None
@@ -167,7 +170,9 @@ class Vfs:
     # ======================================================================================
     # attributes and listings
 
-    def getattr(self, path: str, fh: int | None = None) -> Attr:
+    def getattr(self, path: str, fh: int | None = None, caller: Caller | None = None) -> Attr:
+        """``caller`` identifies the calling process (see ``core.sizes``): it decides whether a
+        stat of an instance of unknown size fetches it to tell its true size."""
         p = DicomPath.parse(path)
         if fh is not None:
             handle = self._handle(fh, required=False)
@@ -184,6 +189,8 @@ class Vfs:
         if entry.is_dir:
             return Attr(True, mtime=self.mounted_at)
         size = entry.size if entry.size is not None else self.cache.known_size(self._key(p))
+        if size is None and self.stat_probes.should_fetch(caller, p):
+            size = self._fetch_size(p)
         return self._file_attr(size)
 
     def readdir(self, path: str) -> list[tuple[str, Attr]]:
@@ -321,8 +328,9 @@ class Vfs:
             self._aliases.pop(p, None)
         return self._add_handle(handle)
 
-    def open(self, path: str, flags: int) -> OpenResult:
+    def open(self, path: str, flags: int, caller: Caller | None = None) -> OpenResult:
         p = DicomPath.parse(path)
+        self.stat_probes.opened(caller, p)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC)
         with self._lock:
@@ -629,6 +637,21 @@ class Vfs:
             raise
         return OpenResult(self._add_handle(ReadHandle(cached, fd)), direct_io=size_before is None,
                           keep_cache=size_before is not None)
+
+    def _fetch_size(self, p: DicomPath) -> int | None:
+        """Fetch an instance into the cache to learn its size (bounded wait)."""
+        key = self._key(p)
+        store = self._store(p.store)
+        cached = self.cache.open(key, lambda sink: store.retrieve(p.study, p.series, key[3], sink))
+        try:
+            size = cached.wait_complete(self.config.stat_fetch_timeout)
+        except StoreError as exc:
+            raise from_store_error(exc, f"stat {p}") from None
+        finally:
+            self.cache.release(cached)
+        if size is not None:
+            self.listings.update_size(p.parent, p.name, size)
+        return size
 
     def _open_write(self, p: DicomPath, truncate: bool) -> int:
         """Open an existing instance for writing: an overwrite, sent at close."""
