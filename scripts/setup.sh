@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 rsync python3-venv)
+packages=(fuse3 rsync python3 python3-venv)
 extras=""
 if [ "${1:-}" = "--test" ]; then
   packages+=(orthanc orthanc-dicomweb curl)
