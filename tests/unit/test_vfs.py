@@ -28,7 +28,7 @@ def make_vfs(dataset: LocalDataset, tmp_path: Path, **config) -> Vfs:
 
 
 def upload(vfs: Vfs, path: str, data: bytes) -> None:
-    fh = vfs.create(path)
+    fh = vfs.create(path).fh
     try:
         vfs.write(fh, data, 0)
         vfs.flush(fh)
@@ -100,7 +100,7 @@ def test_refusals(dataset, tmp_path, dicom: DicomFactory):
 
 def test_bad_upload_keeps_bytes(dataset, tmp_path):
     vfs = make_vfs(dataset, tmp_path)
-    fh = vfs.create("/store/notes.txt")
+    fh = vfs.create("/store/notes.txt").fh
     vfs.write(fh, b"plain text", 0)
     assert errno_of(vfs.flush, fh) == errno.EINVAL
     vfs.release(fh)
@@ -112,7 +112,7 @@ def test_bad_upload_keeps_bytes(dataset, tmp_path):
 
 def test_largest_file_is_cachesize_over_4(dataset, tmp_path):
     vfs = make_vfs(dataset, tmp_path, cache_bytes=4 * 1024 * 1024)
-    fh = vfs.create("/store/big.dcm")
+    fh = vfs.create("/store/big.dcm").fh
     assert errno_of(vfs.write, fh, b"x" * 10, 1024 * 1024) == errno.EFBIG
     vfs.release(fh)
     vfs.shutdown()
@@ -152,4 +152,20 @@ def test_overwrite_refused_keeps_original(dataset, tmp_path, dicom: DicomFactory
     assert errno_of(vfs.flush, res.fh) == errno.EINVAL
     vfs.release(res.fh)
     assert read(vfs, target) == inst.path.read_bytes()
+    vfs.shutdown()
+
+
+def test_side_file_renames(dataset, tmp_path, dicom: DicomFactory):
+    vfs = make_vfs(dataset, tmp_path)
+    upload(vfs, "/store/.x.swp", b"swap")
+    assert errno_of(vfs.rename, "/store/.x.swp", "/store/9.9.9/.x.swp") == errno.ENOENT  # no such folder
+    vfs.rename("/store/.x.swp", "/.x.swp")  # another existing folder: still local
+    assert read(vfs, "/.x.swp") == b"swap"
+    # An editor writes a side name, then gives the file its real name: that is the upload.
+    inst = dicom.instance()
+    upload(vfs, "/store/.scan.dcm.swp", inst.path.read_bytes())
+    assert list(dataset.open_store("store").studies()) == []
+    assert errno_of(vfs.rename, "/store/.scan.dcm.swp", "/scan.dcm") == errno.EPERM  # another folder
+    vfs.rename("/store/.scan.dcm.swp", "/store/scan.dcm")
+    assert list(dataset.open_store("store").studies()) == [inst.study_uid]
     vfs.shutdown()

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import mfusepy
 
 from dicomfuse.core.errors import FsError
-from dicomfuse.core.vfs import Attr, Vfs
+from dicomfuse.core.vfs import Attr, OpenResult, Vfs
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +151,19 @@ class FuseOperations(mfusepy.Operations):
 
     @translate
     def create(self, path: str, mode: int, fi: Any) -> int:
-        fi.fh = self.vfs.create(path)
-        fi.direct_io = 1
+        self._fill(fi, self.vfs.create(path))
         return 0
 
     @translate
     def open(self, path: str, fi: Any) -> int:
-        result = self.vfs.open(path, fi.flags, self._caller())
+        self._fill(fi, self.vfs.open(path, fi.flags, self._caller()))
+        return 0
+
+    @staticmethod
+    def _fill(fi: Any, result: OpenResult) -> None:
         fi.fh = result.fh
         fi.direct_io = int(result.direct_io)
         fi.keep_cache = int(result.keep_cache)
-        return 0
 
     @translate
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:

@@ -307,26 +307,23 @@ class Vfs:
         self.cache.evict(self._key(p))
         log.info("Deleted instance %s", p)
 
-    def create(self, path: str) -> int:
+    def create(self, path: str) -> OpenResult:
         p = DicomPath.parse(path)
         if p.too_deep:
             raise FsError(errno.ENOENT, f"create: no such folder: {p.parent}")
         if p.is_side_file:
-            return self._create_local(p)
+            return OpenResult(self._create_local(p), direct_io=True)
         parent = self.getattr(str(p.parent))
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR, f"create: not a folder: {p.parent}")
         self.policy.check(Op.UPLOAD, p.level, str(p))
         if p.level == Level.INSTANCE and self._exists(p):
-            return self._open_write(p, truncate=True)
-        spool_path, fd = self.spool.new_file()
+            return self._open_instance_for_writing(p, truncate=True)
+        with self._lock:
+            self._aliases.pop(p, None)
         # dirty from the start: even an empty new file is checked at close (an empty file is
         # not DICOM, and saying so beats a silent no-op).
-        handle = WriteHandle(p, spool_path, fd, dirty=True)
-        with self._lock:
-            self._pending[p] = handle
-            self._aliases.pop(p, None)
-        return self._add_handle(handle)
+        return self._new_write_handle(p, overwrites=None, seed_from=None, dirty=True)
 
     def open(self, path: str, flags: int, caller: Caller | None = None) -> OpenResult:
         p = DicomPath.parse(path)
@@ -344,9 +341,12 @@ class Vfs:
             fd = os.open(node.path, os.O_RDWR | (os.O_TRUNC if truncate else 0))
             return OpenResult(self._add_handle(LocalHandle(node, fd)), direct_io=True)
         if writing:
-            if alias is not None or pending is not None:
-                return OpenResult(self._reopen_written(p, truncate), direct_io=True)
-            return OpenResult(self._open_write(p, truncate), direct_io=True)
+            if alias is not None:  # a name just uploaded: writing it again overwrites that instance
+                target = None if truncate else self._alias_target(p, alias)
+                return self._new_write_handle(p, overwrites=alias.ident, seed_from=target, dirty=truncate)
+            if pending is not None:
+                return self._new_write_handle(p, overwrites=None, seed_from=None, dirty=truncate)
+            return self._open_instance_for_writing(p, truncate)
         if alias is not None:
             target = self._alias_target(p, alias)
             return self._open_read(target)
@@ -613,14 +613,8 @@ class Vfs:
         if entry.is_dir:
             raise FsError(errno.EISDIR, f"open: is a folder: {p}")
         self.policy.check(Op.READ, p.level, str(p))
-        key = self._key(p)
-        store = self._store(p.store)
-        size_before = entry.size if entry.size is not None else self.cache.known_size(key)
-
-        def fetch(sink):  # type: ignore[no-untyped-def]
-            return store.retrieve(p.study, p.series, key[3], sink)
-
-        cached = self.cache.open(key, fetch, entry.size)
+        size_before = entry.size if entry.size is not None else self.cache.known_size(self._key(p))
+        cached = self._cache_open(p, entry.size)
         try:
             if size_before is None:
                 # The OS holds size 0 for this file: learn the true size before open returns,
@@ -638,11 +632,15 @@ class Vfs:
         return OpenResult(self._add_handle(ReadHandle(cached, fd)), direct_io=size_before is None,
                           keep_cache=size_before is not None)
 
-    def _fetch_size(self, p: DicomPath) -> int | None:
-        """Fetch an instance into the cache to learn its size (bounded wait)."""
+    def _cache_open(self, p: DicomPath, expected_size: int | None = None) -> CachedInstance:
+        """The pinned cache entry of instance ``p``, downloading it if needed (single-flight)."""
         key = self._key(p)
         store = self._store(p.store)
-        cached = self.cache.open(key, lambda sink: store.retrieve(p.study, p.series, key[3], sink))
+        return self.cache.open(key, lambda sink: store.retrieve(p.study, p.series, key[3], sink), expected_size)
+
+    def _fetch_size(self, p: DicomPath) -> int | None:
+        """Fetch an instance into the cache to learn its size (bounded wait)."""
+        cached = self._cache_open(p)
         try:
             size = cached.wait_complete(self.config.stat_fetch_timeout)
         except StoreError as exc:
@@ -653,7 +651,7 @@ class Vfs:
             self.listings.update_size(p.parent, p.name, size)
         return size
 
-    def _open_write(self, p: DicomPath, truncate: bool) -> int:
+    def _open_instance_for_writing(self, p: DicomPath, truncate: bool) -> OpenResult:
         """Open an existing instance for writing: an overwrite, sent at close."""
         entry = self._resolve(p)
         if entry.is_dir:
@@ -661,26 +659,20 @@ class Vfs:
         self.policy.check(Op.OVERWRITE, p.level, str(p))
         uid = instance_uid(p.name)
         assert uid is not None
-        spool_path, fd = self.spool.new_file()
-        if not truncate:
-            self._copy_instance_into(p, fd)
-        handle = WriteHandle(p, spool_path, fd, overwrites=DicomIdentity(p.study, p.series, uid), dirty=truncate)
-        with self._lock:
-            self._pending[p] = handle
-        return self._add_handle(handle)
+        return self._new_write_handle(p, overwrites=DicomIdentity(p.study, p.series, uid),
+                                      seed_from=None if truncate else p, dirty=truncate)
 
-    def _reopen_written(self, p: DicomPath, truncate: bool) -> int:
-        """Open for writing a name that was just uploaded (alias) or is being written."""
-        with self._lock:
-            alias = self._aliases.get(p)
+    def _new_write_handle(self, p: DicomPath, *, overwrites: DicomIdentity | None,
+                          seed_from: DicomPath | None, dirty: bool) -> OpenResult:
+        """A spooled write handle for ``p``, starting with the bytes of ``seed_from`` if given
+        (an open for writing without O_TRUNC edits the current content)."""
         spool_path, fd = self.spool.new_file()
-        overwrites = alias.ident if alias is not None else None
-        if alias is not None and not truncate:
-            self._copy_instance_into(self._alias_target(p, alias), fd)
-        handle = WriteHandle(p, spool_path, fd, overwrites=overwrites, dirty=truncate)
+        if seed_from is not None:
+            self._copy_instance_into(seed_from, fd)
+        handle = WriteHandle(p, spool_path, fd, overwrites=overwrites, dirty=dirty)
         with self._lock:
             self._pending[p] = handle
-        return self._add_handle(handle)
+        return OpenResult(self._add_handle(handle), direct_io=True)
 
     def _copy_instance_into(self, p: DicomPath, fd: int) -> None:
         result = self._open_read(p)
@@ -865,11 +857,12 @@ class Vfs:
             with self._lock:
                 self._local[pn] = self._local.pop(po)
             return
-        if pn.is_side_file or pn.parent != po.parent:
+        if pn.is_side_file:  # stays on this computer, in any existing folder
+            self._require_dir(pn.parent)
             with self._lock:
-                if pn.parent == po.parent or self._local.get(pn.parent, LocalNode(True)).is_dir:
-                    self._local[pn] = self._local.pop(po)
-                    return
+                self._local[pn] = self._local.pop(po)
+            return
+        if pn.parent != po.parent:
             raise FsError(errno.EPERM, f"rename: {po} to another folder")
         # An editor or tool wrote a side/temp name and now gives it its real name: upload it.
         self.policy.check(Op.UPLOAD, pn.level, str(pn))
