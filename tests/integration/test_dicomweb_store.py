@@ -13,6 +13,7 @@ import pytest
 from dicomfuse.samples import SampleInstance, make_uid, write_instance, write_samples
 from dicomfuse.stores.base import Dataset, NotFound, Store, Unavailable, Unsupported
 from dicomfuse.stores.dicomweb import DicomwebDataset, DicomwebStore, store_name_from_url
+from tests.fakes.http_server import LoopbackServer, Reply, Seen
 from tests.orthanc_server import OrthancServer
 
 ABSENT_UID = "1.2.826.0.1.3680043.8.498.999999"
@@ -261,58 +262,32 @@ def test_explicit_orthanc_rest_url(orthanc: OrthancServer, samples: list[SampleI
 Answer = tuple[int, dict[str, str], bytes]
 
 
-class FakeDicomweb:
+class FakeDicomweb(LoopbackServer):
     """A DICOMweb stand-in whose answers a test sets with ``route`` (method, path+query, headers
     → status, headers, body). ``close_early`` sends fewer body bytes than promised."""
 
     def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        super().__init__(self._answer)
         self.route: Callable[[str, str, dict[str, str], bytes], Answer] = lambda *_: (404, {}, b"")
         self.close_early = 0
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                headers = dict(self.headers)
-                fake.requests.append((self.command, self.path, headers))
-                status, reply_headers, reply = fake.route(self.command, self.path, headers, body)
-                self.send_response(status)
-                for name, value in reply_headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                if fake.close_early:
-                    self.wfile.write(reply[: -fake.close_early])
-                    self.close_connection = True
-                else:
-                    self.wfile.write(reply)
-
-            do_GET = do_POST = do_DELETE = _handle
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
         self.datasets: list[DicomwebDataset] = []
+
+    def _answer(self, seen: Seen) -> Reply:
+        status, headers, body = self.route(seen.method, seen.path, seen.headers, seen.body)
+        return Reply(status, body, headers, short_by=self.close_early)
+
+    @property
+    def requests(self) -> list[tuple[str, str, dict[str, str]]]:
+        return [(s.method, s.path, s.headers) for s in self.seen]
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
+        return f"{self.base_url}/dicom-web"
 
     def stop(self) -> None:
         for ds in self.datasets:
             ds.close()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().stop()
 
 
 @pytest.fixture
@@ -345,7 +320,7 @@ def test_server_that_ignores_limit_and_offset(fake: FakeDicomweb, page_size: int
     store = fake_store(fake, page_size=page_size)
     assert list(store.studies()) == ["1.1", "1.2", "1.3"]
     assert len(fake.requests) <= 2
-    fake.requests.clear()
+    fake.clear()
     assert list(store.studies("1.2")) == ["1.2"]  # the filter is ignored too
     assert list(store.studies("9.9")) == []
     assert len(fake.requests) <= 3
@@ -374,7 +349,7 @@ def test_single_part_retrieve_and_accept_fallback(fake: FakeDicomweb) -> None:
     assert sink.getvalue() == payload
     assert [r[2]["Accept"] for r in fake.requests][-1] == "application/dicom"
     assert len(fake.requests) == 3
-    fake.requests.clear()
+    fake.clear()
     store.retrieve("1", "2", "3", io.BytesIO())
     assert len(fake.requests) == 1  # the Accept that worked is tried first from now on
 

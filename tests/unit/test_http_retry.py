@@ -5,10 +5,7 @@ from __future__ import annotations
 import email.utils
 import json
 import socket
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -29,83 +26,28 @@ from dicomfuse.stores.http import (
     parse_retry_after,
     server_error_detail,
 )
+from tests.fakes.http_server import LoopbackServer, Reply, Seen
 
 
-@dataclass
-class Reply:
-    status: int = 200
-    body: bytes = b"ok"
-    headers: dict[str, str] = field(default_factory=dict)
-    stall: bool = False  # hold the answer until the test ends (read timeout)
-    drop: bool = False  # close the connection without answering
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     """Answers each request with the next scripted :class:`Reply` (the last one repeats)."""
 
     def __init__(self) -> None:
+        super().__init__(self._next)
         self.replies: list[Reply] = [Reply()]
-        self.seen: list[Seen] = []
-        self.release = threading.Event()
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                reply = server.record(Seen(self.command, self.path, dict(self.headers), body))
-                if reply.drop:
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if reply.stall:
-                    server.release.wait(10)
-                self.send_response(reply.status)
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply.body)))
-                self.end_headers()
-                self.wfile.write(reply.body)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return self.base_url
 
     def script(self, *replies: Reply) -> None:
         with self._lock:
             self.replies = list(replies)
-            self.seen = []
+        self.clear()
 
-    def record(self, seen: Seen) -> Reply:
+    def _next(self, seen: Seen) -> Reply:
         with self._lock:
-            self.seen.append(seen)
             return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
-
-    def stop(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
