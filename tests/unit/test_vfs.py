@@ -169,3 +169,20 @@ def test_side_file_renames(dataset, tmp_path, dicom: DicomFactory):
     vfs.rename("/store/.scan.dcm.swp", "/store/scan.dcm")
     assert list(dataset.open_store("store").studies()) == [inst.study_uid]
     vfs.shutdown()
+
+
+def test_file_cut_between_elements_is_refused_before_sending(dataset, tmp_path, dicom: DicomFactory):
+    """A cut that falls exactly before the pixel data parses cleanly; the core must still refuse
+    it (with the same check the local store uses) so no server ever gets a half image."""
+    data = dicom.instance(pixel_bytes=8192).path.read_bytes()
+    cut = data[: data.rindex(b"\xe0\x7f\x10\x00")]  # up to the (7FE0,0010) Pixel Data tag
+    vfs = make_vfs(dataset, tmp_path)
+    fh = vfs.create("/store/half.dcm").fh
+    vfs.write(fh, cut, 0)
+    with pytest.raises(FsError) as e:
+        vfs.flush(fh)
+    assert e.value.errno == errno.EINVAL
+    assert "server refused" not in str(e.value) and "truncated" in str(e.value)  # refused locally
+    vfs.release(fh)
+    assert list(dataset.open_store("store").studies()) == []
+    vfs.shutdown()

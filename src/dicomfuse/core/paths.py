@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 from enum import IntEnum
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+from dicomfuse.dicomfile import is_uid
+
 STORE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,256}$")
 INSTANCE_SUFFIX = ".dcm"
 
@@ -43,10 +44,6 @@ class Level(IntEnum):
     STUDY = 2
     SERIES = 3
     INSTANCE = 4
-
-
-def is_uid(name: str) -> bool:
-    return len(name) <= 64 and bool(UID_RE.match(name))
 
 
 def is_side_file(name: str) -> bool:

@@ -11,63 +11,21 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from dicomfuse.core.errors import FsError
-from dicomfuse.core.paths import is_uid
+from dicomfuse.dicomfile import DicomUids, check_upload
 
 log = logging.getLogger(__name__)
 
-UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class DicomIdentity:
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-
-
-def inspect_dicom(path: Path) -> DicomIdentity:
-    """The UIDs of a complete Part-10 file; FsError(EINVAL) saying why it is not one.
-
-    Large values are not loaded (memory stays flat); instead every element's declared length
-    is checked against the file's size, so a truncated file is refused."""
-    import pydicom
-    from pydicom.dataelem import RawDataElement
-    from pydicom.errors import InvalidDicomError
-
-    size = path.stat().st_size
-    if size == 0:
+def inspect_dicom(path: Path) -> DicomUids:
+    """The UIDs of a complete Part-10 file; FsError(EINVAL) saying why it is not one."""
+    if path.stat().st_size == 0:
         raise FsError(errno.EINVAL, "empty file is not DICOM", logging.ERROR)
-    try:
-        ds = pydicom.dcmread(path, defer_size=64 * 1024)
-        for tag in list(ds.keys()):
-            raw = ds.get_item(tag, keep_deferred=True)
-            if (
-                isinstance(raw, RawDataElement)
-                and raw.length != UNDEFINED_LENGTH
-                and raw.value_tell is not None
-                and raw.value_tell + raw.length > size
-            ):
-                raise FsError(errno.EINVAL, f"truncated DICOM file (element {raw.tag} runs past the end)",
-                              logging.ERROR)
-        uids = (ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID"))
-    except FsError:
-        raise
-    except InvalidDicomError:
-        raise FsError(errno.EINVAL, "not a DICOM Part-10 file (no preamble/DICM prefix or file meta)",
-                      logging.ERROR) from None
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on broken input
-        raise FsError(errno.EINVAL, f"unreadable DICOM file ({type(exc).__name__})", logging.ERROR) from None
-    if "TransferSyntaxUID" not in ds.file_meta:
-        raise FsError(errno.EINVAL, "DICOM file meta has no TransferSyntaxUID", logging.ERROR)
-    names = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-    for name, value in zip(names, uids, strict=True):
-        if not value or not is_uid(str(value)):
-            raise FsError(errno.EINVAL, f"DICOM file has no valid {name}", logging.ERROR)
-    return DicomIdentity(*(str(u) for u in uids))  # type: ignore[arg-type]
+    result = check_upload(path)
+    if isinstance(result, str):
+        raise FsError(errno.EINVAL, result, logging.ERROR)
+    return result
 
 
 class Spool:

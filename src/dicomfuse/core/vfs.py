@@ -31,8 +31,9 @@ from dicomfuse.core.paths import (
 from dicomfuse.core.policy import Op, OperationPolicy
 from dicomfuse.core.sizes import Caller, StatProbePolicy
 from dicomfuse.core.tree import Entry, ListingCache
-from dicomfuse.core.uploads import DicomIdentity, Spool, inspect_dicom
+from dicomfuse.core.uploads import Spool, inspect_dicom
 from dicomfuse.core.workdirs import WorkDirs
+from dicomfuse.dicomfile import DicomUids
 from dicomfuse.stores.base import Dataset, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Alias:
     """A name the user wrote to that now stands for an uploaded instance (``cp a.dcm store/``,
     rsync's temp names): resolvable, renamable, removable, never listed."""
 
-    ident: DicomIdentity
+    ident: DicomUids
     size: int
     at: float
 
@@ -107,9 +108,9 @@ class WriteHandle:
     path: DicomPath
     spool_path: Path
     fd: int
-    overwrites: DicomIdentity | None = None  # the instance opened for writing, if any
+    overwrites: DicomUids | None = None  # the instance opened for writing, if any
     dirty: bool = False
-    uploaded: DicomIdentity | None = None
+    uploaded: DicomUids | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -659,10 +660,10 @@ class Vfs:
         self.policy.check(Op.OVERWRITE, p.level, str(p))
         uid = instance_uid(p.name)
         assert uid is not None
-        return self._new_write_handle(p, overwrites=DicomIdentity(p.study, p.series, uid),
+        return self._new_write_handle(p, overwrites=DicomUids(p.study, p.series, uid),
                                       seed_from=None if truncate else p, dirty=truncate)
 
-    def _new_write_handle(self, p: DicomPath, *, overwrites: DicomIdentity | None,
+    def _new_write_handle(self, p: DicomPath, *, overwrites: DicomUids | None,
                           seed_from: DicomPath | None, dirty: bool) -> OpenResult:
         """A spooled write handle for ``p``, starting with the bytes of ``seed_from`` if given
         (an open for writing without O_TRUNC edits the current content)."""
@@ -709,7 +710,7 @@ class Vfs:
             h.dirty = False
             h.uploaded = ident
 
-    def _send(self, h: WriteHandle) -> DicomIdentity:
+    def _send(self, h: WriteHandle) -> DicomUids:
         size = h.size
         if size > self.cache.max_file:
             raise FsError(errno.EFBIG, f"upload {h.path}: {size} bytes exceeds cacheSize/4", logging.ERROR)
@@ -736,7 +737,7 @@ class Vfs:
         log.info("Uploaded %s as %s", h.path, target)
         return ident
 
-    def _instance_exists(self, store: Store, ident: DicomIdentity) -> bool:
+    def _instance_exists(self, store: Store, ident: DicomUids) -> bool:
         found = self._remote(
             f"look up instance {ident.sop_uid}",
             lambda: next(iter(store.instances(ident.study_uid, ident.series_uid, ident.sop_uid)), None),
@@ -750,7 +751,7 @@ class Vfs:
             reason = outcome.reason if outcome is not None else "no answer for the file"
             raise FsError(errno.EINVAL, f"the server refused {target}: {reason}", logging.ERROR)
 
-    def _replace(self, store: Store, target: DicomPath, ident: DicomIdentity, h: WriteHandle) -> None:
+    def _replace(self, store: Store, target: DicomPath, ident: DicomUids, h: WriteHandle) -> None:
         """Overwrite an existing instance: delete, then store; if the new bytes are refused,
         the old instance is stored back. Identical bytes change nothing."""
         backup_path, backup_fd = self.spool.new_file()
@@ -779,7 +780,7 @@ class Vfs:
             self._close_fd(backup_fd)
             Spool.discard(backup_path)
 
-    def _delete_replaced(self, store_name: str, old: DicomIdentity) -> None:
+    def _delete_replaced(self, store_name: str, old: DicomUids) -> None:
         path = DicomPath((store_name, old.study_uid, old.series_uid, instance_name(old.sop_uid)))
         if not self.config.deletion_enabled:
             log.warning("Overwrite with a different instance: %s is kept because deletion is disabled", path)
@@ -794,7 +795,7 @@ class Vfs:
         self.listings.note_removed(path.parent, path.name)
         self.cache.evict(self._key(path))
 
-    def _note_uploaded(self, written: DicomPath, target: DicomPath, ident: DicomIdentity, size: int) -> None:
+    def _note_uploaded(self, written: DicomPath, target: DicomPath, ident: DicomUids, size: int) -> None:
         store_path = DicomPath((target.store,))
         self.listings.note_added(store_path, ident.study_uid, Entry(True))
         self.listings.note_added(store_path.child(ident.study_uid), ident.series_uid, Entry(True))

@@ -41,10 +41,8 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import pydicom
-from pydicom.dataelem import RawDataElement
-from pydicom.errors import InvalidDicomError
-from pydicom.tag import BaseTag
 
+from dicomfuse.dicomfile import UID_KEYWORDS, DicomUids, check_upload, is_uid, uids_of
 from dicomfuse.stores.base import (
     AlreadyExists,
     Forbidden,
@@ -65,22 +63,12 @@ _T = TypeVar("_T")
 DEFAULT_FULL_RESCAN_INTERVAL = 60.0
 _RACY_WINDOW_NS = 2_000_000_000
 _UNSETTLED = -1  # a recorded mtime that never matches: list the directory again at the next check
-_DEFER_SIZE = 1 << 20  # upload parse: larger values are checked by position, not loaded into memory
-_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 _STORE_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-_UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-_IMAGE_PIXEL_ATTRIBUTES = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation")
-_OTHER_PIXEL_SOURCES = ("FloatPixelData", "DoubleFloatPixelData", "PixelDataProviderURL")
 
 
 # ---------------------------------------------------------------------------------------------
 # Names
-
-
-def _is_valid_uid(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
 def _is_plain_name(name: str) -> bool:
@@ -111,34 +99,14 @@ def _store_error(exc: OSError, action: str) -> StoreError:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing
+# Scanning
 
 
-@dataclass(frozen=True)
-class _Uids:
-    study: str
-    series: str
-    sop: str
-
-
-def _uids_of(ds: pydicom.Dataset) -> _Uids | str:
-    """The three UIDs, or the reason they are unusable."""
-    values = []
-    for keyword in _UID_TAGS:
-        value = ds.get(keyword)
-        if value is None or value == "":
-            return f"no {keyword}"
-        if not _is_valid_uid(value):
-            return f"{keyword} is not a valid UID"
-        values.append(str(value))
-    return _Uids(*values)
-
-
-def _read_indexed_uids(path: Path) -> _Uids | None:
+def _read_indexed_uids(path: Path) -> DicomUids | None:
     """The UIDs of a file met while scanning (header only), or None to skip it."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_UID_TAGS))
-        uids = _uids_of(ds)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(UID_KEYWORDS))
+        uids = uids_of(ds)
     except Exception as exc:  # pydicom raises many types on garbage; a scan must never crash
         log.debug("skipped a file: not readable as DICOM (%s)", type(exc).__name__)
         return None
@@ -146,108 +114,6 @@ def _read_indexed_uids(path: Path) -> _Uids | None:
         log.debug("skipped a DICOM file: %s", uids)
         return None
     return uids
-
-
-def _parse_upload(path: Path) -> _Uids | str:
-    """The UIDs of a file to store, or the reason to refuse it.
-
-    The whole file is parsed (no force, so the Part-10 preamble and file meta are required);
-    values above 1 MiB are checked by position rather than loaded. A file whose last element
-    does not end where the file ends, or whose native pixel data is shorter than its image
-    attributes say, is refused as truncated."""
-    try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
-        size = path.stat().st_size
-    except OSError as exc:
-        return f"cannot read the file ({exc.strerror or type(exc).__name__})"
-    except InvalidDicomError:
-        return "not a DICOM Part-10 file (no 'DICM' preamble or file meta information)"
-    except Exception as exc:  # pydicom raises many types on garbage
-        log.debug("cannot parse an upload", exc_info=True)
-        return f"truncated or corrupt DICOM ({type(exc).__name__})"
-    try:
-        problem = _truncation_problem(ds, path, size) or _pixel_data_problem(ds)
-    except Exception as exc:  # malformed image attributes and the like
-        log.debug("cannot check an upload", exc_info=True)
-        return f"inconsistent DICOM attributes ({type(exc).__name__})"
-    return problem or _uids_of(ds)
-
-
-def _element_end(elem: object) -> int | None:
-    """File offset just past a top-level element, when the raw element tells it."""
-    if not isinstance(elem, RawDataElement) or elem.value_tell is None:
-        return None
-    if elem.length != _UNDEFINED_LENGTH:
-        return elem.value_tell + elem.length
-    if isinstance(elem.value, bytes):
-        return elem.value_tell + len(elem.value) + 8  # + the sequence delimitation item
-    return None
-
-
-def _truncation_problem(ds: pydicom.Dataset, path: Path, size: int) -> str | None:
-    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
-    if transfer_syntax is not None and transfer_syntax.is_deflated:
-        return None  # offsets refer to the inflated stream; zlib reports truncation itself
-    tags = sorted(ds.keys())
-    if not tags:
-        return "no data set after the file meta information (truncated?)"
-    ends = [end for end in map(_element_end, _raw_items(ds, tags)) if end is not None]
-    if ends and max(ends) > size:
-        return "truncated: an element runs past the end of the file"
-    last_end = _element_end(ds.get_item(tags[-1], keep_deferred=True))
-    if last_end is None:
-        return None  # an undefined-length last element: pydicom drops it if its delimiter is missing
-    tail = size - max(ends)
-    if tail and (tail >= 8 or any(_read_tail(path, tail))):
-        return "truncated: the last element is incomplete"
-    return None
-
-
-def _raw_items(ds: pydicom.Dataset, tags: list[BaseTag]) -> Iterator[object]:
-    return (ds.get_item(tag, keep_deferred=True) for tag in tags)
-
-
-def _read_tail(path: Path, count: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(-count, os.SEEK_END)
-        return f.read()
-
-
-def _pixel_data_problem(ds: pydicom.Dataset) -> str | None:
-    """Pixel data that an image needs but lacks, or native (not encapsulated) pixel data
-    shorter than Rows × Columns × … says. A file cut at an element boundary parses cleanly;
-    for images this is what tells it apart."""
-    if "PixelData" not in ds:
-        return _missing_pixel_data_problem(ds)
-    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
-    raw = ds.get_item("PixelData", keep_deferred=True)
-    if transfer_syntax is None or transfer_syntax.is_encapsulated or raw is None:
-        return None
-    length = raw.length if isinstance(raw, RawDataElement) else len(raw.value or b"")
-    if length != _UNDEFINED_LENGTH and length < _expected_pixel_bytes(ds):
-        return "pixel data is shorter than the image attributes say"
-    return None
-
-
-def _missing_pixel_data_problem(ds: pydicom.Dataset) -> str | None:
-    if any(keyword in ds for keyword in _OTHER_PIXEL_SOURCES):
-        return None
-    if any(keyword in ds for keyword in _IMAGE_PIXEL_ATTRIBUTES):
-        return "image attributes but no pixel data (truncated?)"
-    sop_class = ds.get("SOPClassUID")
-    if "Image Storage" in str(getattr(sop_class, "name", "")):
-        return "an image SOP class but no pixel data (truncated?)"
-    return None
-
-
-def _expected_pixel_bytes(ds: pydicom.Dataset) -> int:
-    samples = int(ds.get("SamplesPerPixel") or 1)
-    frames = int(ds.get("NumberOfFrames") or 1)
-    bits = int(ds.BitsAllocated) * int(ds.Rows) * int(ds.Columns) * samples * frames
-    expected = -(-bits // 8)
-    if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
-        expected = expected * 2 // 3  # chroma subsampled in native data
-    return expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +124,7 @@ def _expected_pixel_bytes(ds: pydicom.Dataset) -> int:
 class _FileState:
     size: int
     mtime_ns: int
-    uids: _Uids | None
+    uids: DicomUids | None
 
 
 @dataclass(frozen=True)
@@ -273,35 +139,35 @@ class _Index:
 
     def __init__(self, root: Path) -> None:
         self._root = root
-        self._uids: dict[Path, _Uids] = {}
+        self._uids: dict[Path, DicomUids] = {}
         self._tree: dict[str, dict[str, dict[str, set[Path]]]] = {}
         self._by_sop: dict[str, set[Path]] = {}
 
-    def add(self, path: Path, uids: _Uids) -> None:
+    def add(self, path: Path, uids: DicomUids) -> None:
         if self._uids.get(path) == uids:
             return
         self.remove(path)
         self._uids[path] = uids
-        series = self._tree.setdefault(uids.study, {}).setdefault(uids.series, {})
-        series.setdefault(uids.sop, set()).add(path)
-        self._by_sop.setdefault(uids.sop, set()).add(path)
+        series = self._tree.setdefault(uids.study_uid, {}).setdefault(uids.series_uid, {})
+        series.setdefault(uids.sop_uid, set()).add(path)
+        self._by_sop.setdefault(uids.sop_uid, set()).add(path)
 
     def remove(self, path: Path) -> None:
         uids = self._uids.pop(path, None)
         if uids is None:
             return
-        study = self._tree[uids.study]
-        series = study[uids.series]
-        series[uids.sop].discard(path)
-        if not series[uids.sop]:
-            del series[uids.sop]
+        study = self._tree[uids.study_uid]
+        series = study[uids.series_uid]
+        series[uids.sop_uid].discard(path)
+        if not series[uids.sop_uid]:
+            del series[uids.sop_uid]
             if not series:
-                del study[uids.series]
+                del study[uids.series_uid]
                 if not study:
-                    del self._tree[uids.study]
-        self._by_sop[uids.sop].discard(path)
-        if not self._by_sop[uids.sop]:
-            del self._by_sop[uids.sop]
+                    del self._tree[uids.study_uid]
+        self._by_sop[uids.sop_uid].discard(path)
+        if not self._by_sop[uids.sop_uid]:
+            del self._by_sop[uids.sop_uid]
 
     def clear(self) -> None:
         self._uids.clear()
@@ -328,14 +194,14 @@ class _Index:
     def _primary(self, paths: set[Path]) -> Path:
         return min(paths, key=lambda p: (p != self.canonical_path(self._uids[p]), str(p)))
 
-    def canonical_path(self, uids: _Uids) -> Path:
-        return self._root / uids.study / uids.series / f"{uids.sop}.dcm"
+    def canonical_path(self, uids: DicomUids) -> Path:
+        return self._root / uids.study_uid / uids.series_uid / f"{uids.sop_uid}.dcm"
 
 
-def _diff(old: dict[Path, _DirState], new: dict[Path, _DirState]) -> tuple[list[Path], list[tuple[Path, _Uids]]]:
+def _diff(old: dict[Path, _DirState], new: dict[Path, _DirState]) -> tuple[list[Path], list[tuple[Path, DicomUids]]]:
     """Indexed files that disappeared or changed, and files to (re-)index."""
     removed: list[Path] = []
-    added: list[tuple[Path, _Uids]] = []
+    added: list[tuple[Path, DicomUids]] = []
     for folder in old.keys() | new.keys():
         before, after = old.get(folder), new.get(folder)
         if before is after:
@@ -445,29 +311,29 @@ class LocalStore:
     # -- writing helpers ------------------------------------------------------------------
 
     def _store_one(self, source: Path) -> StowOutcome:
-        parsed = _parse_upload(source)
+        parsed = check_upload(source)
         if isinstance(parsed, str):
             log.info("store %s refused a file: %s", self.name, parsed)
             return StowOutcome(path=source, stored=False, reason=parsed)
         with self._lock:
             target = self._index.canonical_path(parsed)
-            stale = [p for p in self._index.copies_of_sop(parsed.sop) if p != target]
+            stale = [p for p in self._index.copies_of_sop(parsed.sop_uid) if p != target]
         try:
             source_file = open(source, "rb")
         except OSError as exc:
             reason = f"cannot read the file ({exc.strerror or type(exc).__name__})"
             return StowOutcome(path=source, stored=False, reason=reason)
         with source_file:
-            self._write_atomically(source_file, target, parsed.sop)
+            self._write_atomically(source_file, target, parsed.sop_uid)
         for path in stale:
-            self._unlink(path, f"replacing instance {parsed.sop}")
+            self._unlink(path, f"replacing instance {parsed.sop_uid}")
             self._prune_empty_folders(path)
         with self._scan_lock, self._lock:
             for path in stale:
                 self._index.remove(path)
             self._index.add(target, parsed)
-        log.debug("stored %s in %s", parsed.sop, self.name)
-        return StowOutcome(source, True, parsed.study, parsed.series, parsed.sop)
+        log.debug("stored %s in %s", parsed.sop_uid, self.name)
+        return StowOutcome(source, True, parsed.study_uid, parsed.series_uid, parsed.sop_uid)
 
     def _write_atomically(self, source: BinaryIO, target: Path, sop_uid: str) -> None:
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
@@ -501,7 +367,7 @@ class LocalStore:
         """Remove the series and study folders of a canonical path once they are empty."""
         series_dir = path.parent
         study_dir = series_dir.parent
-        if study_dir.parent != self._root or not (_is_valid_uid(series_dir.name) and _is_valid_uid(study_dir.name)):
+        if study_dir.parent != self._root or not (is_uid(series_dir.name) and is_uid(study_dir.name)):
             return  # not a folder this store lays out
         with self._layout_lock:
             for folder in (series_dir, study_dir):

@@ -1,0 +1,158 @@
+"""What makes a file acceptable as an upload: complete Part-10 DICOM with valid Study, Series
+and SOP Instance UIDs. Used by the core before anything is sent, and by the local store as the
+server-side check; it sits below both so neither imports the other.
+
+pydicom accepts a file cut short without complaint, so the whole file is parsed with large
+values checked by position (memory stays flat), and truncation is detected from element ends
+and from pixel data shorter than the image attributes say.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
+
+log = logging.getLogger(__name__)
+
+UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+_DEFER_SIZE = 1 << 20  # larger values are checked by position, not loaded into memory
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_IMAGE_PIXEL_ATTRIBUTES = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation")
+_OTHER_PIXEL_SOURCES = ("FloatPixelData", "DoubleFloatPixelData", "PixelDataProviderURL")
+
+
+def is_uid(value: object) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters."""
+    return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class DicomUids:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+
+
+def uids_of(ds: pydicom.Dataset) -> DicomUids | str:
+    """The three UIDs, or the reason they are unusable."""
+    values = []
+    for keyword in UID_KEYWORDS:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return f"no {keyword}"
+        if not is_uid(value):
+            return f"{keyword} is not a valid UID"
+        values.append(str(value))
+    return DicomUids(*values)
+
+
+def check_upload(path: Path) -> DicomUids | str:
+    """The UIDs of a file to store, or the reason to refuse it.
+
+    The whole file is parsed (no force, so the Part-10 preamble and file meta are required);
+    values above 1 MiB are checked by position rather than loaded. A file whose last element
+    does not end where the file ends, or whose native pixel data is shorter than its image
+    attributes say, is refused as truncated."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot read the file ({exc.strerror or type(exc).__name__})"
+    except InvalidDicomError:
+        return "not a DICOM Part-10 file (no 'DICM' preamble or file meta information)"
+    except Exception as exc:  # pydicom raises many types on garbage
+        log.debug("cannot parse an upload", exc_info=True)
+        return f"truncated or corrupt DICOM ({type(exc).__name__})"
+    try:
+        problem = _truncation_problem(ds, path, size) or _pixel_data_problem(ds)
+    except Exception as exc:  # malformed image attributes and the like
+        log.debug("cannot check an upload", exc_info=True)
+        return f"inconsistent DICOM attributes ({type(exc).__name__})"
+    return problem or uids_of(ds)
+
+
+def _element_end(elem: object) -> int | None:
+    """File offset just past a top-level element, when the raw element tells it."""
+    if not isinstance(elem, RawDataElement) or elem.value_tell is None:
+        return None
+    if elem.length != _UNDEFINED_LENGTH:
+        return elem.value_tell + elem.length
+    if isinstance(elem.value, bytes):
+        return elem.value_tell + len(elem.value) + 8  # + the sequence delimitation item
+    return None
+
+
+def _truncation_problem(ds: pydicom.Dataset, path: Path, size: int) -> str | None:
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
+    if transfer_syntax is not None and transfer_syntax.is_deflated:
+        return None  # offsets refer to the inflated stream; zlib reports truncation itself
+    tags = sorted(ds.keys())
+    if not tags:
+        return "no data set after the file meta information (truncated?)"
+    ends = [end for end in map(_element_end, _raw_items(ds, tags)) if end is not None]
+    if ends and max(ends) > size:
+        return "truncated DICOM file: an element runs past the end of the file"
+    last_end = _element_end(ds.get_item(tags[-1], keep_deferred=True))
+    if last_end is None:
+        return None  # an undefined-length last element: pydicom drops it if its delimiter is missing
+    tail = size - max(ends)
+    if tail and (tail >= 8 or any(_read_tail(path, tail))):
+        return "truncated DICOM file: the last element is incomplete"
+    return None
+
+
+def _raw_items(ds: pydicom.Dataset, tags: list[BaseTag]) -> Iterator[object]:
+    return (ds.get_item(tag, keep_deferred=True) for tag in tags)
+
+
+def _read_tail(path: Path, count: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-count, os.SEEK_END)
+        return f.read()
+
+
+def _pixel_data_problem(ds: pydicom.Dataset) -> str | None:
+    """Pixel data that an image needs but lacks, or native (not encapsulated) pixel data
+    shorter than Rows × Columns × … says. A file cut at an element boundary parses cleanly;
+    for images this is what tells it apart."""
+    if "PixelData" not in ds:
+        return _missing_pixel_data_problem(ds)
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
+    raw = ds.get_item("PixelData", keep_deferred=True)
+    if transfer_syntax is None or transfer_syntax.is_encapsulated or raw is None:
+        return None
+    length = raw.length if isinstance(raw, RawDataElement) else len(raw.value or b"")
+    if length != _UNDEFINED_LENGTH and length < _expected_pixel_bytes(ds):
+        return "pixel data is shorter than the image attributes say"
+    return None
+
+
+def _missing_pixel_data_problem(ds: pydicom.Dataset) -> str | None:
+    if any(keyword in ds for keyword in _OTHER_PIXEL_SOURCES):
+        return None
+    if any(keyword in ds for keyword in _IMAGE_PIXEL_ATTRIBUTES):
+        return "image attributes but no pixel data (truncated?)"
+    sop_class = ds.get("SOPClassUID")
+    if "Image Storage" in str(getattr(sop_class, "name", "")):
+        return "an image SOP class but no pixel data (truncated?)"
+    return None
+
+
+def _expected_pixel_bytes(ds: pydicom.Dataset) -> int:
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    bits = int(ds.BitsAllocated) * int(ds.Rows) * int(ds.Columns) * samples * frames
+    expected = -(-bits // 8)
+    if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+        expected = expected * 2 // 3  # chroma subsampled in native data
+    return expected
