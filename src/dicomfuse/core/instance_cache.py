@@ -136,10 +136,6 @@ class InstanceCache:
         with self._lock:
             return self._bytes
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
     # -- use --------------------------------------------------------------------------------
 
     def open(self, key: CacheKey, fetch: Fetch, expected_size: int | None = None) -> CachedInstance:

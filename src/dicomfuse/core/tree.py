@@ -126,16 +126,6 @@ class ListingCache:
             if added is not None:
                 self._added[folder][name] = (added[0], Entry(False, size))
 
-    def invalidate(self, folder: DicomPath) -> None:
-        with self._lock:
-            self._listings.pop(folder, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._listings.clear()
-            self._negative.clear()
-            self._positive.clear()
-
     # -- local changes ----------------------------------------------------------------------
 
     def note_added(self, folder: DicomPath, name: str, entry: Entry) -> None:

@@ -34,14 +34,14 @@ class WorkDirs:
         self.mounts = private_dir(root / "mounts")
         self.spool = private_dir(root / "spool")
         self.failed = private_dir(self.spool / "failed")
-        self.removed_stale = self._wipe_stale_mounts()
+        self._wipe_stale_mounts()
         self.mount_dir = private_dir(self.mounts / uuid.uuid4().hex)
         self._lock_fd = os.open(self.mount_dir / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.cache = private_dir(self.mount_dir / "cache")
         self.side = private_dir(self.mount_dir / "side")
 
-    def _wipe_stale_mounts(self) -> int:
+    def _wipe_stale_mounts(self) -> None:
         """Remove cache dirs of mounts whose process is gone (their lock is free)."""
         removed = 0
         for child in self.mounts.iterdir():
@@ -65,7 +65,6 @@ class WorkDirs:
                     os.close(fd)
         if removed:
             log.info("Removed the instance cache of %d mount(s) that ended without cleaning up", removed)
-        return removed
 
     def wipe(self) -> None:
         """Remove this mount's cache (the spool stays)."""
