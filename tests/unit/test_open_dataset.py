@@ -101,9 +101,29 @@ def test_parse_healthcare_address_rejects_others(address: str) -> None:
 
 
 @pytest.mark.parametrize("suffix", ["", "/"])
-def test_healthcare_dataset_is_not_there_yet(suffix: str) -> None:
-    with pytest.raises(NotImplementedError, match="later release"):
+def test_healthcare_dataset_without_credentials_says_how_to_get_them(
+    suffix: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import google.auth.compute_engine._metadata as metadata
+
+    from dicomfuse.stores.auth import CredentialsError
+
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    monkeypatch.setattr(metadata, "_NO_GCE_CHECK", True)
+    with pytest.raises(CredentialsError, match="gcloud auth application-default login"):
         open_dataset(f"{HC}/v1beta1/projects/p/locations/l/datasets/d{suffix}")
+
+
+def test_unreadable_key_file_is_named(tmp_path: Path) -> None:
+    from dicomfuse.stores.auth import CredentialsError
+
+    with pytest.raises(CredentialsError, match="cannot read key file .*missing.json"):
+        open_dataset(f"{HC}/v1/projects/p/locations/l/datasets/d", key_file=tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(CredentialsError, match="bad.json"):
+        open_dataset(f"{HC}/v1/projects/p/locations/l/datasets/d", key_file=bad)
 
 
 def test_healthcare_host_with_a_non_dataset_path() -> None:

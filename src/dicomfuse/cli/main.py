@@ -98,19 +98,30 @@ def mount(settings: Settings) -> int:
     from dicomfuse.backends import fuse, options
     from dicomfuse.core.vfs import Vfs, VfsConfig
     from dicomfuse.core.workdirs import WorkDirs
-    from dicomfuse.stores.base import StoreError
+    from dicomfuse.stores.auth import CredentialsError
+    from dicomfuse.stores.base import Forbidden, StoreError
     from dicomfuse.stores.open import open_dataset
 
     check_mount_path(settings.mountPath)
     try:
         dataset = open_dataset(settings.datasetAddr, key_file=settings.keyFile, orthanc_rest=settings.orthancRest)
+    except ValueError as exc:
+        raise UsageError(f"--datasetAddr: {exc}") from None
+    except CredentialsError as exc:
+        log.error("Cannot authenticate: %s", exc)
+        return EXIT_FAILURE
+    try:
         stores = list(dataset.list_stores())
         if stores:  # one small query proves the server answers before anything is mounted
             next(iter(dataset.open_store(stores[0]).studies(PROBE_UID)), None)
-    except (ValueError, NotImplementedError) as exc:
-        raise UsageError(f"--datasetAddr: {exc}") from None
+    except Forbidden as exc:
+        hint = getattr(dataset, "permission_hint", None)
+        log.error("Access to the dataset was refused: %s%s", exc, f" ({hint})" if hint else "")
+        dataset.close()
+        return EXIT_FAILURE
     except StoreError as exc:
         log.error("Cannot reach the dataset: %s", exc)
+        dataset.close()
         return EXIT_FAILURE
     log.info("Dataset %s has %d store(s)", dataset.name, len(stores))
     workdirs = WorkDirs(settings.cacheDir or default_cache_dir())

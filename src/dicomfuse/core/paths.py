@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from dicomfuse.dicomfile import is_uid
+from dicomfuse.stores.base import is_valid_store_id as is_valid_store_id  # the one store ID rule
 
-STORE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,256}$")
 INSTANCE_SUFFIX = ".dcm"
 
 # Exact names (case-insensitive) and name patterns that are never DICOM data.
@@ -55,10 +55,6 @@ def is_side_file(name: str) -> bool:
 def is_gui_folder_name(name: str) -> bool:
     """"untitled folder" (Finder), "New folder" (Explorer) and their numbered variants."""
     return bool(_GUI_FOLDER_RE.match(name))
-
-
-def is_valid_store_id(name: str) -> bool:
-    return bool(STORE_ID_RE.match(name)) and name not in (".", "..")
 
 
 def instance_uid(name: str) -> str | None:

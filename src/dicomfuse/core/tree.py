@@ -94,6 +94,25 @@ class ListingCache:
                 return pos[1]
             return None
 
+    def local_change(self, folder: DicomPath, name: str) -> Entry | bool | None:
+        """What the mount itself last did to ``name`` within the overlay's lifetime: the Entry
+        it added, False if it removed it, None if it did neither (ask the server)."""
+        now = self._clock()
+        with self._lock:
+            added = self._added.get(folder, {}).get(name)
+            if added and now - added[0] < self.overlay_ttl:
+                return added[1]
+            removed = self._removed.get(folder, {}).get(name)
+            if removed is not None and now - removed < self.overlay_ttl:
+                return False
+            return None
+
+    def added_below(self, folder: DicomPath) -> bool:
+        """Whether the mount added anything in ``folder`` within the overlay's lifetime."""
+        now = self._clock()
+        with self._lock:
+            return any(now - at < self.overlay_ttl for at, _ in self._added.get(folder, {}).values())
+
     def remember_absent(self, path: DicomPath) -> None:
         with self._lock:
             self._negative[path] = self._clock()

@@ -257,6 +257,7 @@ class Vfs:
         if not attr.is_dir:
             raise FsError(errno.ENOTDIR, f"rmdir: not a folder: {p}")
         self.policy.check(Op.RMDIR, p.level, str(p))
+        self._require_empty_store(p, "rmdir")
         self._remote(f"delete store {p.name}", self.dataset.delete_store, p.name)
         self.listings.note_removed(ROOT, p.name)
         with self._lock:
@@ -738,6 +739,12 @@ class Vfs:
         return ident
 
     def _instance_exists(self, store: Store, ident: DicomUids) -> bool:
+        """Whether the server holds the instance. What this mount itself just stored or deleted
+        wins over the server's answer: a search index (Google's) can lag behind writes."""
+        series = DicomPath((store.name, ident.study_uid, ident.series_uid))
+        local = self.listings.local_change(series, instance_name(ident.sop_uid))
+        if local is not None:
+            return local is not False
         found = self._remote(
             f"look up instance {ident.sop_uid}",
             lambda: next(iter(store.instances(ident.study_uid, ident.series_uid, ident.sop_uid)), None),
@@ -756,7 +763,14 @@ class Vfs:
         the old instance is stored back. Identical bytes change nothing."""
         backup_path, backup_fd = self.spool.new_file()
         try:
-            self._copy_instance_into(target, backup_fd)
+            try:
+                self._copy_instance_into(target, backup_fd)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                # Listed but gone (a lagging search index, or deleted meanwhile): a new file.
+                self._store_file(store, h.spool_path, target)
+                return
             if _same_content(backup_fd, h.fd):
                 log.info("Upload %s: identical to the stored instance, nothing to do", h.path)
                 return
@@ -827,10 +841,7 @@ class Vfs:
         if not is_valid_store_id(pn.name):
             raise FsError(errno.EINVAL, f"rename: {pn.name!r} is not a valid store ID", logging.WARNING)
         self.policy.check(Op.RENAME, Level.STORE, str(po))
-        store = self._store(po.name)
-        if self._remote(f"check store {po.name} is empty", lambda: next(iter(store.studies()), None)):
-            raise FsError(errno.ENOTEMPTY, f"rename: store {po.name} holds studies; only an empty "
-                          "store can be renamed", logging.WARNING)
+        self._require_empty_store(po, "rename")
         self._create_store(pn.name)
         try:
             self._remote(f"delete store {po.name}", self.dataset.delete_store, po.name)
@@ -841,6 +852,16 @@ class Vfs:
         with self._lock:
             self._stores.pop(po.name, None)
         log.info("Renamed empty store %s to %s", po.name, pn.name)
+
+    def _require_empty_store(self, p: DicomPath, doing: str) -> None:
+        """ENOTEMPTY unless store ``p`` holds no study, asked of the server right now and of
+        this mount's own recent uploads (which a lagging search index may not show yet)."""
+        store = self._store(p.name)
+        found = self.listings.added_below(p) or self._remote(
+            f"check store {p.name} is empty", lambda: next(iter(store.studies()), None) is not None)
+        if found:
+            raise FsError(errno.ENOTEMPTY, f"{doing}: store {p.name} holds studies; only an empty "
+                          "store can be deleted or renamed", logging.WARNING)
 
     def _rename_local(self, po: DicomPath, pn: DicomPath, node: LocalNode) -> None:
         if node.is_dir:

@@ -8,10 +8,23 @@ subclasses to errno in one table (``dicomfuse.core.errors``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
+
+# ---------------------------------------------------------------------------------------------
+# Store IDs
+
+STORE_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
+STORE_ID_RULE = "1-256 letters, digits, '_', '-', '.'"
+
+
+def is_valid_store_id(name: str) -> bool:
+    """The store ID rule of the Cloud Healthcare API, applied to every dataset."""
+    return bool(STORE_ID_RE.fullmatch(name)) and name not in (".", "..")
+
 
 # ---------------------------------------------------------------------------------------------
 # Records

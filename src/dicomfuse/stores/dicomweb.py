@@ -468,15 +468,25 @@ class DicomwebStore:
         *,
         orthanc_rest_url: OrthancSetting = "auto",
         page_size: int = DEFAULT_PAGE_SIZE,
+        instance_page_size: int | None = None,
+        retrieve_accepts: Sequence[str] = RETRIEVE_ACCEPTS,
         stow_batch_files: int = STOW_BATCH_FILES,
         stow_batch_bytes: int = STOW_BATCH_BYTES,
     ) -> None:
-        if page_size < 1:
-            raise ValueError("page_size must be at least 1")
+        """``page_size`` is the QIDO ``limit`` for studies and series, ``instance_page_size``
+        (default: the same) for instances; ``retrieve_accepts`` the WADO-RS Accept headers to
+        try, best first (a 400/406 moves on to the next)."""
+        instance_page_size = page_size if instance_page_size is None else instance_page_size
+        if min(page_size, instance_page_size) < 1:
+            raise ValueError("page sizes must be at least 1")
+        if not retrieve_accepts:
+            raise ValueError("at least one Accept header is needed")
         self.name = name
         self.root_url = root_url.rstrip("/")
         self.client = client
         self.page_size = page_size
+        self.instance_page_size = instance_page_size
+        self.retrieve_accepts = tuple(retrieve_accepts)
         self.stow_batch_files = max(1, stow_batch_files)
         self.stow_batch_bytes = max(1, stow_batch_bytes)
         self._orthanc_lock = threading.Lock()  # protects _orthanc and _orthanc_known
@@ -514,17 +524,21 @@ class DicomwebStore:
 
     def studies(self, study_uid: str | None = None) -> Iterator[str]:
         filters = {"StudyInstanceUID": study_uid} if study_uid else {}
-        yield from self._search(f"{self.root_url}/studies", STUDY_UID_TAG, filters, study_uid)
+        yield from self._search(f"{self.root_url}/studies", STUDY_UID_TAG, filters, study_uid, self.page_size)
+
+    def has_studies(self) -> bool:
+        """Whether any study is in the store: one QIDO request with ``limit=1``."""
+        return bool(self._search_page(f"{self.root_url}/studies", {"limit": 1}, lookup=False))
 
     def series(self, study_uid: str, series_uid: str | None = None) -> Iterator[str]:
         url = f"{self.root_url}/studies/{_segment(study_uid)}/series"
         filters = {"SeriesInstanceUID": series_uid} if series_uid else {}
-        yield from self._search(url, SERIES_UID_TAG, filters, series_uid)
+        yield from self._search(url, SERIES_UID_TAG, filters, series_uid, self.page_size)
 
     def instances(self, study_uid: str, series_uid: str, sop_uid: str | None = None) -> Iterator[InstanceInfo]:
         url = f"{self._series_url(study_uid, series_uid)}/instances"
         filters = {"SOPInstanceUID": sop_uid} if sop_uid else {}
-        uids = self._search(url, SOP_UID_TAG, filters, sop_uid)
+        uids = self._search(url, SOP_UID_TAG, filters, sop_uid, self.instance_page_size)
         first = next(uids, None)
         if first is None:
             return
@@ -535,7 +549,9 @@ class DicomwebStore:
     def _series_url(self, study_uid: str, series_uid: str) -> str:
         return f"{self.root_url}/studies/{_segment(study_uid)}/series/{_segment(series_uid)}"
 
-    def _search(self, url: str, uid_tag: str, filters: dict[str, str], wanted: str | None) -> Iterator[str]:
+    def _search(
+        self, url: str, uid_tag: str, filters: dict[str, str], wanted: str | None, page_size: int
+    ) -> Iterator[str]:
         """UIDs of a QIDO-RS search, paged with limit/offset until a short or empty page.
 
         A page that brings no new UID ends the search too: a server that ignores limit/offset
@@ -543,7 +559,7 @@ class DicomwebStore:
         seen: set[str] = set()
         offset = 0
         while True:
-            params: dict[str, str | int] = {**filters, "limit": self.page_size, "offset": offset}
+            params: dict[str, str | int] = {**filters, "limit": page_size, "offset": offset}
             page = self._search_page(url, params, lookup=bool(filters))
             fresh = 0
             for entry in page:
@@ -554,7 +570,7 @@ class DicomwebStore:
                 fresh += 1
                 if wanted is None or uid == wanted:  # a server may ignore the filter
                     yield uid
-            if len(page) < self.page_size or fresh == 0 or (wanted is not None and wanted in seen):
+            if len(page) < page_size or fresh == 0 or (wanted is not None and wanted in seen):
                 return
             offset += len(page)
 
@@ -594,13 +610,14 @@ class DicomwebStore:
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
         url = f"{self._series_url(study_uid, series_uid)}/instances/{_segment(sop_uid)}"
+        accepts = self.retrieve_accepts
         start = self._accept_start
-        for index in range(start, len(RETRIEVE_ACCEPTS)):
-            last = index == len(RETRIEVE_ACCEPTS) - 1
+        for index in range(start, len(accepts)):
+            last = index == len(accepts) - 1
             response = self.client.request(
                 "GET",
                 url,
-                headers={"Accept": RETRIEVE_ACCEPTS[index], "Accept-Encoding": "identity"},
+                headers={"Accept": accepts[index], "Accept-Encoding": "identity"},
                 stream=True,
                 passthrough=() if last else (400, 406),
             )
@@ -610,7 +627,7 @@ class DicomwebStore:
                         "%s: HTTP %d to Accept %s, trying the next",
                         self.name,
                         response.status_code,
-                        RETRIEVE_ACCEPTS[index],
+                        accepts[index],
                     )
                     continue
                 written = _copy_instance(url, response, sink)

@@ -45,6 +45,8 @@ RequestBody: TypeAlias = bytes | str | Iterable[bytes] | Callable[[], Any] | Non
 
 DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 60.0)
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+NOT_PROCESSED_STATUSES = frozenset({429})
+"""Answers that say the server did nothing with the request, so even a POST may be sent again."""
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "PUT"})
 ERROR_DETAIL_CHARS = 200
 _ERROR_BODY_READ_LIMIT = 16 * 1024
@@ -270,11 +272,15 @@ class HttpClient:
         timeout: Timeout = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        on_unauthorized: Callable[[requests.Response], bool] | None = None,
     ) -> None:
         self.session = session if session is not None else make_session()
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
         self._sleep = sleep
+        # Called once per request with a 401 answer (e.g. to drop an access token the server
+        # refused); when it returns True the request is sent once more, not counted as a retry.
+        self.on_unauthorized = on_unauthorized
 
     def close(self) -> None:
         self.session.close()
@@ -299,12 +305,17 @@ class HttpClient:
 
         Retries 408/429/5xx answers and transport errors when the request is idempotent
         (``idempotent=None`` decides by method); a non-idempotent request is only sent again when
-        it never left (connection refused). ``attempts`` overrides the policy's count."""
+        it never left (connection refused) or the server said it did nothing with it (429).
+        ``attempts`` overrides the policy's count. A 401 is sent once more when
+        ``on_unauthorized`` says a new token may help."""
         method = method.upper()
         safe_to_repeat = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
         max_attempts = max(1, attempts if attempts is not None else self.retry.attempts)
-        for attempt in range(1, max_attempts + 1):
-            last_try = attempt == max_attempts
+        reauthorized = False
+        attempt = 0
+        while True:
+            attempt += 1
+            last_try = attempt >= max_attempts
             body = data() if callable(data) else data
             try:
                 response = self.session.request(
@@ -324,7 +335,15 @@ class HttpClient:
             status = response.status_code
             if 200 <= status < 300 or status in passthrough:
                 return response
-            if status in RETRYABLE_STATUSES and safe_to_repeat and not last_try:
+            if status == 401 and not reauthorized and self.on_unauthorized is not None:
+                reauthorized = True
+                if self.on_unauthorized(response):
+                    response.close()
+                    logger.info("%s %s: HTTP 401, sending again with a new access token", method, safe_path(url))
+                    attempt -= 1
+                    continue
+            repeatable = safe_to_repeat or status in NOT_PROCESSED_STATUSES
+            if status in RETRYABLE_STATUSES and repeatable and not last_try:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 response.close()
                 self._wait(method, url, attempt, max_attempts, f"HTTP {status}", retry_after)
@@ -333,8 +352,6 @@ class HttpClient:
                 raise error_for_response(method, url, response, bad_request=bad_request)
             finally:
                 response.close()
-        raise AssertionError("unreachable")  # pragma: no cover
-
     def _wait(
         self,
         method: str,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import shutil
 import stat
 import threading
@@ -44,6 +43,7 @@ import pydicom
 
 from dicomfuse.dicomfile import UID_KEYWORDS, DicomUids, check_upload, is_uid, uids_of
 from dicomfuse.stores.base import (
+    STORE_ID_RULE,
     AlreadyExists,
     Forbidden,
     InstanceInfo,
@@ -53,6 +53,7 @@ from dicomfuse.stores.base import (
     StoreError,
     StowOutcome,
     Unavailable,
+    is_valid_store_id,
 )
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,6 @@ DEFAULT_FULL_RESCAN_INTERVAL = 60.0
 _RACY_WINDOW_NS = 2_000_000_000
 _UNSETTLED = -1  # a recorded mtime that never matches: list the directory again at the next check
 
-_STORE_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Names
 
@@ -77,8 +75,8 @@ def _is_plain_name(name: str) -> bool:
 
 
 def _validate_new_store_id(store_id: str) -> None:
-    if not _STORE_ID_RE.fullmatch(store_id) or store_id in (".", ".."):
-        raise InvalidName(f"invalid store ID {store_id!r}: use 1-256 letters, digits, '_', '-' or '.'")
+    if not is_valid_store_id(store_id):
+        raise InvalidName(f"invalid store ID {store_id!r}: use {STORE_ID_RULE}")
     if store_id.startswith("."):
         raise InvalidName(f"invalid store ID {store_id!r}: a leading '.' would hide the store")
 

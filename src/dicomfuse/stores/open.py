@@ -4,7 +4,8 @@ Accepted addresses:
 
 * a folder path, or ``file:///path/to/folder``: a local dataset (each sub-folder is a store);
 * ``https://healthcare.googleapis.com/v1/projects/P/locations/L/datasets/D`` (or ``v1beta1``):
-  a Cloud Healthcare API dataset (a later release);
+  a Cloud Healthcare API dataset. The same path on another host (a private endpoint, a proxy,
+  a test stand-in) is one too;
 * any other ``http(s)://`` URL: a DICOMweb server, shown as a dataset with one store.
 
 Concrete stores other than the local one are imported lazily, so a local dataset needs none of
@@ -49,11 +50,15 @@ class HealthcareAddress(NamedTuple):
     dataset: str
 
 
-def parse_healthcare_address(address: str) -> HealthcareAddress | None:
+def parse_healthcare_address(address: str, *, any_host: bool = False) -> HealthcareAddress | None:
     """The parts of ``https://healthcare.googleapis.com/{v1|v1beta1}/projects/P/locations/L/
-    datasets/D`` (a trailing slash allowed), or None when ``address`` is not such a URL."""
+    datasets/D`` (a trailing slash allowed), or None when ``address`` is not such a URL.
+    ``any_host`` accepts the same path on any http(s) host."""
     parts = urlsplit(address.strip())
-    if parts.scheme.lower() != "https" or (parts.hostname or "") != HEALTHCARE_HOST:
+    if any_host:
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            return None
+    elif parts.scheme.lower() != "https" or (parts.hostname or "") != HEALTHCARE_HOST:
         return None
     if parts.query or parts.fragment:
         return None
@@ -61,7 +66,7 @@ def parse_healthcare_address(address: str) -> HealthcareAddress | None:
     if match is None:
         return None
     return HealthcareAddress(
-        api_root=f"https://{parts.netloc.lower()}",
+        api_root=f"{parts.scheme.lower()}://{parts.netloc.lower()}",
         version=match["version"],
         project=match["project"],
         location=match["location"],
@@ -94,7 +99,7 @@ def open_dataset(
         return _local_dataset(_file_url_path(text), text, rescan_interval)
     if scheme not in ("http", "https"):
         raise ValueError(f"unsupported dataset address scheme {scheme!r}: give {ACCEPTED}")
-    if (urlsplit(text).hostname or "") == HEALTHCARE_HOST:
+    if (urlsplit(text).hostname or "") == HEALTHCARE_HOST or parse_healthcare_address(text, any_host=True):
         return _healthcare_dataset(text, key_file=key_file, timeout=timeout)
     return _dicomweb_dataset(text, timeout=timeout, orthanc_rest=orthanc_rest)
 
@@ -119,12 +124,25 @@ def _file_url_path(url: str) -> Path:
 def _healthcare_dataset(
     url: str, *, key_file: str | Path | None, timeout: float | tuple[float, float] | None
 ) -> Dataset:
-    if parse_healthcare_address(url) is None:
+    """Raises ValueError for a malformed URL and :class:`~dicomfuse.stores.auth.CredentialsError`
+    when no credentials can be loaded."""
+    address = parse_healthcare_address(url, any_host=True)
+    if address is None:
         raise ValueError(
             f"not a Cloud Healthcare dataset URL: {url!r}; expected "
             f"https://{HEALTHCARE_HOST}/v1/projects/P/locations/L/datasets/D"
         )
-    raise NotImplementedError("Cloud Healthcare API datasets arrive in a later release")
+    from dicomfuse.stores.auth import TokenSource, load_credentials  # lazy: google-auth
+    from dicomfuse.stores.healthcare import HealthcareDataset
+
+    tokens = TokenSource(load_credentials(key_file))
+    dataset_url = (
+        f"{address.api_root}/{address.version}/projects/{address.project}"
+        f"/locations/{address.location}/datasets/{address.dataset}"
+    )
+    if timeout is None:
+        return HealthcareDataset(dataset_url, tokens)
+    return HealthcareDataset(dataset_url, tokens, timeout=timeout)
 
 
 def _dicomweb_dataset(

@@ -1,0 +1,251 @@
+"""Google credentials for the Cloud Healthcare API: loading them with one clear error, and
+access tokens that are refreshed *before* they expire, in the background, so no request waits.
+
+google-auth does the OAuth flows (service-account JWT bearer, user credentials from
+``gcloud auth application-default login``, workload identity, the metadata server). This module
+only decides *when* to refresh: a token is used as is while fresh; once it enters the last part of
+its life one background thread refreshes it while requests keep using the old one; only a token
+that is (nearly) expired makes requests wait, and then for one shared refresh, not one each.
+
+Tokens never reach a log line or an exception message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+import requests.auth
+
+from dicomfuse.stores.base import Forbidden, StoreError, Unavailable
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("https://www.googleapis.com/auth/cloud-healthcare",)
+"""The narrowest scope the Healthcare API accepts (``cloud-platform`` works too)."""
+
+STALE_MARGIN = 300.0
+"""Refresh in the background when less than this many seconds (or half the token's lifetime,
+whichever is less) remain."""
+
+EXPIRY_MARGIN = 10.0
+"""Never send a token with less than this many seconds (or a tenth of its lifetime) left."""
+
+ADC_HELP = (
+    "run 'gcloud auth application-default login', set GOOGLE_APPLICATION_CREDENTIALS to a "
+    "service-account key file, or pass --keyFile KEY.json"
+)
+
+
+class CredentialsError(Exception):
+    """No usable credentials: one line for the user, nothing secret in it."""
+
+
+def load_credentials(key_file: str | os.PathLike[str] | None = None) -> Any:
+    """Credentials from ``key_file`` (a service-account JSON key, or the authorized-user file
+    gcloud writes), else application default credentials. Raises :class:`CredentialsError`."""
+    import google.auth
+    import google.auth.exceptions
+
+    if key_file is not None:
+        path = Path(key_file).expanduser()
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise CredentialsError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+        if mode & (stat.S_IRGRP | stat.S_IROTH) and os.name != "nt":
+            logger.warning("Key file %s is readable by other users; chmod 600 it", path)
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CredentialsError(f"key file {path} is not JSON ({type(exc).__name__})") from None
+        kind = info.get("type") if isinstance(info, dict) else None
+        try:
+            if kind == "service_account":
+                from google.oauth2 import service_account
+
+                credentials = service_account.Credentials.from_service_account_info(info, scopes=list(SCOPES))
+            elif kind == "authorized_user":
+                from google.oauth2 import credentials as user_credentials
+
+                credentials = user_credentials.Credentials.from_authorized_user_info(info, scopes=list(SCOPES))
+            else:
+                raise CredentialsError(
+                    f"key file {path} is not a service-account key (type {kind!r}); for other credential "
+                    "types set GOOGLE_APPLICATION_CREDENTIALS instead of --keyFile")
+        except google.auth.exceptions.GoogleAuthError as exc:
+            raise CredentialsError(f"key file {path} is not usable: {_first_line(exc)}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CredentialsError(f"key file {path} is not a valid service-account key "
+                                   f"({type(exc).__name__}: {_first_line(exc)})") from None
+        return credentials
+    try:
+        credentials, _ = google.auth.default(scopes=list(SCOPES))
+    except google.auth.exceptions.DefaultCredentialsError:
+        raise CredentialsError(f"no Google credentials found: {ADC_HELP}") from None
+    except google.auth.exceptions.GoogleAuthError as exc:
+        raise CredentialsError(f"Google credentials could not be loaded: {_first_line(exc)}") from None
+    return credentials
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc.args[0]) if exc.args else type(exc).__name__
+    return (text.splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _utcnow() -> datetime.datetime:
+    # google-auth keeps ``expiry`` as a naive UTC datetime.
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+class TokenSource:
+    """Hands out access tokens for one set of credentials. Thread-safe.
+
+    ``refresh`` is called with no argument and must refresh the credentials (it is
+    ``credentials.refresh(Request())`` unless a test gives another)."""
+
+    def __init__(self, credentials: Any, *, refresh: Callable[[], None] | None = None,
+                 now: Callable[[], datetime.datetime] = _utcnow) -> None:
+        self.credentials = credentials
+        self._refresh_call = refresh or self._default_refresh
+        self._now = now
+        self._cond = threading.Condition()
+        # Protected by _cond:
+        self._refreshing = False
+        self._lifetime: float | None = None  # seconds the current token had when it arrived
+        self._failure: StoreError | None = None  # the last background refresh's failure
+        self.refreshes = 0
+        self._token_session: requests.Session | None = None
+
+    def _default_refresh(self) -> None:
+        import google.auth.transport.requests
+
+        if self._token_session is None:
+            self._token_session = requests.Session()
+        self.credentials.refresh(google.auth.transport.requests.Request(self._token_session))
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _remaining(self) -> float | None:
+        """Seconds left on the current token; None if it never expires; -1 without a token."""
+        if not getattr(self.credentials, "token", None):
+            return -1.0
+        expiry = getattr(self.credentials, "expiry", None)
+        if expiry is None:
+            return None
+        return (expiry - self._now()).total_seconds()
+
+    def _margins(self) -> tuple[float, float]:
+        lifetime = self._lifetime if self._lifetime and self._lifetime > 0 else 3600.0
+        return min(STALE_MARGIN, lifetime / 2), min(EXPIRY_MARGIN, lifetime / 10)
+
+    # -- use ---------------------------------------------------------------------------------
+
+    def headers(self) -> dict[str, str]:
+        """The headers that authorize one request (``Authorization`` and, for user
+        credentials with a quota project, ``x-goog-user-project``)."""
+        headers: dict[str, str] = {}
+        token = self.token()
+        self.credentials.apply(headers, token=token)
+        return headers
+
+    def token(self) -> str:
+        """A token with time left on it: the current one, or a fresh one when it is (nearly)
+        expired. A token close to expiry also starts one background refresh."""
+        with self._cond:
+            while True:
+                remaining = self._remaining()
+                stale, expiring = self._margins()
+                if remaining is None or remaining > stale:
+                    return str(self.credentials.token)
+                if remaining > expiring:
+                    if not self._refreshing:
+                        self._start_background()
+                    return str(self.credentials.token)
+                if self._refreshing:
+                    self._cond.wait(timeout=60)
+                    continue
+                self._refreshing = True
+                break
+        try:
+            self._refresh()
+        finally:
+            with self._cond:
+                self._refreshing = False
+                self._cond.notify_all()
+        return str(self.credentials.token)
+
+    def invalidate(self, token: str | None) -> bool:
+        """The server refused ``token`` (401): forget it unless a newer one already replaced
+        it. Returns True when a retry with a new token makes sense."""
+        with self._cond:
+            current = getattr(self.credentials, "token", None)
+            if token is None or current != token:
+                return True  # someone refreshed meanwhile
+            self.credentials.expiry = self._now() - datetime.timedelta(seconds=1)
+            return True
+
+    # -- refresh -----------------------------------------------------------------------------
+
+    def _start_background(self) -> None:
+        """Caller holds _cond."""
+        self._refreshing = True
+        thread = threading.Thread(target=self._background, name="token-refresh", daemon=True)
+        thread.start()
+
+    def _background(self) -> None:
+        try:
+            self._refresh()
+        except StoreError as exc:
+            logger.warning("Background token refresh failed (%s); will retry", exc)
+        finally:
+            with self._cond:
+                self._refreshing = False
+                self._cond.notify_all()
+
+    def _refresh(self) -> None:
+        """Refresh the credentials, mapping google-auth's errors to store errors."""
+        import google.auth.exceptions
+
+        try:
+            self._refresh_call()
+        except google.auth.exceptions.RefreshError as exc:
+            error: StoreError = Forbidden(f"could not get a Google access token: {_first_line(exc)}")
+        except (google.auth.exceptions.TransportError, requests.RequestException) as exc:
+            error = Unavailable(f"could not reach Google's token service ({type(exc).__name__})")
+        else:
+            remaining = self._remaining()
+            with self._cond:
+                self.refreshes += 1
+                self._lifetime = remaining if remaining and remaining > 0 else None
+            logger.debug("Access token refreshed, valid for %s s",
+                         "ever" if remaining is None else f"{remaining:.0f}")
+            return
+        raise error
+
+
+class BearerAuth(requests.auth.AuthBase):
+    """``requests`` auth that puts a :class:`TokenSource`'s headers on every request."""
+
+    def __init__(self, tokens: TokenSource) -> None:
+        self.tokens = tokens
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers.update(self.tokens.headers())
+        return request
+
+    def unauthorized(self, response: requests.Response) -> bool:
+        """A 401 came back: drop the token it used. True when sending again may succeed."""
+        sent = response.request.headers.get("Authorization", "") if response.request else ""
+        token = sent.split(" ", 1)[1] if sent.lower().startswith("bearer ") else None
+        return self.tokens.invalidate(token)

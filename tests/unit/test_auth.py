@@ -1,0 +1,190 @@
+"""Access tokens: one refresh at a time, refreshed ahead of expiry without making requests wait,
+a 401 answered with one new token, google-auth failures mapped to store errors."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import google.auth.exceptions
+import pytest
+
+from dicomfuse.stores.auth import BearerAuth, TokenSource
+from dicomfuse.stores.base import Forbidden, Unavailable
+from dicomfuse.stores.http import HttpClient, RetryPolicy
+from tests.fakes.http_server import LoopbackServer, Reply, Seen
+
+T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += datetime.timedelta(seconds=seconds)
+
+
+class FakeCredentials:
+    """Stands in for google-auth credentials: ``refresh`` issues token N with ``lifetime`` s."""
+
+    def __init__(self, clock: Clock, lifetime: float = 3600.0) -> None:
+        self.clock = clock
+        self.lifetime = lifetime
+        self.token: str | None = None
+        self.expiry: datetime.datetime | None = None
+        self.issued = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.error: Exception | None = None
+
+    def refresh(self) -> None:
+        self.gate.wait(10)
+        if self.error is not None:
+            raise self.error
+        self.issued += 1
+        self.token = f"token-{self.issued}"
+        self.expiry = self.clock() + datetime.timedelta(seconds=self.lifetime)
+
+    def apply(self, headers: dict[str, str], token: str | None = None) -> None:
+        headers["authorization"] = f"Bearer {token or self.token}"
+
+
+def source(lifetime: float = 3600.0) -> tuple[TokenSource, FakeCredentials, Clock]:
+    clock = Clock()
+    creds = FakeCredentials(clock, lifetime)
+    return TokenSource(creds, refresh=creds.refresh, now=clock), creds, clock
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_first_token_is_fetched_once_for_many_waiting_threads() -> None:
+    tokens, creds, _ = source()
+    creds.gate.clear()
+    got: list[str] = []
+    threads = [threading.Thread(target=lambda: got.append(tokens.token())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    assert got == []  # no token yet: they wait
+    creds.gate.set()
+    for t in threads:
+        t.join(5)
+    assert got == ["token-1"] * 8
+    assert creds.issued == 1
+
+
+def test_fresh_token_is_reused_without_refresh() -> None:
+    tokens, creds, clock = source()
+    assert tokens.token() == "token-1"
+    clock.advance(3000)  # 600 s left of 3600: still fresh (the margin is 300 s)
+    assert tokens.token() == "token-1"
+    assert creds.issued == 1
+
+
+def test_token_near_expiry_is_refreshed_in_the_background_while_requests_go_on() -> None:
+    tokens, creds, clock = source()
+    tokens.token()
+    clock.advance(3400)  # 200 s left: stale, not expired
+    creds.gate.clear()  # the background refresh hangs
+    started = time.monotonic()
+    assert tokens.token() == "token-1"  # answered at once with the old token
+    assert tokens.token() == "token-1"
+    assert time.monotonic() - started < 1.0
+    creds.gate.set()
+    wait_until(lambda: creds.issued == 2)
+    assert tokens.token() == "token-2"
+    assert creds.issued == 2  # one background refresh, not one per call
+
+
+def test_short_lived_tokens_scale_the_margins() -> None:
+    tokens, creds, clock = source(lifetime=10)
+    tokens.token()
+    clock.advance(4)  # 6 of 10 s left: fresh (stale below half the lifetime)
+    tokens.token()
+    assert creds.issued == 1
+    clock.advance(2)  # 4 s left: stale, refreshed in the background
+    creds.gate.clear()
+    assert tokens.token() == "token-1"
+    creds.gate.set()
+    wait_until(lambda: creds.issued == 2)
+
+
+def test_expired_token_makes_the_caller_wait_for_a_new_one() -> None:
+    tokens, creds, clock = source()
+    tokens.token()
+    clock.advance(3600 - 5)  # less than the expiry margin left: never sent
+    assert tokens.token() == "token-2"
+    assert creds.issued == 2
+
+
+def test_invalidate_drops_only_the_token_that_was_refused() -> None:
+    tokens, creds, _ = source()
+    tokens.token()
+    assert tokens.invalidate("token-0")  # an older token: nothing to drop
+    assert tokens.token() == "token-1"
+    assert tokens.invalidate("token-1")
+    assert tokens.token() == "token-2"
+
+
+def test_refresh_errors_become_store_errors_without_the_token() -> None:
+    tokens, creds, _ = source()
+    creds.error = google.auth.exceptions.RefreshError("invalid_grant: Invalid JWT Signature.", {"error": "x"})
+    with pytest.raises(Forbidden, match="invalid_grant"):
+        tokens.token()
+    creds.error = google.auth.exceptions.TransportError("connection refused")
+    with pytest.raises(Unavailable, match="token service"):
+        tokens.token()
+
+
+def test_failed_background_refresh_keeps_the_old_token_and_tries_again(caplog: pytest.LogCaptureFixture) -> None:
+    tokens, creds, clock = source()
+    tokens.token()
+    clock.advance(3400)
+    creds.error = google.auth.exceptions.TransportError("down")
+    assert tokens.token() == "token-1"
+    wait_until(lambda: "Background token refresh failed" in caplog.text)
+    creds.error = None
+    wait_until(lambda: not tokens._refreshing)
+    creds.gate.clear()
+    assert tokens.token() == "token-1"  # still stale: a new background refresh starts
+    creds.gate.set()
+    wait_until(lambda: creds.issued == 2)
+
+
+def test_a_401_is_sent_once_more_with_a_new_token_then_final() -> None:
+    tokens, creds, _ = source()
+    refused = {"Bearer token-1"}
+
+    def respond(seen: Seen) -> Reply:
+        auth = seen.headers.get("authorization") or seen.headers.get("Authorization")
+        if auth in refused or seen.path.startswith("/always"):
+            return Reply(401, b'{"error": {"code": 401, "message": "no", "status": "UNAUTHENTICATED"}}',
+                         {"Content-Type": "application/json"})
+        return Reply(200, b"[]")
+
+    server = LoopbackServer(respond)
+    try:
+        auth = BearerAuth(tokens)
+        client = HttpClient(retry=RetryPolicy(attempts=1), on_unauthorized=auth.unauthorized)
+        client.session.auth = auth
+        response = client.request("POST", f"{server.base_url}/ok", data=b"body", idempotent=False)
+        assert response.status_code == 200
+        sent = [s.headers.get("authorization") or s.headers.get("Authorization") for s in server.seen]
+        assert sent == ["Bearer token-1", "Bearer token-2"]
+        assert [s.body for s in server.seen] == [b"body", b"body"]
+        server.clear()
+        with pytest.raises(Forbidden, match="HTTP 401"):
+            client.request("GET", f"{server.base_url}/always")
+        assert len(server.seen) == 2  # one new token, then the answer stands
+    finally:
+        server.stop()
