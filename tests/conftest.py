@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +71,9 @@ class Backend:
     can_delete: bool
     sizes_known: bool
     extra_args: tuple[str, ...] = ()
-    dataset_root: Path | None = None
+    store_ids: Callable[[], list[str]] | None = None  # the stores the server holds, when it has several
+    dataset_id: str | None = None  # Cloud Healthcare stand-in only
+    key_file: Path | None = None  # Cloud Healthcare stand-in only
 
     def seed(self, instances: list[SampleInstance]) -> None:
         outcomes = self.server.store_files([i.path for i in instances])
@@ -114,7 +116,8 @@ def _local_backend(root: Path) -> Backend:
     (root / "store-a").mkdir(parents=True, exist_ok=True)
     dataset = LocalDataset(root)
     return Backend("local", str(root), "store-a", dataset.open_store("store-a"), can_create_stores=True,
-                   can_delete=True, sizes_known=True, dataset_root=root)
+                   can_delete=True, sizes_known=True,
+                   store_ids=lambda: sorted(p.name for p in root.iterdir() if p.is_dir()))
 
 
 def _orthanc_backend(server: object, *, rest: bool = True) -> Backend:
@@ -127,10 +130,44 @@ def _orthanc_backend(server: object, *, rest: bool = True) -> Backend:
                    can_create_stores=False, can_delete=rest, sizes_known=rest, extra_args=extra)
 
 
-@pytest.fixture(params=["local", "orthanc"])
+GOOGLE_INDEX_LAG = 1.0
+"""Seconds the stand-in's search index lags behind writes in the shared backend tests, as
+Google's does: the mount must show its own uploads and deletes at once anyway."""
+
+
+@pytest.fixture(scope="session")
+def healthcare() -> Iterator[object]:
+    """The Cloud Healthcare API stand-in (tests/fakes/healthcare.py), one for the session; each
+    test gets its own dataset in it."""
+    from tests.fakes.healthcare import HealthcareStandIn
+
+    server = HealthcareStandIn(index_lag=GOOGLE_INDEX_LAG).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def google_backend(standin: object, tmp_path: Path, version: str = "v1") -> Backend:
+    """A fresh dataset with one store "store-a" on the stand-in, and a service-account key file
+    whose token_uri is the stand-in's."""
+    dataset_id = f"ds-{uuid.uuid4().hex[:10]}"
+    url = standin.create_dataset(dataset_id, version)  # type: ignore[attr-defined]
+    standin.create_store(dataset_id, "store-a")  # type: ignore[attr-defined]
+    key = standin.write_key_file(tmp_path / f"key-{dataset_id}.json")  # type: ignore[attr-defined]
+    key.chmod(0o600)
+    return Backend("google", url, "store-a", standin.store_view(dataset_id, "store-a"),  # type: ignore[attr-defined]
+                   can_create_stores=True, can_delete=True, sizes_known=False, extra_args=("--keyFile", str(key)),
+                   store_ids=lambda: sorted(standin.store_ids(dataset_id)),  # type: ignore[attr-defined]
+                   dataset_id=dataset_id, key_file=key)
+
+
+@pytest.fixture(params=["local", "orthanc", "google"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "local":
         return _local_backend(tmp_path / "dataset")
+    if request.param == "google":
+        return google_backend(request.getfixturevalue("healthcare"), tmp_path)
     return _orthanc_backend(request.getfixturevalue("orthanc"))
 
 

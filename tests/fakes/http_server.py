@@ -34,8 +34,11 @@ class Seen:
 class LoopbackServer:
     """Binds 127.0.0.1 on a free port; ``respond(seen)`` decides every answer."""
 
-    def __init__(self, respond: Callable[[Seen], Reply]) -> None:
+    def __init__(self, respond: Callable[[Seen], Reply], *, record: bool = True) -> None:
+        """``record=False`` keeps ``seen`` empty (for servers that must not hold on to request
+        headers or bodies, e.g. bearer tokens and uploads)."""
         self.respond = respond
+        self.record = record
         self.seen: list[Seen] = []
         self.release = threading.Event()
         self._lock = threading.Lock()
@@ -43,16 +46,34 @@ class LoopbackServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
+            def _read_chunked(self) -> bytes:
+                """A ``Transfer-Encoding: chunked`` request body (trailers are read and dropped)."""
+                chunks: list[bytes] = []
+                while True:
+                    size_line = self.rfile.readline(65537)
+                    size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                            pass
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline(65537)  # the CRLF after the chunk
+
             def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    body = self._read_chunked()
+                else:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    body = self.rfile.read(length) if length else b""
                 seen = Seen(self.command, self.path, dict(self.headers), body)
-                with server._lock:
-                    server.seen.append(seen)
+                if server.record:
+                    with server._lock:
+                        server.seen.append(seen)
                 reply = server.respond(seen)
                 if reply.drop:
                     self.close_connection = True

@@ -193,7 +193,7 @@ def test_mkdir_only_at_dataset_level(backend: Backend, mount_factory, dicom: Dic
     if backend.can_create_stores:
         assert r.returncode == 0, r.stderr
         assert "new-store" in os.listdir(m.path)
-        assert (backend.dataset_root / "new-store").is_dir()  # type: ignore[operator]
+        assert backend.store_ids is not None and "new-store" in backend.store_ids()
         assert run("mkdir", m.path / "bad name!").returncode != 0
     else:
         assert r.returncode != 0 and "Operation not permitted" in r.stderr
@@ -209,6 +209,7 @@ def test_mv_only_empty_store(backend: Backend, mount_factory, dicom: DicomFactor
     r = run("mv", m.path / "empty", m.path / "renamed")
     assert r.returncode == 0, r.stderr
     assert {"renamed", backend.store_name} <= set(os.listdir(m.path)) and "empty" not in os.listdir(m.path)
+    assert backend.store_ids is not None and "renamed" in backend.store_ids() and "empty" not in backend.store_ids()
     r = run("mv", m.path / backend.store_name, m.path / "elsewhere")
     assert r.returncode != 0, "renaming a store that holds studies must fail"
     assert backend.has(inst) and backend.store_name in os.listdir(m.path)

@@ -731,7 +731,13 @@ class Vfs:
         if exists:
             self._replace(store, target, ident, h)
         else:
-            self._store_file(store, h.spool_path, target)
+            try:
+                self._store_file(store, h.spool_path, target)
+            except _Conflict:
+                # The server holds these UIDs already though its search index did not show
+                # them (Google's lags behind writes): this upload is an overwrite after all.
+                log.info("Upload %s: %s is on the server already; overwriting it", h.path, target)
+                self._replace(store, target, ident, h)
             if replaced is not None and replaced.sop_uid != ident.sop_uid:
                 self._delete_replaced(store_name, replaced)
         self._note_uploaded(h.path, target, ident, size)
@@ -756,7 +762,8 @@ class Vfs:
         outcome = outcomes[0] if outcomes else None
         if outcome is None or not outcome.stored:
             reason = outcome.reason if outcome is not None else "no answer for the file"
-            raise FsError(errno.EINVAL, f"the server refused {target}: {reason}", logging.ERROR)
+            kind = _Conflict if outcome is not None and outcome.conflict else FsError
+            raise kind(errno.EINVAL, f"the server refused {target}: {reason}", logging.ERROR)
 
     def _replace(self, store: Store, target: DicomPath, ident: DicomUids, h: WriteHandle) -> None:
         """Overwrite an existing instance: delete, then store; if the new bytes are refused,
@@ -923,6 +930,10 @@ class Vfs:
             self._local[p] = node
         log.debug("Side file %s kept on this computer only", p)
         return self._add_handle(LocalHandle(node, fd))
+
+
+class _Conflict(FsError):
+    """A STOW refusal because the server holds other bytes under the same UIDs."""
 
 
 def _same_content(fd_a: int, fd_b: int) -> bool:

@@ -8,7 +8,6 @@ subclasses to errno in one table (``dicomfuse.core.errors``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,18 @@ from typing import BinaryIO, Protocol, runtime_checkable
 # ---------------------------------------------------------------------------------------------
 # Store IDs
 
-STORE_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
+STORE_ID_MAX = 256
 STORE_ID_RULE = "1-256 letters, digits, '_', '-', '.'"
 
 
 def is_valid_store_id(name: str) -> bool:
-    """The store ID rule of the Cloud Healthcare API, applied to every dataset."""
-    return bool(STORE_ID_RE.fullmatch(name)) and name not in (".", "..")
+    """The store ID rule of the Cloud Healthcare API (Unicode letters and numbers, ``_ - .``, at
+    most 256 characters), applied to every dataset."""
+    return (
+        0 < len(name) <= STORE_ID_MAX
+        and all(c.isalnum() or c in "_-." for c in name)
+        and name not in (".", "..")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,6 +58,7 @@ class StowOutcome:
     series_uid: str | None = None
     sop_uid: str | None = None
     reason: str | None = None
+    conflict: bool = False  # refused because the server holds other bytes under these UIDs (409)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -674,6 +674,7 @@ class DicomwebStore:
                 return self._stow(batch[:middle]) + self._stow(batch[middle:])
             result = parse_stow_response(response) or StowResult()
             refusal = None
+            conflict = status == 409
             if status >= 400:
                 detail = server_error_detail(response)
                 refusal = f"HTTP {status}" + (f": {detail}" if detail else "")
@@ -684,7 +685,7 @@ class DicomwebStore:
             len(result.stored),
             len(result.failed),
         )
-        return [(item, _stow_outcome(item, result, refusal)) for item in batch]
+        return [(item, _stow_outcome(item, result, refusal, conflict)) for item in batch]
 
     # -- delete -----------------------------------------------------------------------------------
 
@@ -700,7 +701,7 @@ class DicomwebStore:
                 raise Unsupported(f"DELETE {safe_path(url)}: HTTP {response.status_code}, the server does not delete")
 
 
-def _stow_outcome(item: _StowFile, result: StowResult, refusal: str | None) -> StowOutcome:
+def _stow_outcome(item: _StowFile, result: StowResult, refusal: str | None, conflict: bool = False) -> StowOutcome:
     if item.sop_uid in result.stored:
         stored, reason = True, None
     elif item.sop_uid in result.failed:
@@ -714,6 +715,7 @@ def _stow_outcome(item: _StowFile, result: StowResult, refusal: str | None) -> S
         series_uid=item.series_uid,
         sop_uid=item.sop_uid,
         reason=reason,
+        conflict=conflict and not stored,
     )
 
 

@@ -106,7 +106,6 @@ class HealthcareDataset:
             seen_tokens.add(page_token)
 
     def open_store(self, store_id: str) -> DicomwebStore:
-        self._check_id(store_id)
         with self._lock:
             store = self._stores.get(store_id)
             if store is None:
