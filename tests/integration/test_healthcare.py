@@ -87,6 +87,20 @@ def test_unreadable_or_broken_key_file_is_named(google: Backend, tmp_path: Path)
     assert r.returncode == 1 and "broken.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_key_google_refuses_is_reported_at_start(google: Backend, tmp_path: Path):
+    import json
+
+    key = json.loads(google.key_file.read_text())  # type: ignore[union-attr]
+    key["client_email"] = "deleted-account@test-project.iam.gserviceaccount.com"
+    revoked = tmp_path / "revoked.json"
+    revoked.write_text(json.dumps(key))
+    revoked.chmod(0o600)
+    r = start_failing(google, tmp_path, "--keyFile", str(revoked))
+    assert r.returncode == 1 and "could not get a Google access token: invalid_grant" in r.stderr, r.stderr
+    assert "DICOM Editor" not in r.stderr and "Traceback" not in r.stderr
+    assert key["private_key"].splitlines()[1] not in r.stderr
+
+
 def test_permission_denied_at_start_names_the_role(healthcare, google: Backend, tmp_path: Path):  # type: ignore[no-untyped-def]
     healthcare.deny("healthcare.dicomStores.list")
     try:
@@ -96,6 +110,12 @@ def test_permission_denied_at_start_names_the_role(healthcare, google: Backend, 
     assert r.returncode == 1, r.stderr
     assert "refused" in r.stderr and "Healthcare DICOM Editor" in r.stderr and "403" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_dataset_that_does_not_exist_is_named_at_start(google: Backend, tmp_path: Path):
+    google.address = google.address.rsplit("/", 1)[0] + "/no-such-dataset"
+    r = start_failing(google, tmp_path, *google.extra_args)
+    assert r.returncode == 1 and "dataset was not found" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_write_permission_denied_fails_the_copy_and_keeps_the_file(healthcare, google: Backend,  # type: ignore[no-untyped-def]

@@ -39,7 +39,9 @@ def setup_logging(log_dir: Path | None, *, console_level: int = logging.INFO) ->
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
     # Libraries' request traces would repeat ours; they never carry headers, but keep them quiet.
-    for noisy in ("urllib3", "google.auth", "pydicom"):
+    for noisy in ("urllib3", "pydicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # google-auth warns about each credential source it tried; our one line says what failed.
+    logging.getLogger("google.auth").setLevel(logging.ERROR)
     logging.getLogger("mfusepy").setLevel(logging.INFO)
     return folder

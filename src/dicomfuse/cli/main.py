@@ -98,8 +98,8 @@ def mount(settings: Settings) -> int:
     from dicomfuse.backends import fuse, options
     from dicomfuse.core.vfs import Vfs, VfsConfig
     from dicomfuse.core.workdirs import WorkDirs
-    from dicomfuse.stores.auth import CredentialsError
-    from dicomfuse.stores.base import Forbidden, StoreError
+    from dicomfuse.stores.auth import CredentialsError, TokenRefused
+    from dicomfuse.stores.base import Forbidden, NotFound, StoreError
     from dicomfuse.stores.open import open_dataset
 
     check_mount_path(settings.mountPath)
@@ -115,8 +115,12 @@ def mount(settings: Settings) -> int:
         if stores:  # one small query proves the server answers before anything is mounted
             next(iter(dataset.open_store(stores[0]).studies(PROBE_UID)), None)
     except Forbidden as exc:
-        hint = getattr(dataset, "permission_hint", None)
+        hint = None if isinstance(exc, TokenRefused) else getattr(dataset, "permission_hint", None)
         log.error("Access to the dataset was refused: %s%s", exc, f" ({hint})" if hint else "")
+        dataset.close()
+        return EXIT_FAILURE
+    except NotFound as exc:
+        log.error("The dataset was not found (check the project, location and dataset names): %s", exc)
         dataset.close()
         return EXIT_FAILURE
     except StoreError as exc:

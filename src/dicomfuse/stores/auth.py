@@ -49,6 +49,10 @@ class CredentialsError(Exception):
     """No usable credentials: one line for the user, nothing secret in it."""
 
 
+class TokenRefused(Forbidden):
+    """Google's token service refused the credentials (deleted key, unknown account, clock skew)."""
+
+
 def load_credentials(key_file: str | os.PathLike[str] | None = None) -> Any:
     """Credentials from ``key_file`` (a service-account JSON key, or the authorized-user file
     gcloud writes), else application default credentials. Raises :class:`CredentialsError`."""
@@ -220,7 +224,7 @@ class TokenSource:
         try:
             self._refresh_call()
         except google.auth.exceptions.RefreshError as exc:
-            error: StoreError = Forbidden(f"could not get a Google access token: {_first_line(exc)}")
+            error: StoreError = TokenRefused(f"could not get a Google access token: {_first_line(exc)}")
         except (google.auth.exceptions.TransportError, requests.RequestException) as exc:
             error = Unavailable(f"could not reach Google's token service ({type(exc).__name__})")
         else:

@@ -58,7 +58,9 @@ class StowOutcome:
     series_uid: str | None = None
     sop_uid: str | None = None
     reason: str | None = None
-    conflict: bool = False  # refused because the server holds other bytes under these UIDs (409)
+    # Refused with HTTP 409: how Google refuses other bytes under UIDs it holds (it also uses
+    # 409 for files it cannot parse, so a caller that cares checks what the server holds).
+    conflict: bool = False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from dicomfuse.stores.base import (
 )
 from dicomfuse.stores.http import (
     DEFAULT_TIMEOUT,
+    ERROR_DETAIL_CHARS,
     HttpClient,
     MultipartReader,
     RetryPolicy,
@@ -53,6 +54,7 @@ FAILURE_REASON_TAG = "00081197"
 FAILED_SOP_SEQUENCE_TAG = "00081198"
 REFERENCED_SOP_SEQUENCE_TAG = "00081199"
 REFERENCED_SOP_UID_TAG = "00081155"
+GOOGLE_FAILURE_DETAIL_TAG = "00090097"  # Google's private FailureDetail (creator "GOOGLE"), free text
 
 DICOM_JSON = "application/dicom+json"
 RETRIEVE_ACCEPTS = (
@@ -373,15 +375,19 @@ class StowResult:
     stored: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
 
-    def add_failure(self, sop_uid: str | None, code: object) -> None:
+    def add_failure(self, sop_uid: str | None, code: object, detail: object = None) -> None:
         if not sop_uid:
             return
         try:
             number = int(str(code).strip(), 0) if not isinstance(code, int) else code
         except ValueError:
-            self.failed[sop_uid] = "refused by the server"
-            return
-        self.failed[sop_uid] = failure_reason_text(number)
+            reason = "refused by the server"
+        else:
+            reason = failure_reason_text(number)
+        if isinstance(detail, str) and detail.strip():
+            text = " ".join(detail.split())
+            reason += f": {text[:ERROR_DETAIL_CHARS]}"
+        self.failed[sop_uid] = reason
 
 
 def parse_stow_json(document: object) -> StowResult:
@@ -394,7 +400,8 @@ def parse_stow_json(document: object) -> StowResult:
         if uid:
             result.stored.add(uid)
     for item in _sequence_items(document, FAILED_SOP_SEQUENCE_TAG):
-        result.add_failure(_uid_of(item, REFERENCED_SOP_UID_TAG), _first_value(item, FAILURE_REASON_TAG))
+        result.add_failure(_uid_of(item, REFERENCED_SOP_UID_TAG), _first_value(item, FAILURE_REASON_TAG),
+                           _first_value(item, GOOGLE_FAILURE_DETAIL_TAG))
     return result
 
 
@@ -429,7 +436,8 @@ def parse_stow_xml(text: bytes) -> StowResult:
         if uid:
             result.stored.add(uid)
     for item in items(FAILED_SOP_SEQUENCE_TAG):
-        result.add_failure(first_value(item, REFERENCED_SOP_UID_TAG), first_value(item, FAILURE_REASON_TAG))
+        result.add_failure(first_value(item, REFERENCED_SOP_UID_TAG), first_value(item, FAILURE_REASON_TAG),
+                           first_value(item, GOOGLE_FAILURE_DETAIL_TAG))
     return result
 
 

@@ -1,0 +1,159 @@
+"""The Cloud Healthcare dataset client against the stand-in of Google's API, without a mount:
+what goes over the wire (limits, Accept headers, page tokens) and what comes back (outcomes,
+errors) for each Store/Dataset call."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicomfuse.samples import make_uid, write_instance
+from dicomfuse.stores.auth import TokenSource, load_credentials
+from dicomfuse.stores.base import AlreadyExists, Forbidden, InvalidName, NotEmpty, NotFound, Unavailable
+from dicomfuse.stores.healthcare import HealthcareDataset
+from dicomfuse.stores.http import RetryPolicy
+from tests.fakes.healthcare import HealthcareStandIn
+
+FAST_RETRY = RetryPolicy(attempts=3, backoff_base=0.01, backoff_max=0.05, retry_after_max=0.05)
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[HealthcareStandIn]:
+    server = HealthcareStandIn().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def dataset(standin: HealthcareStandIn, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HealthcareDataset]:
+    dataset_id = f"ds-{abs(hash(request.node.name)) % 10**8}"
+    url = standin.create_dataset(dataset_id)
+    standin.create_store(dataset_id, "store-a")
+    key = standin.write_key_file(tmp_path / "key.json")
+    key.chmod(0o600)
+    ds = HealthcareDataset(url, TokenSource(load_credentials(key)), retry=FAST_RETRY)
+    ds.dataset_id = dataset_id  # type: ignore[attr-defined]
+    standin.clear_faults()
+    standin.clear_log()
+    try:
+        yield ds
+    finally:
+        ds.close()
+
+
+def instance(folder: Path, tag: str, n: int = 0, pixel_bytes: int = 2048) -> tuple[Path, str, str, str]:
+    study, series, sop = make_uid(tag, "study"), make_uid(tag, "series"), make_uid(tag, "sop", n)
+    path = folder / f"{tag}-{n}-{pixel_bytes}.dcm"
+    write_instance(path, study, series, sop, pixel_bytes=pixel_bytes)
+    return path, study, series, sop
+
+
+def test_stores_are_paged_with_page_tokens_of_at_most_1000(standin: HealthcareStandIn,
+                                                           dataset: HealthcareDataset) -> None:
+    for i in range(1_200):
+        standin.create_store(dataset.dataset_id, f"s{i:05d}")  # type: ignore[attr-defined]
+    assert len(set(dataset.list_stores())) == 1_201
+    lists = [r for r in standin.requests if r.path.endswith("/dicomStores") and r.method == "GET"]
+    assert [r.query.get("pageSize") for r in lists] == ["1000", "1000"]
+    assert "pageToken" not in lists[0].query and lists[1].query.get("pageToken")
+
+
+def test_create_store_errors(standin: HealthcareStandIn, dataset: HealthcareDataset) -> None:
+    dataset.create_store("new.store-1")
+    assert "new.store-1" in standin.store_ids(dataset.dataset_id)  # type: ignore[attr-defined]
+    with pytest.raises(AlreadyExists):
+        dataset.create_store("new.store-1")
+    with pytest.raises(InvalidName):
+        dataset.create_store("no spaces")
+    assert not any(r.method == "POST" and "no spaces" in str(r.query) for r in standin.requests)
+
+
+def test_delete_store_checks_it_is_empty_first(standin: HealthcareStandIn, dataset: HealthcareDataset,
+                                               tmp_path: Path) -> None:
+    path, study, series, sop = instance(tmp_path, "del")
+    standin.store_view(dataset.dataset_id, "store-a").store_files([path])  # type: ignore[attr-defined]
+    with pytest.raises(NotEmpty):
+        dataset.delete_store("store-a")
+    assert "store-a" in standin.store_ids(dataset.dataset_id)  # type: ignore[attr-defined]
+    assert not any(r.method == "DELETE" for r in standin.requests), "nothing was deleted"
+    dataset.create_store("empty")
+    dataset.delete_store("empty")
+    assert "empty" not in standin.store_ids(dataset.dataset_id)  # type: ignore[attr-defined]
+
+
+def test_qido_uses_google_limits_and_wado_asks_for_the_stored_syntax(standin: HealthcareStandIn,
+                                                                     dataset: HealthcareDataset,
+                                                                     tmp_path: Path) -> None:
+    path, study, series, sop = instance(tmp_path, "wire")
+    store = dataset.open_store("store-a")
+    assert store.store_files([path])[0].stored
+    assert list(store.studies()) == [study]
+    assert list(store.series(study)) == [series]
+    assert [i.sop_uid for i in store.instances(study, series)] == [sop]
+    sink = io.BytesIO()
+    assert store.retrieve(study, series, sop, sink) == path.stat().st_size
+    assert sink.getvalue() == path.read_bytes()
+    searches = [r for r in standin.requests if r.method == "GET" and "/dicomWeb/" in r.path]
+    limits = {r.path.rsplit("/", 1)[-1]: r.query.get("limit") for r in searches if "limit" in r.query}
+    assert limits == {"studies": "5000", "series": "5000", "instances": "50000"}
+
+
+def test_stow_conflict_is_reported_with_googles_detail(standin: HealthcareStandIn, dataset: HealthcareDataset,
+                                                       tmp_path: Path) -> None:
+    path, study, series, sop = instance(tmp_path, "conflict")
+    store = dataset.open_store("store-a")
+    assert store.store_files([path])[0].stored
+    assert store.store_files([path])[0].stored, "identical bytes again: Google accepts them"
+    other = tmp_path / "other.dcm"
+    write_instance(other, study, series, sop, pixel_bytes=4096)
+    outcome = store.store_files([other])[0]
+    assert not outcome.stored and outcome.conflict
+    assert outcome.reason and "differ" in outcome.reason
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(path.read_bytes()[:400])
+    refused = store.store_files([bad])[0]
+    assert not refused.stored and "parse" in (refused.reason or "")
+
+
+def test_429_on_stow_is_sent_again_but_503_is_not(standin: HealthcareStandIn, dataset: HealthcareDataset,
+                                                  tmp_path: Path) -> None:
+    store = dataset.open_store("store-a")
+    path, *_ = instance(tmp_path, "throttle")
+    list(store.studies())  # a token first: faults below are for STOW only
+    standin.inject(status=429, times=1, method="POST", retry_after="0")
+    assert store.store_files([path])[0].stored
+    other, *_ = instance(tmp_path, "unavailable")
+    standin.clear_log()
+    standin.inject(status=503, times=1, method="POST")
+    with pytest.raises(Unavailable):
+        store.store_files([other])
+    assert len([r for r in standin.requests if r.method == "POST"]) == 1, "an upload is never sent twice blindly"
+
+
+def test_missing_instance_and_denied_permission(standin: HealthcareStandIn, dataset: HealthcareDataset) -> None:
+    store = dataset.open_store("store-a")
+    with pytest.raises(NotFound):
+        store.retrieve("1.2.3", "1.2.4", "1.2.5", io.BytesIO())
+    standin.deny("healthcare.dicomStores.dicomWebRead")
+    try:
+        with pytest.raises(Forbidden, match="403"):
+            list(store.studies())
+    finally:
+        standin.deny(None)
+
+
+def test_instance_delete_uses_dicomweb_delete(standin: HealthcareStandIn, dataset: HealthcareDataset,
+                                              tmp_path: Path) -> None:
+    path, study, series, sop = instance(tmp_path, "rm")
+    store = dataset.open_store("store-a")
+    store.store_files([path])
+    store.delete_instance(study, series, sop)
+    view = standin.store_view(dataset.dataset_id, "store-a")  # type: ignore[attr-defined]
+    assert view.instance_bytes(study, series, sop) is None
+    with pytest.raises(NotFound):
+        store.delete_instance(study, series, sop)
