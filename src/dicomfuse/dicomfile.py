@@ -21,6 +21,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 
+# pydicom's validation warnings quote element values, and a value can be a patient's name: never
+# let them reach a log line or the terminal. Our own checks say what is wrong with a file.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
 log = logging.getLogger(__name__)
 
 UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
