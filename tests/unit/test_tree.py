@@ -59,3 +59,18 @@ def test_negative_cache_is_bounded():
     for i in range(20):
         cache.remember_absent(DicomPath.parse(f"/s/{i}"))
     assert len(cache._negative) == 5
+
+
+def test_local_changes_answer_before_the_server_for_the_overlay_lifetime():
+    clock = Clock()
+    cache = ListingCache(10, overlay_ttl=30, clock=clock)
+    series, store = DicomPath.parse("/s/1.1/1.2"), DicomPath.parse("/s")
+    assert cache.local_change(series, "1.3.dcm") is None and not cache.added_below(store)
+    cache.note_added(store, "1.1", Entry(True))
+    cache.note_added(series, "1.3.dcm", Entry(False, 10))
+    assert cache.local_change(series, "1.3.dcm") == Entry(False, 10)
+    assert cache.added_below(store)
+    cache.note_removed(series, "1.3.dcm")
+    assert cache.local_change(series, "1.3.dcm") is False
+    clock.now = 31
+    assert cache.local_change(series, "1.3.dcm") is None and not cache.added_below(store)

@@ -77,12 +77,9 @@ class ListingCache:
         now = self._clock()
         path = folder.child(name)
         with self._lock:
-            added = self._added.get(folder, {}).get(name)
-            if added and now - added[0] < self.overlay_ttl:
-                return added[1]
-            removed = self._removed.get(folder, {}).get(name)
-            if removed is not None and now - removed < self.overlay_ttl:
-                return False
+            local = self._local_change(folder, name, now)
+            if local is not None:
+                return local
             cached = self._listings.get(folder)
             if cached is not None and now - cached[0] < self.ttl and name in cached[1]:
                 return cached[1][name]
@@ -99,13 +96,17 @@ class ListingCache:
         it added, False if it removed it, None if it did neither (ask the server)."""
         now = self._clock()
         with self._lock:
-            added = self._added.get(folder, {}).get(name)
-            if added and now - added[0] < self.overlay_ttl:
-                return added[1]
-            removed = self._removed.get(folder, {}).get(name)
-            if removed is not None and now - removed < self.overlay_ttl:
-                return False
-            return None
+            return self._local_change(folder, name, now)
+
+    def _local_change(self, folder: DicomPath, name: str, now: float) -> Entry | bool | None:
+        """Caller holds _lock."""
+        added = self._added.get(folder, {}).get(name)
+        if added and now - added[0] < self.overlay_ttl:
+            return added[1]
+        removed = self._removed.get(folder, {}).get(name)
+        if removed is not None and now - removed < self.overlay_ttl:
+            return False
+        return None
 
     def added_below(self, folder: DicomPath) -> bool:
         """Whether the mount added anything in ``folder`` within the overlay's lifetime."""
