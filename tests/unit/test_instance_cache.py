@@ -156,3 +156,125 @@ def test_ttl_refetches(tmp_path: Path):
     cache.release(e)
     assert len(calls) == 2
     cache.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-ahead: bounded pool, demand first, promotion, cancellation, never over the bound
+
+
+class Gate:
+    """A fetch that blocks until released, counting how many run at once."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+        self.order: list[int] = []
+
+    def fetch(self, n: int, size: int = 1000):  # type: ignore[no-untyped-def]
+        def run(sink):  # type: ignore[no-untyped-def]
+            with self.lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+                self.order.append(n)
+            try:
+                assert self.release.wait(10)
+                sink.write(blob(n, size))
+                return size
+            finally:
+                with self.lock:
+                    self.running -= 1
+        return run
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_prefetch_runs_on_the_bounded_pool_single_flight(tmp_path: Path):
+    cache = InstanceCache(tmp_path, capacity=100_000, ttl=100, workers=2)
+    cache.start()
+    gate = Gate()
+    try:
+        for n in range(6):
+            assert cache.prefetch(key(n), gate.fetch(n), 1000)
+        assert cache.prefetch(key(0), gate.fetch(100), 1000), "in flight already: single-flight"
+        wait_for(lambda: gate.running == 2)
+        gate.release.set()
+        wait_for(lambda: all(cache.known_size(key(n)) == 1000 for n in range(6)))
+        assert gate.peak == 2, "never more downloads at once than workers"
+        entry = cache.open(key(3), gate.fetch(99))
+        assert read_all(cache, entry) == blob(3), "a read-ahead file is served from the cache"
+        cache.release(entry)
+        assert 99 not in gate.order and 100 not in gate.order and len(gate.order) == 6
+    finally:
+        cache.stop()
+
+
+def test_a_file_someone_waits_for_goes_before_read_ahead_and_promotes_it(tmp_path: Path):
+    cache = InstanceCache(tmp_path, capacity=100_000, ttl=100, workers=1)
+    cache.start()
+    gate = Gate()
+    try:
+        for n in range(5):
+            cache.prefetch(key(n), gate.fetch(n), 1000)
+        wait_for(lambda: gate.running == 1)  # 0 runs; 1..4 queued
+        demand = cache.open(key(10), gate.fetch(10))
+        promoted = cache.open(key(4), gate.fetch(4))
+        gate.release.set()
+        wait_for(lambda: len(gate.order) == 6)
+        assert gate.order[:3] == [0, 10, 4], gate.order
+        assert cache.prefetch_stats["promoted"] == 1
+        for entry in (demand, promoted):
+            cache.release(entry)
+    finally:
+        cache.stop()
+
+
+def test_cancel_drops_only_read_ahead_that_has_not_started(tmp_path: Path):
+    cache = InstanceCache(tmp_path, capacity=100_000, ttl=100, workers=1)
+    cache.start()
+    gate = Gate()
+    try:
+        for n in range(3):
+            cache.prefetch(key(n), gate.fetch(n), 1000)
+        wait_for(lambda: gate.running == 1)
+        assert not cache.cancel(key(0)), "already running: it finishes"
+        assert cache.cancel(key(1)) and cache.cancel(key(2))
+        assert not cache.cancel(key(2))
+        gate.release.set()
+        wait_for(lambda: cache.known_size(key(0)) == 1000)
+        assert gate.order == [0]
+        assert cache.known_size(key(1)) is None and cache.used_bytes == 1000
+        assert len(list(tmp_path.glob("*.dcm"))) == 1, "cancelled read-ahead leaves no file"
+    finally:
+        cache.stop()
+
+
+def test_read_ahead_never_exceeds_the_bound_nor_evicts_files_in_use(tmp_path: Path):
+    cache = InstanceCache(tmp_path, capacity=4000, ttl=100, workers=4)
+    cache.start()
+    gate = Gate()
+    gate.release.set()
+    try:
+        in_use = [cache.open(key(n), gate.fetch(n)) for n in range(3)]
+        wait_for(lambda: all(e.complete for e in in_use))
+        assert cache.prefetch(key(10), gate.fetch(10), 1000)
+        assert not cache.prefetch(key(11), gate.fetch(11), 1000), "3 in use + 1 ahead fill the 4000 bytes"
+        assert not cache.prefetch(key(12), gate.fetch(12)), "unknown size: guessed from the last file"
+        wait_for(lambda: cache.known_size(key(10)) == 1000)
+        assert cache.used_bytes <= 4000 and cache.prefetch_stats["refused"] == 2
+        for entry in in_use:
+            assert read_all(cache, entry) == blob(int(entry.key[3].split(".")[1]))
+            cache.release(entry)
+        assert cache.prefetch(key(11), gate.fetch(11), 1000), "room again once files are released"
+        wait_for(lambda: cache.known_size(key(11)) == 1000)
+        assert cache.used_bytes <= 4000
+    finally:
+        cache.stop()

@@ -104,7 +104,8 @@ def mount(settings: Settings) -> int:
 
     check_mount_path(settings.mountPath)
     try:
-        dataset = open_dataset(settings.datasetAddr, key_file=settings.keyFile, orthanc_rest=settings.orthancRest)
+        dataset = open_dataset(settings.datasetAddr, key_file=settings.keyFile, orthanc_rest=settings.orthancRest,
+                               pool_size=settings.downloadThreads + 4)
     except ValueError as exc:
         raise UsageError(f"--datasetAddr: {exc}") from None
     except CredentialsError as exc:
@@ -135,6 +136,7 @@ def mount(settings: Settings) -> int:
         cache_bytes=settings.cache_bytes,
         deletion_enabled=settings.enableDeletion,
         download_workers=settings.downloadThreads,
+        read_ahead=settings.readAhead,
     )
     vfs = Vfs(dataset, config, workdirs)
     mount_options = options.merge(

@@ -59,7 +59,16 @@ class Settings(BaseModel):
         "auto", "Orthanc's REST API, used for delete and for sizes in listings: auto (detected), "
         "off, or its URL.", metavar="auto|off|URL", group="DICOMweb servers")
     downloadThreads: int = opt(
-        8, "Parallel downloads of instances.", metavar="N", group="Advanced")
+        16, "Parallel downloads of instances (files asked for first, then read-ahead).", metavar="N",
+        group="Performance")
+    readAhead: int = opt(
+        16, "Files of a series fetched ahead when a program reads it in order (cp -r, tar, rsync, "
+        "viewers); 0 turns read-ahead off.", metavar="N", group="Performance")
+    uploadMode: str = opt(
+        "sync", "sync: a copy into the mount ends when the server has stored the file (errors "
+        "fail the copy); writeback: the file is checked, kept safely on disk and uploaded in the "
+        "background in parallel batches (see 'dicomfuse status').", metavar="sync|writeback",
+        group="Performance")
     cacheDir: Path | None = opt(
         None, "Folder for the private instance cache and upload spool (default: the user cache "
         "folder).", metavar="DIR", group="Advanced")
@@ -107,6 +116,21 @@ class Settings(BaseModel):
     def _threads(cls, value: int) -> int:
         if not 1 <= value <= 64:
             raise ValueError("must be between 1 and 64")
+        return value
+
+    @field_validator("readAhead")
+    @classmethod
+    def _read_ahead(cls, value: int) -> int:
+        if not 0 <= value <= 256:
+            raise ValueError("must be between 0 and 256")
+        return value
+
+    @field_validator("uploadMode")
+    @classmethod
+    def _upload_mode(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("sync", "writeback"):
+            raise ValueError("expected sync or writeback")
         return value
 
     @field_validator("enableDeletion", mode="before")

@@ -1,10 +1,16 @@
 """Opened instances on disk: single-flight downloads that stream into a private cache file,
 reads served as soon as their byte range has arrived, an LRU bound on total bytes, and a TTL.
+
+Downloads run on one bounded pool of workers. A file someone is waiting for goes ahead of files
+fetched ahead of time (read-ahead, ``prefetch``); a read-ahead still queued is promoted when
+someone opens it, and can be cancelled. Read-ahead only starts when its bytes fit in the bound
+next to everything complete or in flight, and never evicts a file in use.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
 import itertools
 import logging
 import os
@@ -12,7 +18,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,6 +44,9 @@ class CachedInstance:
         self.pins = 0
         self.last_used = fetched_at
         self.retired = False
+        self.reserved = 0  # bytes counted for it in the cache's total while it downloads
+        self.task: _Task | None = None  # its download, while queued or running
+        self.prefetched = False  # fetched ahead of time, not opened yet
 
     @property
     def size(self) -> int | None:
@@ -86,6 +94,91 @@ class _ProgressSink:
         self._raw.flush()
 
 
+DEMAND, AHEAD = 0, 1
+"""Download priorities: someone waits for it; fetched ahead of time."""
+
+
+class _Task:
+    """One queued download. ``state``: queued, running, cancelled (guarded by the pool's lock)."""
+
+    __slots__ = ("fn", "priority", "state")
+
+    def __init__(self, fn: Callable[[], None], priority: int) -> None:
+        self.fn = fn
+        self.priority = priority
+        self.state = "queued"
+
+
+class _PriorityPool:
+    """A fixed number of worker threads taking the most urgent queued task first (FIFO within a
+    priority). Tasks can be cancelled or promoted while still queued."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[int, int, _Task]] = []  # guarded by _cond
+        self._seq = itertools.count()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[[], None], priority: int) -> _Task:
+        task = _Task(fn, priority)
+        with self._cond:
+            heapq.heappush(self._heap, (priority, next(self._seq), task))
+            self._cond.notify()
+        return task
+
+    def promote(self, task: _Task, priority: int) -> None:
+        """Move a queued task up (a stale heap slot is skipped when popped)."""
+        with self._cond:
+            if task.state == "queued" and priority < task.priority:
+                task.priority = priority
+                heapq.heappush(self._heap, (priority, next(self._seq), task))
+                self._cond.notify()
+
+    def cancel(self, task: _Task) -> bool:
+        """True if the task had not started (it never will)."""
+        with self._cond:
+            if task.state != "queued":
+                return False
+            task.state = "cancelled"
+            return True
+
+    def queued(self) -> int:
+        with self._cond:
+            return sum(1 for _, _, t in self._heap if t.state == "queued")
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._closed = True
+            for _, _, task in self._heap:
+                if task.state == "queued":
+                    task.state = "cancelled"
+            self._heap.clear()
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                task = None
+                while task is None:
+                    while not self._heap and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    priority, _, candidate = heapq.heappop(self._heap)
+                    if candidate.state == "queued" and priority == candidate.priority:
+                        task = candidate
+                task.state = "running"
+            try:
+                task.fn()
+            except BaseException:  # noqa: BLE001 - a task reports its own errors
+                log.exception("Download task failed")
+
+
 class InstanceCache:
     """Bounded by ``capacity`` bytes (largest file ``capacity // 4``); entries older than ``ttl``
     seconds are fetched again on the next open. Entries in use are never evicted."""
@@ -105,23 +198,26 @@ class InstanceCache:
         self.ttl = ttl
         self._clock = clock
         self._workers = workers
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _PriorityPool | None = None
         self._names = itertools.count()
         self._lock = threading.Lock()
-        # Protected by _lock: the index, LRU order, byte total, and entries' pins/last_used.
+        # Protected by _lock: the index, LRU order, byte total (complete files plus the
+        # reservations of downloads in flight), entries' pins/last_used/reserved/prefetched.
         self._entries: OrderedDict[CacheKey, CachedInstance] = OrderedDict()
         self._bytes = 0
+        self._typical = 0  # size of the last file completed: the guess for read-ahead of unknown size
+        self.prefetch_stats = {"started": 0, "refused": 0, "cancelled": 0, "promoted": 0}
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the download pool (in the filesystem's init, after any fork)."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="download")
+            self._pool = _PriorityPool(self._workers, "download")
 
     def stop(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
             self._pool = None
 
     # -- queries ----------------------------------------------------------------------------
@@ -139,8 +235,9 @@ class InstanceCache:
     # -- use --------------------------------------------------------------------------------
 
     def open(self, key: CacheKey, fetch: Fetch, expected_size: int | None = None) -> CachedInstance:
-        """A pinned entry for ``key``: the cached one if fresh, the download in flight if any,
-        else a new download started on the pool. Call :meth:`release` when done."""
+        """A pinned entry for ``key``: the cached one if fresh, the download in flight if any
+        (a queued read-ahead is moved to the front), else a new download. Call :meth:`release`
+        when done."""
         if expected_size is not None and expected_size > self.max_file:
             raise FsError(errno.EFBIG, f"instance of {expected_size} bytes exceeds cacheSize/4")
         now = self._clock()
@@ -153,18 +250,78 @@ class InstanceCache:
                 entry.pins += 1
                 entry.last_used = now
                 self._entries.move_to_end(key)
+                if entry.prefetched:
+                    entry.prefetched = False
+                    if entry.task is not None and entry.task.state == "queued" and self._pool is not None:
+                        self._pool.promote(entry.task, DEMAND)
+                        self.prefetch_stats["promoted"] += 1
                 return entry
-            entry = CachedInstance(key, self.directory / f"{next(self._names)}.dcm", now)
+            entry = self._new_entry(key, now, expected_size or 0)
             entry.pins = 1
-            self._entries[key] = entry
-            self._make_room(expected_size or 0)
-            # Created under the lock: a second opener may open it for reading at once.
-            raw = os.fdopen(os.open(entry.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "wb")
+        self._submit(entry, fetch, DEMAND)
+        return entry
+
+    def prefetch(self, key: CacheKey, fetch: Fetch, expected_size: int | None = None) -> bool:
+        """Make sure ``key`` is cached or on its way, fetching it ahead of time behind every
+        download someone waits for. False only when its bytes would not fit next to the files
+        in use and in flight: the bound is never exceeded for read-ahead."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.error is None and now - entry.fetched_at < self.ttl:
+                return True  # cached or in flight: single-flight
+            # Unknown size: guess the last file's, or an eighth of the largest file at first.
+            size = expected_size if expected_size is not None else (self._typical or self.max_file // 8)
+            self._make_room(size)
+            if size > self.max_file or self._bytes + size > self.capacity:
+                self.prefetch_stats["refused"] += 1
+                return False
+            if entry is not None:
+                self._retire(entry)
+            entry = self._new_entry(key, now, size)
+            entry.prefetched = True
+            self.prefetch_stats["started"] += 1
+        self._submit(entry, fetch, AHEAD)
+        return True
+
+    def cancel(self, key: CacheKey) -> bool:
+        """Drop a read-ahead of ``key`` that has not started (nobody opened it). True if it
+        was dropped."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or not entry.prefetched or entry.task is None or self._pool is None:
+                return False
+            if not self._pool.cancel(entry.task):
+                return False
+            entry.task = None
+            self._retire(entry)
+            self.prefetch_stats["cancelled"] += 1
+            return True
+
+    def in_flight(self, key: CacheKey) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and not entry.complete and entry.error is None
+
+    def _new_entry(self, key: CacheKey, now: float, reserve: int) -> CachedInstance:
+        """Caller holds _lock. Index a new entry, reserve its expected bytes, create its file
+        (empty, 0600: a second opener may open it for reading at once)."""
+        entry = CachedInstance(key, self.directory / f"{next(self._names)}.dcm", now)
+        self._entries[key] = entry
+        entry.reserved = reserve
+        self._bytes += reserve
+        self._make_room(0)
+        os.close(os.open(entry.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))
+        return entry
+
+    def _submit(self, entry: CachedInstance, fetch: Fetch, priority: int) -> None:
         if self._pool is None:
             self.start()
         assert self._pool is not None
-        self._pool.submit(self._download, entry, fetch, raw)
-        return entry
+        task = self._pool.submit(lambda: self._download(entry, fetch), priority)
+        with self._lock:
+            if entry.task is None and not entry.complete and entry.error is None:
+                entry.task = task
 
     def release(self, entry: CachedInstance) -> None:
         with self._lock:
@@ -214,9 +371,9 @@ class InstanceCache:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _download(self, entry: CachedInstance, fetch: Fetch, raw: BinaryIO) -> None:
+    def _download(self, entry: CachedInstance, fetch: Fetch) -> None:
         try:
-            with raw:
+            with open(entry.path, "r+b", buffering=0) as raw:
                 fetch(_ProgressSink(entry, raw, self.max_file))  # type: ignore[arg-type]
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting reader
             log.debug("Download of %s failed: %s", entry.key[3], exc)
@@ -224,17 +381,21 @@ class InstanceCache:
                 entry.error = exc
                 entry.cond.notify_all()
             with self._lock:
+                entry.task = None
                 self._retire(entry)
             return
         with self._lock:  # lock order: cache lock, then the entry's condition
             with entry.cond:
                 entry.complete = True
                 entry.cond.notify_all()
+            entry.task = None
             if entry.retired:
                 if entry.pins <= 0:
                     self._unlink(entry)
             else:
-                self._bytes += entry.written
+                self._bytes += entry.written - entry.reserved
+                entry.reserved = 0
+                self._typical = entry.written
                 self._make_room(0)
 
     def _retire(self, entry: CachedInstance) -> None:
@@ -243,8 +404,8 @@ class InstanceCache:
             del self._entries[entry.key]
         if not entry.retired:
             entry.retired = True
-            if entry.complete:  # only complete entries are counted in _bytes
-                self._bytes -= entry.written
+            self._bytes -= entry.written if entry.complete else entry.reserved
+            entry.reserved = 0
         if entry.pins <= 0:
             self._unlink(entry)
 

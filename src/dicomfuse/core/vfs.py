@@ -29,6 +29,7 @@ from dicomfuse.core.paths import (
     is_valid_store_id,
 )
 from dicomfuse.core.policy import Op, OperationPolicy
+from dicomfuse.core.readahead import ReadAhead
 from dicomfuse.core.sizes import Caller, StatProbePolicy
 from dicomfuse.core.tree import Entry, ListingCache
 from dicomfuse.core.uploads import Spool, inspect_dicom
@@ -48,7 +49,8 @@ class VfsConfig:
     instance_ttl: float = 300.0
     cache_bytes: int = 10_000 * 1024 * 1024
     deletion_enabled: bool = True
-    download_workers: int = 8
+    download_workers: int = 16
+    read_ahead: int = 16  # files of a series fetched ahead of a reader going through it in order
     stat_fetch_timeout: float = 30.0  # longest a stat waits to learn an unknown size
 
 
@@ -131,6 +133,8 @@ class Vfs:
         self.cache = InstanceCache(
             workdirs.cache, config.cache_bytes, config.instance_ttl, workers=config.download_workers
         )
+        self.readahead = ReadAhead(config.read_ahead, self._file_names, self._prefetch,
+                                   lambda p: self.cache.cancel(self._key(p)))
         self.spool = Spool(workdirs.spool, workdirs.failed)
         self.stat_probes = StatProbePolicy()
         self.mounted_at = time.time()
@@ -631,6 +635,7 @@ class Vfs:
         except BaseException:
             self.cache.release(cached)
             raise
+        self.readahead.opened(p)
         return OpenResult(self._add_handle(ReadHandle(cached, fd)), direct_io=size_before is None,
                           keep_cache=size_before is not None)
 
@@ -639,6 +644,25 @@ class Vfs:
         key = self._key(p)
         store = self._store(p.store)
         return self.cache.open(key, lambda sink: store.retrieve(p.study, p.series, key[3], sink), expected_size)
+
+    def _file_names(self, folder: DicomPath) -> list[str]:
+        """The instance names of a series folder in the order readdir gives them (sorted):
+        the order cp -r, tar and rsync go through them."""
+        try:
+            return sorted(name for name, entry in self._listing(folder).items() if not entry.is_dir)
+        except FsError:
+            return []
+
+    def _prefetch(self, p: DicomPath) -> bool:
+        """Fetch instance ``p`` ahead of time; False when the cache has no room for it now."""
+        key = self._key(p)
+        known = self.listings.lookup(p.parent, p.name)
+        size = known.size if isinstance(known, Entry) else None
+        try:
+            store = self._store(p.store)
+        except FsError:
+            return True  # nothing to fetch ahead from; not a matter of room
+        return self.cache.prefetch(key, lambda sink: store.retrieve(p.study, p.series, key[3], sink), size)
 
     def _fetch_size(self, p: DicomPath) -> int | None:
         """Fetch an instance into the cache to learn its size (bounded wait)."""
