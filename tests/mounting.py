@@ -24,8 +24,10 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 class Mount:
     """``python -m dicomfuse -a ADDRESS -p PATH ...`` as a user runs it."""
 
-    def __init__(self, address: str, workdir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, address: str, workdir: Path, *extra_args: str, env: dict[str, str] | None = None,
+                 subcommand: tuple[str, ...] = ()) -> None:
         self.address = address
+        self.subcommand = subcommand
         self.env = env
         self.path = workdir / "mnt"
         self.cache_dir = workdir / "cache"
@@ -37,7 +39,7 @@ class Mount:
 
     @property
     def argv(self) -> list[str]:
-        target = ["demo"] if self.address == "demo" else ["-a", self.address]
+        target = ["demo"] if self.address == "demo" else [*self.subcommand, "-a", self.address]
         return [sys.executable, "-m", "dicomfuse", *target, "-p", str(self.path),
                 "--cacheDir", str(self.cache_dir), "--logDir", str(self.log_dir), *self.extra_args]
 

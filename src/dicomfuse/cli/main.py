@@ -6,6 +6,9 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,8 @@ def build_parser(prog: str = PROG, *, demo: bool = False) -> argparse.ArgumentPa
                      "Mount a Cloud Healthcare API dataset, a DICOMweb server or a folder of DICOM "
                      "files as folders: store / study / series / <SOPInstanceUID>.dcm."),
         epilog="Stop with Ctrl+C: the mount is removed and its cache wiped. "
-               "Subcommand: 'dicomfuse demo' mounts a local demo dataset.",
+               "Subcommands: 'dicomfuse demo' mounts a local demo dataset; 'dicomfuse prefetch PATH' "
+               "warms the cache of a folder; 'dicomfuse status' reports uploads in progress or failed.",
         add_help=False,
     )
     groups: dict[str, Any] = {}
@@ -64,17 +68,34 @@ def build_parser(prog: str = PROG, *, demo: bool = False) -> argparse.ArgumentPa
 
 
 def parse_settings(argv: list[str], *, demo: bool = False, **overrides: Any) -> Settings:
-    parser = build_parser(f"{PROG} demo" if demo else PROG, demo=demo)
+    return parse_settings_with(argv, demo=demo, **overrides)[0]
+
+
+def parse_settings_with(
+    argv: list[str],
+    *,
+    demo: bool = False,
+    prog: str | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    **overrides: Any,
+) -> tuple[Settings, argparse.Namespace]:
+    """Settings from the mount flags, plus the values of arguments a subcommand adds."""
+    parser = build_parser(prog or (f"{PROG} demo" if demo else PROG), demo=demo)
+    extra_dests: set[str] = set()
+    if add_arguments is not None:
+        before = {a.dest for a in parser._actions}
+        add_arguments(parser)
+        extra_dests = {a.dest for a in parser._actions} - before
 
     def fail(message: str) -> None:
         raise UsageError(message)
 
     parser.error = fail  # type: ignore[method-assign]
     ns = parser.parse_args(argv)
-    values = {k: v for k, v in vars(ns).items() if v is not None}
+    values = {k: v for k, v in vars(ns).items() if v is not None and k not in extra_dests}
     values.update({k: v for k, v in overrides.items() if k not in values or k == "datasetAddr"})
     try:
-        return Settings(**values)
+        return Settings(**values), ns
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"] if isinstance(x, str)) or "options"
@@ -93,8 +114,9 @@ def check_mount_path(path: Path) -> None:
         raise UsageError(f"--mountPath: {path} is not empty")
 
 
-def mount(settings: Settings) -> int:
-    """Open the dataset, check it answers, mount in the foreground; clean up on exit."""
+def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> int:
+    """Open the dataset, check it answers, mount in the foreground; clean up on exit.
+    ``on_mounted`` runs on its own thread once the mount is up."""
     from dicomfuse.backends import fuse, options
     from dicomfuse.core.vfs import Vfs, VfsConfig
     from dicomfuse.core.workdirs import WorkDirs
@@ -143,6 +165,8 @@ def mount(settings: Settings) -> int:
         options.default_options(volume_name=dataset.name), options.parse_extra(settings.extraMountOptions)
     )
     log.info("Mounting %s at %s (Ctrl+C to unmount)", dataset.name, settings.mountPath)
+    if on_mounted is not None:
+        _after_mount(settings.mountPath, on_mounted)
     try:
         fuse.run(vfs, str(settings.mountPath), mount_options)
     except RuntimeError as exc:
@@ -152,6 +176,22 @@ def mount(settings: Settings) -> int:
         vfs.shutdown()
     log.info("Unmounted %s; cache wiped", settings.mountPath)
     return 0
+
+
+def _after_mount(path: Path, action: Callable[[], None], timeout: float = 60.0) -> None:
+    def wait_then_run() -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(path):
+            if time.monotonic() > deadline:
+                log.error("The mount did not appear within %.0f s", timeout)
+                return
+            time.sleep(0.05)
+        try:
+            action()
+        except Exception:  # noqa: BLE001 - a failed warm-up must not take the mount down
+            log.exception("Action after mounting failed")
+
+    threading.Thread(target=wait_then_run, name="after-mount", daemon=True).start()
 
 
 def default_cache_dir() -> Path:
@@ -183,6 +223,17 @@ def run_demo(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args and args[0] in ("prefetch", "status"):
+            from dicomfuse.cli.logs import setup_logging
+
+            setup_logging(_peek_log_dir(args[1:]))
+            if args[0] == "prefetch":
+                from dicomfuse.cli.prefetch import run_prefetch
+
+                return run_prefetch(args[1:])
+            from dicomfuse.cli.status import run_status
+
+            return run_status(args[1:])
         if args and args[0] == "demo":
             settings_argv = args[1:]
             log_dir = _peek_log_dir(settings_argv)

@@ -1,0 +1,168 @@
+"""``dicomfuse prefetch``: warm the instance cache of a store, study or series folder ahead of time,
+with a progress line (files, bytes, rate, ETA).
+
+Two forms:
+
+* ``dicomfuse prefetch PATH`` where PATH is a folder of a running mount: every instance below it
+  is read once through the mount, in parallel, so the mount's cache holds it afterwards;
+* ``dicomfuse prefetch -a ADDRESS -p MOUNTPATH [mount options] FOLDER``: mounts like
+  ``dicomfuse`` with the same flags, warms FOLDER (a path inside the mount, e.g.
+  ``store/1.2.3``) in the background, and keeps serving until Ctrl+C.
+
+The cache keeps what fits in ``--cacheSize`` for the second ``--cacheTime`` value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TextIO
+
+CHUNK = 1 << 20
+DEFAULT_THREADS = 8
+
+
+class Progress:
+    """Counts files and bytes and draws one line, at most every ``interval`` seconds."""
+
+    def __init__(self, total_files: int, out: TextIO = sys.stderr, *, interval: float = 0.25,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total_files
+        self.out = out
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.files = 0
+        self.failed = 0
+        self.bytes = 0
+        self._started = clock()
+        self._drawn = 0.0
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
+        self._maybe_draw()
+
+    def file_done(self, ok: bool) -> None:
+        with self._lock:
+            self.files += 1
+            if not ok:
+                self.failed += 1
+        self._maybe_draw()
+
+    def line(self) -> str:
+        with self._lock:
+            files, failed, done_bytes = self.files, self.failed, self.bytes
+        elapsed = max(self._clock() - self._started, 1e-6)
+        rate = done_bytes / elapsed
+        eta = "--:--"
+        if files and files < self.total:
+            left = elapsed / files * (self.total - files)
+            eta = f"{int(left // 60):02d}:{int(left % 60):02d}"
+        elif files >= self.total:
+            eta = "done"
+        text = f"{files}/{self.total} files  {_mib(done_bytes)}  {_mib(rate)}/s  ETA {eta}"
+        return text + (f"  ({failed} failed)" if failed else "")
+
+    def draw(self, final: bool = False) -> None:
+        end = "\n" if final else ""
+        self.out.write("\r" + self.line().ljust(60) + end)
+        self.out.flush()
+
+    def _maybe_draw(self) -> None:
+        now = self._clock()
+        with self._lock:
+            if now - self._drawn < self.interval:
+                return
+            self._drawn = now
+        self.draw()
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def warm(files: Iterable[Path], threads: int, progress: Progress,
+         read: Callable[[Path, Callable[[int], None]], None]) -> None:
+    """Read every file once on ``threads`` threads, counting bytes as they arrive."""
+
+    def one(path: Path) -> None:
+        try:
+            read(path, progress.add_bytes)
+        except OSError as exc:
+            progress.out.write(f"\r{path}: {exc.strerror or exc}\n")
+            progress.file_done(False)
+        else:
+            progress.file_done(True)
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="prefetch") as pool:
+        list(pool.map(one, files))
+    progress.draw(final=True)
+
+
+def read_file(path: Path, count: Callable[[int], None]) -> None:
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(CHUNK):
+            count(len(chunk))
+
+
+def instance_files(root: Path) -> list[Path]:
+    """Every ``*.dcm`` below ``root`` (the mount lists the folders; side files are skipped)."""
+    found: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        found += [Path(folder) / n for n in sorted(names) if n.lower().endswith(".dcm") and not n.startswith(".")]
+    return found
+
+
+def prefetch_running_mount(path: Path, threads: int, out: TextIO = sys.stderr) -> int:
+    if not path.is_dir():
+        print(f"dicomfuse prefetch: {path} is not a folder of a mount", file=out)
+        return 2
+    files = instance_files(path)
+    if not files:
+        print(f"dicomfuse prefetch: no instances below {path}", file=out)
+        return 0
+    progress = Progress(len(files), out)
+    warm(files, threads, progress, read_file)
+    return 1 if progress.failed else 0
+
+
+def run_prefetch(argv: list[str]) -> int:
+    """Entry point of ``dicomfuse prefetch``."""
+    if any(a in ("-a", "--datasetAddr") or a.startswith("--datasetAddr=") for a in argv):
+        return _prefetch_standalone(argv)
+    parser = argparse.ArgumentParser(
+        prog="dicomfuse prefetch",
+        description="Warm the cache of a running mount: read every instance below PATH once, in parallel. "
+                    "With -a ADDRESS -p MOUNTPATH (and any mount option) it mounts first and warms the "
+                    "folder given relative to the mount.")
+    parser.add_argument("path", type=Path, help="a store, study or series folder of a running mount")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="parallel reads (default 8)")
+    parser.add_argument("--logDir", type=Path, help="folder of the log files (as for the mount)")
+    args = parser.parse_args(argv)
+    return prefetch_running_mount(args.path, args.threads)
+
+
+def _prefetch_standalone(argv: list[str]) -> int:
+    """Mount with the same flags as ``dicomfuse``; warm FOLDER once the mount is up."""
+    from dicomfuse.cli import main as cli
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("folder", help="the folder to warm, relative to the mount (e.g. store/1.2.3)")
+        parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="parallel reads (default 8)")
+
+    settings, ns = cli.parse_settings_with(argv, prog="dicomfuse prefetch", add_arguments=add)
+    target = settings.mountPath / str(ns.folder).strip("/")
+
+    def when_mounted() -> None:
+        cli.log.info("Warming %s", target)
+        prefetch_running_mount(target, ns.threads)
+
+    return cli.mount(settings, on_mounted=when_mounted)

@@ -1,0 +1,48 @@
+"""``dicomfuse prefetch``: on a running mount, and mounting first with the same flags."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Backend, DicomFactory, requires_fuse, run
+from tests.mounting import Mount, wait_for
+
+pytestmark = [requires_fuse, pytest.mark.mount]
+
+
+def cached_files(m: Mount) -> int:
+    return sum(1 for _ in (m.cache_dir / "mounts").glob("*/cache/*.dcm"))
+
+
+def test_prefetch_a_study_of_a_running_mount(backend: Backend, mount_factory, dicom: DicomFactory):
+    insts = dicom.series(4, series=0) + dicom.series(3, series=1)
+    backend.seed(insts)
+    m = mount_factory(backend, "--readAhead", "0")
+    study = m.path / backend.store_name / insts[0].study_uid
+    r = run(sys.executable, "-m", "dicomfuse", "prefetch", study, "--threads", "4", "--logDir", m.log_dir)
+    assert r.returncode == 0, r.stderr
+    assert "7/7 files" in r.stderr and "ETA done" in r.stderr
+    assert cached_files(m) == 7
+    for inst in insts:  # served from the cache now, byte-identical
+        assert backend.instance_path(m, inst).read_bytes() == inst.path.read_bytes()
+
+
+def test_prefetch_of_a_path_that_is_not_a_folder_is_refused(tmp_path: Path):
+    r = run(sys.executable, "-m", "dicomfuse", "prefetch", tmp_path / "missing", "--logDir", tmp_path / "logs")
+    assert r.returncode == 2 and "not a folder" in r.stderr
+
+
+def test_prefetch_mounting_first_with_the_same_flags(backend: Backend, dicom: DicomFactory, tmp_path: Path):
+    insts = dicom.series(5)
+    backend.seed(insts)
+    series = f"{backend.store_name}/{insts[0].study_uid}/{insts[0].series_uid}"
+    m = Mount(backend.address, tmp_path / "standalone", *backend.extra_args, "--readAhead", "0", series,
+              subcommand=("prefetch",)).start()
+    try:
+        wait_for(lambda: cached_files(m) == 5, 30, what="the series to be warmed")
+        assert backend.instance_path(m, insts[-1]).read_bytes() == insts[-1].path.read_bytes()
+    finally:
+        m.stop()
