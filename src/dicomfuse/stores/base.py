@@ -151,6 +151,21 @@ class Store(Protocol):
 
 
 @runtime_checkable
+class WalkableStore(Protocol):
+    """Optional capability of a :class:`Store`: the whole tree in a few store-level requests.
+
+    A tree walk (``ls -R``, ``find``, ``du``, ``cp -r``) folder by folder costs one request per
+    study and one per series; a walk costs one per page of instances. An instance the walk misses
+    is absent from its series' listing, so a walk either pages to the end or raises."""
+
+    def walk(self, study_uid: str | None = None) -> Iterator[InstanceInfo]:
+        """Every instance of the store (or of one study) with its study and series UIDs, paged to
+        the end; sizes when the store knows them cheaply, else None. An absent study yields
+        nothing; a store the server cannot walk raises a :class:`StoreError`."""
+        ...
+
+
+@runtime_checkable
 class Dataset(Protocol):
     """A container of stores: a Cloud Healthcare dataset, a folder of folders, or a single
     DICOMweb server shown as a dataset with one store."""

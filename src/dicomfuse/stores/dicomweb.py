@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,6 +58,9 @@ REFERENCED_SOP_UID_TAG = "00081155"
 GOOGLE_FAILURE_DETAIL_TAG = "00090097"  # Google's private FailureDetail (creator "GOOGLE"), free text
 
 DICOM_JSON = "application/dicom+json"
+WALK_INCLUDE_FIELDS = f"includefield={STUDY_UID_TAG}&includefield={SERIES_UID_TAG}"
+"""The query a walk adds to its instance searches: both parent UIDs, as repeated parameters
+(the form PS3.18, Orthanc and Google all accept; :class:`HttpClient` params hold one value each)."""
 RETRIEVE_ACCEPTS = (
     'multipart/related; type="application/dicom"; transfer-syntax=*',
     'multipart/related; type="application/dicom"',
@@ -557,10 +561,49 @@ class DicomwebStore:
     def _series_url(self, study_uid: str, series_uid: str) -> str:
         return f"{self.root_url}/studies/{_segment(study_uid)}/series/{_segment(series_uid)}"
 
+    def walk(self, study_uid: str | None = None) -> Iterator[InstanceInfo]:
+        """Every instance of the store (``GET {root}/instances``) or of one study
+        (``GET {root}/studies/{study}/instances``) with its study and series UIDs, paged with the
+        instance page size; sizes are None (Orthanc's REST API would cost a request per series).
+
+        ``includefield`` asks for both parent UIDs: Orthanc returns them anyway, but PS3.18
+        lets a server leave out a level named in the path unless asked. An entry lacking a UID
+        (or naming another study) is skipped. A 404 at the store level raises (the server cannot
+        search instances store-wide: list folder by folder there); an absent study yields nothing."""
+        if study_uid is None:
+            url = f"{self.root_url}/instances?{WALK_INCLUDE_FIELDS}"
+        else:
+            url = f"{self.root_url}/studies/{_segment(study_uid)}/instances?{WALK_INCLUDE_FIELDS}"
+        entries = self._search_entries(url, SOP_UID_TAG, {}, self.instance_page_size, lookup=False)
+        skipped = 0
+        for sop_uid, entry in entries:
+            study = _uid_of(entry, STUDY_UID_TAG)
+            series = _uid_of(entry, SERIES_UID_TAG)
+            if study is None or series is None or (study_uid is not None and study != study_uid):
+                skipped += 1
+                continue
+            # Every instance of a series repeats its two parent UIDs: share one string each.
+            yield InstanceInfo(sys.intern(study), sys.intern(series), sop_uid)
+        if skipped:
+            logger.debug("%s: walk skipped %d entries lacking a parent UID or of another study", self.name, skipped)
+
     def _search(
         self, url: str, uid_tag: str, filters: dict[str, str], wanted: str | None, page_size: int
     ) -> Iterator[str]:
-        """UIDs of a QIDO-RS search, paged with limit/offset until a short or empty page.
+        """UIDs of a QIDO-RS search (just ``wanted`` when given: a server may ignore the filter),
+        paged to the end."""
+        for uid, _ in self._search_entries(url, uid_tag, filters, page_size, lookup=bool(filters)):
+            if wanted is None:
+                yield uid
+            elif uid == wanted:
+                yield uid
+                return
+
+    def _search_entries(
+        self, url: str, uid_tag: str, filters: dict[str, str], page_size: int, *, lookup: bool
+    ) -> Iterator[tuple[str, object]]:
+        """Each entry of a QIDO-RS search with its UID (``uid_tag``), once per UID, paged with
+        limit/offset until a short or empty page.
 
         A page that brings no new UID ends the search too: a server that ignores limit/offset
         answers everything every time, and must not make this loop forever."""
@@ -568,7 +611,7 @@ class DicomwebStore:
         offset = 0
         while True:
             params: dict[str, str | int] = {**filters, "limit": page_size, "offset": offset}
-            page = self._search_page(url, params, lookup=bool(filters))
+            page = self._search_page(url, params, lookup=lookup)
             fresh = 0
             for entry in page:
                 uid = _uid_of(entry, uid_tag)
@@ -576,18 +619,17 @@ class DicomwebStore:
                     continue
                 seen.add(uid)
                 fresh += 1
-                if wanted is None or uid == wanted:  # a server may ignore the filter
-                    yield uid
-            if len(page) < page_size or fresh == 0 or (wanted is not None and wanted in seen):
+                yield uid, entry
+            if len(page) < page_size or fresh == 0:
                 return
             offset += len(page)
 
     def _search_page(self, url: str, params: dict[str, str | int], *, lookup: bool) -> list[object]:
-        """One QIDO-RS page. 204 and (below the studies level, or for a lookup) 404 are empty."""
+        """One QIDO-RS page. 204 and (below the store level, or for a lookup) 404 are empty."""
         response = self.client.request("GET", url, params=params, headers={"Accept": DICOM_JSON}, passthrough=(404,))
         with response:
             if response.status_code == 404:
-                if url.endswith("/studies") and not lookup:
+                if self._is_store_level(url) and not lookup:
                     raise error_for_response("GET", url, response)
                 return []
             if response.status_code == 204 or not response.content.strip():
@@ -599,6 +641,11 @@ class DicomwebStore:
         if not isinstance(page, list):
             raise StoreError(f"GET {safe_path(url)}: answer is not a JSON list")
         return page
+
+    def _is_store_level(self, url: str) -> bool:
+        """Whether a search URL names the whole store (``{root}/studies``, ``{root}/instances``),
+        where a 404 means the store (or that search) is missing rather than an empty result."""
+        return url.split("?", 1)[0] in (f"{self.root_url}/studies", f"{self.root_url}/instances")
 
     def _file_sizes(self, series_uid: str, sop_uid: str | None) -> dict[str, int]:
         """Stored sizes from Orthanc's REST API; empty (sizes unknown) without it or on error."""

@@ -270,6 +270,28 @@ class LocalStore:
             infos.append(InstanceInfo(study_uid, series_uid, sop, size))
         return iter(infos)
 
+    def walk(self, study_uid: str | None = None) -> Iterator[InstanceInfo]:
+        """Every instance of the store (or of one study) from one read of the index, sizes from a
+        ``stat`` as :meth:`instances` gives them (files removed since the last check are left
+        out). A study the index lacks checks the folder tree again first, as a lookup does."""
+
+        def read(index: _Index) -> dict[str, dict[str, dict[str, Path]]]:
+            studies = index.studies() if study_uid is None else [study_uid]
+            return {
+                study: {series: index.sops(study, series) for series in index.series(study)}
+                for study in studies
+                if index.series(study)
+            }
+
+        for study, series_sops in self._listed(read, study_uid).items():
+            for series, sops in series_sops.items():
+                for sop, path in sops.items():
+                    try:
+                        size = path.stat().st_size
+                    except OSError:
+                        continue  # removed since the last check
+                    yield InstanceInfo(study, series, sop, size)
+
     # -- instances ------------------------------------------------------------------------
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
