@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from dicomfuse.core.discovery import WalkDetector, build_tree
 from dicomfuse.core.errors import ENOATTR, FsError, from_store_error
 from dicomfuse.core.instance_cache import CachedInstance, CacheKey, InstanceCache
 from dicomfuse.core.paths import (
@@ -35,7 +36,7 @@ from dicomfuse.core.tree import Entry, ListingCache
 from dicomfuse.core.uploads import Spool, inspect_dicom
 from dicomfuse.core.workdirs import WorkDirs
 from dicomfuse.dicomfile import DicomUids
-from dicomfuse.stores.base import Dataset, Store, StoreError
+from dicomfuse.stores.base import Dataset, Store, StoreError, WalkableStore
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class Vfs:
         )
         self.readahead = ReadAhead(config.read_ahead, self._file_names, self._prefetch,
                                    lambda p: self.cache.cancel(self._key(p)))
+        self.walks = WalkDetector(cooldown=max(config.listing_ttl, 1.0))
         self.spool = Spool(workdirs.spool, workdirs.failed)
         self.stat_probes = StatProbePolicy()
         self.mounted_at = time.time()
@@ -149,6 +151,7 @@ class Vfs:
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._xattrs: dict[DicomPath, dict[str, bytes]] = {}
+        self._walking: dict[str, threading.Event] = {}  # store -> set when its walk ends
         self._side_names = 0
 
     # ======================================================================================
@@ -556,6 +559,10 @@ class Vfs:
         cached = self.listings.get(p)
         if cached is not None:
             return cached
+        if p.level in (Level.STUDY, Level.SERIES) and self._walk_if_cheaper(p):
+            cached = self.listings.get(p)
+            if cached is not None:
+                return cached
         doing = f"list {p}"
         if p.level == Level.ROOT:
             children = [(n, Entry(True)) for n in self._remote(doing, lambda: list(self.dataset.list_stores()))]
@@ -570,6 +577,52 @@ class Vfs:
                 children = [(instance_name(i.sop_uid), Entry(False, i.size)) for i in infos]
         log.debug("Listed %s: %d entries", p, len(children))
         return self.listings.put(p, children)
+
+    def _walk_if_cheaper(self, p: DicomPath) -> bool:
+        """When folders of a store are being listed one after another (ls -R, find, du, cp -r),
+        fill every study and series listing of the store from one paged walk instead (one
+        request per page of instances, not one per folder). True when a walk ran or was awaited."""
+        store_listing = self.listings.get(DicomPath((p.store,)))
+        with self._lock:
+            running = self._walking.get(p.store)
+        if running is not None:
+            running.wait(self.config.stat_fetch_timeout * 4)
+            return True
+        hint = len(store_listing) if store_listing is not None else None
+        if not self.walks.listed(p.store, p.level, hint, folder=p):
+            return False
+        with self._lock:
+            running = self._walking.get(p.store)
+            mine = running is None
+            if running is None:
+                running = self._walking[p.store] = threading.Event()
+        if not mine:
+            running.wait(self.config.stat_fetch_timeout * 4)
+            return True
+        try:
+            self._walk_store(p.store)
+        finally:
+            with self._lock:
+                self._walking.pop(p.store, None)
+            running.set()
+        return True
+
+    def _walk_store(self, name: str) -> None:
+        store = self._store(name)
+        if not isinstance(store, WalkableStore):
+            return
+        started = time.monotonic()
+        try:
+            tree = build_tree(store.walk())
+        except StoreError as exc:
+            log.info("Walk of store %s failed (%s); listing folder by folder", name, exc)
+            return
+        folders = 0
+        for folder, children in tree.listings(name):
+            self.listings.put(folder, children)
+            folders += 1
+        log.debug("Walked store %s: %d studies, %d folders listed in %.2f s", name, len(tree.studies), folders,
+                  time.monotonic() - started)
 
     def _store(self, name: str) -> Store:
         with self._lock:
@@ -619,7 +672,9 @@ class Vfs:
         if entry.is_dir:
             raise FsError(errno.EISDIR, f"open: is a folder: {p}")
         self.policy.check(Op.READ, p.level, str(p))
-        size_before = entry.size if entry.size is not None else self.cache.known_size(self._key(p))
+        # The OS may hold size 0 for a file the listing gave no size for (an earlier stat), even
+        # if the cache has learnt it since (read-ahead): treat it as unknown to the OS.
+        size_before = entry.size
         cached = self._cache_open(p, entry.size)
         try:
             if size_before is None:
@@ -753,7 +808,7 @@ class Vfs:
         replaced = h.overwrites
         exists = self._instance_exists(store, ident)
         if exists:
-            self._replace(store, target, ident, h)
+            self._replace(store, target, ident, h.spool_path, h.path)
         else:
             try:
                 self._store_file(store, h.spool_path, target)
@@ -761,7 +816,7 @@ class Vfs:
                 # The server holds these UIDs already though its search index did not show
                 # them (Google's lags behind writes): this upload is an overwrite after all.
                 log.info("Upload %s: %s is on the server already; overwriting it", h.path, target)
-                self._replace(store, target, ident, h)
+                self._replace(store, target, ident, h.spool_path, h.path)
             if replaced is not None and replaced.sop_uid != ident.sop_uid:
                 self._delete_replaced(store_name, replaced)
         self._note_uploaded(h.path, target, ident, size)
@@ -789,10 +844,12 @@ class Vfs:
             kind = _Conflict if outcome is not None and outcome.conflict else FsError
             raise kind(errno.EINVAL, f"the server refused {target}: {reason}", logging.ERROR)
 
-    def _replace(self, store: Store, target: DicomPath, ident: DicomUids, h: WriteHandle) -> None:
-        """Overwrite an existing instance: delete, then store; if the new bytes are refused,
-        the old instance is stored back. Identical bytes change nothing."""
+    def _replace(self, store: Store, target: DicomPath, ident: DicomUids, source: Path, label: DicomPath) -> None:
+        """Overwrite an existing instance with the file ``source`` (written as ``label``):
+        delete, then store; if the new bytes are refused, the old instance is stored back.
+        Identical bytes change nothing."""
         backup_path, backup_fd = self.spool.new_file()
+        source_fd = os.open(source, os.O_RDONLY)
         try:
             try:
                 self._copy_instance_into(target, backup_fd)
@@ -800,10 +857,10 @@ class Vfs:
                 if exc.errno != errno.ENOENT:
                     raise
                 # Listed but gone (a lagging search index, or deleted meanwhile): a new file.
-                self._store_file(store, h.spool_path, target)
+                self._store_file(store, source, target)
                 return
-            if _same_content(backup_fd, h.fd):
-                log.info("Upload %s: identical to the stored instance, nothing to do", h.path)
+            if _same_content(backup_fd, source_fd):
+                log.info("Upload %s: identical to the stored instance, nothing to do", label)
                 return
             if not self.config.deletion_enabled:
                 raise FsError(errno.EPERM, f"overwrite of {target} refused: deletion is disabled", logging.ERROR)
@@ -811,7 +868,7 @@ class Vfs:
                          ident.study_uid, ident.series_uid, ident.sop_uid)
             self.cache.evict(self._key(target))
             try:
-                self._store_file(store, h.spool_path, target)
+                self._store_file(store, source, target)
             except FsError:
                 try:
                     self._store_file(store, backup_path, target)
@@ -822,6 +879,7 @@ class Vfs:
                               "back (%s); its bytes are kept at %s", target, exc.strerror, kept)
                 raise
         finally:
+            self._close_fd(source_fd)
             self._close_fd(backup_fd)
             Spool.discard(backup_path)
 
