@@ -120,6 +120,7 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     from dicomfuse.backends import fuse, options
     from dicomfuse.core.vfs import Vfs, VfsConfig
     from dicomfuse.core.workdirs import WorkDirs
+    from dicomfuse.core.writeback import QueueBusy, dataset_label
     from dicomfuse.stores.auth import CredentialsError, TokenRefused
     from dicomfuse.stores.base import Forbidden, NotFound, StoreError
     from dicomfuse.stores.open import open_dataset
@@ -159,8 +160,16 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         deletion_enabled=settings.enableDeletion,
         download_workers=settings.downloadThreads,
         read_ahead=settings.readAhead,
+        upload_mode=settings.uploadMode,
+        dataset_label=dataset_label(settings.datasetAddr),
     )
-    vfs = Vfs(dataset, config, workdirs)
+    try:
+        vfs = Vfs(dataset, config, workdirs)
+    except QueueBusy:
+        dataset.close()
+        workdirs.wipe()
+        raise UsageError(f"--uploadMode writeback: another mount in write-back mode uses the cache folder "
+                         f"{workdirs.root}; give this one its own --cacheDir") from None
     mount_options = options.merge(
         options.default_options(volume_name=dataset.name), options.parse_extra(settings.extraMountOptions)
     )

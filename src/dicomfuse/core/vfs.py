@@ -35,8 +35,9 @@ from dicomfuse.core.sizes import Caller, StatProbePolicy
 from dicomfuse.core.tree import Entry, ListingCache
 from dicomfuse.core.uploads import Spool, inspect_dicom
 from dicomfuse.core.workdirs import WorkDirs
+from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir
 from dicomfuse.dicomfile import DicomUids
-from dicomfuse.stores.base import Dataset, Store, StoreError, WalkableStore
+from dicomfuse.stores.base import Dataset, Store, StoreError, Unavailable, WalkableStore
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,10 @@ class VfsConfig:
     deletion_enabled: bool = True
     download_workers: int = 16
     read_ahead: int = 16  # files of a series fetched ahead of a reader going through it in order
+    upload_mode: str = "sync"  # "sync": close() ends when the server stored the file; "writeback": queued
+    dataset_label: str | None = None  # tells datasets apart in the write-back journal
     stat_fetch_timeout: float = 30.0  # longest a stat waits to learn an unknown size
+    drain_timeout: float = 60.0  # longest an unmount waits for queued uploads (the rest stays journaled)
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class WriteHandle:
     overwrites: DicomUids | None = None  # the instance opened for writing, if any
     dirty: bool = False
     uploaded: DicomUids | None = None
+    queued: bool = False  # handed to the write-back queue: its bytes are the queue's now
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -137,6 +142,7 @@ class Vfs:
         self.readahead = ReadAhead(config.read_ahead, self._file_names, self._prefetch,
                                    lambda p: self.cache.cancel(self._key(p)))
         self.walks = WalkDetector(cooldown=max(config.listing_ttl, 1.0))
+        self.writeback = self._open_queue()
         self.spool = Spool(workdirs.spool, workdirs.failed)
         self.stat_probes = StatProbePolicy()
         self.mounted_at = time.time()
@@ -160,6 +166,31 @@ class Vfs:
     def start(self) -> None:
         """Start worker pools: call from the filesystem's init, after the mount forked."""
         self.cache.start()
+        if self.writeback is not None:
+            self.writeback.start()
+
+    def _open_queue(self) -> WriteBackQueue | None:
+        """The write-back queue (write-back mode), or, in sync mode, the queue of uploads an
+        earlier write-back run left unsent, so they are sent anyway. Raises QueueBusy when
+        write-back mode is asked and another mount holds the queue."""
+        directory = queue_dir(self.workdirs.root)
+        if self.config.upload_mode != "writeback" and not any(directory.glob("*.json")):
+            return None
+        try:
+            queue = WriteBackQueue(directory, self._send_batch, on_done=self._upload_done,
+                                   dataset=self.config.dataset_label)
+        except QueueBusy:
+            if self.config.upload_mode == "writeback":
+                raise
+            return None
+        left = queue.recover()
+        if left:
+            log.info("%d upload(s) left by an earlier run will be sent again (dicomfuse status shows them)",
+                     len(left))
+        elif self.config.upload_mode != "writeback":
+            queue.stop(drain=False)
+            return None
+        return queue
 
     def shutdown(self) -> None:
         """Close handles, stop pools, wipe the instance cache (the spool of failures stays)."""
@@ -170,6 +201,12 @@ class Vfs:
             if isinstance(h, WriteHandle) and h.dirty:
                 self._keep_failed(h, "the mount stopped before the upload")
             self._close_fd(h.fd)
+        if self.writeback is not None:
+            self.writeback.stop(drain=True, timeout=self.config.drain_timeout)
+            left = self.writeback.pending()
+            if left:
+                log.warning("%d upload(s) are still queued; they stay on disk and are sent at the next start "
+                            "(dicomfuse status lists them)", len(left))
         self.cache.stop()
         self.cache.wipe()
         self.workdirs.wipe()
@@ -379,6 +416,9 @@ class Vfs:
         if isinstance(handle, ReadHandle):
             raise FsError(errno.EBADF, "write to a file opened read-only")
         if isinstance(handle, WriteHandle):
+            if handle.queued:
+                raise FsError(errno.EIO, f"write: {handle.path} was handed to the upload queue at close; "
+                              "open it again to change it", logging.ERROR)
             if offset + len(data) > self.cache.max_file:
                 raise FsError(errno.EFBIG, f"write: {handle.path} would exceed the largest file "
                               f"(cacheSize/4 = {self.cache.max_file} bytes)", logging.ERROR)
@@ -431,7 +471,9 @@ class Vfs:
                     self._upload(handle)
                 except FsError as exc:
                     log.debug("Upload at release failed: %s", exc)
-            if handle.uploaded is not None and not handle.dirty:
+            if handle.queued:
+                pass  # the queue owns the bytes; the cache shares them already
+            elif handle.uploaded is not None and not handle.dirty:
                 ident = handle.uploaded
                 self.cache.adopt((handle.path.store, ident.study_uid, ident.series_uid, ident.sop_uid),
                                  handle.spool_path)
@@ -799,6 +841,8 @@ class Vfs:
             ident = inspect_dicom(h.spool_path)
         except FsError as exc:
             raise FsError(errno.EINVAL, f"upload {h.path} refused: {exc.strerror}", logging.ERROR) from None
+        if self.writeback is not None and self.config.upload_mode == "writeback":
+            return self._queue(h, ident, size)
         store_name = h.path.store
         if h.path.level == Level.INSTANCE and (ident.study_uid, ident.series_uid) != (h.path.study, h.path.series):
             log.info("Upload %s: the file belongs to study %s series %s, filed there by its UIDs",
@@ -822,6 +866,84 @@ class Vfs:
         self._note_uploaded(h.path, target, ident, size)
         log.info("Uploaded %s as %s", h.path, target)
         return ident
+
+    def _queue(self, h: WriteHandle, ident: DicomUids, size: int) -> DicomUids:
+        """Write-back: hand the checked file to the durable queue; it shows in its folder and
+        reads back from the cache at once, and is uploaded in the background."""
+        assert self.writeback is not None
+        target = DicomPath((h.path.store, ident.study_uid, ident.series_uid, instance_name(ident.sop_uid)))
+        self._store(h.path.store)  # an unknown store fails the copy now, not in the background
+        try:
+            item = self.writeback.submit(h.path.store, ident, h.spool_path)
+        except (OSError, RuntimeError) as exc:
+            raise FsError(errno.EIO, f"upload {h.path}: could not queue it ({exc})", logging.ERROR) from None
+        h.queued = True
+        link = self.spool.directory / f"{item.id}.cached"
+        try:
+            os.link(item.path, link)  # the cache shares the queued bytes (same inode, no copy)
+            self.cache.adopt(self._key(target), link)
+        except OSError:
+            Spool.discard(link)
+        self._note_uploaded(h.path, target, ident, size, evict=False)
+        log.info("Queued %s for upload as %s", h.path, target)
+        return ident
+
+    def _send_batch(self, store_name: str, items: list[QueuedUpload]) -> list[tuple[QueuedUpload, bool, str | None]]:
+        """The write-back queue's sender: one search per series says which files overwrite an
+        instance; the new ones go in one STOW, the others through delete-then-store. Raises
+        StoreError (the queue retries) when the server could not be reached."""
+        try:
+            store = self._store(store_name)
+        except FsError as exc:
+            raise Unavailable(exc.strerror or str(exc)) from None
+        results: list[tuple[QueuedUpload, bool, str | None]] = []
+        try:
+            self._send_batch_to(store, store_name, items, results)
+        except Unavailable:
+            raise  # the server could not be reached: the queue sends the batch again later
+        except StoreError as exc:  # refused for good (permission, bad request): no retry helps
+            done = {id(r[0]) for r in results}
+            results += [(item, False, str(exc)) for item in items if id(item) not in done]
+        return results
+
+    def _send_batch_to(self, store: Store, store_name: str, items: list[QueuedUpload],
+                       results: list[tuple[QueuedUpload, bool, str | None]]) -> None:
+        present: dict[tuple[str, str], set[str]] = {}
+        fresh: list[QueuedUpload] = []
+        existing: list[QueuedUpload] = []
+        for item in items:
+            u = item.uids
+            if (u.study_uid, u.series_uid) not in present:
+                present[(u.study_uid, u.series_uid)] = {i.sop_uid for i in store.instances(u.study_uid, u.series_uid)}
+            (existing if u.sop_uid in present[(u.study_uid, u.series_uid)] else fresh).append(item)
+        if fresh:
+            for item, outcome in zip(fresh, store.store_files([i.path for i in fresh]), strict=True):
+                if outcome.stored:
+                    results.append((item, True, None))
+                elif outcome.conflict:
+                    existing.append(item)
+                else:
+                    results.append((item, False, outcome.reason or "refused by the server"))
+        for item in existing:
+            u = item.uids
+            target = DicomPath((store_name, u.study_uid, u.series_uid, instance_name(u.sop_uid)))
+            try:
+                self._replace(store, target, u, item.path, target)
+            except FsError as exc:
+                if exc.errno == errno.EIO:
+                    raise Unavailable(exc.strerror or str(exc)) from None
+                results.append((item, False, exc.strerror or str(exc)))
+            else:
+                results.append((item, True, None))
+
+    def _upload_done(self, item: QueuedUpload, stored: bool, reason: str | None) -> None:
+        """A queued upload ended. A refused one disappears from its folder again (the queue
+        logged the ERROR line and kept its bytes in its failed folder)."""
+        u = item.uids
+        target = DicomPath((item.store, u.study_uid, u.series_uid, instance_name(u.sop_uid)))
+        if not stored:
+            self.listings.note_removed(target.parent, target.name)
+            self.cache.evict(self._key(target))
 
     def _instance_exists(self, store: Store, ident: DicomUids) -> bool:
         """Whether the server holds the instance. What this mount itself just stored or deleted
@@ -898,12 +1020,14 @@ class Vfs:
         self.listings.note_removed(path.parent, path.name)
         self.cache.evict(self._key(path))
 
-    def _note_uploaded(self, written: DicomPath, target: DicomPath, ident: DicomUids, size: int) -> None:
+    def _note_uploaded(self, written: DicomPath, target: DicomPath, ident: DicomUids, size: int,
+                       *, evict: bool = True) -> None:
         store_path = DicomPath((target.store,))
         self.listings.note_added(store_path, ident.study_uid, Entry(True))
         self.listings.note_added(store_path.child(ident.study_uid), ident.series_uid, Entry(True))
         self.listings.note_added(target.parent, target.name, Entry(False, size))
-        self.cache.evict(self._key(target))
+        if evict:
+            self.cache.evict(self._key(target))
         if written != target:
             with self._lock:
                 self._aliases[written] = Alias(ident, size, time.monotonic())

@@ -1,0 +1,221 @@
+"""``dicomfuse status``: what is waiting to be uploaded and what failed, read from the cache
+folder without touching it, so it works while a mount runs, after it stopped and after a crash.
+
+Sources: the write-back queue's records (``spool/writeback``; see
+:mod:`dicomfuse.core.writeback`), its ``status.json`` snapshot (is a live mount sending them?),
+and the failed uploads of both modes (``spool/writeback/failed`` with reasons, ``spool/failed``
+for synchronous uploads, whose reason is in the error log). Files are named by UIDs or by
+generated IDs, so nothing here is patient data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicomfuse.core.writeback import (
+    DATA_SUFFIX,
+    FAILED_DIR,
+    QueuedUpload,
+    queue_dir,
+    read_record,
+    read_status,
+    record_paths,
+)
+
+EXIT_CLEAN = 0
+EXIT_FAILED = 1
+EXIT_PENDING = 3
+SYNC_FAILED_DIR = ("spool", "failed")
+STALE_GRACE = 5.0  # seconds beyond three missed heartbeats before a mount counts as gone
+
+
+@dataclass(frozen=True)
+class FailedFile:
+    name: str
+    size: int
+    path: Path
+    reason: str | None
+
+
+def status_report(cache_root: Path) -> tuple[str, int]:
+    """The report on ``cache_root`` as plain text, and the exit code: 0 nothing pending or
+    failed, 1 something failed, 3 uploads pending (none failed)."""
+    now = time.time()
+    queue = queue_dir(cache_root)
+    pending = _pending(queue)
+    failed = _failed_writeback(queue / FAILED_DIR) + _failed_sync(cache_root.joinpath(*SYNC_FAILED_DIR))
+    lines = [f"DICOMFuse uploads in {cache_root}", ""]
+    if pending:
+        lines.extend(_pending_lines(pending, read_status(queue), now))
+    else:
+        lines.append("Write-back queue: nothing waiting to be uploaded.")
+    lines.append("")
+    if failed:
+        lines.extend(_failed_lines(failed))
+    else:
+        lines.append("Failed uploads: none.")
+    code = EXIT_FAILED if failed else EXIT_PENDING if pending else EXIT_CLEAN
+    return "\n".join(lines) + "\n", code
+
+
+def run_status(argv: list[str]) -> int:
+    """``dicomfuse status [--cacheDir DIR]``: print the report, return its exit code."""
+    from dicomfuse.cli.main import default_cache_dir
+
+    parser = argparse.ArgumentParser(
+        prog="dicomfuse status",
+        description="Show uploads waiting in the write-back queue and uploads that failed. "
+                    "Exit code: 0 nothing pending or failed, 1 something failed, 3 uploads pending.",
+    )
+    parser.add_argument("--cacheDir", metavar="DIR", type=Path, default=None,
+                        help="The mount's --cacheDir (default: the user cache folder).")
+    parser.add_argument("--logDir", metavar="DIR", type=Path, default=None,
+                        help="Folder of the log files (as for the mount).")
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    text, code = status_report(ns.cacheDir or default_cache_dir())
+    print(text, end="")
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _pending(queue: Path) -> list[QueuedUpload]:
+    """Records with their bytes present (a live mount may remove either meanwhile)."""
+    items = []
+    for record in record_paths(queue):
+        item = read_record(record, strict=False)
+        if item is not None and item.path.is_file():
+            items.append(item)
+    return items
+
+
+def _failed_writeback(folder: Path) -> list[FailedFile]:
+    out: list[FailedFile] = []
+    for path in _files(folder):
+        if not path.name.endswith(DATA_SUFFIX):
+            continue
+        record = read_record(path.with_name(path.name[: -len(DATA_SUFFIX)] + ".json"), strict=False)
+        name = record.display if record is not None else path.name
+        out.append(FailedFile(name, _size(path), path, record.last_error if record is not None else None))
+    return out
+
+
+def _failed_sync(folder: Path) -> list[FailedFile]:
+    return [FailedFile(p.name, _size(p), p, None) for p in _files(folder)]
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [folder / n for n in names if not n.startswith(".") and (folder / n).is_file()]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+
+
+def _pending_lines(pending: list[QueuedUpload], snapshot: dict[str, Any] | None, now: float) -> list[str]:
+    total = sum(i.size for i in pending)
+    oldest = min(i.queued_at for i in pending)
+    lines = [f"Write-back queue: {_count(len(pending), 'upload')} pending, {_bytes(total)}, "
+             f"oldest queued {_age(now - oldest)} ago"]
+    per_store: dict[tuple[str | None, str], list[QueuedUpload]] = defaultdict(list)
+    for item in pending:
+        per_store[(item.dataset, item.store)].append(item)
+    for (dataset, store), items in sorted(per_store.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        where = f"store {store}" + (f" of {dataset}" if dataset else "")
+        lines.append(f"  {where}: {_count(len(items), 'upload')}, {_bytes(sum(i.size for i in items))}")
+    lines.append(_liveness(snapshot, now))
+    if snapshot is not None and snapshot.get("last_error"):
+        lines.append(f"  Last error: {snapshot['last_error']}")
+    return lines
+
+
+def _liveness(snapshot: dict[str, Any] | None, now: float) -> str:
+    waiting = ("  No running mount is sending them: they are sent when the dataset is mounted again "
+               "with the same --cacheDir (in either upload mode).")
+    if snapshot is None or not snapshot.get("running"):
+        return waiting
+    try:
+        pid = int(snapshot["pid"])
+        updated = float(snapshot["updated_at"])
+        heartbeat = float(snapshot.get("heartbeat") or 10.0)
+    except (KeyError, TypeError, ValueError):
+        return waiting
+    if not _alive(pid):
+        return waiting
+    age = max(0.0, now - updated)
+    if age > 3 * heartbeat + STALE_GRACE:
+        return (f"  The mount (pid {pid}) has not reported for {_age(age)}; it may be stuck. If it is "
+                "gone, the uploads are sent when the dataset is mounted again in write-back mode.")
+    in_flight = int(snapshot.get("in_flight") or 0)
+    return (f"  A running mount (pid {pid}) is sending them: {in_flight} being sent now; "
+            f"status updated {_age(age)} ago.")
+
+
+def _failed_lines(failed: list[FailedFile]) -> list[str]:
+    lines = [f"Failed uploads: {len(failed)}. Their bytes are kept; copy a file into the mount again "
+             "to retry it, delete it when it is no longer needed."]
+    for f in failed:
+        reason = f.reason or "reason in the error log"
+        lines.append(f"  {f.name}  {_bytes(f.size)}  ({reason})")
+        lines.append(f"    {f.path}")
+    return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return "1 byte" if n == 1 else f"{n} bytes"
+    size = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{size:.1f} {unit}"
+
+
+def _age(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 2 * 3600:
+        return f"{s // 60} min"
+    if s < 2 * 86400:
+        return f"{s // 3600} h"
+    return f"{s // 86400} days"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process with that pid: assume alive
+    return True

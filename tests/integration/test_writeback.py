@@ -1,0 +1,88 @@
+"""Write-back uploads through a real mount: cp returns once files are checked and journaled, they
+show at once, reach the server in the background, survive kill -9, and `dicomfuse status` tells."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Backend, DicomFactory, google_backend, requires_fuse, run
+from tests.mounting import Mount, wait_for
+
+pytestmark = [requires_fuse, pytest.mark.mount]
+
+
+def status(m: Mount) -> tuple[int, str]:
+    r = run(sys.executable, "-m", "dicomfuse", "status", "--cacheDir", m.cache_dir, "--logDir", m.log_dir)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_copy_in_write_back_mode_lands_on_the_server(backend: Backend, mount_factory, dicom: DicomFactory,
+                                                     tmp_path: Path):
+    m = mount_factory(backend, "--uploadMode", "writeback")
+    src = tmp_path / "src"
+    src.mkdir()
+    insts = [dicom.instance(study=i % 3, name=f"img{i}.dcm") for i in range(12)]
+    for i in insts:
+        os.replace(i.path, src / i.path.name)
+    r = run("sh", "-c", f'cp "{src}"/*.dcm "{m.path / backend.store_name}/"')
+    assert r.returncode == 0, r.stderr
+    for i in insts:  # visible and readable at once, whatever the upload's progress
+        assert (backend.instance_path(m, i)).read_bytes() == (src / f"{i.path.name}").read_bytes()
+    wait_for(lambda: all(backend.has(i) for i in insts), 60, what="the queued uploads")
+    for i in insts:
+        assert backend.server_bytes(i) == (src / i.path.name).read_bytes()
+    wait_for(lambda: status(m)[0] == 0, 10, what="an empty queue")
+    assert "Secret^Patient" not in status(m)[1]
+
+
+def test_write_back_refusal_keeps_the_bytes_and_status_lists_it(healthcare, tmp_path: Path, mount_factory,  # type: ignore[no-untyped-def]
+                                                               dicom: DicomFactory):
+    google = google_backend(healthcare, tmp_path)
+    m = mount_factory(google, "--uploadMode", "writeback")
+    inst = dicom.instance()
+    healthcare.deny("healthcare.dicomStores.dicomWebWrite")
+    try:
+        assert run("cp", inst.path, m.path / "store-a").returncode == 0, "write-back: close() succeeds"
+        wait_for(lambda: status(m)[0] == 1, 30, what="the refusal to show in dicomfuse status")
+    finally:
+        healthcare.deny(None)
+    code, text = status(m)
+    assert "failed" in text.lower() and inst.sop_uid in text
+    kept = list((m.cache_dir / "spool" / "writeback" / "failed").glob("*.dcm"))
+    assert any(p.read_bytes() == inst.path.read_bytes() for p in kept)
+    assert "failed" in (m.log_dir / "error.log").read_text()
+    wait_for(lambda: inst.sop_uid + ".dcm" not in os.listdir(google.series_path(m, inst))
+             if google.series_path(m, inst).exists() else True, 10, what="the refused file to leave its folder")
+
+
+def test_kill_9_mid_upload_then_the_next_start_sends_it(healthcare, tmp_path: Path, dicom: DicomFactory):
+    google = google_backend(healthcare, tmp_path)
+    inst = dicom.instance()
+    workdir = tmp_path / "crash"
+    m = Mount(google.address, workdir, *google.extra_args, "--uploadMode", "writeback").start()
+    try:
+        os.listdir(m.path / "store-a")  # a token first
+        healthcare.inject(stall=True, times=1, method="POST")  # the STOW never answers
+        assert run("cp", inst.path, m.path / "store-a").returncode == 0
+        wait_for(lambda: any(r.method == "POST" for r in healthcare.requests), 20, what="the STOW to start")
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait(10)
+    finally:
+        run("fusermount3", "-uz", m.path)
+    wait_for(lambda: not os.path.ismount(m.path), 10, what="the dead mount to go")
+    healthcare.clear_faults()
+    code, text = status(m)
+    assert code == 3 and "1 upload pending" in text and "No running mount" in text, text
+    m2 = Mount(google.address, workdir, *google.extra_args).start()  # sync mode: still sends leftovers
+    try:
+        wait_for(lambda: google.has(inst), 60, what="the journaled upload to be sent again")
+        assert google.server_bytes(inst) == inst.path.read_bytes()
+        assert "left by an earlier run" in m2.log_text()
+    finally:
+        m2.stop()

@@ -1,0 +1,145 @@
+"""``dicomfuse status``: the report on pending and failed uploads, and its exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dicomfuse.cli.status import EXIT_CLEAN, EXIT_FAILED, EXIT_PENDING, run_status, status_report
+from dicomfuse.core.writeback import QueuedUpload, WriteBackQueue, queue_dir
+from dicomfuse.dicomfile import DicomUids
+from tests.conftest import PATIENT_NAME, DicomFactory
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def source(cache: Path, name: str, data: bytes) -> Path:
+    folder = cache / "spool"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
+def uids(study: int, n: int) -> DicomUids:
+    return DicomUids(f"1.2.9.{study}", f"1.2.9.{study}.1", f"1.2.9.{study}.1.{n}")
+
+
+def refuse(store: str, items: list[QueuedUpload]):
+    return [(item, False, "the server refused the file (409)") for item in items]
+
+
+def test_nothing_to_report(cache):
+    text, code = status_report(cache)  # the cache folder does not even exist
+    assert code == EXIT_CLEAN
+    assert "nothing waiting" in text and "Failed uploads: none." in text
+    assert not cache.exists()  # reporting creates nothing
+
+
+def test_pending_uploads_waiting_for_the_next_start(cache, dicom: DicomFactory):
+    q = WriteBackQueue(queue_dir(cache), refuse, dataset="https://host/dicom-web")
+    inst = dicom.instance()  # real DICOM with a patient name: it must not reach the report
+    size = inst.path.stat().st_size
+    q.submit("ct", DicomUids(inst.study_uid, inst.series_uid, inst.sop_uid), inst.path)
+    q.submit("ct", uids(1, 1), source(cache, "a", b"x" * 2048))
+    q.submit("mr", uids(2, 1), source(cache, "b", b"y" * 10))
+    q.stop(drain=False)
+    text, code = status_report(cache)
+    assert code == EXIT_PENDING
+    assert "3 uploads pending" in text and "oldest queued 0 s ago" in text
+    assert f"store ct of https://host/dicom-web: 2 uploads, {(size + 2048) / 1024:.1f} KiB" in text
+    assert "store mr of https://host/dicom-web: 1 upload, 10 bytes" in text
+    assert "No running mount is sending them" in text
+    assert "Failed uploads: none." in text
+    assert PATIENT_NAME not in text and PATIENT_NAME.split("^")[0] not in text
+
+
+def test_pending_uploads_being_sent_by_a_live_mount(cache):
+    hold = threading.Event()
+    started = threading.Event()
+
+    def send(store, items):
+        started.set()
+        hold.wait(5)
+        return [(item, True, None) for item in items]
+
+    q = WriteBackQueue(queue_dir(cache), send, settle=0.0, status_interval=0.02)
+    try:
+        q.start()
+        q.submit("ct", uids(1, 1), source(cache, "a", b"x"))
+        assert started.wait(2)
+        deadline = time.monotonic() + 2
+        while '"in_flight": 1' not in (queue_dir(cache) / "status.json").read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        text, code = status_report(cache)
+        assert code == EXIT_PENDING
+        assert f"A running mount (pid {os.getpid()}) is sending them: 1 being sent now" in text
+    finally:
+        hold.set()
+        q.stop(timeout=5)
+    text, code = status_report(cache)
+    assert code == EXIT_CLEAN and "nothing waiting" in text
+
+
+def test_a_crashed_mount_is_not_taken_for_a_live_one(cache):
+    q = WriteBackQueue(queue_dir(cache), refuse)
+    q.submit("ct", uids(1, 1), source(cache, "a", b"x"))
+    q.stop(drain=False)
+    status_file = queue_dir(cache) / "status.json"
+    status = json.loads(status_file.read_text())
+    # what a mount killed mid-run leaves: running, but its pid is gone
+    status_file.write_text(json.dumps({**status, "running": True, "pid": 2**22 + 12345, "updated_at": time.time()}))
+    text, code = status_report(cache)
+    assert code == EXIT_PENDING and "No running mount is sending them" in text
+    # a live pid that stopped reporting
+    status_file.write_text(json.dumps({**status, "running": True, "pid": os.getpid(),
+                                       "updated_at": time.time() - 3600, "heartbeat": 10}))
+    text, _ = status_report(cache)
+    assert "has not reported for 60 min; it may be stuck" in text
+    status_file.write_text("{torn")
+    text, code = status_report(cache)
+    assert code == EXIT_PENDING and "No running mount is sending them" in text
+
+
+def test_failed_uploads_of_both_modes(cache):
+    q = WriteBackQueue(queue_dir(cache), refuse, settle=0.0)
+    q.start()
+    item = q.submit("ct", uids(1, 7), source(cache, "a", b"z" * 3000))
+    q.submit("ct", uids(1, 8), source(cache, "b", b"w"))
+    assert q.wait_idle(5)
+    q.stop()
+    sync_failed = cache / "spool" / "failed"
+    sync_failed.mkdir(parents=True, exist_ok=True)
+    (sync_failed / "20240101-120000-0-scan.dcm").write_bytes(b"s" * 5)
+    text, code = status_report(cache)
+    assert code == EXIT_FAILED
+    assert "Failed uploads: 3." in text
+    kept = queue_dir(cache) / "failed" / f"{item.id}.dcm"
+    assert f"  ct/1.2.9.1/1.2.9.1.1/1.2.9.1.1.7.dcm  2.9 KiB  (the server refused the file (409))\n    {kept}\n" in text
+    assert f"  20240101-120000-0-scan.dcm  5 bytes  (reason in the error log)\n    {sync_failed}/" in text
+    assert "nothing waiting" in text
+
+
+def test_failed_wins_over_pending_for_the_exit_code(cache):
+    q = WriteBackQueue(queue_dir(cache), refuse)
+    q.submit("ct", uids(1, 1), source(cache, "a", b"x"))
+    q.stop(drain=False)
+    (cache / "spool" / "failed").mkdir(parents=True)
+    (cache / "spool" / "failed" / "kept.dcm").write_bytes(b"k")
+    text, code = status_report(cache)
+    assert code == EXIT_FAILED and "1 upload pending" in text and "kept.dcm" in text
+
+
+def test_run_status_prints_the_report(cache, capsys):
+    assert run_status(["--cacheDir", str(cache)]) == EXIT_CLEAN
+    out = capsys.readouterr().out
+    assert str(cache) in out and "Failed uploads: none." in out
+    assert run_status(["--bogus"]) == 2

@@ -1,0 +1,645 @@
+"""The write-back upload queue: real files and threads, a fake send_batch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir, read_status
+from dicomfuse.dicomfile import DicomUids
+from dicomfuse.stores.base import Unavailable
+from tests.conftest import PATIENT_NAME, DicomFactory
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+ROOT = Path(__file__).resolve().parents[2]
+
+Result = list[tuple[QueuedUpload, bool, "str | None"]]
+
+
+class FakeSender:
+    """Records batches (with the bytes sent) and answers as ``decide`` says: True stored, a string
+    is a refusal reason, an exception instance is raised for the whole batch."""
+
+    def __init__(self, decide: Callable[[str, QueuedUpload, int], object] | None = None,
+                 hold: threading.Event | None = None) -> None:
+        self.decide = decide or (lambda store, item, call: True)
+        self.hold = hold
+        self.lock = threading.Lock()
+        self.calls: list[tuple[str, str, list[str], float]] = []  # store, study, sop UIDs, time
+        self.sent: dict[str, bytes] = {}  # sop UID -> bytes stored
+        self.active: dict[str, int] = {}  # study -> batches being sent
+        self.overlap_same_study = False
+        self.max_parallel = 0
+        self.started = threading.Event()
+
+    def __call__(self, store: str, items: list[QueuedUpload]) -> Result:
+        studies = {i.uids.study_uid for i in items}
+        assert len(studies) == 1, "one study per batch"
+        (study,) = studies
+        with self.lock:
+            n = len(self.calls)
+            self.calls.append((store, study, [i.uids.sop_uid for i in items], time.monotonic()))
+            self.active[study] = self.active.get(study, 0) + 1
+            self.overlap_same_study |= self.active[study] > 1
+            self.max_parallel = max(self.max_parallel, sum(self.active.values()))
+        self.started.set()
+        try:
+            if self.hold is not None:
+                assert self.hold.wait(5)
+            out: Result = []
+            for item in items:
+                answer = self.decide(store, item, n)
+                if isinstance(answer, Exception):
+                    raise answer
+                if answer is True:
+                    with self.lock:
+                        self.sent[item.uids.sop_uid] = item.path.read_bytes()
+                    out.append((item, True, None))
+                else:
+                    out.append((item, False, str(answer)))
+            return out
+        finally:
+            with self.lock:
+                self.active[study] -= 1
+
+    def batches(self, study: str | None = None) -> list[list[str]]:
+        return [sops for _, st, sops, _ in self.calls if study is None or st == study]
+
+
+class Files:
+    """Upload sources in a spool folder (same filesystem as the queue) with distinct UIDs."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.n = 0
+
+    def make(self, study: int = 1, size: int = 100, sop: str | None = None, data: bytes | None = None
+             ) -> tuple[DicomUids, Path]:
+        self.n += 1
+        uids = DicomUids(f"1.2.826.{study}", f"1.2.826.{study}.1", sop or f"1.2.826.{study}.1.{self.n}")
+        path = self.folder / f"upload-{self.n}.part"
+        path.write_bytes(data if data is not None else bytes([self.n % 256]) * size)
+        return uids, path
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    return Files(tmp_path / "cache" / "spool")
+
+
+@pytest.fixture
+def qdir(tmp_path: Path) -> Path:
+    return queue_dir(tmp_path / "cache")
+
+
+@pytest.fixture
+def queues():
+    made: list[WriteBackQueue] = []
+    yield made
+    for q in made:
+        q.stop(drain=False, timeout=2)
+
+
+def make_queue(queues: list[WriteBackQueue], qdir: Path, sender, **kwargs) -> WriteBackQueue:
+    kwargs.setdefault("settle", 0.02)
+    kwargs.setdefault("backoff_base", 0.01)
+    kwargs.setdefault("backoff_max", 0.05)
+    kwargs.setdefault("status_interval", 0.05)
+    q = WriteBackQueue(qdir, sender, **kwargs)
+    queues.append(q)
+    return q
+
+
+def journal(qdir: Path) -> list[str]:
+    """Pending journal files (records and bytes), status and lock excluded."""
+    return sorted(n for n in os.listdir(qdir) if re.fullmatch(r"[0-9a-f]{32}\.(json|dcm)", n))
+
+
+def failed_files(qdir: Path) -> list[str]:
+    return sorted(os.listdir(qdir / "failed"))
+
+
+# ---------------------------------------------------------------------------------------------
+# batching and parallelism
+
+
+def test_one_batch_per_study_within_limits(queues, qdir, files):
+    sender = FakeSender()
+    done: list[tuple[str, bool]] = []
+    q = make_queue(queues, qdir, sender, workers=2, batch_files=3,
+                   on_done=lambda item, ok, why: done.append((item.uids.sop_uid, ok)))
+    a = [q.submit("ct", *files.make(study=1)) for _ in range(7)]
+    b = [q.submit("mr", *files.make(study=2)) for _ in range(2)]
+    q.start()
+    assert q.wait_idle(5)
+    assert [len(x) for x in sender.batches("1.2.826.1")] == [3, 3, 1]
+    assert sender.batches("1.2.826.2") == [[i.uids.sop_uid for i in b]]
+    assert sorted(s for batch in sender.batches("1.2.826.1") for s in batch) == sorted(i.uids.sop_uid for i in a)
+    assert {store for store, *_ in sender.calls} == {"ct", "mr"}
+    assert not sender.overlap_same_study
+    assert sorted(done) == sorted((i.uids.sop_uid, True) for i in a + b)
+    assert journal(qdir) == [] and failed_files(qdir) == []
+    assert q.pending() == [] and q.failed() == []
+
+
+def test_batch_bytes_limit(queues, qdir, files):
+    sender = FakeSender()
+    q = make_queue(queues, qdir, sender, batch_bytes=250)
+    for _ in range(5):
+        q.submit("ct", *files.make(size=100))
+    q.submit("ct", *files.make(size=1000))  # larger than a batch: sent alone
+    q.start()
+    assert q.wait_idle(5)
+    assert sorted(len(b) for b in sender.batches()) == [1, 1, 2, 2]
+
+
+def test_studies_go_in_parallel_but_a_study_never_twice(queues, qdir, files):
+    both = threading.Event()
+
+    def decide(store, item, call):
+        with sender.lock:
+            if sum(sender.active.values()) >= 2:
+                both.set()
+        both.wait(1)
+        return True
+
+    sender = FakeSender(decide)
+    q = make_queue(queues, qdir, sender, workers=3, settle=0.0)
+    q.start()
+    q.submit("ct", *files.make(study=1))
+    q.submit("ct", *files.make(study=2))
+    assert both.wait(2), "two studies were not sent at the same time"
+    assert sender.started.wait(1)
+    for _ in range(4):  # more of study 1 while it is in flight: they wait for the next batch
+        q.submit("ct", *files.make(study=1))
+        time.sleep(0.01)
+    assert q.wait_idle(5)
+    assert sender.max_parallel >= 2 and not sender.overlap_same_study
+    assert len(sender.batches("1.2.826.1")) >= 2 and sum(map(len, sender.batches("1.2.826.1"))) == 5
+
+
+def test_settle_lets_a_batch_fill(queues, qdir, files):
+    sender = FakeSender()
+    q = make_queue(queues, qdir, sender, settle=0.2)
+    q.start()
+    for _ in range(5):
+        q.submit("ct", *files.make())
+    assert q.wait_idle(3)
+    assert [len(b) for b in sender.batches()] == [5]
+
+
+# ---------------------------------------------------------------------------------------------
+# retries, refusals, failures
+
+
+def test_transient_failures_are_retried_with_backoff_then_succeed(queues, qdir, files):
+    records: list[dict] = []
+
+    def decide(store, item, call):
+        if call == 1:
+            records.append(json.loads((qdir / f"{item.id}.json").read_text()))
+        return Unavailable("server busy (503)") if call < 2 else True
+
+    sender = FakeSender(decide)
+    done = []
+    q = make_queue(queues, qdir, sender, backoff_base=0.05, backoff_max=0.2,
+                   on_done=lambda item, ok, why: done.append((ok, why, item.attempts)))
+    uids, src = files.make()
+    q.submit("ct", uids, src)
+    q.start()
+    assert q.wait_idle(5)
+    times = [t for *_, t in sender.calls]
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.025 and times[2] - times[1] >= 0.05  # 0.05·2^n, jitter ≥ half
+    assert records[0]["attempts"] == 1 and records[0]["last_error"] == "server busy (503)"
+    assert done == [(True, None, 2)]
+    assert journal(qdir) == [] and failed_files(qdir) == []
+
+
+def test_backoff_is_exponential_capped_and_jittered(queues, qdir):
+    q = make_queue(queues, qdir, FakeSender(), backoff_base=1.0, backoff_max=60.0)
+    for attempts, full in ((1, 1.0), (2, 2.0), (4, 8.0), (7, 60.0), (30, 60.0)):
+        delays = [q._backoff(attempts) for _ in range(50)]
+        assert all(full / 2 <= d <= full for d in delays)
+        assert len(set(delays)) > 1
+
+
+def test_exhausted_retries_fail_with_bytes_kept_while_other_studies_go_on(queues, qdir, files, caplog):
+    order: list[str] = []
+
+    def decide(store, item, call):
+        if item.uids.study_uid == "1.2.826.1":
+            return Unavailable("connection reset")
+        return True
+
+    sender = FakeSender(decide)
+    done = []
+    q = make_queue(queues, qdir, sender, max_attempts=3, backoff_base=0.05, backoff_max=0.1,
+                   on_done=lambda item, ok, why: (order.append(item.uids.study_uid), done.append((item, ok, why))))
+    uids, src = files.make(study=1, data=b"precious bytes")
+    bad = q.submit("ct", uids, src)
+    q.submit("ct", *files.make(study=2))
+    caplog.set_level(logging.DEBUG, logger="dicomfuse")
+    q.start()
+    assert q.wait_idle(5)
+    assert len(sender.batches("1.2.826.1")) == 3
+    assert order == ["1.2.826.2", "1.2.826.1"]  # the other study was not held up by the retries
+    item, ok, why = done[-1]
+    assert not ok and "connection reset" in why and "3 attempts" in why
+    kept = qdir / "failed" / f"{bad.id}.dcm"
+    assert item.path == kept and kept.read_bytes() == b"precious bytes"
+    record = json.loads((qdir / "failed" / f"{bad.id}.json").read_text())
+    assert record["sop_uid"] == uids.sop_uid and "connection reset" in record["last_error"]
+    assert [f.id for f in q.failed()] == [bad.id]
+    assert journal(qdir) == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"Upload of ct/{uids.study_uid}/{uids.series_uid}/{uids.sop_uid}.dcm failed ({why}); "
+                      f"its bytes are kept at {kept}"]
+
+
+def test_refusal_fails_at_once_and_keeps_the_bytes(queues, qdir, files, caplog):
+    refused_sop = "1.2.826.1.1.1"
+    sender = FakeSender(lambda store, item, call: "SOP class not supported" if item.uids.sop_uid == refused_sop
+                        else True)
+    done = []
+    q = make_queue(queues, qdir, sender, on_done=lambda item, ok, why: done.append((item.uids.sop_uid, ok, why)))
+    refused = q.submit("ct", *files.make(sop=refused_sop, data=b"refused bytes"))
+    accepted = q.submit("ct", *files.make())
+    caplog.set_level(logging.INFO, logger="dicomfuse")
+    q.start()
+    assert q.wait_idle(5)
+    assert len(sender.calls) == 1  # a refusal is final: not retried
+    assert sorted(done) == sorted([(refused_sop, False, "SOP class not supported"),
+                                   (accepted.uids.sop_uid, True, None)])
+    assert failed_files(qdir) == sorted([f"{refused.id}.dcm", f"{refused.id}.json"])
+    assert (qdir / "failed" / f"{refused.id}.dcm").read_bytes() == b"refused bytes"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "SOP class not supported" in errors[0] and refused_sop in errors[0]
+    assert journal(qdir) == []
+
+
+def test_an_unexpected_exception_is_retried_not_lost(queues, qdir, files):
+    sender = FakeSender(lambda store, item, call: RuntimeError("bug") if call == 0 else True)
+    q = make_queue(queues, qdir, sender)
+    q.submit("ct", *files.make())
+    q.start()
+    assert q.wait_idle(5)
+    assert len(sender.calls) == 2 and len(sender.sent) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# durability
+
+
+CHILD = textwrap.dedent("""
+    import sys, threading
+    from pathlib import Path
+    from dicomfuse.core.writeback import WriteBackQueue
+    from dicomfuse.dicomfile import DicomUids
+
+    qdir, spool = Path(sys.argv[1]), Path(sys.argv[2])
+    in_flight = threading.Event()
+
+    def send_batch(store, items):
+        in_flight.set()
+        threading.Event().wait()  # the server never answers: killed mid-send
+
+    q = WriteBackQueue(qdir, send_batch, settle=0.0, workers=2)
+    for n in range(5):
+        src = spool / f"f{n}.part"
+        src.write_bytes(b"bytes %d" % n)
+        q.submit("ct", DicomUids(f"1.2.3.{n % 2}", f"1.2.3.{n % 2}.1", f"1.2.3.{n % 2}.1.{n}"), src)
+    q.start()
+    in_flight.wait(5)
+    print("ready", flush=True)
+    threading.Event().wait()
+""")
+
+
+def test_a_crash_mid_send_loses_nothing(queues, qdir, files, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(qdir), str(files.folder)],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(5)
+    sender = FakeSender()
+    q = make_queue(queues, qdir, sender)
+    recovered = q.recover()
+    assert sorted(i.uids.sop_uid for i in recovered) == sorted(f"1.2.3.{n % 2}.1.{n}" for n in range(5))
+    q.start()
+    assert q.wait_idle(5)
+    assert sender.sent == {f"1.2.3.{n % 2}.1.{n}": b"bytes %d" % n for n in range(5)}
+    assert journal(qdir) == [] and list(files.folder.glob("*.part")) == []
+
+
+def test_stop_without_drain_keeps_everything_for_the_next_start(queues, qdir, files):
+    q = make_queue(queues, qdir, FakeSender(), dataset="https://user:secret@host/dicom-web")
+    submitted = [q.submit("ct", *files.make(study=s)) for s in (1, 1, 2)]
+    q.stop(drain=False)
+    assert len(journal(qdir)) == 6
+    assert "secret" not in "".join((qdir / n).read_text() for n in journal(qdir) if n.endswith(".json"))
+
+    sender = FakeSender()
+    q2 = make_queue(queues, qdir, sender, dataset="https://host/dicom-web")
+    recovered = q2.recover()
+    assert {(i.id, i.store, i.uids, i.size, i.queued_at) for i in recovered} == \
+        {(i.id, i.store, i.uids, i.size, i.queued_at) for i in submitted}
+    q2.start()
+    assert q2.wait_idle(5)
+    assert len(sender.sent) == 3 and journal(qdir) == []
+
+
+def test_stop_without_drain_lets_the_batch_in_flight_finish(queues, qdir, files):
+    hold = threading.Event()
+    sender = FakeSender(hold=hold)
+    q = make_queue(queues, qdir, sender, workers=1, settle=0.0)
+    first = q.submit("ct", *files.make(study=1))
+    q.start()
+    assert sender.started.wait(2)
+    second = q.submit("ct", *files.make(study=2))
+    threading.Timer(0.1, hold.set).start()
+    q.stop(drain=False)
+    assert list(sender.sent) == [first.uids.sop_uid]
+    assert journal(qdir) == sorted([f"{second.id}.dcm", f"{second.id}.json"])
+    q2 = make_queue(queues, qdir, FakeSender())  # the lock was released
+    assert [i.id for i in q2.recover()] == [second.id]
+
+
+def test_uploads_of_another_dataset_are_left_alone(queues, qdir, files):
+    q = make_queue(queues, qdir, FakeSender(), dataset="A")
+    item = q.submit("ct", *files.make())
+    q.stop(drain=False)
+    q_b = make_queue(queues, qdir, FakeSender(), dataset="B")
+    assert q_b.recover() == []
+    q_b.stop(drain=False)
+    assert len(journal(qdir)) == 2
+    q_a = make_queue(queues, qdir, FakeSender(), dataset="A")
+    assert [i.id for i in q_a.recover()] == [item.id]
+
+
+def test_a_damaged_journal_never_crashes_recover(queues, qdir, files, dicom: DicomFactory):
+    q = make_queue(queues, qdir, FakeSender())
+    good = q.submit("ct", *files.make())
+    inst = dicom.instance()  # real DICOM (with a patient name) whose record gets torn
+    torn_bytes = inst.path.read_bytes()
+    torn = q.submit("ct", DicomUids(inst.study_uid, inst.series_uid, inst.sop_uid), inst.path)
+    gone = q.submit("ct", *files.make())
+    q.stop(drain=False)
+    record = qdir / f"{torn.id}.json"
+    record.write_bytes(record.read_bytes()[:40])  # torn mid-write
+    (qdir / f"{gone.id}.dcm").unlink()  # a record whose bytes never arrived
+    (qdir / f".{good.id}.json.123.456.tmp").write_text('{"half":')  # a temporary file left by a crash
+    orphan = qdir / ("ab" * 16 + ".dcm")  # names are 32 hex digits
+    orphan.write_bytes(b"bytes whose record was lost")
+    (qdir / "0123.json").write_text("not ours")  # not a record name: ignored
+
+    sender = FakeSender()
+    q2 = make_queue(queues, qdir, sender)
+    assert [i.id for i in q2.recover()] == [good.id]
+    failed = {f.id: f for f in q2.failed()}
+    assert set(failed) == {torn.id, "ab" * 16}
+    assert failed[torn.id].uids.sop_uid == inst.sop_uid  # read back from the bytes; the store is lost
+    assert failed[torn.id].path.read_bytes() == torn_bytes and failed[torn.id].store == "unknown"
+    assert (qdir / "failed" / f"{'ab' * 16}.dcm").read_bytes() == b"bytes whose record was lost"
+    assert not (qdir / f"{gone.id}.json").exists()
+    assert not any(n.endswith(".tmp") for n in os.listdir(qdir))
+    q2.start()
+    assert q2.wait_idle(5)
+    assert list(sender.sent) == [good.uids.sop_uid]
+    assert journal(qdir) == []
+    for name in failed_files(qdir):
+        if name.endswith(".json"):
+            assert PATIENT_NAME not in (qdir / "failed" / name).read_text()
+
+
+def test_recover_finishes_an_interrupted_move_to_failed(queues, qdir, files):
+    q = make_queue(queues, qdir, FakeSender())
+    item = q.submit("ct", *files.make(data=b"abc"))
+    q.stop(drain=False)
+    # crash after the failed record was written, before the bytes moved
+    record = json.loads((qdir / f"{item.id}.json").read_text())
+    (qdir / "failed" / f"{item.id}.json").write_text(json.dumps({**record, "last_error": "refused"}))
+    q2 = make_queue(queues, qdir, FakeSender())
+    assert q2.recover() == []
+    assert journal(qdir) == []
+    assert (qdir / "failed" / f"{item.id}.dcm").read_bytes() == b"abc"
+    assert [(f.id, f.last_error) for f in q2.failed()] == [(item.id, "refused")]
+
+
+def test_a_newer_copy_of_the_same_sop_supersedes_the_queued_one(queues, qdir, files):
+    sender = FakeSender()
+    q = make_queue(queues, qdir, sender)
+    old = q.submit("ct", *files.make(sop="1.2.826.1.1.99", data=b"old"))
+    new = q.submit("ct", *files.make(sop="1.2.826.1.1.99", data=b"new"))
+    other_store = q.submit("mr", *files.make(sop="1.2.826.1.1.99", data=b"mr"))
+    assert [i.id for i in q.pending()] == [new.id, other_store.id]
+    assert not old.path.exists() and not (qdir / f"{old.id}.json").exists()
+    q.start()
+    assert q.wait_idle(5)
+    assert len(sender.calls) == 2 and sender.sent["1.2.826.1.1.99"] in (b"new", b"mr")
+    assert sorted(sum(sender.batches(), [])) == ["1.2.826.1.1.99"] * 2
+
+
+def test_a_newer_copy_supersedes_in_the_journal_too(queues, qdir, files):
+    """A crash between journaling the newer copy and removing the older leaves both: recover keeps the newer."""
+    q = make_queue(queues, qdir, FakeSender())
+    first = q.submit("ct", *files.make(sop="1.2.826.1.1.7", data=b"first"))
+    q.stop(drain=False)
+    record = json.loads((qdir / f"{first.id}.json").read_text())
+    later_id = "f" * 32
+    (qdir / f"{later_id}.dcm").write_bytes(b"second")
+    (qdir / f"{later_id}.json").write_text(json.dumps({**record, "id": later_id, "queued_at": first.queued_at + 1}))
+    sender = FakeSender()
+    q2 = make_queue(queues, qdir, sender)
+    assert [i.id for i in q2.recover()] == [later_id]
+    q2.start()
+    assert q2.wait_idle(5)
+    assert sender.sent == {"1.2.826.1.1.7": b"second"} and journal(qdir) == []
+
+
+def test_a_copy_submitted_while_the_older_is_in_flight_follows_it(queues, qdir, files):
+    hold = threading.Event()
+    sender = FakeSender(hold=hold)
+    q = make_queue(queues, qdir, sender, settle=0.0)
+    q.start()
+    q.submit("ct", *files.make(sop="1.2.826.1.1.5", data=b"one"))
+    assert sender.started.wait(2)
+    q.submit("ct", *files.make(sop="1.2.826.1.1.5", data=b"two"))
+    hold.set()
+    assert q.wait_idle(5)
+    assert len(sender.calls) == 2 and sender.sent["1.2.826.1.1.5"] == b"two"
+
+
+# ---------------------------------------------------------------------------------------------
+# stop, wait_idle, locking
+
+
+def test_stop_with_drain_finishes_the_work_without_waiting_for_settle(queues, qdir, files):
+    sender = FakeSender()
+    q = make_queue(queues, qdir, sender, settle=5.0)
+    q.start()
+    for s in (1, 2, 2):
+        q.submit("ct", *files.make(study=s))
+    t0 = time.monotonic()
+    q.stop(drain=True, timeout=5)
+    assert time.monotonic() - t0 < 2
+    assert len(sender.sent) == 3 and journal(qdir) == []
+    assert read_status(qdir)["running"] is False
+    with pytest.raises(RuntimeError):
+        q.submit("ct", *files.make())
+
+
+def test_stop_with_drain_is_bounded_by_its_timeout(queues, qdir, files):
+    hold = threading.Event()
+    q = make_queue(queues, qdir, FakeSender(hold=hold), settle=0.0)
+    q.start()
+    item = q.submit("ct", *files.make())
+    t0 = time.monotonic()
+    q.stop(drain=True, timeout=0.3)
+    assert time.monotonic() - t0 < 1.0
+    assert journal(qdir) == sorted([f"{item.id}.dcm", f"{item.id}.json"])  # still journaled
+    with pytest.raises(QueueBusy):  # the batch in flight still owns the directory
+        WriteBackQueue(qdir, FakeSender())
+    hold.set()
+    deadline = time.monotonic() + 3
+    while q._lock_fd is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert journal(qdir) == []  # the send completed after stop and was recorded
+    make_queue(queues, qdir, FakeSender())  # and the lock was released
+
+
+def test_wait_idle(queues, qdir, files):
+    q = make_queue(queues, qdir, FakeSender())
+    assert q.wait_idle(0)
+    q.submit("ct", *files.make())
+    assert not q.wait_idle(0.1)  # not started
+    q.start()
+    assert q.wait_idle(5)
+
+
+def test_one_queue_per_directory(queues, qdir):
+    make_queue(queues, qdir, FakeSender())
+    with pytest.raises(QueueBusy):
+        WriteBackQueue(qdir, FakeSender())
+
+
+def test_start_recovers_when_recover_was_not_called(queues, qdir, files):
+    q = make_queue(queues, qdir, FakeSender())
+    q.submit("ct", *files.make())
+    q.stop(drain=False)
+    sender = FakeSender()
+    q2 = make_queue(queues, qdir, sender)
+    q2.start()
+    assert q2.wait_idle(5) and len(sender.sent) == 1
+    with pytest.raises(RuntimeError):
+        q2.recover()
+
+
+# ---------------------------------------------------------------------------------------------
+# status snapshot and permissions
+
+
+def wait_for_status(qdir: Path, check: Callable[[dict], bool]) -> dict:
+    deadline = time.monotonic() + 2
+    while True:
+        status = read_status(qdir) or {}
+        if check(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.02)
+
+
+def test_status_snapshot(queues, qdir, files):
+    hold = threading.Event()
+    sender = FakeSender(lambda store, item, call: "refused by the server: bad file", hold=hold)
+    q = make_queue(queues, qdir, sender, workers=1, settle=0.0)
+    first = q.submit("ct", *files.make(study=1, size=10))
+    status = read_status(qdir)
+    assert status is not None and status["pid"] == os.getpid() and status["running"] is False
+    assert (status["pending"], status["pending_bytes"], status["in_flight"], status["failed"]) == (1, 10, 0, 0)
+    assert 0 <= status["oldest_pending_age"] < 5 and abs(status["updated_at"] - time.time()) < 5
+    assert status["oldest_queued_at"] == first.queued_at
+    q.start()
+    assert sender.started.wait(2)
+    q.submit("ct", *files.make(study=2, size=20))
+    status = wait_for_status(qdir, lambda s: s.get("pending") == 1 and s.get("in_flight") == 1)
+    assert (status["pending"], status["pending_bytes"], status["in_flight"], status["in_flight_bytes"]) == \
+        (1, 20, 1, 10)
+    assert status["running"] is True and status["oldest_queued_at"] == first.queued_at
+    hold.set()
+    assert q.wait_idle(5)
+    status = wait_for_status(qdir, lambda s: s.get("failed") == 2)
+    assert (status["pending"], status["in_flight"], status["failed"]) == (0, 0, 2)
+    assert status["last_error"] == "refused by the server: bad file" and status["oldest_pending_age"] is None
+    q.stop()
+    assert read_status(qdir)["running"] is False
+
+
+def test_files_and_folders_are_private_whatever_the_umask(queues, qdir, files):
+    old = os.umask(0)
+    try:
+        q = make_queue(queues, qdir, FakeSender(lambda store, item, call: "refused"))
+        path = files.make()[1]
+        os.chmod(path, 0o644)
+        item = q.submit("ct", files.make()[0], path)
+        for name in (f"{item.id}.json", f"{item.id}.dcm", "status.json", "queue.lock"):
+            assert stat.S_IMODE((qdir / name).stat().st_mode) == 0o600, name
+        q.start()
+        assert q.wait_idle(5)
+        q.stop()
+    finally:
+        os.umask(old)
+    for folder in (qdir, qdir / "failed"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for name in failed_files(qdir):
+        assert stat.S_IMODE((qdir / "failed" / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE((qdir / "status.json").stat().st_mode) == 0o600
+
+
+def test_submit_rejects_bad_input(queues, qdir, files):
+    q = make_queue(queues, qdir, FakeSender())
+    uids, path = files.make()
+    with pytest.raises(ValueError):
+        q.submit("", uids, path)
+    with pytest.raises(ValueError):
+        q.submit("ct", DicomUids("1.2", "1.2.3", "not a uid"), path)
+    with pytest.raises(FileNotFoundError):
+        q.submit("ct", uids, path.with_name("missing"))
+    assert journal(qdir) == [] and path.exists()
+
+
+def test_many_uploads_with_flaky_sends_all_arrive(queues, qdir, files):
+    import random
+
+    rng = random.Random(7)
+    flaky = threading.Lock()
+
+    def decide(store, item, call):
+        with flaky:
+            return Unavailable("flaky") if call % 3 == 1 and rng.random() < 0.9 else True
+
+    sender = FakeSender(decide)
+    q = make_queue(queues, qdir, sender, workers=4, batch_files=7, max_attempts=50, backoff_base=0.005,
+                   backoff_max=0.02, settle=0.01)
+    q.start()
+    submitted = [q.submit("ct", *files.make(study=n % 5)) for n in range(150)]
+    assert q.wait_idle(10)
+    assert sorted(sender.sent) == sorted(i.uids.sop_uid for i in submitted)
+    assert all(len(b) <= 7 for b in sender.batches()) and not sender.overlap_same_study
+    assert journal(qdir) == [] and q.failed() == []
