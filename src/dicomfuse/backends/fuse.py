@@ -107,6 +107,16 @@ class FuseOperations(mfusepy.Operations):
         return entries
 
     @translate
+    def readdir_plus(self, path: str) -> list[tuple[str, dict[str, int] | None]]:
+        """The listing with full attributes, so the kernel needs no lookup per entry (ls -l,
+        find). A file of unknown size gets none: its stat must reach getattr, which learns the
+        size for a program that will read the file (see core.sizes)."""
+        out: list[tuple[str, dict[str, int] | None]] = [(".", None), ("..", None)]
+        for name, attr in self.vfs.readdir(path):
+            out.append((name, self._stat(attr) if attr.size_known else None))
+        return out
+
+    @translate
     def statfs(self, path: str) -> dict[str, int]:
         return self.vfs.statfs()
 
@@ -234,12 +244,34 @@ class FuseOperations(mfusepy.Operations):
         return 0
 
 
+FUSE_READDIR_PLUS = 1 << 0  # in readdir's flags: the kernel asks for attributes too
+FUSE_FILL_DIR_PLUS = 1 << 1  # in the filler's flags: this entry's attributes are complete
+
+
+class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
+    """mfusepy's FUSE with READDIRPLUS answered: mfusepy passes names and modes only, so the
+    kernel would send one lookup per entry after every listing."""
+
+    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        plus = getattr(self.operations, "readdir_plus", None)
+        if not flags & FUSE_READDIR_PLUS or plus is None or path is None:
+            return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
+        for name, attrs in plus(path.decode(self.encoding, self.errors)):  # FuseOSError: mfusepy's wrapper
+            st = mfusepy.c_stat()
+            if attrs is not None:
+                mfusepy.set_st_attrs(st, attrs, use_ns=self.use_ns)
+            fill = FUSE_FILL_DIR_PLUS if attrs is not None else 0
+            if filler(buf, name.encode(self.encoding, self.errors), st if attrs is not None else None, 0, fill) != 0:
+                break
+        return 0
+
+
 def run(vfs: Vfs, mountpoint: str, options: dict[str, str | bool]) -> None:
     """Mount and serve in the foreground until unmounted (Ctrl+C, SIGTERM, fusermount -u).
     Raises RuntimeError only if the mount never came up."""
     ops = FuseOperations(vfs)
     try:
-        mfusepy.FUSE(ops, mountpoint, raw_fi=True, foreground=True, **options)
+        _FUSE(ops, mountpoint, raw_fi=True, foreground=True, **options)
     except RuntimeError as exc:
         if not ops.initialized:
             raise
