@@ -3,13 +3,14 @@ known yet (their stat must reach getattr: see core.sizes)."""
 
 from __future__ import annotations
 
+import stat
 import types
 
 import pytest
 
 mfusepy = pytest.importorskip("mfusepy")
 
-from dicomfuse.backends.fuse import FUSE_FILL_DIR_PLUS, FUSE_READDIR_PLUS, FuseOperations, _FUSE  # noqa: E402
+from dicomfuse.backends.fuse import _FUSE, FUSE_FILL_DIR_PLUS, FUSE_READDIR_PLUS, FuseOperations  # noqa: E402
 from dicomfuse.core.vfs import Attr  # noqa: E402
 
 
@@ -27,7 +28,8 @@ def run_readdir(flags: int) -> list[tuple[str, int | None, int]]:
     seen: list[tuple[str, int | None, int]] = []
 
     def filler(buf, name, st, offset, fill_flags):  # type: ignore[no-untyped-def]
-        seen.append((name.decode(), st.st_size if st is not None else None, fill_flags))
+        seen.append((name.decode(), st.st_size if fill_flags else (st.st_mode if st is not None else None),
+                     fill_flags))
         return 0
 
     if flags & FUSE_READDIR_PLUS:
@@ -37,4 +39,5 @@ def run_readdir(flags: int) -> list[tuple[str, int | None, int]]:
 
 def test_readdirplus_gives_attributes_of_known_sizes_only():
     seen = run_readdir(FUSE_READDIR_PLUS)
-    assert seen == [(".", None, 0), ("..", None, 0), ("1.4.dcm", 1234, FUSE_FILL_DIR_PLUS), ("1.5.dcm", None, 0)]
+    assert seen == [(".", None, 0), ("..", None, 0), ("1.4.dcm", 1234, FUSE_FILL_DIR_PLUS),
+                    ("1.5.dcm", stat.S_IFREG, 0)], "unknown size: the type only, so find needs no stat"

@@ -107,13 +107,16 @@ class FuseOperations(mfusepy.Operations):
         return entries
 
     @translate
-    def readdir_plus(self, path: str) -> list[tuple[str, dict[str, int] | None]]:
-        """The listing with full attributes, so the kernel needs no lookup per entry (ls -l,
-        find). A file of unknown size gets none: its stat must reach getattr, which learns the
-        size for a program that will read the file (see core.sizes)."""
-        out: list[tuple[str, dict[str, int] | None]] = [(".", None), ("..", None)]
+    def readdir_plus(self, path: str) -> list[tuple[str, dict[str, int] | None, bool]]:
+        """The listing with full attributes (third item True), so the kernel needs no lookup per
+        entry (ls -l, find). A file of unknown size gets its type only: its stat must reach
+        getattr, which learns the size for a program that will read the file (core.sizes)."""
+        out: list[tuple[str, dict[str, int] | None, bool]] = [(".", None, False), ("..", None, False)]
         for name, attr in self.vfs.readdir(path):
-            out.append((name, self._stat(attr) if attr.size_known else None))
+            if attr.size_known:
+                out.append((name, self._stat(attr), True))
+            else:
+                out.append((name, {"st_mode": stat.S_IFREG}, False))
         return out
 
     @translate
@@ -256,11 +259,11 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
         plus = getattr(self.operations, "readdir_plus", None)
         if not flags & FUSE_READDIR_PLUS or plus is None or path is None:
             return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
-        for name, attrs in plus(path.decode(self.encoding, self.errors)):  # FuseOSError: mfusepy's wrapper
+        for name, attrs, complete in plus(path.decode(self.encoding, self.errors)):  # FuseOSError: the wrapper
             st = mfusepy.c_stat()
             if attrs is not None:
                 mfusepy.set_st_attrs(st, attrs, use_ns=self.use_ns)
-            fill = FUSE_FILL_DIR_PLUS if attrs is not None else 0
+            fill = FUSE_FILL_DIR_PLUS if complete else 0  # without it libfuse passes the type only
             if filler(buf, name.encode(self.encoding, self.errors), st if attrs is not None else None, 0, fill) != 0:
                 break
         return 0
