@@ -1,0 +1,1 @@
+"""DICOMFuse benchmarks: ``python bench/run.py`` (see bench/README.md)."""
