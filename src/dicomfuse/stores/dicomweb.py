@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ UPLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_EPILOGUE_BYTES = 64 * 1024
 STOW_BATCH_FILES = 50
 STOW_BATCH_BYTES = 64 * 1024 * 1024
+ORTHANC_ID_CACHE = 100_000  # SOP UID -> Orthanc ID entries remembered per store
 
 OrthancSetting = str | None
 """Orthanc's REST root URL, ``"auto"`` (detect it), or None (never use it)."""
@@ -187,6 +189,26 @@ class OrthancRest:
             matches = _json(response)
         return [str(m["ID"]) for m in matches if isinstance(m, dict) and m.get("Type") == level and "ID" in m]
 
+    def find(self, level: str, query: dict[str, str], *, expand: bool = False) -> list[Any]:
+        """``/tools/find``: resources of ``level`` matching UIDs exactly, from Orthanc's index
+        (no file is read, unlike a QIDO search that computes its attributes)."""
+        response = self.client.request(
+            "POST",
+            f"{self.url}/tools/find",
+            data=json.dumps({"Level": level, "Query": query, "Expand": expand}).encode(),
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            idempotent=True,  # a search changes nothing
+        )
+        with response:
+            found = _json(response)
+        return found if isinstance(found, list) else []
+
+    def find_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> dict[str, Any] | None:
+        """The expanded instance resource (``ID``, ``FileSize``…), or None if absent."""
+        query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid}
+        found = [r for r in self.find("Instance", query, expand=True) if isinstance(r, dict) and "ID" in r]
+        return found[0] if found else None
+
     def _get_json(self, path: str, *, attempts: int | None = None) -> Any:
         response = self.client.request(
             "GET", f"{self.url}{path}", headers={"Accept": "application/json"}, attempts=attempts
@@ -218,8 +240,9 @@ class OrthancRest:
         instance_id = self.instance_id(series_uid, sop_uid)
         self.client.request("DELETE", f"{self.url}/instances/{instance_id}").close()
 
-    def series_file_sizes(self, series_uid: str) -> dict[str, int]:
-        """SOPInstanceUID → stored file size for one series: two requests, whatever its size."""
+    def series_file_sizes(self, series_uid: str, ids: dict[str, str] | None = None) -> dict[str, int]:
+        """SOPInstanceUID → stored file size for one series: two requests, whatever its size.
+        ``ids`` (if given) also receives SOPInstanceUID → Orthanc ID."""
         series_ids = self.lookup(series_uid, "Series", attempts=1)
         if len(series_ids) != 1:
             return {}
@@ -228,6 +251,8 @@ class OrthancRest:
             sop_uid = entry.get("MainDicomTags", {}).get("SOPInstanceUID")
             if isinstance(sop_uid, str) and isinstance(entry.get("FileSize"), int):
                 sizes[sop_uid] = entry["FileSize"]
+                if ids is not None and isinstance(entry.get("ID"), str):
+                    ids[sop_uid] = entry["ID"]
         return sizes
 
     def instance_file_size(self, sop_uid: str) -> int | None:
@@ -508,6 +533,8 @@ class DicomwebStore:
             self._orthanc = OrthancRest(client, str(orthanc_rest_url))
             self._orthanc_known = True
         self._accept_start = 0  # index in RETRIEVE_ACCEPTS of the first Accept to try
+        self._ids_lock = threading.Lock()
+        self._orthanc_ids: OrderedDict[str, str] = OrderedDict()  # SOP UID -> Orthanc ID (bounded)
 
     def __repr__(self) -> str:
         return f"DicomwebStore(name={self.name!r}, root={safe_path(self.root_url)!r})"
@@ -534,7 +561,34 @@ class DicomwebStore:
 
     # -- QIDO-RS ----------------------------------------------------------------------------------
 
+    # -- lookups through Orthanc's index -----------------------------------------------------
+    #
+    # Looking one UID up by QIDO makes Orthanc compute the resource's attributes (reading its
+    # files); /tools/find answers from the index. Any failure falls back to QIDO.
+
+    def _orthanc_exists(self, level: str, query: dict[str, str]) -> bool | None:
+        orthanc = self.orthanc()
+        if orthanc is None:
+            return None
+        try:
+            return bool(orthanc.find(level, query))
+        except (StoreError, ValueError) as exc:
+            logger.debug("%s: Orthanc find failed (%s); asking DICOMweb", self.name, exc)
+            return None
+
+    def _remember_ids(self, ids: dict[str, str]) -> None:
+        with self._ids_lock:
+            self._orthanc_ids.update(ids)
+            while len(self._orthanc_ids) > ORTHANC_ID_CACHE:
+                self._orthanc_ids.popitem(last=False)
+
     def studies(self, study_uid: str | None = None) -> Iterator[str]:
+        if study_uid:
+            exists = self._orthanc_exists("Study", {"StudyInstanceUID": study_uid})
+            if exists is not None:
+                if exists:
+                    yield study_uid
+                return
         filters = {"StudyInstanceUID": study_uid} if study_uid else {}
         yield from self._search(f"{self.root_url}/studies", STUDY_UID_TAG, filters, study_uid, self.page_size)
 
@@ -543,11 +597,29 @@ class DicomwebStore:
         return bool(self._search_page(f"{self.root_url}/studies", {"limit": 1}, lookup=False))
 
     def series(self, study_uid: str, series_uid: str | None = None) -> Iterator[str]:
+        if series_uid:
+            exists = self._orthanc_exists("Series", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
+            if exists is not None:
+                if exists:
+                    yield series_uid
+                return
         url = f"{self.root_url}/studies/{_segment(study_uid)}/series"
         filters = {"SeriesInstanceUID": series_uid} if series_uid else {}
         yield from self._search(url, SERIES_UID_TAG, filters, series_uid, self.page_size)
 
     def instances(self, study_uid: str, series_uid: str, sop_uid: str | None = None) -> Iterator[InstanceInfo]:
+        orthanc = self.orthanc() if sop_uid else None
+        if orthanc is not None and sop_uid:
+            try:
+                found = orthanc.find_instance(study_uid, series_uid, sop_uid)
+            except (StoreError, ValueError) as exc:
+                logger.debug("%s: Orthanc find failed (%s); asking DICOMweb", self.name, exc)
+            else:
+                if found is not None:
+                    self._remember_ids({sop_uid: str(found["ID"])})
+                    size = found.get("FileSize")
+                    yield InstanceInfo(study_uid, series_uid, sop_uid, size if isinstance(size, int) else None)
+                return
         url = f"{self._series_url(study_uid, series_uid)}/instances"
         filters = {"SOPInstanceUID": sop_uid} if sop_uid else {}
         uids = self._search(url, SOP_UID_TAG, filters, sop_uid, self.instance_page_size)
@@ -656,7 +728,10 @@ class DicomwebStore:
             if sop_uid is not None:
                 size = orthanc.instance_file_size(sop_uid)
                 return {sop_uid: size} if size is not None else {}
-            return orthanc.series_file_sizes(series_uid)
+            ids: dict[str, str] = {}
+            sizes = orthanc.series_file_sizes(series_uid, ids)
+            self._remember_ids(ids)
+            return sizes
         except (StoreError, ValueError, KeyError, TypeError, AttributeError) as exc:
             logger.debug("%s: no sizes from Orthanc for series %s: %s", self.name, series_uid, exc)
             return {}
@@ -664,6 +739,11 @@ class DicomwebStore:
     # -- WADO-RS ----------------------------------------------------------------------------------
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
+        orthanc = self.orthanc()
+        if orthanc is not None:
+            written = self._retrieve_from_orthanc(orthanc, study_uid, series_uid, sop_uid, sink)
+            if written is not None:
+                return written
         url = f"{self._series_url(study_uid, series_uid)}/instances/{_segment(sop_uid)}"
         accepts = self.retrieve_accepts
         start = self._accept_start
@@ -690,6 +770,35 @@ class DicomwebStore:
                 self._accept_start = index
             return written
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retrieve_from_orthanc(
+        self, orthanc: OrthancRest, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO
+    ) -> int | None:
+        """The stored file from Orthanc's REST API, which streams from its first byte (its
+        WADO-RS builds the whole answer before sending any). None: use WADO-RS instead (only
+        when nothing was written yet)."""
+        with self._ids_lock:
+            instance_id = self._orthanc_ids.get(sop_uid)
+        try:
+            if instance_id is None:
+                found = orthanc.find_instance(study_uid, series_uid, sop_uid)
+                if found is None:
+                    raise NotFound(f"instance {sop_uid} is not in series {series_uid}")
+                instance_id = str(found["ID"])
+                self._remember_ids({sop_uid: instance_id})
+            url = f"{orthanc.url}/instances/{quote(instance_id, safe='')}/file"
+            response = self.client.request(
+                "GET", url, headers={"Accept": "application/dicom", "Accept-Encoding": "identity"}, stream=True
+            )
+        except NotFound:
+            with self._ids_lock:
+                self._orthanc_ids.pop(sop_uid, None)
+            raise
+        except (StoreError, ValueError, KeyError) as exc:
+            logger.debug("%s: Orthanc file download failed (%s); using WADO-RS", self.name, exc)
+            return None
+        with response:
+            return _copy_instance(url, response, sink)
 
     # -- STOW-RS ----------------------------------------------------------------------------------
 
