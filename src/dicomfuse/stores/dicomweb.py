@@ -73,7 +73,7 @@ GENERIC_PATH_SEGMENTS = frozenset({"dicom-web", "dicomweb", "rs", "wado", "wado-
 _FORBIDDEN_NAME_CHARACTERS = '<>:"/\\|?*'
 
 DEFAULT_PAGE_SIZE = 1000
-DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+DOWNLOAD_CHUNK_BYTES = 256 * 1024  # small enough that a first read waits for little more than its bytes
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_EPILOGUE_BYTES = 64 * 1024
 STOW_BATCH_FILES = 50
@@ -202,6 +202,20 @@ class OrthancRest:
         with response:
             found = _json(response)
         return found if isinstance(found, list) else []
+
+    def series_instances(self, study_uid: str, series_uid: str) -> list[tuple[str, int | None, str]]:
+        """(SOPInstanceUID, stored size, Orthanc ID) of every instance of a series, from the
+        index in two requests (an absent series: one, and an empty list)."""
+        found = self.find("Series", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
+        if not found:
+            return []
+        out: list[tuple[str, int | None, str]] = []
+        for entry in self._get_json(f"/series/{quote(str(found[0]), safe='')}/instances"):
+            sop_uid = entry.get("MainDicomTags", {}).get("SOPInstanceUID") if isinstance(entry, dict) else None
+            if isinstance(sop_uid, str) and isinstance(entry.get("ID"), str):
+                size = entry.get("FileSize")
+                out.append((sop_uid, size if isinstance(size, int) else None, entry["ID"]))
+        return out
 
     def find_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> dict[str, Any] | None:
         """The expanded instance resource (``ID``, ``FileSize``…), or None if absent."""
@@ -608,7 +622,19 @@ class DicomwebStore:
         yield from self._search(url, SERIES_UID_TAG, filters, series_uid, self.page_size)
 
     def instances(self, study_uid: str, series_uid: str, sop_uid: str | None = None) -> Iterator[InstanceInfo]:
-        orthanc = self.orthanc() if sop_uid else None
+        orthanc = self.orthanc()
+        if orthanc is not None and not sop_uid:
+            # Orthanc's index lists a series completely, with sizes, in two requests; its QIDO
+            # reads every file of the series for each page (and a page more to see the end).
+            try:
+                listed = orthanc.series_instances(study_uid, series_uid)
+            except (StoreError, ValueError) as exc:
+                logger.debug("%s: Orthanc series listing failed (%s); asking DICOMweb", self.name, exc)
+            else:
+                self._remember_ids({sop: instance_id for sop, _, instance_id in listed})
+                for sop, size, _ in listed:
+                    yield InstanceInfo(study_uid, series_uid, sop, size)
+                return
         if orthanc is not None and sop_uid:
             try:
                 found = orthanc.find_instance(study_uid, series_uid, sop_uid)
