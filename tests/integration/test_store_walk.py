@@ -395,3 +395,28 @@ def test_local_walk_of_a_missing_store(tmp_path: Path) -> None:
     (tmp_path / "dataset").mkdir()
     with pytest.raises(NotFound):
         list(LocalDataset(tmp_path / "dataset").open_store("gone").walk())
+
+
+def test_orthanc_with_its_rest_api_walks_and_lists_from_its_index(orthanc: OrthancServer, dicom: DicomFactory) -> None:
+    """With Orthanc's REST API, a walk is three paged /tools/find requests (no file is read)
+    and gives true sizes; the study listing comes from the index too."""
+    posts: list[str] = []
+    session = make_session(4, None)
+
+    def record(response: requests.Response, *args: object, **kwargs: object) -> None:
+        posts.append(f"{response.request.method} {urlsplit(response.request.url or '').path}")
+
+    session.hooks["response"].append(record)
+    dataset = DicomwebDataset(orthanc.dicomweb_url, session=session, orthanc_rest_url="auto")
+    try:
+        samples = seed_files(dicom)
+        assert all(o.stored for o in dataset.store.store_files([s.path for s in samples]))
+        posts.clear()
+        infos = [i for i in dataset.store.walk() if i.sop_uid in {s.sop_uid for s in samples}]
+        assert triples(infos) == triples(samples)
+        assert {i.sop_uid: i.size for i in infos} == {s.sop_uid: s.path.stat().st_size for s in samples}
+        assert not any("/dicom-web/" in p for p in posts), posts
+        assert posts.count("POST /tools/find") == 3
+        assert set(study_uids(samples)) <= set(dataset.store.studies())
+    finally:
+        dataset.close()

@@ -79,6 +79,7 @@ MAX_EPILOGUE_BYTES = 64 * 1024
 STOW_BATCH_FILES = 50
 STOW_BATCH_BYTES = 64 * 1024 * 1024
 ORTHANC_ID_CACHE = 100_000  # SOP UID -> Orthanc ID entries remembered per store
+ORTHANC_FIND_PAGE = 10_000  # resources per /tools/find page when walking Orthanc's index
 
 OrthancSetting = str | None
 """Orthanc's REST root URL, ``"auto"`` (detect it), or None (never use it)."""
@@ -202,6 +203,26 @@ class OrthancRest:
         with response:
             found = _json(response)
         return found if isinstance(found, list) else []
+
+    def find_all(self, level: str, *, page: int = ORTHANC_FIND_PAGE) -> Iterator[dict[str, Any]]:
+        """Every expanded resource of ``level`` in the index, paged with Limit/Since."""
+        since = 0
+        while True:
+            response = self.client.request(
+                "POST",
+                f"{self.url}/tools/find",
+                data=json.dumps({"Level": level, "Query": {}, "Expand": True, "Limit": page, "Since": since}).encode(),
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                idempotent=True,
+            )
+            with response:
+                found = _json(response)
+            if not isinstance(found, list):
+                raise StoreError(f"POST {safe_path(self.url)}/tools/find: answer is not a JSON list")
+            yield from (r for r in found if isinstance(r, dict))
+            if len(found) < page:
+                return
+            since += len(found)
 
     def series_instances(self, study_uid: str, series_uid: str) -> list[tuple[str, int | None, str]]:
         """(SOPInstanceUID, stored size, Orthanc ID) of every instance of a series, from the
@@ -590,6 +611,21 @@ class DicomwebStore:
             logger.debug("%s: Orthanc find failed (%s); asking DICOMweb", self.name, exc)
             return None
 
+    def _orthanc_studies(self) -> list[str] | None:
+        """Every StudyInstanceUID from Orthanc's index (its study QIDO reads files to compute
+        each study's attributes), or None to search DICOMweb instead."""
+        orthanc = self.orthanc()
+        if orthanc is None:
+            return None
+        try:
+            return [
+                uid for r in orthanc.find_all("Study")
+                if isinstance(uid := r.get("MainDicomTags", {}).get("StudyInstanceUID"), str)
+            ]
+        except (StoreError, ValueError) as exc:
+            logger.debug("%s: Orthanc study listing failed (%s); asking DICOMweb", self.name, exc)
+            return None
+
     def _remember_ids(self, ids: dict[str, str]) -> None:
         with self._ids_lock:
             self._orthanc_ids.update(ids)
@@ -602,6 +638,11 @@ class DicomwebStore:
             if exists is not None:
                 if exists:
                     yield study_uid
+                return
+        else:
+            listed = self._orthanc_studies()
+            if listed is not None:
+                yield from listed
                 return
         filters = {"StudyInstanceUID": study_uid} if study_uid else {}
         yield from self._search(f"{self.root_url}/studies", STUDY_UID_TAG, filters, study_uid, self.page_size)
@@ -668,6 +709,15 @@ class DicomwebStore:
         lets a server leave out a level named in the path unless asked. An entry lacking a UID
         (or naming another study) is skipped. A 404 at the store level raises (the server cannot
         search instances store-wide: list folder by folder there); an absent study yields nothing."""
+        orthanc = self.orthanc() if study_uid is None else None
+        if orthanc is not None:
+            try:
+                infos = self._walk_orthanc(orthanc)
+            except (StoreError, ValueError) as exc:
+                logger.debug("%s: walking Orthanc's index failed (%s); searching DICOMweb", self.name, exc)
+            else:
+                yield from infos
+                return
         if study_uid is None:
             url = f"{self.root_url}/instances?{WALK_INCLUDE_FIELDS}"
         else:
@@ -684,6 +734,32 @@ class DicomwebStore:
             yield InstanceInfo(sys.intern(study), sys.intern(series), sop_uid)
         if skipped:
             logger.debug("%s: walk skipped %d entries lacking a parent UID or of another study", self.name, skipped)
+
+    def _walk_orthanc(self, orthanc: OrthancRest) -> list[InstanceInfo]:
+        """The whole tree from Orthanc's index, sizes included: three paged finds (studies,
+        series, instances) that read no file, where its instance QIDO reads every one."""
+        studies = {
+            r["ID"]: sys.intern(r["MainDicomTags"]["StudyInstanceUID"])
+            for r in orthanc.find_all("Study")
+            if "ID" in r and "StudyInstanceUID" in r.get("MainDicomTags", {})
+        }
+        series: dict[str, tuple[str, str]] = {}
+        for r in orthanc.find_all("Series"):
+            uid = r.get("MainDicomTags", {}).get("SeriesInstanceUID")
+            parent = studies.get(r.get("ParentStudy"))
+            if isinstance(uid, str) and parent is not None and "ID" in r:
+                series[r["ID"]] = (parent, sys.intern(uid))
+        out: list[InstanceInfo] = []
+        ids: dict[str, str] = {}
+        for r in orthanc.find_all("Instance"):
+            sop = r.get("MainDicomTags", {}).get("SOPInstanceUID")
+            parents = series.get(r.get("ParentSeries"))
+            if isinstance(sop, str) and parents is not None:
+                size = r.get("FileSize")
+                out.append(InstanceInfo(parents[0], parents[1], sop, size if isinstance(size, int) else None))
+                ids[sop] = str(r["ID"])
+        self._remember_ids(ids)
+        return out
 
     def _search(
         self, url: str, uid_tag: str, filters: dict[str, str], wanted: str | None, page_size: int
