@@ -112,11 +112,15 @@ class FuseOperations(mfusepy.Operations):
         entry (ls -l, find). A file of unknown size gets its type only: its stat must reach
         getattr, which learns the size for a program that will read the file (core.sizes)."""
         out: list[tuple[str, dict[str, int] | None, bool]] = [(".", None, False), ("..", None, False)]
+        rendered: dict[Attr, dict[str, int]] = {}  # folders (and files of one size) share attributes
         for name, attr in self.vfs.readdir(path):
             if attr.size_known:
-                out.append((name, self._stat(attr), True))
+                st = rendered.get(attr)
+                if st is None:
+                    st = rendered[attr] = self._stat(attr)
+                out.append((name, st, True))
             else:
-                out.append((name, {"st_mode": stat.S_IFREG}, False))
+                out.append((name, _TYPE_ONLY, False))
         return out
 
     @translate
@@ -247,6 +251,7 @@ class FuseOperations(mfusepy.Operations):
         return 0
 
 
+_TYPE_ONLY = {"st_mode": stat.S_IFREG}
 FUSE_READDIR_PLUS = 1 << 0  # in readdir's flags: the kernel asks for attributes too
 FUSE_FILL_DIR_PLUS = 1 << 1  # in the filler's flags: this entry's attributes are complete
 

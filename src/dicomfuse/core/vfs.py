@@ -240,23 +240,29 @@ class Vfs:
 
     def readdir(self, path: str) -> list[tuple[str, Attr]]:
         p = DicomPath.parse(path)
-        self._require_dir(p)
+        listing = self.listings.get(p)  # a cached listing is a folder's: no need to resolve it
+        if listing is None:
+            self._require_dir(p)
         self.policy.check(Op.LIST, p.level, str(p))
-        listing = self._listing(p)
+        if listing is None:
+            listing = self._listing(p)
         out: dict[str, Attr] = {}
+        folder_attr = Attr(True, mtime=self.mounted_at)
         for name, entry in listing.items():
             if entry.is_dir:
-                out[name] = Attr(True, mtime=self.mounted_at)
+                out[name] = folder_attr
             else:
                 size = entry.size if entry.size is not None else self.cache.known_size(self._key(p.child(name)))
                 out[name] = self._file_attr(size)
         with self._lock:
-            for lp, node in self._local.items():
-                if lp.parent == p:
-                    out[lp.name] = self._local_node_attr(node)
-            for wp, wh in self._pending.items():
-                if wp.parent == p and p.level == Level.SERIES:
-                    out.setdefault(wp.name, self._file_attr(wh.size))
+            if self._local:
+                for lp, node in self._local.items():
+                    if lp.parent == p:
+                        out[lp.name] = self._local_node_attr(node)
+            if self._pending and p.level == Level.SERIES:
+                for wp, wh in self._pending.items():
+                    if wp.parent == p:
+                        out.setdefault(wp.name, self._file_attr(wh.size))
         return sorted(out.items())
 
     def statfs(self) -> dict[str, int]:
