@@ -418,6 +418,8 @@ class InstanceCache:
     def _make_room(self, incoming: int) -> None:
         """Caller holds _lock. Evict least recently used, unpinned, complete entries until the
         total plus ``incoming`` fits the capacity."""
+        if self._bytes + incoming <= self.capacity:
+            return
         for key in list(self._entries):
             if self._bytes + incoming <= self.capacity:
                 return

@@ -570,6 +570,9 @@ class Vfs:
             raise FsError(errno.ENOENT, f"no such entry: {p}")
         if not p.parts:
             return Entry(True)
+        known = self.listings.lookup(p.parent, p.name)
+        if isinstance(known, Entry):
+            return known  # named in its folder's listing: the folders above exist
         if p.level > Level.STORE:
             parent = self._resolve(p.parent)
             if not parent.is_dir:
