@@ -20,6 +20,14 @@ def test_original_flags_and_defaults(tmp_path: Path):
     assert s.extraMountOptions == "allow_other,max_read=4096"
 
 
+def test_timeouts_and_ca_bundle(tmp_path: Path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    s = parse_settings(["-a", "/x", "-p", "/m", "--httpTimeout", "2.5", "--caBundle", str(ca)])
+    assert s.httpTimeout == (2.5, 2.5) and s.caBundle == ca
+    assert parse_settings(["-a", "/x", "-p", "/m"]).httpTimeout == (10.0, 60.0)
+
+
 @pytest.mark.parametrize("spelling", [["--enableDeletion=false"], ["--enableDeletion", "false"], ["-d", "false"],
                                       ["-d", "False"], ["--enableDeletion=no"]])
 def test_enable_deletion_spellings(spelling):
@@ -36,6 +44,11 @@ def test_enable_deletion_spellings(spelling):
     (["-a", "/x", "-p", "/m", "-d", "maybe"], "--enableDeletion: expected true or false"),
     (["-a", "/x", "-p", "/m", "--orthancRest", "ftp://x"], "--orthancRest"),
     (["-a", "/x", "-p", "/m", "--bogus"], "unrecognized arguments"),
+    (["-a", "/x", "-p", "/m", "--httpTimeout", "0,5"], "--httpTimeout: expected two positive"),
+    (["-a", "/x", "-p", "/m", "--httpTimeout", "soon"], "--httpTimeout: expected seconds"),
+    (["-a", "/x", "-p", "/m", "--caBundle", "/no/such/ca.pem"], "--caBundle: /no/such/ca.pem is not a readable"),
+    (["-a", "/x", "-p", "/m", "--uploadMode", "later"], "--uploadMode: expected sync or writeback"),
+    (["-a", "/x", "-p", "/m", "--readAhead", "-1"], "--readAhead: must be between 0 and 256"),
 ])
 def test_bad_values_print_one_line_and_exit_2(argv, fragment, capsys):
     assert main(argv) == EXIT_USAGE

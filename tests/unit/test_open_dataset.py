@@ -149,14 +149,14 @@ def fake_dicomweb(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_other_http_urls_are_dicomweb(url: str) -> None:
     dataset = open_dataset(url)
     assert isinstance(dataset, FakeDicomwebDataset)
-    assert (dataset.url, dataset.kwargs) == (url, {"orthanc_rest_url": "auto", "pool_size": 16})
+    assert (dataset.url, dataset.kwargs) == (url, {"orthanc_rest_url": "auto", "pool_size": 16, "ca_bundle": None})
 
 
 @pytest.mark.usefixtures("fake_dicomweb")
 def test_dicomweb_timeout_is_passed_on() -> None:
     dataset = open_dataset("http://127.0.0.1:8042/dicom-web", timeout=(3.0, 30.0))
     assert isinstance(dataset, FakeDicomwebDataset)
-    assert dataset.kwargs == {"orthanc_rest_url": "auto", "timeout": (3.0, 30.0), "pool_size": 16}
+    assert dataset.kwargs == {"orthanc_rest_url": "auto", "timeout": (3.0, 30.0), "pool_size": 16, "ca_bundle": None}
 
 
 def test_real_dicomweb_dataset_opens_without_a_request() -> None:

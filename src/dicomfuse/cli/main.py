@@ -128,7 +128,8 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     check_mount_path(settings.mountPath)
     try:
         dataset = open_dataset(settings.datasetAddr, key_file=settings.keyFile, orthanc_rest=settings.orthancRest,
-                               pool_size=settings.downloadThreads + 4)
+                               pool_size=settings.downloadThreads + 4, timeout=settings.httpTimeout,
+                               ca_bundle=settings.caBundle)
     except ValueError as exc:
         raise UsageError(f"--datasetAddr: {exc}") from None
     except CredentialsError as exc:

@@ -69,6 +69,13 @@ class Settings(BaseModel):
         "fail the copy); writeback: the file is checked, kept safely on disk and uploaded in the "
         "background in parallel batches (see 'dicomfuse status').", metavar="sync|writeback",
         group="Performance")
+    httpTimeout: tuple[float, float] = opt(
+        (10.0, 60.0), "Seconds to wait for a server: to connect, and between two bytes of an answer. "
+        "A server silent for longer gives Input/output error (after the retries).", metavar="C,R",
+        group="Advanced")
+    caBundle: Path | None = opt(
+        None, "PEM file of the certificate authorities to trust for https (a private CA); TLS "
+        "verification is always on.", metavar="FILE", group="Credentials")
     cacheDir: Path | None = opt(
         None, "Folder for the private instance cache and upload spool (default: the user cache "
         "folder).", metavar="DIR", group="Advanced")
@@ -92,6 +99,29 @@ class Settings(BaseModel):
             if len(parts) != 2 or not all(p.isdigit() for p in parts):
                 raise ValueError("expected two whole numbers of seconds like 60,300")
             return (int(parts[0]), int(parts[1]))
+        return value
+
+    @field_validator("httpTimeout", mode="before")
+    @classmethod
+    def _http_timeout(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",")]
+            try:
+                numbers = [float(p) for p in parts]
+            except ValueError:
+                raise ValueError("expected seconds like 10,60 (connect,read) or one number for both") from None
+            if len(numbers) == 1:
+                numbers *= 2
+            if len(numbers) != 2 or min(numbers) <= 0:
+                raise ValueError("expected two positive numbers of seconds like 10,60")
+            return (numbers[0], numbers[1])
+        return value
+
+    @field_validator("caBundle")
+    @classmethod
+    def _ca_bundle(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
         return value
 
     @field_validator("cacheSize")

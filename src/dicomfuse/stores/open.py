@@ -82,13 +82,14 @@ def open_dataset(
     rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
     orthanc_rest: str | None = "auto",
     pool_size: int = 16,
+    ca_bundle: str | Path | None = None,
 ) -> Dataset:
     """The dataset ``address`` names. Raises :class:`ValueError` (one line, naming what is
     accepted) for an address that is none of them or a folder that does not exist.
 
     ``key_file`` (service-account JSON), ``timeout`` (seconds per HTTP request, or
     (connect, read); None keeps the store's default) and ``pool_size`` (connections kept per
-    host) are for the remote datasets;
+    host) and ``ca_bundle`` (PEM file of trusted CAs) are for the remote datasets;
     ``rescan_interval`` is for a local one."""
     text = address.strip()
     if not text:
@@ -102,8 +103,10 @@ def open_dataset(
     if scheme not in ("http", "https"):
         raise ValueError(f"unsupported dataset address scheme {scheme!r}: give {ACCEPTED}")
     if (urlsplit(text).hostname or "") == HEALTHCARE_HOST or parse_healthcare_address(text, any_host=True):
-        return _healthcare_dataset(text, key_file=key_file, timeout=timeout, pool_size=pool_size)
-    return _dicomweb_dataset(text, timeout=timeout, orthanc_rest=orthanc_rest, pool_size=pool_size)
+        return _healthcare_dataset(text, key_file=key_file, timeout=timeout, pool_size=pool_size,
+                                   ca_bundle=ca_bundle)
+    return _dicomweb_dataset(text, timeout=timeout, orthanc_rest=orthanc_rest, pool_size=pool_size,
+                             ca_bundle=ca_bundle)
 
 
 def _local_dataset(folder: Path, address: str, rescan_interval: float) -> Dataset:
@@ -124,7 +127,12 @@ def _file_url_path(url: str) -> Path:
 
 
 def _healthcare_dataset(
-    url: str, *, key_file: str | Path | None, timeout: float | tuple[float, float] | None, pool_size: int = 16
+    url: str,
+    *,
+    key_file: str | Path | None,
+    timeout: float | tuple[float, float] | None,
+    pool_size: int = 16,
+    ca_bundle: str | Path | None = None,
 ) -> Dataset:
     """Raises ValueError for a malformed URL and :class:`~dicomfuse.stores.auth.CredentialsError`
     when no credentials can be loaded."""
@@ -143,19 +151,25 @@ def _healthcare_dataset(
         f"/locations/{address.location}/datasets/{address.dataset}"
     )
     if timeout is None:
-        return HealthcareDataset(dataset_url, tokens, pool_size=pool_size)
-    return HealthcareDataset(dataset_url, tokens, timeout=timeout, pool_size=pool_size)
+        return HealthcareDataset(dataset_url, tokens, pool_size=pool_size, ca_bundle=ca_bundle)
+    return HealthcareDataset(dataset_url, tokens, timeout=timeout, pool_size=pool_size, ca_bundle=ca_bundle)
 
 
 def _dicomweb_dataset(
-    url: str, *, timeout: float | tuple[float, float] | None, orthanc_rest: str | None, pool_size: int = 16
+    url: str,
+    *,
+    timeout: float | tuple[float, float] | None,
+    orthanc_rest: str | None,
+    pool_size: int = 16,
+    ca_bundle: str | Path | None = None,
 ) -> Dataset:
     """``orthanc_rest``: "auto" (detect), None or "off" (never), or the REST API's URL."""
     from dicomfuse.stores.dicomweb import DicomwebDataset  # lazy: only remote mounts need it
 
     rest = None if orthanc_rest in (None, "off") else orthanc_rest
     if timeout is None:
-        dataset: Dataset = DicomwebDataset(url, orthanc_rest_url=rest, pool_size=pool_size)
+        dataset: Dataset = DicomwebDataset(url, orthanc_rest_url=rest, pool_size=pool_size, ca_bundle=ca_bundle)
     else:
-        dataset = DicomwebDataset(url, orthanc_rest_url=rest, timeout=timeout, pool_size=pool_size)
+        dataset = DicomwebDataset(url, orthanc_rest_url=rest, timeout=timeout, pool_size=pool_size,
+                                  ca_bundle=ca_bundle)
     return dataset
