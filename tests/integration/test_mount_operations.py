@@ -321,3 +321,23 @@ def test_errno_for_refused_operations(backend: Backend, mount_factory, dicom: Di
     assert e.value.errno == errno.ENODATA
     os.setxattr(path, "user.tag", b"v")
     assert os.getxattr(path, "user.tag") == b"v"
+
+
+def test_a_mount_whose_process_died_is_cleared_at_the_next_start(backend: Backend, mount_factory,
+                                                                 dicom: DicomFactory):
+    inst = dicom.instance()
+    backend.seed([inst])
+    m = mount_factory(backend)
+    assert m.proc is not None
+    m.proc.kill()
+    m.proc.wait()
+    with pytest.raises(OSError) as e:
+        os.listdir(m.path)
+    assert e.value.errno == errno.ENOTCONN  # what the user sees after a crash
+    m2 = type(m)(m.address, m.path.parent, *m.extra_args).start()
+    try:
+        wait_for(lambda: "had stopped without unmounting" in m2.log_text(), 30, what="the dead mount to be cleared")
+        wait_for(lambda: backend.instance_path(m2, inst).exists(), 30, what="the new mount")
+        assert backend.instance_path(m2, inst).read_bytes() == inst.path.read_bytes()
+    finally:
+        m2.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -104,6 +105,7 @@ def parse_settings_with(
 
 
 def check_mount_path(path: Path) -> None:
+    _clear_dead_mount(path)
     if os.path.ismount(path):
         raise UsageError(f"--mountPath: {path} is already a mount point")
     if not path.exists():
@@ -112,6 +114,28 @@ def check_mount_path(path: Path) -> None:
         raise UsageError(f"--mountPath: {path} is not a folder")
     if any(path.iterdir()):
         raise UsageError(f"--mountPath: {path} is not empty")
+
+
+def _clear_dead_mount(path: Path) -> None:
+    """A mount whose process died (kill -9, a crash) leaves its folder answering "Transport
+    endpoint is not connected": unmount it so the new mount can take its place."""
+    try:
+        os.statvfs(path)  # reaches the file system (a stat may be answered from cached attributes)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return
+    import shutil
+    import subprocess
+
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-uz", str(path)] if tool else ["umount", "-f", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise UsageError(f"--mountPath: {path} is a mount whose process died (transport endpoint is not "
+                         f"connected) and it could not be unmounted: {result.stderr.strip()}")
+    log.warning("The earlier mount at %s had stopped without unmounting (transport endpoint is not "
+                "connected); it was unmounted", path)
 
 
 def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> int:
