@@ -130,6 +130,8 @@ def _orthanc_backend(server: object, *, rest: bool = True) -> Backend:
                    can_create_stores=False, can_delete=rest, sizes_known=rest, extra_args=extra)
 
 
+STANDINS: list[object] = []  # live Cloud Healthcare stand-ins: their tokens must never be logged
+
 GOOGLE_INDEX_LAG = 1.0
 """Seconds the stand-in's search index lags behind writes in the shared backend tests, as
 Google's does: the mount must show its own uploads and deletes at once anyway."""
@@ -142,9 +144,11 @@ def healthcare() -> Iterator[object]:
     from tests.fakes.healthcare import HealthcareStandIn
 
     server = HealthcareStandIn(index_lag=GOOGLE_INDEX_LAG).start()
+    STANDINS.append(server)
     try:
         yield server
     finally:
+        STANDINS.remove(server)
         server.stop()
 
 
@@ -193,9 +197,13 @@ def mount_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
         m.stop()
     for m in mounts:
         assert not os.path.ismount(m.path), m.diagnostics()
-        # PHI: no patient name ever reaches a log line.
-        assert PATIENT_NAME not in m.log_text()
-        assert "Bearer" not in m.log_text()
+        # PHI and secrets: no patient name, access token or private key ever reaches a log line.
+        text = m.log_text()
+        assert PATIENT_NAME not in text
+        assert "Bearer" not in text and "PRIVATE KEY" not in text
+        for standin in STANDINS:
+            leaked = [t for t in standin.issued_tokens() if t in text]  # type: ignore[attr-defined]
+            assert not leaked, "an access token reached the logs"
 
 
 def run(*cmd: str | Path, check: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -95,7 +95,9 @@ class Mount:
         return "\n\n".join(parts)
 
     def log_text(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log*")))
+        """Every log file and what the process printed on the terminal."""
+        files = sorted(self.log_dir.glob("*.log*")) + ([self.output] if self.output.exists() else [])
+        return "".join(p.read_text(errors="replace") for p in files)
 
     def __enter__(self) -> Mount:
         return self.start()

@@ -781,6 +781,11 @@ class HealthcareStandIn:
             else:
                 self._denied.add(permission)
 
+    def issued_tokens(self) -> list[str]:
+        """Every access token issued so far (tests check that none ever reaches a log line)."""
+        with self._lock:
+            return list(self._tokens)
+
     def clear_log(self) -> None:
         """Forget the recorded requests and reset ``tokens_issued`` and ``expired_token_requests``."""
         with self._lock:

@@ -197,9 +197,18 @@ class Vfs:
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()
+        deadline = time.monotonic() + self.config.drain_timeout
         for h in handles:
-            if isinstance(h, WriteHandle) and h.dirty:
-                self._keep_failed(h, "the mount stopped before the upload")
+            if isinstance(h, WriteHandle):
+                # An upload in flight holds the handle's lock: let it finish (bounded), so a file
+                # is either on the server or kept, never cut off in the middle of its STOW.
+                got = h.lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+                try:
+                    if h.dirty and not h.queued:
+                        self._keep_failed(h, "the mount stopped before the upload")
+                finally:
+                    if got:
+                        h.lock.release()
             self._close_fd(h.fd)
         if self.writeback is not None:
             self.writeback.stop(drain=True, timeout=self.config.drain_timeout)
