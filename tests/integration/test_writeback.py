@@ -69,7 +69,8 @@ def test_kill_9_mid_upload_then_the_next_start_sends_it(healthcare, tmp_path: Pa
         os.listdir(m.path / "store-a")  # a token first
         healthcare.inject(stall=True, times=1, method="POST")  # the STOW never answers
         assert run("cp", inst.path, m.path / "store-a").returncode == 0
-        wait_for(lambda: any(r.method == "POST" for r in healthcare.requests), 20, what="the STOW to start")
+        wait_for(lambda: any(r.method == "POST" and r.path.endswith("/dicomWeb/studies") for r in healthcare.requests),
+                 20, what="the STOW to start")
         assert m.proc is not None
         m.proc.send_signal(signal.SIGKILL)
         m.proc.wait(10)

@@ -39,7 +39,8 @@ def build_parser(prog: str = PROG, *, demo: bool = False) -> argparse.ArgumentPa
                      "files as folders: store / study / series / <SOPInstanceUID>.dcm."),
         epilog="Stop with Ctrl+C: the mount is removed and its cache wiped. "
                "Subcommands: 'dicomfuse demo' mounts a local demo dataset; 'dicomfuse prefetch PATH' "
-               "warms the cache of a folder; 'dicomfuse status' reports uploads in progress or failed.",
+               "warms the cache of a folder; 'dicomfuse status' reports uploads in progress or failed; "
+               "'dicomfuse retry -a ADDRESS' sends failed uploads again.",
         add_help=False,
     )
     groups: dict[str, Any] = {}
@@ -257,10 +258,14 @@ def run_demo(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args and args[0] in ("prefetch", "status"):
+        if args and args[0] in ("prefetch", "status", "retry"):
             from dicomfuse.cli.logs import setup_logging
 
             setup_logging(_peek_log_dir(args[1:]))
+            if args[0] == "retry":
+                from dicomfuse.cli.retry import run_retry
+
+                return run_retry(args[1:])
             if args[0] == "prefetch":
                 from dicomfuse.cli.prefetch import run_prefetch
 

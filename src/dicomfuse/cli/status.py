@@ -4,8 +4,9 @@ folder without touching it, so it works while a mount runs, after it stopped and
 Sources: the write-back queue's records (``spool/writeback``; see
 :mod:`dicomfuse.core.writeback`), its ``status.json`` snapshot (is a live mount sending them?),
 and the failed uploads of both modes (``spool/writeback/failed`` with reasons, ``spool/failed``
-for synchronous uploads, whose reason is in the error log). Files are named by UIDs or by
-generated IDs, so nothing here is patient data.
+for synchronous uploads, with a sidecar ``<file>.json`` giving the store and reason; older ones
+have none and their reason is in the error log). Files are named by UIDs, generated IDs or the
+user's file names, so nothing here is patient data.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomfuse.core.uploads import is_sidecar, read_sidecar
 from dicomfuse.core.writeback import (
     DATA_SUFFIX,
     FAILED_DIR,
@@ -112,7 +114,17 @@ def _failed_writeback(folder: Path) -> list[FailedFile]:
 
 
 def _failed_sync(folder: Path) -> list[FailedFile]:
-    return [FailedFile(p.name, _size(p), p, None) for p in _files(folder)]
+    out: list[FailedFile] = []
+    for path in _files(folder):
+        if is_sidecar(path):
+            continue
+        info = read_sidecar(path)
+        if info is None:
+            out.append(FailedFile(path.name, _size(path), path, None))
+            continue
+        name = f"{path.name} (store {info.store})" if info.store else f"{path.name} (store unknown)"
+        out.append(FailedFile(name, _size(path), path, info.reason))
+    return out
 
 
 def _files(folder: Path) -> list[Path]:
@@ -174,8 +186,9 @@ def _liveness(snapshot: dict[str, Any] | None, now: float) -> str:
 
 
 def _failed_lines(failed: list[FailedFile]) -> list[str]:
-    lines = [f"Failed uploads: {len(failed)}. Their bytes are kept; copy a file into the mount again "
-             "to retry it, delete it when it is no longer needed."]
+    lines = [f"Failed uploads: {len(failed)}. Their bytes are kept; send them again with "
+             "'dicomfuse retry -a ADDRESS' (the dataset's address; add --store NAME for files of unknown "
+             "store), or copy a file into the mount again; delete a file when it is no longer needed."]
     for f in failed:
         reason = f.reason or "reason in the error log"
         lines.append(f"  {f.name}  {_bytes(f.size)}  ({reason})")

@@ -1,22 +1,127 @@
 """The upload spool: files being written through the mount live in private local files until
 ``close()``; then they are checked (complete Part-10 DICOM with its three UIDs) and sent.
-A file that fails keeps its bytes in ``spool/failed`` and the user is told where.
+A file that fails keeps its bytes in ``spool/failed`` and the user is told where; a small
+sidecar ``<file>.json`` beside it says for which store and why (never patient data), and
+``dicomfuse retry`` sends them again.
+
+Spool files are named ``<pid>-<time>-<n>.part``: a file whose writer process is gone (the
+mount was killed while writing or uploading it) is an *orphan*, rescued into ``failed/`` at the
+next start (:meth:`Spool.rescue_orphans`).
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dicomfuse.core.errors import FsError
 from dicomfuse.dicomfile import DicomUids, check_upload
 
 log = logging.getLogger(__name__)
+
+PART_SUFFIX = ".part"
+SIDECAR_SUFFIX = ".json"
+ORPHAN_REASON = "the mount stopped (crash or kill) before this file was uploaded"
+# log.warning(ORPHANS_WARNING, len(kept), spool.failed): see orphans_warning()
+ORPHANS_WARNING = ("%d file(s) left by a mount that stopped before uploading them are kept in %s; "
+                   "send them with 'dicomfuse retry'")
+_TMP_SUFFIX = ".tmp"
+_NAMES = itertools.count()  # process-wide: two spools created in the same second never collide
+_OWN_PREFIXES: set[str] = set()  # prefixes of the spools of this process (pid reuse across restarts)
+
+
+def orphans_warning(count: int, failed: Path) -> str:
+    """The WARNING the mount logs at start when it rescued ``count`` orphans into ``failed``."""
+    return ORPHANS_WARNING % (count, failed)
+
+
+@dataclass(frozen=True)
+class FailedInfo:
+    """What the sidecar of a failed upload says: the store it was for (None when unknown), the
+    name it was written under (a file name or UIDs), the reason and when (epoch seconds)."""
+
+    store: str | None
+    name: str
+    reason: str | None
+    failed_at: float | None
+
+
+def sidecar_path(path: Path) -> Path:
+    """The sidecar of the failed upload ``path``: ``<name>.json`` beside it."""
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def is_sidecar(path: Path) -> bool:
+    """True for ``X.json`` when ``X`` exists beside it (kept bytes never end in ``.json``)."""
+    return path.name.endswith(SIDECAR_SUFFIX) and path.with_name(path.name[: -len(SIDECAR_SUFFIX)]).exists()
+
+
+def read_sidecar(path: Path) -> FailedInfo | None:
+    """The sidecar of the failed upload ``path``, or None when there is none or it is torn."""
+    try:
+        data = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            return None
+        store, reason, when = data.get("store"), data.get("reason"), data.get("failed_at")
+        return FailedInfo(
+            store=str(store) if store else None,
+            name=str(data.get("name") or path.name),
+            reason=None if reason is None else str(reason),
+            failed_at=None if when is None else float(when),
+        )
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_sidecar(path: Path, info: FailedInfo) -> None:
+    """Write (atomically replace) the sidecar of the failed upload ``path``."""
+    data = {"store": info.store, "name": info.name, "reason": info.reason, "failed_at": info.failed_at}
+    write_json_atomic(sidecar_path(path), data)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` with ``data`` as JSON, 0600: a temporary file (hidden, fsynced), then a
+    rename, so a reader sees the old or the new contents, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_NAMES)}{_TMP_SUFFIX}")
+    payload = json.dumps(data, indent=1).encode("utf-8")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Spool.discard(tmp)
+        raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True  # cannot tell: keep the file where it is
+    return True
+
 
 def inspect_dicom(path: Path) -> DicomUids:
     """The UIDs of a complete Part-10 file; FsError(EINVAL) saying why it is not one."""
@@ -35,24 +140,82 @@ class Spool:
     def __init__(self, directory: Path, failed: Path) -> None:
         self.directory = directory
         self.failed = failed
-        self._names = itertools.count()
         self._prefix = f"{os.getpid()}-{int(time.time())}"
+        _OWN_PREFIXES.add(self._prefix)
 
     def new_file(self) -> tuple[Path, int]:
         """A new empty 0600 file and a read/write fd on it."""
-        path = self.directory / f"{self._prefix}-{next(self._names)}.part"
+        path = self.directory / f"{self._prefix}-{next(_NAMES)}{PART_SUFFIX}"
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         return path, fd
 
-    def keep_failed(self, path: Path, label: str) -> Path:
-        """Move a failed upload's bytes to ``failed/`` under a recognisable name; return it."""
+    def keep_failed(self, path: Path, label: str, *, store: str | None = None, reason: str | None = None) -> Path:
+        """Move a failed upload's bytes to ``failed/`` under a recognisable name, with a sidecar
+        ``<name>.json`` (store, name, reason, time); return the kept path. ``label`` (the file
+        name or UIDs) and ``reason`` (our own message) must not be patient data."""
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)[-120:] or "upload"
-        target = self.failed / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._names)}-{safe}"
+        if safe.endswith(SIDECAR_SUFFIX):
+            safe += "_"  # kept bytes never look like a sidecar
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.failed / f"{stamp}-{next(_NAMES)}-{safe}"
+        while target.exists() or sidecar_path(target).exists():  # another process, same second
+            target = self.failed / f"{stamp}-{next(_NAMES)}-{safe}"
         try:
             os.replace(path, target)
         except OSError:
             shutil.copyfile(path, target)
+            os.chmod(target, 0o600)
+            self.discard(path)
+        try:
+            write_sidecar(target, FailedInfo(store, label, reason, time.time()))
+        except OSError as exc:  # the bytes are safe; only the note is missing
+            log.warning("Cannot write the note beside %s: %s", target, exc.strerror or exc)
         return target
+
+    def orphans(self) -> list[Path]:
+        """Spool files (``<pid>-<time>-<n>.part``) whose writer is gone: its process is dead, or
+        it has this process's pid but was not written by a spool of this process (a restart that
+        reused the pid, as in a container). A live process of another pid keeps its files."""
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            return []
+        own_pid = os.getpid()
+        found = []
+        for name in names:
+            if not name.endswith(PART_SUFFIX):
+                continue
+            parts = name[: -len(PART_SUFFIX)].split("-")
+            if len(parts) != 3 or not all(p.isdigit() for p in parts):
+                continue
+            pid = int(parts[0])
+            if pid == own_pid:
+                if f"{parts[0]}-{parts[1]}" in _OWN_PREFIXES:
+                    continue
+            elif pid_alive(pid):
+                continue
+            path = self.directory / name
+            if path.is_file():
+                found.append(path)
+        return found
+
+    def rescue_orphans(self) -> list[Path]:
+        """Move each non-empty orphan to ``failed/`` (with a sidecar saying why; named by its
+        SOPInstanceUID when it is complete DICOM), delete empty ones; return the kept paths."""
+        kept = []
+        for path in self.orphans():
+            try:
+                if path.stat().st_size == 0:
+                    self.discard(path)
+                    continue
+                uids = check_upload(path)
+                label = f"{uids.sop_uid}.dcm" if isinstance(uids, DicomUids) else path.stem
+                kept.append(self.keep_failed(path, label, reason=ORPHAN_REASON))
+            except FileNotFoundError:
+                continue  # another mount starting at the same time took it
+            except OSError as exc:
+                log.error("Cannot keep the spool file %s left by a mount that stopped: %s", path, exc.strerror or exc)
+        return kept
 
     @staticmethod
     def discard(path: Path) -> None:

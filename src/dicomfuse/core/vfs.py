@@ -33,7 +33,7 @@ from dicomfuse.core.policy import Op, OperationPolicy
 from dicomfuse.core.readahead import ReadAhead
 from dicomfuse.core.sizes import Caller, StatProbePolicy
 from dicomfuse.core.tree import Entry, ListingCache
-from dicomfuse.core.uploads import Spool, inspect_dicom
+from dicomfuse.core.uploads import ORPHANS_WARNING, Spool, inspect_dicom
 from dicomfuse.core.workdirs import WorkDirs
 from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir
 from dicomfuse.dicomfile import DicomUids
@@ -144,6 +144,9 @@ class Vfs:
         self.walks = WalkDetector(cooldown=max(config.listing_ttl, 1.0))
         self.writeback = self._open_queue()
         self.spool = Spool(workdirs.spool, workdirs.failed)
+        rescued = self.spool.rescue_orphans()
+        if rescued:
+            log.warning(ORPHANS_WARNING, len(rescued), self.spool.failed)
         self.stat_probes = StatProbePolicy()
         self.mounted_at = time.time()
         # Called with a mount path whose attributes changed behind the OS's back (size learnt).
@@ -1014,7 +1017,8 @@ class Vfs:
                     self._store_file(store, backup_path, target)
                     log.error("Overwrite of %s refused; the previous instance was stored back", target)
                 except FsError as exc:
-                    kept = self.spool.keep_failed(backup_path, "previous-" + target.name)
+                    kept = self.spool.keep_failed(backup_path, "previous-" + target.name, store=target.store,
+                                                  reason=f"previous version of {target}, not stored back")
                     log.error("Overwrite of %s refused and the previous instance could not be stored "
                               "back (%s); its bytes are kept at %s", target, exc.strerror, kept)
                 raise
@@ -1053,7 +1057,7 @@ class Vfs:
     def _keep_failed(self, h: WriteHandle, why: str) -> Path:
         if h.spool_path.parent != self.spool.directory:
             return h.spool_path  # already kept
-        kept = self.spool.keep_failed(h.spool_path, h.path.name)
+        kept = self.spool.keep_failed(h.spool_path, h.path.name, store=h.path.store, reason=why)
         h.spool_path = kept
         log.error("Upload of %s failed (%s); its bytes are kept at %s", h.path, why, kept)
         return kept

@@ -1,0 +1,346 @@
+"""``dicomfuse retry``: send the failed uploads kept in the cache folder again.
+
+Sources: ``spool/failed`` (synchronous uploads; the sidecar ``<file>.json`` names the store) and
+the write-back queue's ``failed/`` folder (records name the store and UIDs). Each file is checked
+(complete Part-10 DICOM), compared with what the server already holds under its SOP Instance UID
+(identical bytes: done; other bytes: never overwritten), then sent per store. A file is deleted
+only once the server confirmed it; a refused one stays with the new reason in its sidecar or
+record. Output names files, UIDs and stores only: never patient data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from dicomfuse.core.uploads import FailedInfo, is_sidecar, read_sidecar, sidecar_path, write_json_atomic, write_sidecar
+from dicomfuse.core.writeback import DATA_SUFFIX, FAILED_DIR, RECORD_SUFFIX, dataset_label, queue_dir, read_record
+from dicomfuse.dicomfile import DicomUids, check_upload
+from dicomfuse.stores.base import Dataset, Store, StoreError
+
+EXIT_DONE = 0
+EXIT_REMAINING = 1
+EXIT_USAGE = 2
+BATCH_FILES = 50
+LOCK_NAME = ".retry.lock"
+OTHER_VERSION = "the server holds another version"
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Failed:
+    """One kept upload: its bytes, how to show it, its store (None: unknown), and its note (a
+    sync sidecar or a write-back record; None when there is none)."""
+
+    path: Path
+    name: str
+    store: str | None
+    note: Path | None
+    writeback: bool
+    dataset: str | None = None
+    uids: DicomUids | None = None
+
+
+class _Usage(Exception):
+    pass
+
+
+def run_retry(argv: list[str]) -> int:
+    """``dicomfuse retry -a ADDRESS [...]``: 0 all sent, 1 some remain, 2 usage error."""
+    try:
+        ns = _parse(argv)
+    except _Usage as exc:
+        return int(str(exc))
+    from dicomfuse.cli.main import default_cache_dir
+
+    root: Path = ns.cacheDir or default_cache_dir()
+    try:
+        return _retry(root, ns)
+    except _Usage as exc:
+        print(f"dicomfuse retry: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dicomfuse retry",
+        description="Send the failed uploads kept in the cache folder again. A file is deleted once the "
+                    "server confirmed it; a file the server already holds identically counts as sent; a "
+                    "different version on the server is never overwritten. "
+                    "Exit code: 0 all sent, 1 some remain, 2 usage error.",
+    )
+    parser.add_argument("-a", "--datasetAddr", metavar="ADDRESS", required=True,
+                        help="The dataset to send them to (as for the mount).")
+    parser.add_argument("-k", "--keyFile", metavar="FILE", default=None, help="Service-account key (JSON).")
+    parser.add_argument("--cacheDir", metavar="DIR", type=Path, default=None,
+                        help="The mount's --cacheDir (default: the user cache folder).")
+    parser.add_argument("--store", metavar="NAME", default=None,
+                        help="Store for failed files that do not say which store they were for.")
+    parser.add_argument("--orthancRest", metavar="MODE", default="auto", help="As for the mount. Default: auto.")
+    parser.add_argument("--caBundle", metavar="FILE", default=None, help="PEM file of trusted CAs.")
+    parser.add_argument("--httpTimeout", metavar="SECONDS", type=float, default=None,
+                        help="Seconds per HTTP request.")
+    parser.add_argument("--logDir", metavar="DIR", type=Path, default=None,
+                        help="Folder of the log files (as for the mount).")
+    parser.add_argument("--dry-run", dest="dry_run", action="store_true",
+                        help="Check and compare, but send, delete and change nothing.")
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        raise _Usage(str(exc.code if isinstance(exc.code, int) else EXIT_USAGE)) from None
+
+
+def _retry(root: Path, ns: argparse.Namespace) -> int:
+    from dicomfuse.stores.auth import CredentialsError
+    from dicomfuse.stores.open import open_dataset
+
+    if ns.httpTimeout is not None and ns.httpTimeout <= 0:
+        raise _Usage("--httpTimeout must be positive")
+    items = gather(root)
+    if not items:
+        print(f"Nothing to retry: no failed uploads in {root}.")
+        return EXIT_DONE
+    try:
+        dataset = open_dataset(ns.datasetAddr, key_file=ns.keyFile, timeout=ns.httpTimeout,
+                               orthanc_rest=ns.orthancRest, ca_bundle=ns.caBundle)
+    except ValueError as exc:
+        raise _Usage(f"--datasetAddr: {exc}") from None
+    except CredentialsError as exc:
+        print(f"dicomfuse retry: cannot authenticate: {exc}", file=sys.stderr)
+        return EXIT_REMAINING
+    lock_fd = -1
+    try:
+        try:
+            stores = set(dataset.list_stores())
+        except StoreError as exc:
+            print(f"dicomfuse retry: cannot reach the dataset: {exc}", file=sys.stderr)
+            return EXIT_REMAINING
+        if ns.store is not None and ns.store not in stores:
+            raise _Usage(f"--store: no store called {ns.store!r} in the dataset")
+        if not ns.dry_run:
+            lock_fd = _lock(root / "spool" / LOCK_NAME)
+            if lock_fd < 0:
+                print("dicomfuse retry: another 'dicomfuse retry' is running on this cache folder", file=sys.stderr)
+                return EXIT_REMAINING
+        sender = _Sender(dataset, stores, ns.store, dataset_label(ns.datasetAddr), ns.dry_run, root / "spool")
+        sender.run(items)
+    finally:
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        dataset.close()
+    return sender.summary()
+
+
+def gather(root: Path) -> list[Failed]:
+    """The failed uploads kept under a cache root (reads only; creates nothing)."""
+    items: list[Failed] = []
+    sync = root / "spool" / "failed"
+    for path in _files(sync):
+        if is_sidecar(path):
+            continue
+        info = read_sidecar(path)
+        note = sidecar_path(path) if info is not None else None
+        items.append(Failed(path, path.name, info.store if info else None, note, writeback=False))
+    for path in _files(queue_dir(root) / FAILED_DIR):
+        if not path.name.endswith(DATA_SUFFIX):
+            continue
+        record_path = path.with_name(path.name[: -len(DATA_SUFFIX)] + RECORD_SUFFIX)
+        record = read_record(record_path, strict=False)
+        if record is None:
+            items.append(Failed(path, path.name, None, None, writeback=True))
+        else:
+            items.append(Failed(path, record.display, record.store or None, record_path, writeback=True,
+                                dataset=record.dataset))
+    return items
+
+
+class _Sender:
+    def __init__(self, dataset: Dataset, stores: set[str], default_store: str | None, label: str | None,
+                 dry_run: bool, scratch: Path) -> None:
+        self.dataset = dataset
+        self.stores = stores
+        self.default_store = default_store
+        self.label = label
+        self.dry_run = dry_run
+        self.scratch = scratch
+        self.counts = {"stored": 0, "already": 0, "kept": 0}
+
+    def run(self, items: list[Failed]) -> None:
+        per_store: dict[str, list[Failed]] = defaultdict(list)
+        for item in items:
+            store_name = self._prepare(item)
+            if store_name is not None:
+                per_store[store_name].append(item)
+        for store_name, group in sorted(per_store.items()):
+            store = self.dataset.open_store(store_name)
+            to_send = [item for item in group if self._compare(store, store_name, item)]
+            for start in range(0, len(to_send), BATCH_FILES):
+                self._send(store, store_name, to_send[start:start + BATCH_FILES])
+
+    def _prepare(self, item: Failed) -> str | None:
+        """The store to send ``item`` to, or None when it stays (reported)."""
+        store = item.store or self.default_store
+        if store is None:
+            self._kept(item, "no store known for this file: give --store NAME")
+            return None
+        if item.writeback and item.dataset and self.label and item.dataset.rstrip("/") != self.label.rstrip("/"):
+            self._kept(item, f"it was written to another dataset ({item.dataset})")
+            return None
+        if store not in self.stores:
+            self._kept(item, f"no store called {store!r} in the dataset")
+            return None
+        checked = check_upload(item.path)
+        if isinstance(checked, str):
+            self._kept(item, checked, note=True)
+            return None
+        item.uids = checked
+        item.store = store
+        return store
+
+    def _compare(self, store: Store, store_name: str, item: Failed) -> bool:
+        """True to send it; False when it is done (identical copy on the server) or stays."""
+        u = item.uids
+        assert u is not None
+        try:
+            held = next(iter(store.instances(u.study_uid, u.series_uid, u.sop_uid)), None)
+            if held is None:
+                return True
+            size = item.path.stat().st_size
+            same = (held.size is None or held.size == size) and self._same_bytes(store, u, item.path)
+        except StoreError as exc:
+            self._kept(item, f"cannot check what the server holds: {exc}")
+            return False
+        except OSError as exc:
+            self._kept(item, f"cannot read the file ({exc.strerror or type(exc).__name__})")
+            return False
+        if not same:
+            self._kept(item, OTHER_VERSION, note=True)
+            return False
+        self._done(item, f"already on the server (store {store_name})", "already")
+        return False
+
+    def _same_bytes(self, store: Store, u: DicomUids, path: Path) -> bool:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.scratch) as copy:  # unnamed, in the private spool
+            store.retrieve(u.study_uid, u.series_uid, u.sop_uid, copy)
+            copy.seek(0)
+            with open(path, "rb") as local:
+                return _equal(copy, local)
+
+    def _send(self, store: Store, store_name: str, batch: list[Failed]) -> None:
+        if self.dry_run:
+            for item in batch:
+                self._line(item, f"would be sent to store {store_name}")
+                self.counts["stored"] += 1
+            return
+        try:
+            outcomes = store.store_files([item.path for item in batch])
+        except StoreError as exc:
+            for item in batch:
+                self._kept(item, f"not sent: {exc}")
+            return
+        for item, outcome in zip(batch, outcomes, strict=False):
+            if outcome.stored:
+                self._done(item, f"stored (store {store_name})", "stored")
+            else:
+                self._kept(item, f"refused by the server: {outcome.reason or 'no reason given'}", note=True)
+        for item in batch[len(outcomes):]:
+            self._kept(item, "the server gave no answer for this file")
+
+    # -- results --------------------------------------------------------------------------
+
+    def _done(self, item: Failed, what: str, count: str) -> None:
+        if not self.dry_run:
+            _remove(item)
+        self.counts[count] += 1
+        self._line(item, what)
+
+    def _kept(self, item: Failed, reason: str, *, note: bool = False) -> None:
+        """``note``: a verdict on the file (invalid, refused, other version) worth writing down;
+        transient or usage problems leave the earlier reason in place."""
+        if note and not self.dry_run:
+            try:
+                _write_reason(item, reason)
+            except OSError as exc:
+                print(f"  (cannot write the reason beside {item.path}: {exc.strerror or exc})")
+        self.counts["kept"] += 1
+        self._line(item, f"kept: {reason}")
+
+    def _line(self, item: Failed, text: str) -> None:
+        print(f"{item.name}: {text}")
+
+    def summary(self) -> int:
+        c = self.counts
+        verb = "would be sent" if self.dry_run else "stored"
+        print(f"{c['stored']} {verb}, {c['already']} already on the server, {c['kept']} kept.")
+        if c["kept"] and not self.dry_run:
+            print("Kept files stay in the cache folder; 'dicomfuse status' lists them.")
+        return EXIT_REMAINING if c["kept"] else EXIT_DONE
+
+
+def _remove(item: Failed) -> None:
+    """Delete a confirmed upload: a sync sidecar before its bytes (bytes without a note are still
+    shown and retried), a write-back record after its bytes (a record alone is never shown)."""
+    if not item.writeback and item.note is not None:
+        _unlink(item.note)
+    _unlink(item.path)
+    if item.writeback and item.note is not None:
+        _unlink(item.note)
+
+
+def _write_reason(item: Failed, reason: str) -> None:
+    if item.writeback:
+        if item.note is None:
+            return  # bytes without a record: nothing to write the reason into
+        data = json.loads(item.note.read_text(encoding="utf-8"))
+        data["last_error"] = reason
+        write_json_atomic(item.note, data)
+        return
+    info = read_sidecar(item.path)
+    write_sidecar(item.path, FailedInfo(item.store or (info.store if info else None),
+                                        info.name if info else item.path.name, reason, time.time()))
+
+
+def _equal(a: BinaryIO, b: BinaryIO) -> bool:
+    while True:
+        x, y = a.read(_CHUNK), b.read(_CHUNK)
+        if x != y:
+            return False
+        if not x:
+            return True
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [folder / n for n in names if not n.startswith(".") and (folder / n).is_file()]
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _lock(path: Path) -> int:
+    """An flock on ``path`` (fd), or -1 when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    return fd

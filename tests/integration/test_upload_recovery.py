@@ -1,0 +1,55 @@
+"""Nothing lost on upload, default (sync) mode: kill -9 of the mount during a STOW leaves the
+bytes on disk, the next start reports them, and `dicomfuse retry` sends them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DicomFactory, google_backend, requires_fuse, run
+from tests.mounting import Mount, wait_for
+
+pytestmark = [requires_fuse, pytest.mark.mount]
+
+
+def test_kill_9_during_a_sync_upload_then_retry_sends_it(healthcare, tmp_path: Path, dicom: DicomFactory):  # type: ignore[no-untyped-def]
+    google = google_backend(healthcare, tmp_path)
+    inst = dicom.instance()
+    workdir = tmp_path / "crash"
+    m = Mount(google.address, workdir, *google.extra_args).start()
+    copy = None
+    try:
+        os.listdir(m.path / "store-a")  # a token first
+        healthcare.inject(stall=True, times=1, method="POST")  # the STOW never answers
+        copy = subprocess.Popen(["cp", str(inst.path), str(m.path / "store-a")], stderr=subprocess.PIPE)
+        wait_for(lambda: any(r.method == "POST" and r.path.endswith("/dicomWeb/studies") for r in healthcare.requests),
+                 20, what="the STOW to start")
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait(10)
+        assert copy.wait(30) != 0, "the copy cannot have succeeded"
+    finally:
+        if copy is not None and copy.poll() is None:
+            copy.kill()
+        run("fusermount3", "-uz", m.path)
+    healthcare.clear_faults()
+    assert not google.has(inst)
+    m2 = Mount(google.address, workdir, *google.extra_args).start()
+    try:
+        wait_for(lambda: "left by a mount that stopped" in m2.log_text(), 20, what="the warning about the file")
+    finally:
+        m2.stop()
+    status = run(sys.executable, "-m", "dicomfuse", "status", "--cacheDir", m.cache_dir, "--logDir", m.log_dir)
+    assert status.returncode == 1 and "dicomfuse retry" in status.stdout + status.stderr
+    retry = run(sys.executable, "-m", "dicomfuse", "retry", "-a", google.address, "--keyFile", str(google.key_file),
+                "--cacheDir", m.cache_dir, "--store", "store-a", "--logDir", m.log_dir)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert "stored" in retry.stdout
+    assert google.server_bytes(inst) == inst.path.read_bytes()
+    status = run(sys.executable, "-m", "dicomfuse", "status", "--cacheDir", m.cache_dir, "--logDir", m.log_dir)
+    assert status.returncode == 0, status.stdout
