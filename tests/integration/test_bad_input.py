@@ -1,0 +1,122 @@
+"""Bad input through a real mount, each with one clear outcome: an errno for the shell tool, a line
+in the log, nothing stored, nothing lost. (Refused operations by level are in
+test_mount_operations.py; bad flags and addresses in tests/unit/test_cli.py.)"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from dicomfuse.samples import make_dataset
+from tests.conftest import Backend, DicomFactory, _local_backend, requires_fuse, run
+from tests.fakes.http_server import LoopbackServer, Reply
+
+pytestmark = [requires_fuse, pytest.mark.mount]
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Backend:
+    return _local_backend(tmp_path / "dataset")
+
+
+def kept_bytes(cache_dir: Path) -> list[bytes]:
+    return [p.read_bytes() for p in (cache_dir / "spool" / "failed").iterdir() if not p.name.endswith(".json")]
+
+
+def test_dicom_without_file_meta_or_without_uids_fails_the_copy(local: Backend, mount_factory,
+                                                                dicom: DicomFactory, tmp_path: Path):
+    inst = dicom.instance()
+    no_meta = tmp_path / "no-meta.dcm"
+    ds = pydicom.dcmread(inst.path)
+    buffer = DicomBytesIO()  # the bare data set: no preamble, no "DICM", no file meta group
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    no_meta.write_bytes(buffer.getvalue())
+    no_uid = tmp_path / "no-uid.dcm"
+    ds2 = make_dataset("1.2.3.4", "1.2.3.5", "1.2.3.6")
+    del ds2.SOPInstanceUID
+    ds2.save_as(no_uid, enforce_file_format=False)
+    m = mount_factory(local)
+    for bad in (no_meta, no_uid):
+        r = run("cp", bad, m.path / local.store_name)
+        assert r.returncode != 0 and "Invalid argument" in r.stderr, (bad.name, r.stderr)
+    assert not list(local.server.studies())
+    assert len(kept_bytes(m.cache_dir)) == 2
+    assert "ERROR" in (m.log_dir / "error.log").read_text()
+
+
+def test_a_file_larger_than_a_quarter_of_the_cache_is_efbig(local: Backend, mount_factory, dicom: DicomFactory):
+    big = dicom.instance(pixel_bytes=1_500_000)  # the cache's largest file is 4 MB / 4 = 1 MiB
+    m = mount_factory(local, "--cacheSize", "4")
+    r = run("cp", big.path, m.path / local.store_name)
+    assert r.returncode != 0 and "File too large" in r.stderr, r.stderr
+    assert not local.has(big)
+
+
+@pytest.mark.parametrize("name,err", [("has space", "Invalid argument"), ("semi;colon", "Invalid argument"),
+                                      ("x" * 300, "Invalid argument")])
+def test_store_names_the_server_would_refuse(local: Backend, mount_factory, name: str, err: str):
+    m = mount_factory(local)
+    r = run("mkdir", m.path / name)
+    assert r.returncode != 0 and err in r.stderr, r.stderr
+    assert local.store_ids is not None and name not in local.store_ids()
+
+
+def test_unicode_store_name_and_dot_dot(local: Backend, mount_factory):
+    m = mount_factory(local)
+    assert run("mkdir", m.path / "études-2024").returncode == 0
+    assert local.store_ids is not None and "études-2024" in local.store_ids()
+    assert os.path.realpath(m.path / local.store_name / "..") == os.path.realpath(m.path)
+
+
+def test_paths_deeper_than_the_model(local: Backend, mount_factory, dicom: DicomFactory):
+    inst = dicom.instance()
+    local.seed([inst])
+    m = mount_factory(local)
+    instance = local.instance_path(m, inst)
+    with pytest.raises(OSError) as e:
+        (instance / "inside").mkdir()
+    assert e.value.errno in (errno.ENOTDIR, errno.EPERM, errno.ENOENT)
+    with pytest.raises(OSError) as e:
+        (local.series_path(m, inst) / "sub").mkdir()
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError) as e:
+        open(instance / "x.dcm", "wb").close()
+    assert e.value.errno in (errno.ENOTDIR, errno.ENOENT)
+
+
+def test_writing_to_a_file_opened_read_only(local: Backend, mount_factory, dicom: DicomFactory):
+    inst = dicom.instance()
+    local.seed([inst])
+    m = mount_factory(local)
+    fd = os.open(local.instance_path(m, inst), os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.write(fd, b"x")
+        assert e.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+    assert local.server_bytes(inst) == inst.path.read_bytes()
+
+
+def test_an_address_that_is_not_a_dicomweb_server_stops_with_one_line(tmp_path: Path):
+    page = LoopbackServer(lambda seen: Reply(200, b"<html><body>Welcome</body></html>", {"Content-Type": "text/html"}))
+    try:
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        r = subprocess.run([sys.executable, "-m", "dicomfuse", "-a", page.base_url + "/web", "-p", str(mnt),
+                            "--cacheDir", str(tmp_path / "c"), "--logDir", str(tmp_path / "l")],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        page.stop()
+    assert r.returncode == 1, r.stderr
+    assert "Cannot reach the dataset" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.ismount(mnt)

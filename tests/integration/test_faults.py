@@ -1,0 +1,244 @@
+"""Network faults between a real mount and a real Orthanc: a fault proxy (tests/fakes/fault_proxy.py)
+sits in between, and the mount speaks only DICOMweb (``--orthancRest off``) through it. Users
+copy with real shell tools; they must get whole, byte-identical files or a clean I/O error, never
+a short file, a cached failure, a lost upload or a duplicate."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import Backend, DicomFactory, _orthanc_backend, requires_fuse, run
+from tests.fakes.fault_proxy import FaultProxy
+
+pytestmark = [requires_fuse, pytest.mark.mount]
+
+NO_CACHE = ("--cacheTime", "0,0")
+EIO = "Input/output error"
+
+
+@pytest.fixture
+def proxy(orthanc: object) -> Iterator[FaultProxy]:
+    with FaultProxy(orthanc.url) as p:  # type: ignore[attr-defined]
+        yield p
+
+
+@pytest.fixture
+def via_proxy(orthanc: object, proxy: FaultProxy) -> Backend:
+    """Orthanc as a plain DICOMweb server, reached through the proxy (seeded and checked directly)."""
+    direct = _orthanc_backend(orthanc, rest=False)
+    return dataclasses.replace(direct, address=proxy.url + "/dicom-web")
+
+
+def wado(inst) -> str:  # type: ignore[no-untyped-def]
+    """What a WADO-RS retrieve of ``inst`` has in its path (a QIDO search has ``/instances?``)."""
+    return f"/instances/{inst.sop_uid}"
+
+
+def sop_count(orthanc: object, sop_uid: str) -> int:
+    """How many instances with this SOP Instance UID Orthanc holds (asked without the proxy)."""
+    r = requests.post(f"{orthanc.url}/tools/find", timeout=30,  # type: ignore[attr-defined]
+                      json={"Level": "Instance", "Query": {"SOPInstanceUID": sop_uid}})
+    r.raise_for_status()
+    return len(r.json())
+
+
+def copy_out(src: Path, dest: Path):  # type: ignore[no-untyped-def]
+    return run("cp", src, dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads
+
+
+@pytest.mark.xfail(strict=True, reason="a body cut after the headers is never retried: stat/read fails with EIO")
+def test_download_dropped_mid_body_is_retried(via_proxy: Backend, proxy: FaultProxy, mount_factory,
+                                              dicom: DicomFactory, tmp_path: Path):
+    inst = dicom.instance(pixel_bytes=300_000)
+    via_proxy.seed([inst])
+    m = mount_factory(via_proxy, *NO_CACHE)
+    proxy.fail("GET", wado(inst), times=1, drop_mid_body=True)
+    r = copy_out(via_proxy.instance_path(m, inst), tmp_path / "out.dcm")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.dcm").read_bytes() == inst.path.read_bytes()
+    faults = [s.fault for s in proxy.requests("GET", wado(inst))]
+    assert faults[0] == "drop_mid_body" and None in faults, faults
+
+
+def test_download_retries_503_with_retry_after_and_500(via_proxy: Backend, proxy: FaultProxy, mount_factory,
+                                                       dicom: DicomFactory, tmp_path: Path):
+    inst = dicom.instance(pixel_bytes=100_000)
+    via_proxy.seed([inst])
+    m = mount_factory(via_proxy, *NO_CACHE)
+    proxy.fail("GET", wado(inst), times=2, status=503, retry_after=1)
+    proxy.fail("GET", wado(inst), times=2, status=500)
+    r = copy_out(via_proxy.instance_path(m, inst), tmp_path / "out.dcm")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.dcm").read_bytes() == inst.path.read_bytes()
+    seen = proxy.requests("GET", wado(inst))
+    assert [s.fault for s in seen[:5]] == ["status 503", "status 503", "status 500", "status 500", None], seen
+    # Retry-After: 1 was honoured (the plain backoff before a first retry is at most 0.5 s).
+    assert seen[1].at - seen[0].at >= 0.9, seen
+
+
+def test_download_failing_past_the_retries_is_eio_and_not_cached(via_proxy: Backend, proxy: FaultProxy,
+                                                                 mount_factory, dicom: DicomFactory,
+                                                                 tmp_path: Path):
+    inst = dicom.instance(pixel_bytes=100_000)
+    via_proxy.seed([inst])
+    m = mount_factory(via_proxy, *NO_CACHE)
+    path = via_proxy.instance_path(m, inst)
+    proxy.fail("GET", wado(inst), times=None, status=500)
+    r = run("cat", path)
+    assert r.returncode != 0 and EIO in r.stderr, (r.returncode, r.stderr)
+    assert len(proxy.requests("GET", wado(inst))) >= 2  # it did retry
+    proxy.clear()
+    r = copy_out(path, tmp_path / "out.dcm")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.dcm").read_bytes() == inst.path.read_bytes()
+
+
+def test_truncated_multipart_is_never_served(via_proxy: Backend, proxy: FaultProxy, mount_factory,
+                                             dicom: DicomFactory, tmp_path: Path):
+    inst = dicom.instance(pixel_bytes=100_000)
+    via_proxy.seed([inst])
+    m = mount_factory(via_proxy, *NO_CACHE)
+    path = via_proxy.instance_path(m, inst)
+    proxy.fail("GET", wado(inst), times=None, truncate_multipart=True)
+    r = copy_out(path, tmp_path / "short.dcm")
+    assert r.returncode != 0 and EIO in r.stderr, (r.returncode, r.stderr)
+    short = tmp_path / "short.dcm"
+    assert not short.exists() or short.stat().st_size == 0
+    try:
+        assert os.stat(path).st_size in (0, len(inst.path.read_bytes()))  # never the short size
+    except OSError as exc:
+        assert exc.errno == errno.EIO
+    assert any(s.fault == "truncate_multipart" for s in proxy.requests("GET", wado(inst)))
+    proxy.clear()
+    r = copy_out(path, tmp_path / "out.dcm")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.dcm").read_bytes() == inst.path.read_bytes()
+
+
+def test_hung_server_read_times_out_and_mount_stays_usable(via_proxy: Backend, proxy: FaultProxy, mount_factory,
+                                                           dicom: DicomFactory):
+    inst = dicom.instance(pixel_bytes=10_000)
+    via_proxy.seed([inst])
+    m = mount_factory(via_proxy, *NO_CACHE, "--httpTimeout", "2,2")
+    path = via_proxy.instance_path(m, inst)
+    proxy.fail("GET", wado(inst), times=None, stall=True)
+    r = run("timeout", "60", "cat", path)  # returns, not hangs (timeout exits 124)
+    assert r.returncode not in (0, 124) and EIO in r.stderr, (r.returncode, r.stderr)
+    proxy.clear()
+    r = run("ls", path.parent)
+    assert r.returncode == 0 and f"{inst.sop_uid}.dcm" in r.stdout.split(), r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Listings
+
+
+def test_listing_answered_429_then_ok(via_proxy: Backend, proxy: FaultProxy, mount_factory, dicom: DicomFactory):
+    insts = dicom.series(3, pixel_bytes=1000)
+    via_proxy.seed(insts)
+    m = mount_factory(via_proxy, *NO_CACHE)
+    series = via_proxy.series_path(m, insts[0])
+    qido = f"/series/{insts[0].series_uid}/instances"
+    proxy.fail("GET", qido, times=1, status=429, retry_after=1)
+    r = run("ls", series)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.split()) == sorted(f"{i.sop_uid}.dcm" for i in insts)
+    seen = proxy.requests("GET", qido)
+    assert seen[0].fault == "status 429" and seen[1].fault is None, seen
+    assert seen[1].at - seen[0].at >= 0.9, seen  # Retry-After honoured
+
+
+def test_server_down_during_listing(via_proxy: Backend, proxy: FaultProxy, mount_factory, dicom: DicomFactory):
+    insts = dicom.series(2, pixel_bytes=1000)
+    via_proxy.seed(insts)
+    m = mount_factory(via_proxy, *NO_CACHE)
+    series = via_proxy.series_path(m, insts[0])
+    want = sorted(f"{i.sop_uid}.dcm" for i in insts)
+    assert run("ls", m.path / via_proxy.store_name).returncode == 0  # the mount has live connections
+    back = proxy.down(2.0)
+    r = run("ls", series)
+    assert r.returncode == 0 and sorted(r.stdout.split()) == want or EIO in r.stderr, (r.returncode, r.stderr)
+    back.join()
+    r = run("ls", series)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.split()) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Uploads
+
+
+def kept_in_failed(m, data: bytes) -> bool:  # type: ignore[no-untyped-def]
+    return any(p.read_bytes() == data for p in (m.cache_dir / "spool" / "failed").rglob("*") if p.is_file())
+
+
+def test_upload_dropped_before_forwarding_is_never_lost(via_proxy: Backend, proxy: FaultProxy, orthanc: object,
+                                                        mount_factory, dicom: DicomFactory):
+    """The STOW connection is closed before the server saw the request: either cp succeeds and the
+    server holds the file once, or cp fails and its bytes are kept in spool/failed."""
+    m = mount_factory(via_proxy, *NO_CACHE)
+    inst = dicom.instance(name="scan.dcm", pixel_bytes=50_000)
+    proxy.fail("POST", "/studies", times=1, drop_before=True)
+    r = run("cp", inst.path, m.path / via_proxy.store_name)
+    assert [s.fault for s in proxy.requests("POST", "/studies")][:1] == ["drop_before"]
+    count = sop_count(orthanc, inst.sop_uid)
+    if r.returncode == 0:
+        assert count == 1 and via_proxy.server_bytes(inst) == inst.path.read_bytes()
+    else:
+        assert EIO in r.stderr and count == 0, (r.stderr, count)
+        assert kept_in_failed(m, inst.path.read_bytes())
+
+
+@pytest.mark.xfail(strict=True, reason="a STOW whose connection closed before the server read it is not sent "
+                   "again (nor checked with a search): cp fails, nothing stored")
+def test_upload_dropped_before_forwarding_is_stored_once(via_proxy: Backend, proxy: FaultProxy, orthanc: object,
+                                                         mount_factory, dicom: DicomFactory):
+    m = mount_factory(via_proxy, *NO_CACHE)
+    inst = dicom.instance(name="scan.dcm", pixel_bytes=50_000)
+    proxy.fail("POST", "/studies", times=1, drop_before=True)
+    r = run("cp", inst.path, m.path / via_proxy.store_name)
+    assert r.returncode == 0, r.stderr
+    assert sop_count(orthanc, inst.sop_uid) == 1
+    assert via_proxy.server_bytes(inst) == inst.path.read_bytes()
+
+
+def test_upload_while_server_down_is_sent_again(via_proxy: Backend, proxy: FaultProxy, orthanc: object,
+                                                mount_factory, dicom: DicomFactory):
+    """The server restarts (connections refused, nothing sent) as cp uploads: the requests are sent
+    again once it is back, and the file is stored once."""
+    m = mount_factory(via_proxy, *NO_CACHE)
+    inst = dicom.instance(name="scan.dcm", pixel_bytes=50_000)
+    assert run("ls", m.path / via_proxy.store_name).returncode == 0
+    back = proxy.down(2.0)
+    r = run("cp", inst.path, m.path / via_proxy.store_name)
+    back.join()
+    assert r.returncode == 0, r.stderr
+    assert sop_count(orthanc, inst.sop_uid) == 1
+    assert via_proxy.server_bytes(inst) == inst.path.read_bytes()
+
+
+@pytest.mark.parametrize("fault", ["drop_mid_body", "drop_response"])
+def test_upload_answer_lost_never_duplicates_or_loses(fault: str, via_proxy: Backend, proxy: FaultProxy,
+                                                      orthanc: object, mount_factory, dicom: DicomFactory):
+    """The server stored the file but its answer was cut or never came: cp may fail (bytes kept
+    in spool/failed) or succeed, but the server holds the instance exactly once."""
+    m = mount_factory(via_proxy, *NO_CACHE)
+    inst = dicom.instance(name="scan.dcm", pixel_bytes=50_000)
+    proxy.fail("POST", "/studies", times=1, **{fault: True})  # type: ignore[arg-type]
+    r = run("cp", inst.path, m.path / via_proxy.store_name)
+    assert [s.fault for s in proxy.requests("POST", "/studies")][:1] == [fault]
+    assert sop_count(orthanc, inst.sop_uid) == 1
+    assert via_proxy.server_bytes(inst) == inst.path.read_bytes()
+    if r.returncode != 0:
+        assert kept_in_failed(m, inst.path.read_bytes()), r.stderr
