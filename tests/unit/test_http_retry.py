@@ -282,3 +282,19 @@ def test_make_session_pools_and_ca_bundle(tmp_path: object) -> None:
     assert adapter.max_retries.total == 0  # type: ignore[attr-defined]
     assert session.verify == "/etc/ssl/certs/ca-certificates.crt"
     session.close()
+
+
+def test_resuming_sink_gives_each_byte_once_across_attempts():
+    import io
+
+    from dicomfuse.stores.http import ResumingSink
+
+    out = io.BytesIO()
+    sink = ResumingSink(out)
+    sink.write(b"abc")
+    sink.write(b"de")  # the answer is cut here, after 5 bytes
+    sink.restart()  # asked again from the start
+    sink.write(b"ab")
+    sink.write(b"cdefg")
+    sink.write(b"h")
+    assert out.getvalue() == b"abcdefgh" and sink.delivered == 8

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,8 +37,10 @@ from dicomfuse.stores.http import (
     ERROR_DETAIL_CHARS,
     HttpClient,
     MultipartReader,
+    ResumingSink,
     RetryPolicy,
     Timeout,
+    TransferCut,
     body_errors,
     error_for_response,
     make_session,
@@ -841,6 +844,25 @@ class DicomwebStore:
     # -- WADO-RS ----------------------------------------------------------------------------------
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
+        """The stored bytes into ``sink``. An answer cut off in the middle is asked for again
+        (up to the retry policy's attempts); the sink gets each byte once."""
+        resuming = ResumingSink(sink)
+        attempts = max(1, self.client.retry.attempts)
+        for attempt in range(1, attempts + 1):
+            resuming.restart()
+            try:
+                self._retrieve_once(study_uid, series_uid, sop_uid, resuming)  # type: ignore[arg-type]
+                return resuming.delivered
+            except TransferCut as exc:
+                if attempt == attempts:
+                    raise
+                delay = self.client.retry.backoff(attempt)
+                logger.info("%s: download of %s cut after %d bytes (%s); asking again in %.2f s",
+                            self.name, sop_uid, resuming.delivered, exc, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retrieve_once(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
         orthanc = self.orthanc()
         if orthanc is not None:
             written = self._retrieve_from_orthanc(orthanc, study_uid, series_uid, sop_uid, sink)
@@ -918,21 +940,29 @@ class DicomwebStore:
                 outcomes[item.index] = outcome
         return [outcome for outcome in outcomes if outcome is not None]
 
-    def _stow(self, batch: list[_StowFile]) -> list[tuple[_StowFile, StowOutcome]]:
-        """Send one batch; one outcome per file. A 413 splits the batch in two."""
+    def _stow(self, batch: list[_StowFile], *, again: bool = True) -> list[tuple[_StowFile, StowOutcome]]:
+        """Send one batch; one outcome per file. A 413 splits the batch in two.
+
+        STOW is a POST: HttpClient never repeats it once bytes may have gone out. When the answer
+        is lost (the connection dropped, the server failed), whether the server stored the
+        files is unknown: each one is looked up, those found count as stored, and the missing
+        ones are sent once more. So a file is stored once, never twice, never silently lost."""
         url = f"{self.root_url}/studies"
         upload = MultipartUpload([(item.path, item.size) for item in batch])
-        # STOW is a POST: never sent again once bytes went out (HttpClient only repeats a
-        # non-idempotent request whose connection failed before sending anything).
-        response = self.client.request(
-            "POST",
-            url,
-            data=upload,
-            headers={"Content-Type": upload.content_type, "Accept": DICOM_JSON},
-            idempotent=False,
-            passthrough=(400, 409, 413, 415),
-            bad_request=InvalidDicom,
-        )
+        try:
+            response = self.client.request(
+                "POST",
+                url,
+                data=upload,
+                headers={"Content-Type": upload.content_type, "Accept": DICOM_JSON},
+                idempotent=False,
+                passthrough=(400, 409, 413, 415),
+                bad_request=InvalidDicom,
+            )
+        except Unavailable as exc:
+            if not again:
+                raise
+            return self._stow_unknown(batch, exc)
         with response:
             status = response.status_code
             if status == 413 and len(batch) > 1:
@@ -952,6 +982,22 @@ class DicomwebStore:
             len(result.failed),
         )
         return [(item, _stow_outcome(item, result, refusal, conflict)) for item in batch]
+
+    def _stow_unknown(self, batch: list[_StowFile], cause: Unavailable) -> list[tuple[_StowFile, StowOutcome]]:
+        """The STOW's answer was lost: look each file up; send the missing ones once more."""
+        logger.info("STOW of %d file(s) got no answer (%s); checking which were stored", len(batch), cause)
+        found: list[tuple[_StowFile, StowOutcome]] = []
+        missing: list[_StowFile] = []
+        for item in batch:
+            present = next(iter(self.instances(item.study_uid, item.series_uid, item.sop_uid)), None)
+            if present is None:
+                missing.append(item)
+            else:
+                found.append((item, _stow_outcome(item, StowResult(stored={item.sop_uid}), None)))
+        if missing:
+            logger.info("Sending %d file(s) the server does not hold yet again", len(missing))
+            found += self._stow(missing, again=False)
+        return found
 
     # -- delete -----------------------------------------------------------------------------------
 
@@ -1019,7 +1065,7 @@ def _copy_single_part(url: str, response: requests.Response, sink: BinaryIO) -> 
         written += len(chunk)
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and not response.headers.get("Content-Encoding") and written < int(declared):
-        raise Unavailable(f"GET {safe_path(url)}: body ended after {written} of {declared} bytes (truncated)")
+        raise TransferCut(f"GET {safe_path(url)}: body ended after {written} of {declared} bytes (truncated)")
     return written
 
 

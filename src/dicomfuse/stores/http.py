@@ -243,16 +243,48 @@ def _transport_error(method: str, url: str, exc: BaseException) -> Unavailable:
     return Unavailable(f"{_describe(method, url)}: {what} ({type(exc).__name__})")
 
 
+class TransferCut(Unavailable):
+    """An answer's body stopped before its end (a dropped connection, a read timeout, a short
+    body): what arrived is right, the rest can be asked for again."""
+
+
 @contextmanager
 def body_errors(method: str, url: str) -> Iterator[None]:
     """Turn ``requests``/``urllib3`` errors raised while reading a streamed body into
-    :class:`Unavailable` (a dropped connection, a read timeout, a short body)."""
+    :class:`TransferCut` (a dropped connection, a read timeout, a short body)."""
     try:
         yield
     except StoreError:
         raise
     except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-        raise _transport_error(method, url, exc) from exc
+        cause = _transport_error(method, url, exc)
+        raise TransferCut(str(cause)) from exc
+
+
+class ResumingSink:
+    """A sink for a download that may be sent again from its start after a :class:`TransferCut`:
+    bytes the real sink already holds are skipped, so it only ever sees each byte once, in order
+    (the instance is the same on every attempt)."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self.sink = sink
+        self.delivered = 0  # bytes the real sink holds
+        self.received = 0  # bytes of the current attempt
+
+    def restart(self) -> None:
+        self.received = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = len(data)
+        skip = min(n, max(0, self.delivered - self.received))
+        if skip < n:
+            write_all(self.sink, memoryview(data)[skip:])
+            self.delivered += n - skip
+        self.received += n
+        return n
+
+    def flush(self) -> None:
+        self.sink.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +509,7 @@ class MultipartReader:
     def finish(self) -> int:
         """Check the stream was complete; return the bytes written."""
         if self._state != self._DONE:
-            raise Unavailable("multipart response ended before its closing boundary (truncated)")
+            raise TransferCut("multipart response ended before its closing boundary (truncated)")
         if self.parts == 0:
             raise StoreError("multipart response without any part")
         self._check_part_length()
