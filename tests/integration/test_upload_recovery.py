@@ -25,7 +25,8 @@ def test_kill_9_during_a_sync_upload_then_retry_sends_it(healthcare, tmp_path: P
     copy = None
     try:
         os.listdir(m.path / "store-a")  # a token first
-        healthcare.inject(stall=True, times=1, method="POST")  # the STOW never answers
+        healthcare.clear_log()  # the session's stand-in has seen other tests' STOWs
+        healthcare.inject(stall=True, times=1, method="POST", path_contains="/dicomWeb/studies")  # never answers
         copy = subprocess.Popen(["cp", str(inst.path), str(m.path / "store-a")], stderr=subprocess.PIPE)
         wait_for(lambda: any(r.method == "POST" and r.path.endswith("/dicomWeb/studies") for r in healthcare.requests),
                  20, what="the STOW to start")

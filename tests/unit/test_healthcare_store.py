@@ -12,7 +12,7 @@ import pytest
 
 from dicomfuse.samples import make_uid, write_instance
 from dicomfuse.stores.auth import TokenSource, load_credentials
-from dicomfuse.stores.base import AlreadyExists, Forbidden, InvalidName, NotEmpty, NotFound, Unavailable
+from dicomfuse.stores.base import AlreadyExists, Forbidden, InvalidName, NotEmpty, NotFound
 from dicomfuse.stores.healthcare import HealthcareDataset
 from dicomfuse.stores.http import RetryPolicy
 from tests.fakes.healthcare import HealthcareStandIn
@@ -120,19 +120,22 @@ def test_stow_conflict_is_reported_with_googles_detail(standin: HealthcareStandI
     assert not refused.stored and "parse" in (refused.reason or "")
 
 
-def test_429_on_stow_is_sent_again_but_503_is_not(standin: HealthcareStandIn, dataset: HealthcareDataset,
-                                                  tmp_path: Path) -> None:
+def test_429_on_stow_is_sent_again_and_a_503_is_looked_up_before_sending_again(
+    standin: HealthcareStandIn, dataset: HealthcareDataset, tmp_path: Path
+) -> None:
     store = dataset.open_store("store-a")
     path, *_ = instance(tmp_path, "throttle")
     list(store.studies())  # a token first: faults below are for STOW only
     standin.inject(status=429, times=1, method="POST", retry_after="0")
     assert store.store_files([path])[0].stored
-    other, *_ = instance(tmp_path, "unavailable")
+    other, study, series, sop = instance(tmp_path, "unavailable")
     standin.clear_log()
     standin.inject(status=503, times=1, method="POST")
-    with pytest.raises(Unavailable):
-        store.store_files([other])
-    assert len([r for r in standin.requests if r.method == "POST"]) == 1, "an upload is never sent twice blindly"
+    assert store.store_files([other])[0].stored, "the 503 may or may not have stored it: looked up, then sent"
+    calls = [(r.method, r.path.rsplit("/", 1)[-1]) for r in standin.requests if "/dicomWeb/" in r.path]
+    assert calls[0][0] == "POST" and calls[-1][0] == "POST" and len([c for c in calls if c[0] == "POST"]) == 2
+    assert any(method == "GET" for method, _ in calls[1:-1]), "looked up before sending again"
+    assert len([i for i in standin.store_view(dataset.dataset_id, "store-a").instances(study, series)]) == 1  # type: ignore[attr-defined]
 
 
 def test_missing_instance_and_denied_permission(standin: HealthcareStandIn, dataset: HealthcareDataset) -> None:
