@@ -238,3 +238,24 @@ def test_upload_answer_lost_never_duplicates_or_loses(fault: str, via_proxy: Bac
     assert sop_count(orthanc, inst.sop_uid) == 1
     assert via_proxy.server_bytes(inst) == inst.path.read_bytes()
     assert r.returncode == 0, r.stderr
+
+
+def test_a_refused_overwrite_puts_the_original_back(orthanc: object, proxy: FaultProxy, mount_factory,
+                                                    dicom: DicomFactory):
+    """Overwrite = delete, then store; the server refuses the new bytes: the original is stored
+    back and cp fails, with the reason in the ERROR log."""
+    from dicomfuse.samples import write_instance
+
+    backend = dataclasses.replace(_orthanc_backend(orthanc, rest=True), address=proxy.url + "/dicom-web")
+    inst = dicom.instance()
+    backend.seed([inst])
+    edited = dicom.instance(name="edited.dcm")
+    write_instance(edited.path, inst.study_uid, inst.series_uid, inst.sop_uid, pixel_bytes=9_000)
+    m = mount_factory(backend, *NO_CACHE)
+    backend.instance_path(m, inst).stat()
+    proxy.fail("POST", "/dicom-web/studies", times=1, status=400)
+    r = run("cp", edited.path, backend.instance_path(m, inst))
+    assert r.returncode != 0, "the refused overwrite fails the copy"
+    assert backend.server_bytes(inst) == inst.path.read_bytes(), "the original is back on the server"
+    assert sop_count(orthanc, inst.sop_uid) == 1
+    assert "stored back" in (m.log_dir / "error.log").read_text()

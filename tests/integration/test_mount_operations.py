@@ -141,6 +141,21 @@ def test_upload_into_series_folder(backend: Backend, mount_factory, dicom: Dicom
     assert f"{new.sop_uid}.dcm" in os.listdir(series)
 
 
+def test_a_file_of_another_series_dropped_in_a_series_folder_is_filed_by_its_own_uids(
+        backend: Backend, mount_factory, dicom: DicomFactory):
+    """Decided (README): the file's own UIDs win; it lands in its own study/series folder."""
+    existing = dicom.instance(study=0, series=0)
+    backend.seed([existing])
+    m = mount_factory(backend)
+    other = dicom.instance(study=5, series=7)
+    r = run("cp", other.path, backend.series_path(m, existing))
+    assert r.returncode == 0, r.stderr
+    assert backend.has(other)
+    assert f"{other.sop_uid}.dcm" in os.listdir(backend.series_path(m, other))
+    assert backend.instance_path(m, other).read_bytes() == other.path.read_bytes()
+    assert "filed there by its UIDs" in m.log_text()
+
+
 def test_overwrite_existing_instance(backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path):
     if not backend.can_delete:
         pytest.skip("overwrite needs delete on this server")

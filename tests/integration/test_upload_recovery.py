@@ -56,8 +56,9 @@ def test_kill_9_during_a_sync_upload_then_retry_sends_it(healthcare, tmp_path: P
     assert status.returncode == 0, status.stdout
 
 
-def test_sigterm_during_an_upload_lets_it_finish_then_unmounts(healthcare, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                               dicom: DicomFactory):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_an_upload_lets_it_finish_then_unmounts(sig: int, healthcare, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                dicom: DicomFactory):
     google = google_backend(healthcare, tmp_path)
     inst = dicom.instance()
     m = Mount(google.address, tmp_path / "term", *google.extra_args).start()
@@ -69,7 +70,7 @@ def test_sigterm_during_an_upload_lets_it_finish_then_unmounts(healthcare, tmp_p
         copy = subprocess.Popen(["cp", str(inst.path), str(m.path / "store-a")], stderr=subprocess.PIPE)
         wait_for(lambda: any(r.method == "POST" and r.path.endswith("/dicomWeb/studies") for r in healthcare.requests),
                  20, what="the STOW to start")
-        assert m.stop(signal.SIGTERM) == 0, m.diagnostics()
+        assert m.stop(sig) == 0, m.diagnostics()
         assert copy.wait(30) == 0, copy.stderr.read() if copy.stderr else ""
     finally:
         if copy is not None and copy.poll() is None:

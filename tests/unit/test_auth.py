@@ -188,3 +188,18 @@ def test_a_401_is_sent_once_more_with_a_new_token_then_final() -> None:
         assert len(server.seen) == 2  # one new token, then the answer stands
     finally:
         server.stop()
+
+
+def test_a_key_file_others_can_read_is_warned_about(tmp_path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    from dicomfuse.stores.auth import load_credentials
+    from tests.fakes.healthcare import HealthcareStandIn
+
+    with HealthcareStandIn() as standin:
+        key = standin.write_key_file(tmp_path / "key.json")
+    key.chmod(0o600)
+    load_credentials(key)
+    assert "readable by other users" not in caplog.text
+    key.chmod(0o644)
+    load_credentials(key)
+    assert "readable by other users" in caplog.text and "chmod 600" in caplog.text
+    assert "PRIVATE KEY" not in caplog.text

@@ -298,3 +298,12 @@ def test_resuming_sink_gives_each_byte_once_across_attempts():
     sink.write(b"cdefg")
     sink.write(b"h")
     assert out.getvalue() == b"abcdefgh" and sink.delivered == 8
+
+
+def test_tls_verification_is_always_on_and_a_ca_bundle_only_adds_trust(tmp_path):  # type: ignore[no-untyped-def]
+    from dicomfuse.stores.http import make_session
+
+    assert make_session().verify is True
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    assert make_session(ca_bundle=ca).verify == str(ca)
