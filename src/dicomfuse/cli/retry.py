@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from dicomfuse.core.uploads import FailedInfo, is_sidecar, read_sidecar, sidecar_path, write_json_atomic, write_sidecar
+from dicomfuse.core.uploads import (
+    FailedInfo,
+    files_in,
+    is_sidecar,
+    read_sidecar,
+    sidecar_path,
+    write_json_atomic,
+    write_sidecar,
+)
 from dicomfuse.core.writeback import DATA_SUFFIX, FAILED_DIR, RECORD_SUFFIX, dataset_label, queue_dir, read_record
 from dicomfuse.dicomfile import DicomUids, check_upload
 from dicomfuse.stores.base import Dataset, Store, StoreError
@@ -144,13 +152,13 @@ def gather(root: Path) -> list[Failed]:
     """The failed uploads kept under a cache root (reads only; creates nothing)."""
     items: list[Failed] = []
     sync = root / "spool" / "failed"
-    for path in _files(sync):
+    for path in files_in(sync):
         if is_sidecar(path):
             continue
         info = read_sidecar(path)
         note = sidecar_path(path) if info is not None else None
         items.append(Failed(path, path.name, info.store if info else None, note, writeback=False))
-    for path in _files(queue_dir(root) / FAILED_DIR):
+    for path in files_in(queue_dir(root) / FAILED_DIR):
         if not path.name.endswith(DATA_SUFFIX):
             continue
         record_path = path.with_name(path.name[: -len(DATA_SUFFIX)] + RECORD_SUFFIX)
@@ -317,14 +325,6 @@ def _equal(a: BinaryIO, b: BinaryIO) -> bool:
             return False
         if not x:
             return True
-
-
-def _files(folder: Path) -> list[Path]:
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return []
-    return [folder / n for n in names if not n.startswith(".") and (folder / n).is_file()]
 
 
 def _unlink(path: Path) -> None:

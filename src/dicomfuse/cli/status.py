@@ -12,14 +12,13 @@ user's file names, so nothing here is patient data.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicomfuse.core.uploads import is_sidecar, read_sidecar
+from dicomfuse.core.uploads import files_in, is_sidecar, pid_alive, read_sidecar
 from dicomfuse.core.writeback import (
     DATA_SUFFIX,
     FAILED_DIR,
@@ -104,7 +103,7 @@ def _pending(queue: Path) -> list[QueuedUpload]:
 
 def _failed_writeback(folder: Path) -> list[FailedFile]:
     out: list[FailedFile] = []
-    for path in _files(folder):
+    for path in files_in(folder):
         if not path.name.endswith(DATA_SUFFIX):
             continue
         record = read_record(path.with_name(path.name[: -len(DATA_SUFFIX)] + ".json"), strict=False)
@@ -115,7 +114,7 @@ def _failed_writeback(folder: Path) -> list[FailedFile]:
 
 def _failed_sync(folder: Path) -> list[FailedFile]:
     out: list[FailedFile] = []
-    for path in _files(folder):
+    for path in files_in(folder):
         if is_sidecar(path):
             continue
         info = read_sidecar(path)
@@ -125,14 +124,6 @@ def _failed_sync(folder: Path) -> list[FailedFile]:
         name = f"{path.name} (store {info.store})" if info.store else f"{path.name} (store unknown)"
         out.append(FailedFile(name, _size(path), path, info.reason))
     return out
-
-
-def _files(folder: Path) -> list[Path]:
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return []
-    return [folder / n for n in names if not n.startswith(".") and (folder / n).is_file()]
 
 
 def _size(path: Path) -> int:
@@ -174,7 +165,7 @@ def _liveness(snapshot: dict[str, Any] | None, now: float) -> str:
         heartbeat = float(snapshot.get("heartbeat") or 10.0)
     except (KeyError, TypeError, ValueError):
         return waiting
-    if not _alive(pid):
+    if not pid_alive(pid):
         return waiting
     age = max(0.0, now - updated)
     if age > 3 * heartbeat + STALE_GRACE:
@@ -222,13 +213,3 @@ def _age(seconds: float) -> str:
     return f"{s // 86400} days"
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process with that pid: assume alive
-    return True

@@ -87,9 +87,9 @@ def write_sidecar(path: Path, info: FailedInfo) -> None:
     write_json_atomic(sidecar_path(path), data)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` with ``data`` as JSON, 0600: a temporary file (hidden, fsynced), then a
-    rename, so a reader sees the old or the new contents, never half of one."""
+def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` as JSON, 0600: a temporary file (hidden; fsynced when
+    ``durable``), then a rename, so a reader sees the old or the new contents, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_NAMES)}{_TMP_SUFFIX}")
     payload = json.dumps(data, indent=1).encode("utf-8")
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -99,13 +99,23 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
             view = memoryview(payload)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Spool.discard(tmp)
         raise
+
+
+def files_in(folder: Path) -> list[Path]:
+    """The visible regular files of ``folder``, sorted by name (none if it cannot be read)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [folder / n for n in names if not n.startswith(".") and (folder / n).is_file()]
 
 
 def pid_alive(pid: int) -> bool:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from dicomfuse.core.uploads import write_json_atomic
 from dicomfuse.core.workdirs import private_dir
 from dicomfuse.dicomfile import DicomUids, check_upload, is_uid
 from dicomfuse.stores.base import StoreError
@@ -167,23 +168,7 @@ def read_status(directory: Path) -> dict[str, Any] | None:
 
 def _write_json(path: Path, data: dict[str, Any], *, durable: bool) -> None:
     """Replace ``path`` atomically (temporary file + rename); ``durable`` fsyncs it first."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{_TMP_SUFFIX}")
-    payload = json.dumps(data, indent=1).encode("utf-8")
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    write_json_atomic(path, data, durable=durable)
 
 
 def _fsync_path(path: Path) -> None:
