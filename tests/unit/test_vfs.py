@@ -186,3 +186,51 @@ def test_file_cut_between_elements_is_refused_before_sending(dataset, tmp_path, 
     vfs.release(fh)
     assert list(dataset.open_store("store").studies()) == []
     vfs.shutdown()
+
+
+class SlowWalks:
+    """Wraps a local store: its walk blocks until released, and listings are counted."""
+
+    def __init__(self, store) -> None:  # type: ignore[no-untyped-def]
+        import threading
+
+        self.store = store
+        self.name = store.name
+        self.release = threading.Event()
+        self.series_listed = 0
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.store, name)
+
+    def series(self, study_uid, series_uid=None):  # type: ignore[no-untyped-def]
+        self.series_listed += 1
+        return self.store.series(study_uid, series_uid)
+
+    def walk(self, study_uid=None):  # type: ignore[no-untyped-def]
+        assert self.release.wait(10)
+        return self.store.walk(study_uid)
+
+
+def test_a_slow_store_walk_holds_listings_up_only_for_its_grace(dataset: LocalDataset, tmp_path: Path,
+                                                                dicom: DicomFactory):
+    import time
+
+    insts = [dicom.instance(study=i) for i in range(6)]
+    dataset.open_store("store").store_files([i.path for i in insts])
+    slow = SlowWalks(dataset.open_store("store"))
+    dataset.open_store = lambda name: slow  # type: ignore[method-assign]
+    vfs = make_vfs(dataset, tmp_path, walk_grace=0.3)
+    try:
+        studies = [name for name, _ in vfs.readdir("/store")]
+        for study in studies:  # a tree walk: the third folder starts the store walk, which hangs
+            vfs.readdir(f"/store/{study}")
+        assert vfs._walking, "the walk is still hanging, yet every folder was listed, one by one"
+        assert slow.series_listed == len(studies)
+        slow.release.set()
+        deadline = time.monotonic() + 5
+        while vfs._walking and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not vfs._walking, "the walk finished in the background"
+    finally:
+        slow.release.set()
+        vfs.shutdown()

@@ -57,6 +57,7 @@ class VfsConfig:
     dataset_label: str | None = None  # tells datasets apart in the write-back journal
     stat_fetch_timeout: float = 30.0  # longest a stat waits to learn an unknown size
     drain_timeout: float = 60.0  # longest an unmount waits for queued uploads (the rest stays journaled)
+    walk_grace: float = 3.0  # longest listings wait for a store walk in progress, from its start
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class Vfs:
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._xattrs: dict[DicomPath, dict[str, bytes]] = {}
-        self._walking: dict[str, threading.Event] = {}  # store -> set when its walk ends
+        self._walking: dict[str, _Walk] = {}  # store -> its walk in progress
         self._side_names = 0
 
     # ======================================================================================
@@ -643,32 +644,37 @@ class Vfs:
 
     def _walk_if_cheaper(self, p: DicomPath) -> bool:
         """When folders of a store are being listed one after another (ls -R, find, du, cp -r),
-        fill every study and series listing of the store from one paged walk instead (one
-        request per page of instances, not one per folder). True when a walk ran or was awaited."""
-        store_listing = self.listings.get(DicomPath((p.store,)))
+        walk the whole store once, paged (one request per page of instances, not one per
+        folder), to fill every study and series listing. The walk runs in the background;
+        listings wait for it at most ``walk_grace`` seconds after it started, then go on folder by
+        folder, so even the walk of a huge store never holds a listing up for long. True when a
+        walk was waited for (the listing may be cached now)."""
         with self._lock:
             running = self._walking.get(p.store)
-        if running is not None:
-            running.wait(self.config.stat_fetch_timeout * 4)
-            return True
-        hint = len(store_listing) if store_listing is not None else None
-        if not self.walks.listed(p.store, p.level, hint, folder=p):
-            return False
-        with self._lock:
-            running = self._walking.get(p.store)
-            mine = running is None
-            if running is None:
-                running = self._walking[p.store] = threading.Event()
-        if not mine:
-            running.wait(self.config.stat_fetch_timeout * 4)
-            return True
+        if running is None:
+            store_listing = self.listings.get(DicomPath((p.store,)))
+            hint = len(store_listing) if store_listing is not None else None
+            if not self.walks.listed(p.store, p.level, hint, folder=p):
+                return False
+            with self._lock:
+                running = self._walking.get(p.store)
+                if running is None:
+                    running = self._walking[p.store] = _Walk()
+                    threading.Thread(target=self._walk_in_background, args=(p.store, running),
+                                     name="store-walk", daemon=True).start()
+        left = running.started + self.config.walk_grace - time.monotonic()
+        return left > 0 and running.done.wait(left)
+
+    def _walk_in_background(self, store: str, walk: _Walk) -> None:
         try:
-            self._walk_store(p.store)
+            self._walk_store(store)
+        except FsError as exc:
+            log.info("Walk of store %s failed (%s); listing folder by folder", store, exc.strerror)
         finally:
             with self._lock:
-                self._walking.pop(p.store, None)
-            running.set()
-        return True
+                if self._walking.get(store) is walk:
+                    del self._walking[store]
+            walk.done.set()
 
     def _walk_store(self, name: str) -> None:
         store = self._store(name)
@@ -1158,6 +1164,12 @@ class Vfs:
             self._local[p] = node
         log.debug("Side file %s kept on this computer only", p)
         return self._add_handle(LocalHandle(node, fd))
+
+
+@dataclass
+class _Walk:
+    started: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class _Conflict(FsError):
