@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -152,7 +152,8 @@ def _sequence_items(dataset: object, tag: str) -> list[object]:
 
 
 class OrthancRest:
-    """The few Orthanc REST calls DICOMweb lacks: delete, and stored file sizes."""
+    """The Orthanc REST calls that do what its DICOMweb cannot (delete) or does slowly (lookups,
+    listings with sizes, whole-store walks, streamed downloads)."""
 
     def __init__(self, client: HttpClient, rest_url: str) -> None:
         self.client = client
@@ -179,49 +180,31 @@ class OrthancRest:
                 return False
         return isinstance(system, dict) and "DicomAet" in system and "Version" in system
 
-    def lookup(self, uid: str, level: str, *, attempts: int | None = None) -> list[str]:
-        """Orthanc IDs of the resources of ``level`` (``Instance``, ``Series``…) with that UID."""
-        response = self.client.request(
-            "POST",
-            f"{self.url}/tools/lookup",
-            data=uid.encode("ascii", errors="replace"),
-            headers={"Content-Type": "text/plain", "Accept": "application/json"},
-            idempotent=True,  # a lookup changes nothing
-            attempts=attempts,
-        )
-        with response:
-            matches = _json(response)
-        return [str(m["ID"]) for m in matches if isinstance(m, dict) and m.get("Type") == level and "ID" in m]
-
-    def find(self, level: str, query: dict[str, str], *, expand: bool = False) -> list[Any]:
-        """``/tools/find``: resources of ``level`` matching UIDs exactly, from Orthanc's index
-        (no file is read, unlike a QIDO search that computes its attributes)."""
+    def _find(self, body: dict[str, Any]) -> list[Any]:
+        """One ``/tools/find`` request: Orthanc's index, no file read (unlike a QIDO search,
+        which computes the attributes it returns from the files)."""
         response = self.client.request(
             "POST",
             f"{self.url}/tools/find",
-            data=json.dumps({"Level": level, "Query": query, "Expand": expand}).encode(),
+            data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", "Accept": "application/json"},
             idempotent=True,  # a search changes nothing
         )
         with response:
             found = _json(response)
-        return found if isinstance(found, list) else []
+        if not isinstance(found, list):
+            raise StoreError(f"POST {safe_path(self.url)}/tools/find: answer is not a JSON list")
+        return found
+
+    def find(self, level: str, query: dict[str, str], *, expand: bool = False) -> list[Any]:
+        """Resources of ``level`` whose UIDs match ``query`` exactly."""
+        return self._find({"Level": level, "Query": query, "Expand": expand})
 
     def find_all(self, level: str, *, page: int = ORTHANC_FIND_PAGE) -> Iterator[dict[str, Any]]:
         """Every expanded resource of ``level`` in the index, paged with Limit/Since."""
         since = 0
         while True:
-            response = self.client.request(
-                "POST",
-                f"{self.url}/tools/find",
-                data=json.dumps({"Level": level, "Query": {}, "Expand": True, "Limit": page, "Since": since}).encode(),
-                headers={"Content-Type": "application/json", "Accept": "application/json"},
-                idempotent=True,
-            )
-            with response:
-                found = _json(response)
-            if not isinstance(found, list):
-                raise StoreError(f"POST {safe_path(self.url)}/tools/find: answer is not a JSON list")
+            found = self._find({"Level": level, "Query": {}, "Expand": True, "Limit": page, "Since": since})
             yield from (r for r in found if isinstance(r, dict))
             if len(found) < page:
                 return
@@ -247,58 +230,17 @@ class OrthancRest:
         found = [r for r in self.find("Instance", query, expand=True) if isinstance(r, dict) and "ID" in r]
         return found[0] if found else None
 
-    def _get_json(self, path: str, *, attempts: int | None = None) -> Any:
-        response = self.client.request(
-            "GET", f"{self.url}{path}", headers={"Accept": "application/json"}, attempts=attempts
-        )
+    def _get_json(self, path: str) -> Any:
+        response = self.client.request("GET", f"{self.url}{path}", headers={"Accept": "application/json"})
         with response:
             return _json(response)
 
-    def instance_id(self, series_uid: str, sop_uid: str) -> str:
-        """The Orthanc ID of the instance ``sop_uid`` in series ``series_uid``, or NotFound."""
-        candidates = [
-            instance_id
-            for instance_id in self.lookup(sop_uid, "Instance")
-            if self._series_uid_of(instance_id) == series_uid
-        ]
-        if not candidates:
+    def delete_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> None:
+        """Delete one instance (its DICOMweb plugin answers 405 to DELETE). NotFound if absent."""
+        found = self.find_instance(study_uid, series_uid, sop_uid)
+        if found is None:
             raise NotFound(f"instance {sop_uid} is not in series {series_uid}")
-        return candidates[0]
-
-    def _series_uid_of(self, instance_id: str) -> str | None:
-        try:
-            series = self._get_json(f"/instances/{instance_id}/series")
-        except NotFound:
-            return None
-        tags = series.get("MainDicomTags", {}) if isinstance(series, dict) else {}
-        value = tags.get("SeriesInstanceUID")
-        return value if isinstance(value, str) else None
-
-    def delete_instance(self, series_uid: str, sop_uid: str) -> None:
-        instance_id = self.instance_id(series_uid, sop_uid)
-        self.client.request("DELETE", f"{self.url}/instances/{instance_id}").close()
-
-    def series_file_sizes(self, series_uid: str, ids: dict[str, str] | None = None) -> dict[str, int]:
-        """SOPInstanceUID → stored file size for one series: two requests, whatever its size.
-        ``ids`` (if given) also receives SOPInstanceUID → Orthanc ID."""
-        series_ids = self.lookup(series_uid, "Series", attempts=1)
-        if len(series_ids) != 1:
-            return {}
-        sizes: dict[str, int] = {}
-        for entry in self._get_json(f"/series/{series_ids[0]}/instances", attempts=1):
-            sop_uid = entry.get("MainDicomTags", {}).get("SOPInstanceUID")
-            if isinstance(sop_uid, str) and isinstance(entry.get("FileSize"), int):
-                sizes[sop_uid] = entry["FileSize"]
-                if ids is not None and isinstance(entry.get("ID"), str):
-                    ids[sop_uid] = entry["ID"]
-        return sizes
-
-    def instance_file_size(self, sop_uid: str) -> int | None:
-        instance_ids = self.lookup(sop_uid, "Instance", attempts=1)
-        if len(instance_ids) != 1:
-            return None
-        size = self._get_json(f"/instances/{instance_ids[0]}", attempts=1).get("FileSize")
-        return size if isinstance(size, int) else None
+        self.client.request("DELETE", f"{self.url}/instances/{quote(str(found['ID']), safe='')}").close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,12 +635,8 @@ class DicomwebStore:
         url = f"{self._series_url(study_uid, series_uid)}/instances"
         filters = {"SOPInstanceUID": sop_uid} if sop_uid else {}
         uids = self._search(url, SOP_UID_TAG, filters, sop_uid, self.instance_page_size)
-        first = next(uids, None)
-        if first is None:
-            return
-        sizes = self._file_sizes(series_uid, sop_uid)
-        for uid in _prepend(first, uids):
-            yield InstanceInfo(study_uid, series_uid, uid, sizes.get(uid))
+        for uid in uids:
+            yield InstanceInfo(study_uid, series_uid, uid)  # DICOMweb lists no sizes
 
     def _series_url(self, study_uid: str, series_uid: str) -> str:
         return f"{self.root_url}/studies/{_segment(study_uid)}/series/{_segment(series_uid)}"
@@ -823,23 +761,6 @@ class DicomwebStore:
         """Whether a search URL names the whole store (``{root}/studies``, ``{root}/instances``),
         where a 404 means the store (or that search) is missing rather than an empty result."""
         return url.split("?", 1)[0] in (f"{self.root_url}/studies", f"{self.root_url}/instances")
-
-    def _file_sizes(self, series_uid: str, sop_uid: str | None) -> dict[str, int]:
-        """Stored sizes from Orthanc's REST API; empty (sizes unknown) without it or on error."""
-        orthanc = self.orthanc()
-        if orthanc is None:
-            return {}
-        try:
-            if sop_uid is not None:
-                size = orthanc.instance_file_size(sop_uid)
-                return {sop_uid: size} if size is not None else {}
-            ids: dict[str, str] = {}
-            sizes = orthanc.series_file_sizes(series_uid, ids)
-            self._remember_ids(ids)
-            return sizes
-        except (StoreError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            logger.debug("%s: no sizes from Orthanc for series %s: %s", self.name, series_uid, exc)
-            return {}
 
     # -- WADO-RS ----------------------------------------------------------------------------------
 
@@ -1004,7 +925,9 @@ class DicomwebStore:
     def delete_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> None:
         orthanc = self.orthanc()
         if orthanc is not None:
-            orthanc.delete_instance(series_uid, sop_uid)
+            orthanc.delete_instance(study_uid, series_uid, sop_uid)
+            with self._ids_lock:
+                self._orthanc_ids.pop(sop_uid, None)
             return
         url = f"{self._series_url(study_uid, series_uid)}/instances/{_segment(sop_uid)}"
         response = self.client.request("DELETE", url, passthrough=(405, 501))
@@ -1077,11 +1000,6 @@ def _json(response: requests.Response) -> Any:
 def _segment(uid: str) -> str:
     """A UID as one URL path segment (UIDs are digits and dots; quote anything else)."""
     return quote(uid, safe="")
-
-
-def _prepend(first: str, rest: Iterable[str]) -> Iterator[str]:
-    yield first
-    yield from rest
 
 
 # ---------------------------------------------------------------------------------------------
