@@ -298,11 +298,6 @@ class InstanceCache:
             self.prefetch_stats["cancelled"] += 1
             return True
 
-    def in_flight(self, key: CacheKey) -> bool:
-        with self._lock:
-            entry = self._entries.get(key)
-            return entry is not None and not entry.complete and entry.error is None
-
     def _new_entry(self, key: CacheKey, now: float, reserve: int) -> CachedInstance:
         """Caller holds _lock. Index a new entry, reserve its expected bytes, create its file
         (empty, 0600: a second opener may open it for reading at once)."""

@@ -103,11 +103,6 @@ class ReadAhead:
                 pattern.scheduled.add(p.name)
                 pattern.ahead = max(pattern.ahead, pattern.index.get(p.name, pattern.ahead))
 
-    def forget(self, folder: DicomPath) -> None:
-        """The folder changed (upload, delete): its order is listed again next time."""
-        with self._lock:
-            self._patterns.pop(folder, None)
-
     # -- internals ---------------------------------------------------------------------------
 
     def _pattern(self, folder: DicomPath, now: float) -> _Pattern:

@@ -35,7 +35,7 @@ from dicomfuse.core.sizes import Caller, StatProbePolicy
 from dicomfuse.core.tree import Entry, ListingCache
 from dicomfuse.core.uploads import ORPHANS_WARNING, Spool, inspect_dicom
 from dicomfuse.core.workdirs import WorkDirs
-from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir
+from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir, record_paths
 from dicomfuse.dicomfile import DicomUids
 from dicomfuse.stores.base import Dataset, Store, StoreError, Unavailable, WalkableStore
 
@@ -178,7 +178,7 @@ class Vfs:
         earlier write-back run left unsent, so they are sent anyway. Raises QueueBusy when
         write-back mode is asked and another mount holds the queue."""
         directory = queue_dir(self.workdirs.root)
-        if self.config.upload_mode != "writeback" and not any(directory.glob("*.json")):
+        if self.config.upload_mode != "writeback" and not record_paths(directory):
             return None
         try:
             queue = WriteBackQueue(directory, self._send_batch, on_done=self._upload_done,
