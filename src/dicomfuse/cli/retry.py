@@ -11,7 +11,6 @@ record. Output names files, UIDs and stores only: never patient data.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from dicomfuse.core import portable
 from dicomfuse.core.uploads import (
     FailedInfo,
     files_in,
@@ -337,10 +337,8 @@ def _unlink(path: Path) -> None:
 def _lock(path: Path) -> int:
     """An flock on ``path`` (fd), or -1 when another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    fd = portable.open_fd(path, os.O_CREAT | os.O_RDWR)
+    if not portable.try_lock(fd):
         os.close(fd)
         return -1
     return fd

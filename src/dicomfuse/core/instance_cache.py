@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from dicomfuse.core import portable
 from dicomfuse.core.errors import FsError
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ class InstanceCache:
         entry.reserved = reserve
         self._bytes += reserve
         self._make_room(0)
-        os.close(os.open(entry.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))
+        os.close(portable.open_fd(entry.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC))
         return entry
 
     def _submit(self, entry: CachedInstance, fetch: Fetch, priority: int) -> None:
@@ -331,7 +332,7 @@ class InstanceCache:
         """Bytes ``[offset, offset+size)`` of the instance through the reader's ``fd``
         (opened on ``entry.path``), waiting only for that range to arrive."""
         entry.wait_for(offset + size)
-        return os.pread(fd, size, offset)
+        return portable.pread(fd, size, offset)
 
     def adopt(self, key: CacheKey, source: Path) -> int:
         """Move a file the mount just uploaded into the cache as a complete entry."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomfuse.core import portable
 from dicomfuse.core.errors import FsError
 from dicomfuse.dicomfile import DicomUids, check_upload
 
@@ -92,10 +93,10 @@ def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = True)
     ``durable``), then a rename, so a reader sees the old or the new contents, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_NAMES)}{_TMP_SUFFIX}")
     payload = json.dumps(data, indent=1).encode("utf-8")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    fd = portable.open_fd(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     try:
         try:
-            os.fchmod(fd, 0o600)
+            portable.make_private(fd)
             view = memoryview(payload)
             while view:
                 view = view[os.write(fd, view):]
@@ -118,19 +119,7 @@ def files_in(folder: Path) -> list[Path]:
     return [folder / n for n in names if not n.startswith(".") and (folder / n).is_file()]
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (one of another user counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return True  # cannot tell: keep the file where it is
-    return True
+pid_alive = portable.pid_alive  # re-exported: status and retry use it from here
 
 
 def inspect_dicom(path: Path) -> DicomUids:
@@ -156,7 +145,7 @@ class Spool:
     def new_file(self) -> tuple[Path, int]:
         """A new empty 0600 file and a read/write fd on it."""
         path = self.directory / f"{self._prefix}-{next(_NAMES)}{PART_SUFFIX}"
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        fd = portable.open_fd(path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
         return path, fd
 
     def keep_failed(self, path: Path, label: str, *, store: str | None = None, reason: str | None = None) -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from dicomfuse.core import portable
 from dicomfuse.core.discovery import WalkDetector, build_tree
 from dicomfuse.core.errors import ENOATTR, FsError, from_store_error
 from dicomfuse.core.instance_cache import CachedInstance, CacheKey, InstanceCache
@@ -279,12 +280,7 @@ class Vfs:
         return sorted(out.items())
 
     def statfs(self) -> dict[str, int]:
-        st = os.statvfs(self.workdirs.cache)
-        return {
-            "f_bsize": st.f_bsize, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks,
-            "f_bfree": st.f_bfree, "f_bavail": st.f_bavail, "f_files": st.f_files,
-            "f_ffree": st.f_ffree, "f_favail": st.f_favail, "f_namemax": 255,
-        }
+        return portable.disk_stats(self.workdirs.cache)
 
     # ======================================================================================
     # folders
@@ -403,7 +399,7 @@ class Vfs:
             if node.is_dir:
                 raise FsError(errno.EISDIR, f"open: is a folder: {p}")
             assert node.path is not None
-            fd = os.open(node.path, os.O_RDWR | (os.O_TRUNC if truncate else 0))
+            fd = portable.open_fd(node.path, os.O_RDWR | (os.O_TRUNC if truncate else 0))
             return OpenResult(self._add_handle(LocalHandle(node, fd)), direct_io=True)
         if writing:
             if alias is not None:  # a name just uploaded: writing it again overwrites that instance
@@ -416,7 +412,7 @@ class Vfs:
             target = self._alias_target(p, alias)
             return self._open_read(target)
         if pending is not None:
-            fd = os.open(pending.spool_path, os.O_RDONLY)
+            fd = portable.open_fd(pending.spool_path, os.O_RDONLY)
             return OpenResult(self._add_handle(LocalHandle(LocalNode(False, pending.spool_path), fd)),
                               direct_io=True)
         return self._open_read(p)
@@ -428,7 +424,7 @@ class Vfs:
                 return self.cache.read(handle.entry, handle.fd, offset, size)
             except StoreError as exc:
                 raise from_store_error(exc, f"read {handle.entry.key[3]}") from None
-        return os.pread(handle.fd, size, offset)
+        return portable.pread(handle.fd, size, offset)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
         handle = self._handle(fh)
@@ -442,7 +438,7 @@ class Vfs:
                 raise FsError(errno.EFBIG, f"write: {handle.path} would exceed the largest file "
                               f"(cacheSize/4 = {self.cache.max_file} bytes)", logging.ERROR)
             handle.dirty = True
-        return os.pwrite(handle.fd, data, offset)
+        return portable.pwrite(handle.fd, data, offset)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         handle = self._handle(fh, required=False) if fh is not None else None
@@ -752,7 +748,7 @@ class Vfs:
                 size = cached.wait_complete()
                 self.listings.update_size(p.parent, p.name, size)
                 self.notify_changed(str(p))
-            fd = os.open(cached.path, os.O_RDONLY)
+            fd = portable.open_fd(cached.path, os.O_RDONLY)
         except StoreError as exc:
             self.cache.release(cached)
             raise from_store_error(exc, f"read {p}") from None
@@ -832,7 +828,7 @@ class Vfs:
                 data = self.read(result.fh, chunk, offset)
                 if not data:
                     break
-                os.pwrite(fd, data, offset)
+                portable.pwrite(fd, data, offset)
                 offset += len(data)
         finally:
             self.release(result.fh)
@@ -998,7 +994,7 @@ class Vfs:
         delete, then store; if the new bytes are refused, the old instance is stored back.
         Identical bytes change nothing."""
         backup_path, backup_fd = self.spool.new_file()
-        source_fd = os.open(source, os.O_RDONLY)
+        source_fd = portable.open_fd(source, os.O_RDONLY)
         try:
             try:
                 self._copy_instance_into(target, backup_fd)
@@ -1130,7 +1126,7 @@ class Vfs:
         # An editor or tool wrote a side/temp name and now gives it its real name: upload it.
         self.policy.check(Op.UPLOAD, pn.level, str(pn))
         assert node.path is not None
-        fd = os.open(node.path, os.O_RDWR)
+        fd = portable.open_fd(node.path, os.O_RDWR)
         handle = WriteHandle(pn, node.path, fd, dirty=True)
         try:
             ident = self._send(handle)
@@ -1158,7 +1154,7 @@ class Vfs:
         with self._lock:
             self._side_names += 1
             path = self.workdirs.side / f"{self._side_names}"
-        fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)
+        fd = portable.open_fd(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR)
         node = LocalNode(False, path)
         with self._lock:
             self._local[p] = node
@@ -1185,7 +1181,7 @@ def _same_content(fd_a: int, fd_b: int) -> bool:
 def _digest(fd: int) -> bytes:
     h = hashlib.sha256()
     offset = 0
-    while chunk := os.pread(fd, 1 << 20, offset):
+    while chunk := portable.pread(fd, 1 << 20, offset):
         h.update(chunk)
         offset += len(chunk)
     return h.digest()

@@ -6,12 +6,13 @@ patient data.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
+
+from dicomfuse.core import portable
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ class WorkDirs:
         self.failed = private_dir(self.spool / "failed")
         self._wipe_stale_mounts()
         self.mount_dir = private_dir(self.mounts / uuid.uuid4().hex)
-        self._lock_fd = os.open(self.mount_dir / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = portable.open_fd(self.mount_dir / LOCK_NAME, os.O_CREAT | os.O_RDWR)
+        if not portable.try_lock(self._lock_fd):
+            raise RuntimeError(f"cannot lock the new cache folder {self.mount_dir}")
         self.cache = private_dir(self.mount_dir / "cache")
         self.side = private_dir(self.mount_dir / "side")
 
@@ -47,16 +49,14 @@ class WorkDirs:
         for child in self.mounts.iterdir():
             lock_path = child / LOCK_NAME
             try:
-                fd = os.open(lock_path, os.O_RDWR)
+                fd = portable.open_fd(lock_path, os.O_RDWR)
             except FileNotFoundError:
                 fd = -1
             except OSError:
                 continue
             try:
                 if fd >= 0:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
+                    if not portable.try_lock(fd):
                         continue  # a live mount holds it
                 shutil.rmtree(child, ignore_errors=True)
                 removed += 1

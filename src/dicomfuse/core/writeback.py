@@ -24,7 +24,6 @@ or undoes whatever a crash interrupted.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from dicomfuse.core import portable
 from dicomfuse.core.uploads import write_json_atomic
 from dicomfuse.core.workdirs import private_dir
 from dicomfuse.dicomfile import DicomUids, check_upload, is_uid
@@ -171,13 +171,7 @@ def _write_json(path: Path, data: dict[str, Any], *, durable: bool) -> None:
     write_json_atomic(path, data, durable=durable)
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_path = portable.fsync_path
 
 
 def _unlink(path: Path) -> None:
@@ -197,7 +191,7 @@ def _move_in(source: Path, target: Path) -> None:
             raise
         tmp = target.with_name(f".{target.name}{_TMP_SUFFIX}")
         try:
-            with open(source, "rb") as src, open(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600),
+            with open(source, "rb") as src, open(portable.open_fd(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC),
                                                  "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
@@ -229,10 +223,8 @@ def _new_id() -> str:
 
 
 def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    fd = portable.open_fd(path, os.O_CREAT | os.O_RDWR)
+    if not portable.try_lock(fd):
         os.close(fd)
         raise QueueBusy(
             f"another dicomfuse mount is sending the write-back uploads in {path.parent}; "

@@ -1,0 +1,132 @@
+"""What differs between POSIX and Windows for the core's own files, in one place.
+
+The core keeps patient data in private files (the instance cache, the upload spool, the
+write-back journal). On Windows, ``os.open`` opens in text mode unless told ``O_BINARY`` (a
+CRLF translation would corrupt instances), there is no ``pread``/``pwrite``, no ``flock``, no
+``statvfs``, a folder cannot be opened to fsync it, and ``os.kill(pid, 0)`` *terminates* the
+process instead of probing it. Everything here has one POSIX and one Windows branch, and both
+are exercised by the unit tests on Linux (the Windows branches by forcing them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+WINDOWS = os.name == "nt"
+BINARY = getattr(os, "O_BINARY", 0)  # 0 on POSIX
+
+_seek_lock = threading.Lock()  # pread/pwrite emulation: one seek+read at a time per process
+
+
+def open_fd(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> int:
+    """``os.open`` in binary mode, private (0600) when it creates the file."""
+    return os.open(path, flags | BINARY, mode)
+
+
+def pread(fd: int, size: int, offset: int, *, emulate: bool = WINDOWS) -> bytes:
+    if not emulate:
+        return os.pread(fd, size, offset)
+    with _seek_lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, size)
+
+
+def pwrite(fd: int, data: bytes, offset: int, *, emulate: bool = WINDOWS) -> int:
+    if not emulate:
+        return os.pwrite(fd, data, offset)
+    with _seek_lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+def try_lock(fd: int, *, windows: bool = WINDOWS) -> bool:
+    """Take an exclusive lock on the open file ``fd`` without waiting; False when another
+    process holds it. The lock goes with the process (released when it dies)."""
+    if windows:
+        import msvcrt
+
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def make_private(fd: int) -> None:
+    """0600 for a file created by someone else's umask (Windows: the folder's ACL decides)."""
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, 0o600)
+
+
+def fsync_path(path: Path, *, windows: bool = WINDOWS) -> None:
+    """fsync a file, or a folder so that renames in it are durable (Windows cannot open a
+    folder; NTFS journals its renames)."""
+    if windows and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY | BINARY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int, *, windows: bool = WINDOWS) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts as alive; when it cannot be
+    told, alive, so that its files are left alone)."""
+    if pid <= 0:
+        return False
+    if windows:
+        return _windows_pid_alive(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # PermissionError: another user's; anything else: cannot tell
+    return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    process_query_limited_information, still_active, access_denied = 0x1000, 259, 5
+    handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
+    if not handle:
+        return kernel32.GetLastError() == access_denied
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def disk_stats(path: Path, *, windows: bool = WINDOWS) -> dict[str, int]:
+    """``statfs`` numbers for the disk holding ``path``."""
+    if not windows:
+        st = os.statvfs(path)
+        return {
+            "f_bsize": st.f_bsize, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks,
+            "f_bfree": st.f_bfree, "f_bavail": st.f_bavail, "f_files": st.f_files,
+            "f_ffree": st.f_ffree, "f_favail": st.f_favail, "f_namemax": 255,
+        }
+    usage = shutil.disk_usage(path)
+    block = 4096
+    return {
+        "f_bsize": block, "f_frsize": block, "f_blocks": usage.total // block,
+        "f_bfree": usage.free // block, "f_bavail": usage.free // block, "f_files": 0,
+        "f_ffree": 0, "f_favail": 0, "f_namemax": 255,
+    }
