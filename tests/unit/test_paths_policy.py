@@ -97,3 +97,10 @@ def test_original_contract_cells():
     assert TABLE[Op.UPLOAD][Level.STUDY] is Rule.ALLOW  # a file dropped in a store folder
     assert TABLE[Op.UPLOAD][Level.INSTANCE] is Rule.ALLOW  # a file dropped in a series folder
     assert TABLE[Op.LINK][Level.INSTANCE] == Deny(errno.EPERM)
+
+
+def test_instance_suffix_in_any_case_names_the_same_file():
+    for name in ("1.2.3.DCM", "1.2.3.Dcm", "1.2.3.dcm"):
+        assert DicomPath.parse(f"/s/1.2/1.2.5/{name}") == DicomPath.parse("/s/1.2/1.2.5/1.2.3.dcm")
+    assert DicomPath.parse("/s/1.2/1.2.5/notes.DCM").name == "notes.DCM"  # not a UID: kept as given
+    assert DicomPath.parse("/s/x.DCM").name == "x.DCM"  # a file dropped in a store folder keeps its name

@@ -234,3 +234,12 @@ def test_a_slow_store_walk_holds_listings_up_only_for_its_grace(dataset: LocalDa
     finally:
         slow.release.set()
         vfs.shutdown()
+
+
+def test_upper_case_suffix_finds_the_instance_and_lists_it_once(dataset, tmp_path, dicom: DicomFactory):
+    vfs = make_vfs(dataset, tmp_path)
+    inst = dicom.instance()
+    upload(vfs, "/store/x.dcm", inst.path.read_bytes())
+    series = f"/store/{inst.study_uid}/{inst.series_uid}"
+    assert read(vfs, f"{series}/{inst.sop_uid}.DCM") == inst.path.read_bytes()
+    assert [name for name, _ in vfs.readdir(series)] == [f"{inst.sop_uid}.dcm"]

@@ -78,7 +78,14 @@ class DicomPath:
 
     @classmethod
     def parse(cls, path: str) -> DicomPath:
-        return cls(tuple(p for p in path.split("/") if p not in ("", ".")))
+        """``<uid>.DCM`` (any case of the suffix) names the same file as ``<uid>.dcm``: Windows
+        looks names up case-insensitively, and a listing shows each instance once."""
+        parts = tuple(p for p in path.split("/") if p not in ("", "."))
+        if len(parts) == Level.INSTANCE and not parts[3].endswith(INSTANCE_SUFFIX):
+            uid = instance_uid(parts[3])
+            if uid is not None:
+                parts = (*parts[:3], instance_name(uid))
+        return cls(parts)
 
     @property
     def level(self) -> Level:
