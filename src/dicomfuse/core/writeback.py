@@ -201,8 +201,9 @@ def _move_in(source: Path, target: Path) -> None:
             _unlink(tmp)
             raise
         _unlink(source)
-    os.chmod(target, 0o600)
-    _fsync_path(target)
+    if os.stat(target).st_mode & 0o777 != 0o600:
+        os.chmod(target, 0o600)  # a change of mode would cost one more journal commit: only if needed
+    _fsync_path(target)  # nothing to write when the caller fsynced the bytes already
 
 
 def _clean_temporary(directory: Path) -> None:
