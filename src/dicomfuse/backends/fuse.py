@@ -181,6 +181,8 @@ class FuseOperations(mfusepy.Operations):
         fi.fh = result.fh
         fi.direct_io = int(result.direct_io)
         fi.keep_cache = int(result.keep_cache)
+        if result.no_flush and hasattr(fi, "noflush"):  # libfuse >= 3.11, kernel >= 5.17
+            fi.noflush = 1  # close() of a read-only file costs no round trip into Python
 
     @translate
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:

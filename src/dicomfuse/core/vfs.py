@@ -77,6 +77,7 @@ class OpenResult:
     fh: int
     direct_io: bool = False  # reads must not be clipped to a size the kernel may hold stale
     keep_cache: bool = False
+    no_flush: bool = False  # closing it needs no call into the core (a read-only handle)
 
 
 @dataclass
@@ -757,7 +758,7 @@ class Vfs:
             raise
         self.readahead.opened(p)
         return OpenResult(self._add_handle(ReadHandle(cached, fd)), direct_io=size_before is None,
-                          keep_cache=size_before is not None)
+                          keep_cache=size_before is not None, no_flush=True)
 
     def _cache_open(self, p: DicomPath, expected_size: int | None = None) -> CachedInstance:
         """The pinned cache entry of instance ``p``, downloading it if needed (single-flight)."""
