@@ -266,6 +266,36 @@ def test_non_dicom_and_truncated_files_fail_at_close(backend: Backend, mount_fac
     assert any(p.read_bytes() == b"hello" for p in kept), "a failed upload keeps its bytes"
 
 
+def test_an_empty_file_stays_local_until_written(backend: Backend, mount_factory, dicom: DicomFactory):
+    """Finder and Explorer create the file empty and close it before they copy into it; touch does
+    the same. Nothing is sent until bytes are written; then it is an upload like any other."""
+    m = mount_factory(backend)
+    store = m.path / backend.store_name
+    r = run("touch", store / "IMG0001.dcm")
+    assert r.returncode == 0, r.stderr
+    assert (store / "IMG0001.dcm").stat().st_size == 0 and "IMG0001.dcm" in os.listdir(store)
+    inst = dicom.instance()
+    r = run("cp", inst.path, store / "IMG0001.dcm")  # into the placeholder, as Finder does
+    assert r.returncode == 0, r.stderr
+    assert backend.has(inst) and backend.server_bytes(inst) == inst.path.read_bytes()
+    r = run("touch", store / "never-written.dcm")
+    assert r.returncode == 0 and run("rm", store / "never-written.dcm").returncode == 0
+    assert "never-written.dcm" not in os.listdir(store)
+    assert "ERROR" not in (m.log_dir / "error.log").read_text() if (m.log_dir / "error.log").exists() else True
+
+
+def test_mv_no_clobber_keeps_the_target(backend: Backend, mount_factory, dicom: DicomFactory):
+    """mv -n (renameat2 RENAME_NOREPLACE) must not overwrite: mfusepy drops the flag otherwise."""
+    m = mount_factory(backend)
+    store = m.path / backend.store_name
+    for name in ("._a", "._b"):  # side files: renamed on this computer, whatever the server
+        (store / name).write_bytes(name.encode())
+    r = run("mv", "-n", store / "._a", store / "._b")
+    assert (store / "._b").read_bytes() == b"._b" and (store / "._a").exists(), r.stderr
+    r = run("mv", store / "._a", store / "._b")
+    assert r.returncode == 0 and (store / "._b").read_bytes() == b"._a"
+
+
 def test_rsync_into_store(backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path):
     m = mount_factory(backend)
     src = tmp_path / "src"

@@ -55,8 +55,9 @@ class FuseOperations(mfusepy.Operations):
 
     def __init__(self, vfs: Vfs, uid: int | None = None, gid: int | None = None) -> None:
         self.vfs = vfs
-        self.uid = os.getuid() if uid is None else uid
-        self.gid = os.getgid() if gid is None else gid
+        # Windows (WinFsp's FUSE layer) has no uid: its uid=-1,gid=-1 options map owners.
+        self.uid = getattr(os, "getuid", lambda: 0)() if uid is None else uid
+        self.gid = getattr(os, "getgid", lambda: 0)() if gid is None else gid
         self._fuse: int | None = None  # struct fuse *, for kernel cache invalidation
         self.initialized = False
         vfs.notify_changed = self._invalidate
@@ -164,6 +165,15 @@ class FuseOperations(mfusepy.Operations):
         self.vfs.rename(old, new)
         return 0
 
+    @translate
+    def rename_with_flags(self, old: str, new: str, flags: int) -> int:
+        """renameat2(2): RENAME_NOREPLACE (``mv -n``) refuses an existing target; an exchange
+        or a whiteout is not something a DICOM store can do."""
+        if flags & ~RENAME_NOREPLACE:
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        self.vfs.rename(old, new, replace=not flags & RENAME_NOREPLACE)
+        return 0
+
     # -- files -----------------------------------------------------------------------------
 
     @translate
@@ -254,13 +264,21 @@ class FuseOperations(mfusepy.Operations):
 
 
 _TYPE_ONLY = {"st_mode": stat.S_IFREG}
+RENAME_NOREPLACE = 1 << 0  # linux/fs.h, as renameat2(2) passes them through libfuse 3
 FUSE_READDIR_PLUS = 1 << 0  # in readdir's flags: the kernel asks for attributes too
 FUSE_FILL_DIR_PLUS = 1 << 1  # in the filler's flags: this entry's attributes are complete
 
 
 class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
-    """mfusepy's FUSE with READDIRPLUS answered: mfusepy passes names and modes only, so the
-    kernel would send one lookup per entry after every listing."""
+    """mfusepy's FUSE with READDIRPLUS answered (mfusepy passes names and modes only, so the
+    kernel would send one lookup per entry after every listing) and rename flags kept (mfusepy
+    drops them, so ``mv -n`` would overwrite)."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        if not flags:
+            return int(super().rename_fuse_3(old, new, flags))
+        return int(self.operations.rename_with_flags(
+            old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags))
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         plus = getattr(self.operations, "readdir_plus", None)

@@ -31,7 +31,8 @@ def default_options(platform: str = sys.platform, volume_name: str = "DICOMFuse"
             "noappledouble": True,   # Finder's ._* files are not written at all
             "defer_permissions": True,
             "nolocalcaches": True,   # sizes learnt on first read show up in Finder
-            "noapplexattr": True,
+            # No noapplexattr: with it macFUSE answers EPERM to every com.apple.* xattr before the
+            # core sees it, and Finder's copy (copyfile) gives up before copying any data.
         }
     return common
 

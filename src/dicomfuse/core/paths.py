@@ -20,7 +20,8 @@ _SIDE_NAMES = {
     ".ds_store", "desktop.ini", "thumbs.db", "ehthumbs.db", "autorun.inf", "$recycle.bin",
     "system volume information", ".spotlight-v100", ".fseventsd", ".temporaryitems", ".trashes",
     ".apdisk", ".volumeicon.icns", ".localized", ".metadata_never_index", ".hidden", ".directory",
-    ".xdg-volume-info", ".nfs", "icon\r",
+    ".xdg-volume-info", ".nfs", "icon\r", ".documentrevisions-v100", ".metadata_never_index_unless_rootfs",
+    ".metadata_direct_scope_only", ".ql_disablethumbnails", ".ql_disablecache",
 }
 _SIDE_PATTERNS = (
     re.compile(r"^\._"),                 # AppleDouble

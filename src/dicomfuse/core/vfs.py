@@ -82,10 +82,12 @@ class OpenResult:
 
 @dataclass
 class LocalNode:
-    """A side file or a GUI "New folder" placeholder: lives on this machine only."""
+    """A side file, a GUI "New folder" placeholder or an empty file nothing was written into
+    yet: lives on this machine only."""
 
     is_dir: bool
     path: Path | None = None  # file content (side files)
+    placeholder: bool = False  # a new file closed empty: writing into it uploads it
     mtime: float = field(default_factory=time.time)
 
 
@@ -122,6 +124,7 @@ class WriteHandle:
     dirty: bool = False
     uploaded: DicomUids | None = None
     queued: bool = False  # handed to the write-back queue: its bytes are the queue's now
+    new: bool = False  # created by this mount: closed empty, it stays a local placeholder
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -296,8 +299,10 @@ class Vfs:
                     self._local[p] = LocalNode(is_dir=True)
                 log.info("Folder %r stays on this computer until it is renamed to a store name", p.name)
                 return
-            if p.is_side_file:
-                raise FsError(errno.EPERM, f"mkdir: {p.name!r} is a system folder, not created")
+            if p.is_side_file or p.name.startswith("."):
+                # Spotlight, Trash, versions (.DocumentRevisions-V100) and other hidden system
+                # folders: refused quietly (the OS tries them by itself), never a store.
+                raise FsError(errno.EPERM, f"mkdir: {p.name!r} is a system folder, not created", logging.DEBUG)
             if not is_valid_store_id(p.name):
                 raise FsError(errno.EINVAL, f"mkdir: {p.name!r} is not a valid store ID "
                               "(1-256 letters, digits, '_', '-', '.')", logging.WARNING)
@@ -324,10 +329,16 @@ class Vfs:
             self._stores.pop(p.name, None)
         log.info("Deleted empty store %s", p.name)
 
-    def rename(self, old: str, new: str) -> None:
+    def rename(self, old: str, new: str, *, replace: bool = True) -> None:
+        """``replace=False`` (``mv -n``'s RENAME_NOREPLACE, Windows without "replace if
+        exists"): EEXIST when ``new`` exists, and nothing changes."""
         po, pn = DicomPath.parse(old), DicomPath.parse(new)
         if po == pn:
             return
+        if not replace:
+            self.getattr(old)
+            if self._exists(pn):
+                raise FsError(errno.EEXIST, f"rename: {pn} exists and is not replaced", logging.DEBUG)
         with self._lock:
             node = self._local.get(po)
             alias = self._aliases.get(po)
@@ -375,6 +386,10 @@ class Vfs:
             raise FsError(errno.ENOENT, f"create: no such folder: {p.parent}")
         if p.is_side_file:
             return OpenResult(self._create_local(p), direct_io=True)
+        with self._lock:
+            node = self._local.get(p)
+        if node is not None and node.placeholder:
+            return self._fill_placeholder(p, node, truncate=True)
         parent = self.getattr(str(p.parent))
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR, f"create: not a folder: {p.parent}")
@@ -383,9 +398,9 @@ class Vfs:
             return self._open_instance_for_writing(p, truncate=True)
         with self._lock:
             self._aliases.pop(p, None)
-        # dirty from the start: even an empty new file is checked at close (an empty file is
-        # not DICOM, and saying so beats a silent no-op).
-        return self._new_write_handle(p, overwrites=None, seed_from=None, dirty=True)
+        # Not dirty: a file closed empty is not an upload. Finder and Explorer create the file
+        # empty and close it before they copy into it; it stays a local placeholder.
+        return self._new_write_handle(p, overwrites=None, seed_from=None, dirty=False, new=True)
 
     def open(self, path: str, flags: int, caller: Caller | None = None) -> OpenResult:
         p = DicomPath.parse(path)
@@ -400,6 +415,8 @@ class Vfs:
             if node.is_dir:
                 raise FsError(errno.EISDIR, f"open: is a folder: {p}")
             assert node.path is not None
+            if node.placeholder and writing:
+                return self._fill_placeholder(p, node, truncate)
             fd = portable.open_fd(node.path, os.O_RDWR | (os.O_TRUNC if truncate else 0))
             return OpenResult(self._add_handle(LocalHandle(node, fd)), direct_io=True)
         if writing:
@@ -489,6 +506,8 @@ class Vfs:
                     log.debug("Upload at release failed: %s", exc)
             if handle.queued:
                 pass  # the queue owns the bytes; the cache shares them already
+            elif handle.new and handle.uploaded is None and not handle.dirty and handle.size == 0:
+                self._keep_placeholder(handle)
             elif handle.uploaded is not None and not handle.dirty:
                 ident = handle.uploaded
                 self.cache.adopt((handle.path.store, ident.study_uid, ident.series_uid, ident.sop_uid),
@@ -810,14 +829,40 @@ class Vfs:
                                       seed_from=None if truncate else p, dirty=truncate)
 
     def _new_write_handle(self, p: DicomPath, *, overwrites: DicomUids | None,
-                          seed_from: DicomPath | None, dirty: bool) -> OpenResult:
+                          seed_from: DicomPath | None, dirty: bool, new: bool = False) -> OpenResult:
         """A spooled write handle for ``p``, starting with the bytes of ``seed_from`` if given
         (an open for writing without O_TRUNC edits the current content)."""
         spool_path, fd = self.spool.new_file()
         if seed_from is not None:
             self._copy_instance_into(seed_from, fd)
-        handle = WriteHandle(p, spool_path, fd, overwrites=overwrites, dirty=dirty)
+        handle = WriteHandle(p, spool_path, fd, overwrites=overwrites, dirty=dirty, new=new)
         with self._lock:
+            self._pending[p] = handle
+        return OpenResult(self._add_handle(handle), direct_io=True)
+
+    def _keep_placeholder(self, h: WriteHandle) -> None:
+        """A new file closed with nothing written: listed (size 0) until something is written
+        into it, it is removed, or the mount ends; never sent (it is not DICOM yet)."""
+        with self._lock:
+            self._side_names += 1
+            path = self.workdirs.side / f"{self._side_names}"
+        os.replace(h.spool_path, path)
+        with self._lock:
+            if h.path not in self._pending:  # no newer handle writes this name meanwhile
+                self._local[h.path] = LocalNode(False, path, placeholder=True)
+                path = None
+        if path is not None:
+            Spool.discard(path)
+        log.info("%s was closed empty: it stays on this computer until something is written into it", h.path)
+
+    def _fill_placeholder(self, p: DicomPath, node: LocalNode, truncate: bool) -> OpenResult:
+        """Writing into an empty placeholder: from now on an upload like any new file."""
+        assert node.path is not None
+        fd = portable.open_fd(node.path, os.O_RDWR | (os.O_TRUNC if truncate else 0))
+        handle = WriteHandle(p, node.path, fd, dirty=False, new=True)
+        with self._lock:
+            if self._local.get(p) is node:
+                del self._local[p]
             self._pending[p] = handle
         return OpenResult(self._add_handle(handle), direct_io=True)
 
@@ -1117,7 +1162,7 @@ class Vfs:
             with self._lock:
                 self._local[pn] = self._local.pop(po)
             return
-        if pn.is_side_file:  # stays on this computer, in any existing folder
+        if pn.is_side_file or node.placeholder:  # stays on this computer, in any existing folder
             self._require_dir(pn.parent)
             with self._lock:
                 self._local[pn] = self._local.pop(po)
