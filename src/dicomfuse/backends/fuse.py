@@ -12,10 +12,18 @@ import functools
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import mfusepy
+if sys.platform.startswith("linux") and not {"FUSE_LIBRARY_PATH", "FUSE_LIBRARY_NAME"} & set(os.environ):
+    from ctypes.util import find_library
+
+    # mfusepy tries libfuse 2 first: where both are installed, libfuse 3 (READDIRPLUS, noflush).
+    if find_library("fuse3"):
+        os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
+
+import mfusepy  # noqa: E402
 
 from dicomfuse.core.errors import FsError
 from dicomfuse.core.vfs import Attr, OpenResult, Vfs

@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -56,7 +57,7 @@ def build_parser(prog: str = PROG, *, demo: bool = False) -> argparse.ArgumentPa
         if field.is_required() and not demo:
             kwargs["required"] = True
             help_text += " (required)"
-        elif field.default is not None:
+        elif field.default is not None and not field.is_required():
             default = field.default
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default).lower()
             help_text += f" Default: {shown}."
@@ -208,9 +209,18 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         log.error("The mount failed (%s); is FUSE installed and %s free?", exc, settings.mountPath)
         return EXIT_FAILURE
     finally:
+        _ignore_interrupts()
         vfs.shutdown()
     log.info("Unmounted %s; cache wiped", settings.mountPath)
     return 0
+
+
+def _ignore_interrupts() -> None:
+    """Once the mount is gone, finish the shutdown (uploads in flight, the cache wipe) whatever
+    Ctrl+C comes next: a terminal's Ctrl+C reaches a single-file build twice (its bootloader
+    forwards its own copy), and the second one would cut the shutdown short."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _after_mount(path: Path, action: Callable[[], None], timeout: float = 60.0) -> None:
