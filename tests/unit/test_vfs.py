@@ -243,3 +243,75 @@ def test_upper_case_suffix_finds_the_instance_and_lists_it_once(dataset, tmp_pat
     series = f"/store/{inst.study_uid}/{inst.series_uid}"
     assert read(vfs, f"{series}/{inst.sop_uid}.DCM") == inst.path.read_bytes()
     assert [name for name, _ in vfs.readdir(series)] == [f"{inst.sop_uid}.dcm"]
+
+
+def test_discard_drops_a_file_being_written_without_sending_it(dataset, tmp_path, dicom: DicomFactory):
+    vfs = make_vfs(dataset, tmp_path)
+    inst = dicom.instance()
+    fh = vfs.create("/store/a.dcm").fh
+    vfs.write(fh, inst.path.read_bytes(), 0)
+    vfs.discard(fh)
+    assert "a.dcm" not in dict(vfs.readdir("/store"))
+    assert not list(vfs.spool.failed.iterdir()) and not list((tmp_path / "ds" / "store").iterdir())
+    assert errno_of(vfs.getattr, "/store/a.dcm") == errno.ENOENT
+
+
+def test_check_delete_foresees_refusals_and_changes_nothing(dataset, tmp_path, dicom: DicomFactory):
+    inst = dicom.instance()
+    vfs = make_vfs(dataset, tmp_path)
+    upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+    target = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    vfs.check_delete(target)  # allowed: nothing raised, and still there
+    assert vfs.getattr(target).size == inst.path.stat().st_size
+    assert errno_of(vfs.check_delete, f"/store/{inst.study_uid}") == errno.EPERM  # a study cannot go
+    assert errno_of(vfs.check_delete, "/store/1.2.3") == errno.ENOENT
+    vfs.mkdir("/New folder")
+    vfs.check_delete("/New folder")
+    locked = make_vfs(dataset, tmp_path / "second", deletion_enabled=False)
+    assert errno_of(locked.check_delete, target) == errno.EPERM
+
+
+def test_a_refused_file_is_not_sent_again_unless_it_changes(dataset, tmp_path):
+    vfs = make_vfs(dataset, tmp_path)
+    fh = vfs.create("/store/notes.dcm").fh
+    vfs.write(fh, b"not dicom", 0)
+    assert errno_of(vfs.flush, fh) == errno.EINVAL
+    vfs.flush(fh)  # Windows flushes again at cleanup: the refusal is not repeated
+    vfs.release(fh)
+    assert len(list(vfs.spool.failed.glob("*notes.dcm"))) == 1
+
+
+def test_a_file_closed_empty_is_a_local_placeholder_until_written(dataset, tmp_path, dicom: DicomFactory):
+    vfs = make_vfs(dataset, tmp_path)
+    vfs.release(vfs.create("/store/IMG1.dcm").fh)  # Finder's and Explorer's first step of a copy
+    assert dict(vfs.readdir("/store"))["IMG1.dcm"].size == 0
+    assert not list((tmp_path / "ds" / "store").iterdir()) and not list(vfs.spool.failed.iterdir())
+    inst = dicom.instance()
+    fh = vfs.open("/store/IMG1.dcm", os.O_WRONLY | os.O_TRUNC).fh
+    vfs.write(fh, inst.path.read_bytes(), 0)
+    vfs.flush(fh)
+    vfs.release(fh)
+    target = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    assert read(vfs, target) == inst.path.read_bytes()
+    vfs.release(vfs.create("/store/IMG2.dcm").fh)
+    vfs.rename("/store/IMG2.dcm", "/store/IMG3.dcm")  # renamed: still a placeholder, nothing sent
+    vfs.unlink("/store/IMG3.dcm")
+    assert "IMG3.dcm" not in dict(vfs.readdir("/store"))
+
+
+def test_rename_without_replace_keeps_an_existing_target(dataset, tmp_path):
+    vfs = make_vfs(dataset, tmp_path)
+    for name in ("._a", "._b"):
+        fh = vfs.create(f"/store/{name}").fh
+        vfs.write(fh, name.encode(), 0)
+        vfs.release(fh)
+    assert errno_of(lambda: vfs.rename("/store/._a", "/store/._b", replace=False)) == errno.EEXIST
+    vfs.rename("/store/._a", "/store/._c", replace=False)
+    assert set(dict(vfs.readdir("/store"))) == {"._b", "._c"}
+
+
+def test_hidden_system_folders_never_become_stores(dataset, tmp_path):
+    vfs = make_vfs(dataset, tmp_path)
+    for name in (".DocumentRevisions-V100", ".Trashes", ".anything"):
+        assert errno_of(vfs.mkdir, f"/{name}") == errno.EPERM
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["store"]

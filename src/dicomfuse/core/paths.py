@@ -21,7 +21,7 @@ _SIDE_NAMES = {
     "system volume information", ".spotlight-v100", ".fseventsd", ".temporaryitems", ".trashes",
     ".apdisk", ".volumeicon.icns", ".localized", ".metadata_never_index", ".hidden", ".directory",
     ".xdg-volume-info", ".nfs", "icon\r", ".documentrevisions-v100", ".metadata_never_index_unless_rootfs",
-    ".metadata_direct_scope_only", ".ql_disablethumbnails", ".ql_disablecache",
+    ".metadata_direct_scope_only", ".ql_disablethumbnails", ".ql_disablecache", "folder.jpg", "folder.gif",
 }
 _SIDE_PATTERNS = (
     re.compile(r"^\._"),                 # AppleDouble
@@ -34,6 +34,7 @@ _SIDE_PATTERNS = (
     re.compile(r"^#.*#$"),               # emacs autosave
     re.compile(r"^\.goutputstream-"),    # GNOME
     re.compile(r"^\.fuse_hidden"),
+    re.compile(r"^albumart.*\.jpg$", re.I),  # Windows Media Player's folder art
 )
 # Folder names a GUI gives a new folder before the user renames it.
 _GUI_FOLDER_RE = re.compile(r"^(untitled folder|new folder)( \(?\d+\)?)?$", re.I)

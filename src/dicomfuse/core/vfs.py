@@ -263,7 +263,11 @@ class Vfs:
             self._require_dir(p)
         self.policy.check(Op.LIST, p.level, str(p))
         if listing is None:
-            listing = self._listing(p)
+            with self._lock:
+                node = self._local.get(p)
+            # A folder that exists on this computer only (a "New folder" not renamed yet) holds
+            # only what is local: the server knows nothing of it.
+            listing = {} if node is not None and node.is_dir else self._listing(p)
         out: dict[str, Attr] = {}
         folder_attr = Attr(True, mtime=self.mounted_at)
         for name, entry in listing.items():
@@ -516,6 +520,39 @@ class Vfs:
             elif handle.spool_path.parent == self.spool.directory:
                 Spool.discard(handle.spool_path)  # opened for writing, never written: nothing to keep
         self._close_fd(handle.fd)
+
+    def discard(self, fh: int) -> None:
+        """Close ``fh`` without uploading what was written through it: the program deletes the
+        file it was writing (a copy cancelled in Explorer). Other handles: as release."""
+        with self._lock:
+            handle = self._handles.get(fh)
+            if isinstance(handle, WriteHandle):
+                del self._handles[fh]
+                if self._pending.get(handle.path) is handle:
+                    del self._pending[handle.path]
+        if not isinstance(handle, WriteHandle):
+            self.release(fh)
+            return
+        with handle.lock:
+            handle.dirty = False
+            if not handle.queued and handle.uploaded is None and handle.spool_path.parent == self.spool.directory:
+                Spool.discard(handle.spool_path)
+        self._close_fd(handle.fd)
+        log.info("%s was deleted before it was sent; nothing uploaded", handle.path)
+
+    def check_delete(self, path: str) -> None:
+        """Raise the FsError that unlink or rmdir of ``path`` would raise for a reason known
+        in advance (no such name, deletion disabled, a level that cannot be deleted, a local
+        folder that is not empty); nothing changes. The server may still refuse later."""
+        p = DicomPath.parse(path)
+        with self._lock:
+            node = self._local.get(p)
+            if node is not None or p in self._aliases or p in self._pending:
+                if node is not None and node.is_dir and any(lp.parent == p for lp in self._local):
+                    raise FsError(errno.ENOTEMPTY, f"delete: not empty: {p}")
+                return
+        attr = self.getattr(path)
+        self.policy.check(Op.RMDIR if attr.is_dir else Op.UNLINK, p.level, str(p))
 
     # -- attributes that change nothing ----------------------------------------------------
 
@@ -897,6 +934,8 @@ class Vfs:
             except FsError as exc:
                 self._keep_failed(h, exc.strerror or str(exc))
                 exc.level = logging.DEBUG  # _keep_failed logged the one ERROR line
+                if exc.errno in (errno.EINVAL, errno.EFBIG):
+                    h.dirty = False  # refused for its content: sent again only if it changes
                 raise
             h.dirty = False
             h.uploaded = ident
