@@ -88,3 +88,22 @@ def test_unreachable_server_exits_1_without_mounting(tmp_path: Path):
                "--cacheDir", str(tmp_path / "cache")])
     assert rc == 1
     assert "Cannot reach the dataset" in (tmp_path / "logs" / "error.log").read_text()
+
+
+def test_the_adapter_follows_the_system_and_the_installed_binding():
+    from dicomfuse.backends import adapter_name
+
+    assert adapter_name("linux") == "fuse" and adapter_name("darwin") == "fuse"
+    assert adapter_name("win32", winfspy_installed=True) == "winfsp"
+    assert adapter_name("win32", winfspy_installed=False) == "fuse"  # Python >= 3.12: WinFsp's FUSE layer
+
+
+def test_windows_mount_points_are_checked_before_anything_starts(tmp_path):
+    from dicomfuse.cli.main import UsageError, check_mount_path
+
+    assert check_mount_path(Path("j:"), platform="win32") == "J:"
+    for bad, why in ((Path("J"), "not a drive letter"), (tmp_path / "missing" / "mnt", "does not exist")):
+        with pytest.raises(UsageError, match=why) as exc:
+            check_mount_path(bad, platform="win32")
+        assert str(exc.value).startswith("--mountPath: ")
+    assert check_mount_path(tmp_path / "new", platform="win32") == str(tmp_path / "new")

@@ -106,7 +106,17 @@ def parse_settings_with(
         raise UsageError(f"--{where}: {msg}") from None
 
 
-def check_mount_path(path: Path) -> None:
+def check_mount_path(path: Path, platform: str = sys.platform) -> str:
+    """The mount point to hand the adapter, or UsageError. Windows: a free drive letter (J:) or
+    a folder path that is new or empty (backends.windows.check_mount_point). Elsewhere: an
+    existing empty folder."""
+    if platform == "win32":
+        from dicomfuse.backends import windows
+
+        try:
+            return windows.check_mount_point(str(path))
+        except ValueError as exc:
+            raise UsageError(f"--mountPath: {exc}") from None
     _clear_dead_mount(path)
     if os.path.ismount(path):
         raise UsageError(f"--mountPath: {path} is already a mount point")
@@ -116,6 +126,7 @@ def check_mount_path(path: Path) -> None:
         raise UsageError(f"--mountPath: {path} is not a folder")
     if any(path.iterdir()):
         raise UsageError(f"--mountPath: {path} is not empty")
+    return str(path)
 
 
 def _clear_dead_mount(path: Path) -> None:
@@ -143,7 +154,7 @@ def _clear_dead_mount(path: Path) -> None:
 def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> int:
     """Open the dataset, check it answers, mount in the foreground; clean up on exit.
     ``on_mounted`` runs on its own thread once the mount is up."""
-    from dicomfuse.backends import fuse, options
+    from dicomfuse.backends import adapter_name, options
     from dicomfuse.core.vfs import Vfs, VfsConfig
     from dicomfuse.core.workdirs import WorkDirs
     from dicomfuse.core.writeback import QueueBusy, dataset_label
@@ -151,7 +162,7 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     from dicomfuse.stores.base import Forbidden, NotFound, StoreError
     from dicomfuse.stores.open import open_dataset
 
-    check_mount_path(settings.mountPath)
+    mount_point = check_mount_path(settings.mountPath)
     try:
         dataset = open_dataset(settings.datasetAddr, key_file=settings.keyFile, orthanc_rest=settings.orthancRest,
                                pool_size=settings.downloadThreads + 4, timeout=settings.httpTimeout,
@@ -200,11 +211,15 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     mount_options = options.merge(
         options.default_options(volume_name=dataset.name), options.parse_extra(settings.extraMountOptions)
     )
-    log.info("Mounting %s at %s (Ctrl+C to unmount)", dataset.name, settings.mountPath)
+    if adapter_name() == "winfsp":
+        from dicomfuse.backends import winfsp as adapter
+    else:
+        from dicomfuse.backends import fuse as adapter  # type: ignore[no-redef]
+    log.info("Mounting %s at %s (Ctrl+C to unmount)", dataset.name, mount_point)
     if on_mounted is not None:
-        _after_mount(settings.mountPath, on_mounted)
+        _after_mount(mount_point, on_mounted)
     try:
-        fuse.run(vfs, str(settings.mountPath), mount_options)
+        adapter.run(vfs, mount_point, mount_options)
     except RuntimeError as exc:
         log.error("The mount failed (%s); is FUSE installed and %s free?", exc, settings.mountPath)
         return EXIT_FAILURE
@@ -223,10 +238,19 @@ def _ignore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _after_mount(path: Path, action: Callable[[], None], timeout: float = 60.0) -> None:
+def is_mounted(mount_point: str | Path) -> bool:
+    """Whether the mount is up: a mount point on Linux and macOS; on Windows a drive letter
+    that answers, or the folder WinFsp turned into a mount point (a reparse point)."""
+    text = str(mount_point)
+    if sys.platform == "win32" and len(text) == 2 and text[1] == ":":
+        return os.path.isdir(text + "\\")
+    return os.path.ismount(text)
+
+
+def _after_mount(path: str, action: Callable[[], None], timeout: float = 60.0) -> None:
     def wait_then_run() -> None:
         deadline = time.monotonic() + timeout
-        while not os.path.ismount(path):
+        while not is_mounted(path):
             if time.monotonic() > deadline:
                 log.error("The mount did not appear within %.0f s", timeout)
                 return

@@ -38,7 +38,8 @@ class Settings(BaseModel):
         "root (http://host:8042/dicom-web) or a local folder of DICOM files.",
         short="-a", metavar="ADDRESS", required=True)
     mountPath: Path = opt(
-        None, "Empty folder to mount the dataset on (Linux/macOS), e.g. /home/user/dicom.",
+        None, "Where to mount the dataset: an empty folder on Linux and macOS (e.g. /home/user/dicom); "
+        "a free drive letter (e.g. J:) or a new or empty folder on Windows.",
         short="-p", metavar="PATH", required=True)
     cacheTime: tuple[int, int] = opt(
         (60, 300), "Seconds to keep folder listings in RAM and opened instances on disk, "
