@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,10 +22,14 @@ PATIENT_NAME = "Secret^Patient"  # must never appear in a log line
 
 
 def fuse_available() -> bool:
+    """Linux: /dev/fuse and fusermount3; macOS: macFUSE installed (its extension allowed is up
+    to the machine: a mount that cannot load it fails the test, as it should)."""
+    if sys.platform == "darwin":
+        return os.path.isdir("/Library/Filesystems/macfuse.fs")
     return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
 
-requires_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3 (apt install fuse3)")
+requires_fuse = pytest.mark.skipif(not fuse_available(), reason="needs FUSE: fuse3 (Linux) or macFUSE (macOS)")
 
 
 @dataclass

@@ -12,6 +12,13 @@ from pathlib import Path
 MOUNT_TIMEOUT = 30.0
 
 
+def unmount_command(path: Path | str, *, lazy: bool = False) -> list[str]:
+    """How a user unmounts: fusermount3 on Linux, umount on macOS (macFUSE)."""
+    if sys.platform == "darwin":
+        return ["umount", *(["-f"] if lazy else []), str(path)]
+    return ["fusermount3", "-uz" if lazy else "-u", str(path)]
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     """Poll ``predicate`` until true or ``timeout`` seconds pass (then AssertionError)."""
     deadline = time.monotonic() + timeout
@@ -61,14 +68,14 @@ class Mount:
         return self
 
     def stop(self, sig: int | None = None) -> int | None:
-        """Unmount (by signal if given, else fusermount3 -u), wait for the process."""
+        """Unmount (by signal if given, else fusermount3 -u / umount), wait for the process."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             if sig is not None:
                 self.proc.send_signal(sig)
             else:
-                subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
+                subprocess.run(unmount_command(self.path), capture_output=True)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -79,7 +86,7 @@ class Mount:
                     self.proc.kill()
                     self.proc.wait()
         if os.path.ismount(self.path):
-            subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
+            subprocess.run(unmount_command(self.path, lazy=True), capture_output=True)
         self.returncode = self.proc.returncode
         return self.returncode
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DicomFactory, google_backend, requires_fuse, run
-from tests.mounting import Mount, wait_for
+from tests.mounting import Mount, unmount_command, wait_for
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -37,7 +37,7 @@ def test_kill_9_during_a_sync_upload_then_retry_sends_it(healthcare, tmp_path: P
     finally:
         if copy is not None and copy.poll() is None:
             copy.kill()
-        run("fusermount3", "-uz", m.path)
+        run(*unmount_command(m.path, lazy=True))
     healthcare.clear_faults()
     assert not google.has(inst)
     m2 = Mount(google.address, workdir, *google.extra_args).start()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Backend, DicomFactory, google_backend, requires_fuse, run
-from tests.mounting import Mount, wait_for
+from tests.mounting import Mount, unmount_command, wait_for
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -76,7 +76,7 @@ def test_kill_9_mid_upload_then_the_next_start_sends_it(healthcare, tmp_path: Pa
         m.proc.send_signal(signal.SIGKILL)
         m.proc.wait(10)
     finally:
-        run("fusermount3", "-uz", m.path)
+        run(*unmount_command(m.path, lazy=True))
     wait_for(lambda: not os.path.ismount(m.path), 10, what="the dead mount to go")
     healthcare.clear_faults()
     code, text = status(m)
