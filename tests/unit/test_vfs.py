@@ -265,6 +265,8 @@ def test_check_delete_foresees_refusals_and_changes_nothing(dataset, tmp_path, d
     assert vfs.getattr(target).size == inst.path.stat().st_size
     assert errno_of(vfs.check_delete, f"/store/{inst.study_uid}") == errno.EPERM  # a study cannot go
     assert errno_of(vfs.check_delete, "/store/1.2.3") == errno.ENOENT
+    assert errno_of(vfs.check_delete, "/store") == errno.ENOTEMPTY  # asked of the server, one page
+    assert errno_of(vfs.check_delete, "/") == errno.EPERM
     vfs.mkdir("/New folder")
     vfs.check_delete("/New folder")
     locked = make_vfs(dataset, tmp_path / "second", deletion_enabled=False)

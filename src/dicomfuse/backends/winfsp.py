@@ -313,23 +313,15 @@ class WinFspOperations(BaseFileSystemOperations):
 
     @translate
     def can_delete(self, file_context: OpenFile, file_name: str) -> None:
-        """What can be foreseen before Cleanup deletes: the file exists; a folder is empty (the
-        core lists it); the root cannot go."""
-        path = file_context.path
-        if path == "/":
-            raise FsError(errno.EPERM, "can_delete: the root of the mount")
-        self.vfs.check_delete(path)  # deletion disabled, a level that cannot be deleted, ...
-        attr = self.vfs.getattr(path)
-        if attr.is_dir and self.vfs.readdir(path):
-            raise FsError(errno.ENOTEMPTY, f"can_delete: {path} is not empty", logging.INFO)
+        """What the core can foresee before Cleanup deletes (WinFsp's Cleanup cannot fail): the
+        name exists, deletion is enabled at that level, a folder is empty."""
+        self.vfs.check_delete(file_context.path)
 
     @translate
     def rename(self, file_context: OpenFile, file_name: str, new_file_name: str, replace_if_exists: bool) -> None:
         old, new = windows.vfs_path(file_name), windows.vfs_path(new_file_name)
-        if not replace_if_exists and old.lower() != new.lower() and self._exists(new):
-            raise FsError(errno.EEXIST, f"rename: {new} exists")
         try:
-            self.vfs.rename(old, new)
+            self.vfs.rename(old, new, replace=replace_if_exists)
         except FsError as exc:
             raise _refusal("rename", exc, windows.NAMING if file_context.is_dir else windows.PLAIN) from None
         with file_context.lock:

@@ -542,8 +542,8 @@ class Vfs:
 
     def check_delete(self, path: str) -> None:
         """Raise the FsError that unlink or rmdir of ``path`` would raise for a reason known
-        in advance (no such name, deletion disabled, a level that cannot be deleted, a local
-        folder that is not empty); nothing changes. The server may still refuse later."""
+        in advance (no such name, deletion disabled, a level that cannot be deleted, a folder
+        that is not empty); nothing changes. The server may still refuse later."""
         p = DicomPath.parse(path)
         with self._lock:
             node = self._local.get(p)
@@ -553,6 +553,8 @@ class Vfs:
                 return
         attr = self.getattr(path)
         self.policy.check(Op.RMDIR if attr.is_dir else Op.UNLINK, p.level, str(p))
+        if attr.is_dir:
+            self._require_empty_store(p, "delete")
 
     # -- attributes that change nothing ----------------------------------------------------
 
