@@ -34,6 +34,10 @@ def default_options(platform: str = sys.platform, volume_name: str = "DICOMFuse"
             # No noapplexattr: with it macFUSE answers EPERM to every com.apple.* xattr before the
             # core sees it, and Finder's copy (copyfile) gives up before copying any data.
         }
+    if platform == "win32":  # WinFsp's FUSE layer (Python >= 3.12; winfspy serves older ones)
+        # uid/gid -1: files belong to the user who mounted (WinFsp maps the token's SID); else they
+        # belong to uid 0 (S-1-5-0) and WinFsp refuses every create, write and delete by itself.
+        return {**common, "uid": "-1", "gid": "-1", "volname": volume_name}
     return common
 
 

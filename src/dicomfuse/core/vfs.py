@@ -103,8 +103,14 @@ class Alias:
 
 @dataclass
 class ReadHandle:
-    entry: CachedInstance
-    fd: int
+    """An instance opened for reading. Its download starts at the first read, not at open:
+    Windows opens files to read their properties or to delete them, and must not fetch them."""
+
+    path: DicomPath
+    expected_size: int | None
+    entry: CachedInstance | None = None
+    fd: int = -1
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -124,6 +130,7 @@ class WriteHandle:
     dirty: bool = False
     uploaded: DicomUids | None = None
     queued: bool = False  # handed to the write-back queue: its bytes are the queue's now
+    discarded: bool = False  # its name was removed before it was sent: never sent
     new: bool = False  # created by this mount: closed empty, it stays a local placeholder
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -239,7 +246,7 @@ class Vfs:
         p = DicomPath.parse(path)
         if fh is not None:
             handle = self._handle(fh, required=False)
-            if isinstance(handle, ReadHandle) and handle.entry.complete:
+            if isinstance(handle, ReadHandle) and handle.entry is not None and handle.entry.complete:
                 return self._file_attr(handle.entry.written)
             if isinstance(handle, WriteHandle):
                 return self._file_attr(handle.size)
@@ -373,6 +380,11 @@ class Vfs:
                 return
             if self._aliases.pop(p, None) is not None:
                 return
+            pending = self._pending.get(p)
+        if pending is not None and pending.uploaded is None and not pending.queued:
+            self._drop_unsent(pending)  # e.g. a copy cancelled by deleting the file it was writing
+            if pending.overwrites is None:
+                return  # a new file: nothing on the server
         entry = self._resolve(p)
         if entry.is_dir:
             raise FsError(errno.EISDIR, f"unlink: is a folder: {p}")
@@ -442,10 +454,11 @@ class Vfs:
     def read(self, fh: int, size: int, offset: int) -> bytes:
         handle = self._handle(fh)
         if isinstance(handle, ReadHandle):
+            entry = handle.entry or self._start_reading(handle)
             try:
-                return self.cache.read(handle.entry, handle.fd, offset, size)
+                return self.cache.read(entry, handle.fd, offset, size)
             except StoreError as exc:
-                raise from_store_error(exc, f"read {handle.entry.key[3]}") from None
+                raise from_store_error(exc, f"read {handle.path}") from None
         return portable.pread(handle.fd, size, offset)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
@@ -459,7 +472,7 @@ class Vfs:
             if offset + len(data) > self.cache.max_file:
                 raise FsError(errno.EFBIG, f"write: {handle.path} would exceed the largest file "
                               f"(cacheSize/4 = {self.cache.max_file} bytes)", logging.ERROR)
-            handle.dirty = True
+            handle.dirty = not handle.discarded
         return portable.pwrite(handle.fd, data, offset)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
@@ -474,7 +487,7 @@ class Vfs:
                 return
         if isinstance(handle, (WriteHandle, LocalHandle)):
             if isinstance(handle, WriteHandle):
-                handle.dirty = True
+                handle.dirty = not handle.discarded
             os.ftruncate(handle.fd, length)
             return
         p = DicomPath.parse(path)
@@ -496,8 +509,10 @@ class Vfs:
         if handle is None:
             return
         if isinstance(handle, ReadHandle):
-            self._close_fd(handle.fd)
-            self.cache.release(handle.entry)
+            with handle.lock:
+                if handle.entry is not None:
+                    self._close_fd(handle.fd)
+                    self.cache.release(handle.entry)
             return
         if isinstance(handle, WriteHandle):
             with self._lock:
@@ -510,7 +525,8 @@ class Vfs:
                     log.debug("Upload at release failed: %s", exc)
             if handle.queued:
                 pass  # the queue owns the bytes; the cache shares them already
-            elif handle.new and handle.uploaded is None and not handle.dirty and handle.size == 0:
+            elif handle.new and not handle.discarded and handle.uploaded is None and not handle.dirty \
+                    and handle.size == 0:
                 self._keep_placeholder(handle)
             elif handle.uploaded is not None and not handle.dirty:
                 ident = handle.uploaded
@@ -528,16 +544,24 @@ class Vfs:
             handle = self._handles.get(fh)
             if isinstance(handle, WriteHandle):
                 del self._handles[fh]
-                if self._pending.get(handle.path) is handle:
-                    del self._pending[handle.path]
         if not isinstance(handle, WriteHandle):
             self.release(fh)
             return
+        self._drop_unsent(handle)
         with handle.lock:
-            handle.dirty = False
             if not handle.queued and handle.uploaded is None and handle.spool_path.parent == self.spool.directory:
                 Spool.discard(handle.spool_path)
         self._close_fd(handle.fd)
+
+    def _drop_unsent(self, handle: WriteHandle) -> None:
+        """The name of a file being written is removed before its upload: nothing is sent, now
+        or at flush or close (writes through a handle still open go nowhere, as on a disk)."""
+        with handle.lock:
+            handle.dirty = False
+            handle.discarded = True
+        with self._lock:
+            if self._pending.get(handle.path) is handle:
+                del self._pending[handle.path]
         log.info("%s was deleted before it was sent; nothing uploaded", handle.path)
 
     def check_delete(self, path: str) -> None:
@@ -799,24 +823,37 @@ class Vfs:
         # The OS may hold size 0 for a file the listing gave no size for (an earlier stat), even
         # if the cache has learnt it since (read-ahead): treat it as unknown to the OS.
         size_before = entry.size
-        cached = self._cache_open(p, entry.size)
-        try:
-            if size_before is None:
-                # The OS holds size 0 for this file: learn the true size before open returns,
-                # so fstat after open (rsync, tar's check) sees it.
+        handle = ReadHandle(p, entry.size)
+        if size_before is None:
+            # The OS holds size 0 for this file: learn the true size before open returns, so
+            # fstat after open (rsync, tar's check) sees it.
+            cached = self._start_reading(handle)
+            try:
                 size = cached.wait_complete()
-                self.listings.update_size(p.parent, p.name, size)
-                self.notify_changed(str(p))
-            fd = portable.open_fd(cached.path, os.O_RDONLY)
-        except StoreError as exc:
-            self.cache.release(cached)
-            raise from_store_error(exc, f"read {p}") from None
-        except BaseException:
-            self.cache.release(cached)
-            raise
-        self.readahead.opened(p)
-        return OpenResult(self._add_handle(ReadHandle(cached, fd)), direct_io=size_before is None,
+            except StoreError as exc:
+                self._close_fd(handle.fd)
+                self.cache.release(cached)
+                raise from_store_error(exc, f"read {p}") from None
+            self.listings.update_size(p.parent, p.name, size)
+            self.notify_changed(str(p))
+        return OpenResult(self._add_handle(handle), direct_io=size_before is None,
                           keep_cache=size_before is not None, no_flush=True)
+
+    def _start_reading(self, handle: ReadHandle) -> CachedInstance:
+        """The first read of ``handle``: pin its cache entry (downloading it if needed) and
+        tell read-ahead a program goes through this folder."""
+        with handle.lock:
+            if handle.entry is not None:
+                return handle.entry
+            cached = self._cache_open(handle.path, handle.expected_size)
+            try:
+                handle.fd = portable.open_fd(cached.path, os.O_RDONLY)
+            except BaseException:
+                self.cache.release(cached)
+                raise
+            handle.entry = cached
+        self.readahead.opened(handle.path)
+        return cached
 
     def _cache_open(self, p: DicomPath, expected_size: int | None = None) -> CachedInstance:
         """The pinned cache entry of instance ``p``, downloading it if needed (single-flight)."""
