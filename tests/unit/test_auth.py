@@ -4,6 +4,7 @@ a 401 answered with one new token, google-auth failures mapped to store errors."
 from __future__ import annotations
 
 import datetime
+import sys
 import threading
 import time
 
@@ -190,6 +191,7 @@ def test_a_401_is_sent_once_more_with_a_new_token_then_final() -> None:
         server.stop()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no group/other mode bits on Windows: the check is POSIX-only")
 def test_a_key_file_others_can_read_is_warned_about(tmp_path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
     from dicomfuse.stores.auth import load_credentials
     from tests.fakes.healthcare import HealthcareStandIn

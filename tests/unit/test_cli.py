@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,8 @@ def test_enable_deletion_spellings(spelling):
     (["-a", "/x", "-p", "/m", "--bogus"], "unrecognized arguments"),
     (["-a", "/x", "-p", "/m", "--httpTimeout", "0,5"], "--httpTimeout: expected two positive"),
     (["-a", "/x", "-p", "/m", "--httpTimeout", "soon"], "--httpTimeout: expected seconds"),
-    (["-a", "/x", "-p", "/m", "--caBundle", "/no/such/ca.pem"], "--caBundle: /no/such/ca.pem is not a readable"),
+    (["-a", "/x", "-p", "/m", "--caBundle", "/no/such/ca.pem"],
+     f"--caBundle: {Path('/no/such/ca.pem')} is not a readable"),  # the path as this OS writes it
     (["-a", "/x", "-p", "/m", "--uploadMode", "later"], "--uploadMode: expected sync or writeback"),
     (["-a", "/x", "-p", "/m", "--readAhead", "-1"], "--readAhead: must be between 0 and 256"),
 ])
@@ -60,14 +62,17 @@ def test_bad_values_print_one_line_and_exit_2(argv, fragment, capsys):
 def test_bad_addresses_and_mount_paths(tmp_path: Path, capsys):
     mnt = tmp_path / "mnt"
     assert main(["-a", str(tmp_path / "missing"), "-p", str(tmp_path), "--logDir", str(tmp_path / "l")]) == EXIT_USAGE
-    assert main(["-a", str(tmp_path), "-p", str(mnt), "--logDir", str(tmp_path / "l")]) == EXIT_USAGE
+    refusals = 3
+    if sys.platform != "win32":  # Windows mounts on a new folder (WinFsp makes it): this one would really mount
+        assert main(["-a", str(tmp_path), "-p", str(mnt), "--logDir", str(tmp_path / "l")]) == EXIT_USAGE
+        refusals += 1
     mnt.mkdir()
     (mnt / "file").write_text("x")
     assert main(["-a", str(tmp_path), "-p", str(mnt), "--logDir", str(tmp_path / "l")]) == EXIT_USAGE
     assert main(["-a", "ftp://host/x", "-p", str(tmp_path / "l"), "--logDir", str(tmp_path / "l")]) == EXIT_USAGE
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[2].strip() for line in lines if line.startswith("dicomfuse: error:")] == [
-        "--datasetAddr", "--mountPath", "--mountPath", "--mountPath"] or len(lines) >= 4
+        "--datasetAddr", "--mountPath", "--mountPath", "--mountPath"] or len(lines) >= refusals
 
 
 def test_help_lists_every_option(capsys):

@@ -188,7 +188,9 @@ def test_connection_refused_retries_even_a_post(sleeps: RecordingSleep) -> None:
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    http = HttpClient(timeout=(2, 2), retry=RetryPolicy(attempts=3, backoff_base=0.01), sleep=sleeps)
+    # Windows answers a refused loopback connect only after ~2 s of SYN retries: a 2 s connect
+    # timeout would race it (and turn the refusal into a timeout); Linux and macOS refuse at once.
+    http = HttpClient(timeout=(10, 2), retry=RetryPolicy(attempts=3, backoff_base=0.01), sleep=sleeps)
     try:
         with pytest.raises(Unavailable, match="POST /studies: connection failed") as caught:
             http.request("POST", f"http://127.0.0.1:{port}/studies", data=b"x")

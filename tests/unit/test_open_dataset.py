@@ -14,6 +14,12 @@ from dicomfuse.stores.open import HealthcareAddress, open_dataset, parse_healthc
 HC = "https://healthcare.googleapis.com"
 
 
+def url_path(folder: Path) -> str:
+    """The path part of a file:// URL for ``folder``: ``/tmp/x`` on POSIX, ``/C:/Users/x`` on
+    Windows (``file://C:\\x`` would name a host ``C:``)."""
+    return "/" + folder.as_posix().lstrip("/")
+
+
 def test_folder_path(tmp_path: Path) -> None:
     dataset = open_dataset(str(tmp_path))
     assert isinstance(dataset, LocalDataset)
@@ -30,6 +36,7 @@ def test_relative_folder_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_home_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path))  # what expanduser reads on Windows
     (tmp_path / "dicom").mkdir()
     dataset = open_dataset("~/dicom")
     assert isinstance(dataset, LocalDataset) and dataset.root == tmp_path / "dicom"
@@ -39,7 +46,7 @@ def test_home_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_file_url(tmp_path: Path, prefix: str) -> None:
     folder = tmp_path / "with space"
     folder.mkdir()
-    dataset = open_dataset(prefix + str(folder).replace(" ", "%20"))
+    dataset = open_dataset(prefix + url_path(folder).replace(" ", "%20"))
     assert isinstance(dataset, LocalDataset)
     assert dataset.root == folder
 
@@ -49,10 +56,10 @@ def test_file_url_of_another_host(tmp_path: Path) -> None:
         open_dataset(f"file://server{tmp_path}")
 
 
-@pytest.mark.parametrize("address", ["{tmp}/absent", "file://{tmp}/absent", "C:\\no\\such\\folder"])
+@pytest.mark.parametrize("address", ["{tmp}/absent", "file://{url}/absent", "C:\\no\\such\\folder"])
 def test_missing_folder(tmp_path: Path, address: str) -> None:
     with pytest.raises(ValueError, match="does not exist") as info:
-        open_dataset(address.format(tmp=tmp_path))
+        open_dataset(address.format(tmp=tmp_path, url=url_path(tmp_path)))
     assert "\n" not in str(info.value)
 
 

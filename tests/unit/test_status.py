@@ -124,7 +124,7 @@ def test_failed_uploads_of_both_modes(cache):
     assert "Failed uploads: 3." in text
     kept = queue_dir(cache) / "failed" / f"{item.id}.dcm"
     assert f"  ct/1.2.9.1/1.2.9.1.1/1.2.9.1.1.7.dcm  2.9 KiB  (the server refused the file (409))\n    {kept}\n" in text
-    assert f"  20240101-120000-0-scan.dcm  5 bytes  (reason in the error log)\n    {sync_failed}/" in text
+    assert f"  20240101-120000-0-scan.dcm  5 bytes  (reason in the error log)\n    {sync_failed}{os.sep}" in text
     assert "nothing waiting" in text
 
 

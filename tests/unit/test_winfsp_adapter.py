@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -575,6 +576,8 @@ def stop_when_mounted(standin: ModuleType) -> threading.Thread:
     return thread
 
 
+@pytest.mark.skipif(sys.platform == "win32",
+                    reason="os.kill(pid, SIGTERM) is TerminateProcess on Windows: it would end the test run")
 def test_run_mounts_with_16_threads_and_stops_on_sigterm(standin: ModuleType, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     lib = standin.binding.plumbing.lib
