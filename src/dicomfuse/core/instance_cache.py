@@ -369,7 +369,7 @@ class InstanceCache:
 
     def _download(self, entry: CachedInstance, fetch: Fetch) -> None:
         try:
-            with open(entry.path, "r+b", buffering=0) as raw:
+            with open(portable.open_fd(entry.path, os.O_RDWR), "r+b", buffering=0) as raw:
                 fetch(_ProgressSink(entry, raw, self.max_file))  # type: ignore[arg-type]
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting reader
             log.debug("Download of %s failed: %s", entry.key[3], exc)
@@ -410,6 +410,8 @@ class InstanceCache:
             entry.path.unlink()
         except FileNotFoundError:
             pass
+        except PermissionError:  # Windows, a download still writing it: _download deletes it at its end
+            log.debug("Cache file %s is still open; deleted once its download ends", entry.path.name)
 
     def _make_room(self, incoming: int) -> None:
         """Caller holds _lock. Evict least recently used, unpinned, complete entries until the

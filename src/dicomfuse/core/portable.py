@@ -17,13 +17,50 @@ from pathlib import Path
 
 WINDOWS = os.name == "nt"
 BINARY = getattr(os, "O_BINARY", 0)  # 0 on POSIX
+ACCMODE = getattr(os, "O_ACCMODE", os.O_RDONLY | os.O_WRONLY | os.O_RDWR)  # Windows has no os.O_ACCMODE
 
 _seek_lock = threading.Lock()  # pread/pwrite emulation: one seek+read at a time per process
 
 
 def open_fd(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> int:
-    """``os.open`` in binary mode, private (0600) when it creates the file."""
-    return os.open(path, flags | BINARY, mode)
+    """``os.open`` in binary mode, private (0600) when it creates the file. On Windows the file is
+    opened with FILE_SHARE_DELETE so that, as on POSIX, it can be renamed or deleted while open (a
+    spool file moved to failed/ by a flush, a cache file evicted while a reader has it): the CRT
+    behind ``os.open`` never shares delete access, and MoveFileEx/DeleteFile then fail with a
+    sharing violation (WinError 32)."""
+    if not WINDOWS:
+        return os.open(path, flags | BINARY, mode)
+    return _windows_open(os.fspath(path), flags)
+
+
+def _windows_open(path: str, flags: int) -> int:
+    """CreateFileW with every share mode, as a binary CRT fd."""
+    import ctypes
+    import msvcrt
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    create = kernel32.CreateFileW
+    create.argtypes = [wintypes.LPCWSTR, wintypes.DWORD, wintypes.DWORD, wintypes.LPVOID,
+                       wintypes.DWORD, wintypes.DWORD, wintypes.HANDLE]
+    create.restype = wintypes.HANDLE
+    generic_read, generic_write = 0x80000000, 0x40000000
+    access = {os.O_RDONLY: generic_read, os.O_WRONLY: generic_write,
+              os.O_RDWR: generic_read | generic_write}[flags & ACCMODE]
+    if flags & os.O_CREAT:  # CREATE_NEW, CREATE_ALWAYS, OPEN_ALWAYS
+        disposition = 1 if flags & os.O_EXCL else 2 if flags & os.O_TRUNC else 4
+    else:  # TRUNCATE_EXISTING, OPEN_EXISTING
+        disposition = 5 if flags & os.O_TRUNC else 3
+    share = 0x1 | 0x2 | 0x4  # FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE
+    handle = create(path, access, share, None, disposition, 0x80, None)  # FILE_ATTRIBUTE_NORMAL
+    if handle is None or handle == wintypes.HANDLE(-1).value:  # INVALID_HANDLE_VALUE
+        code = ctypes.get_last_error()  # type: ignore[attr-defined]
+        raise OSError(None, ctypes.FormatError(code), path, code)  # type: ignore[attr-defined]
+    try:
+        return msvcrt.open_osfhandle(handle, flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND))  # type: ignore[attr-defined]
+    except BaseException:
+        kernel32.CloseHandle(handle)
+        raise
 
 
 def pread(fd: int, size: int, offset: int, *, emulate: bool = WINDOWS) -> bytes:
@@ -74,7 +111,8 @@ def fsync_path(path: Path, *, windows: bool = WINDOWS) -> None:
     folder; NTFS journals its renames)."""
     if windows and path.is_dir():
         return
-    fd = os.open(path, os.O_RDONLY | BINARY)
+    # FlushFileBuffers needs write access: on Windows os.fsync of a read-only fd fails (EBADF)
+    fd = os.open(path, (os.O_RDWR if windows else os.O_RDONLY) | BINARY)
     try:
         os.fsync(fd)
     finally:

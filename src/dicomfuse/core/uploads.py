@@ -152,7 +152,8 @@ class Spool:
         """Move a failed upload's bytes to ``failed/`` under a recognisable name, with a sidecar
         ``<name>.json`` (store, name, reason, time); return the kept path. ``label`` (the file
         name or UIDs) and ``reason`` (our own message) must not be patient data."""
-        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)[-120:] or "upload"
+        # no trailing dot: Windows drops it from a file name (and the sidecar would not match)
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)[-120:].rstrip(".") or "upload"
         if safe.endswith(SIDECAR_SUFFIX):
             safe += "_"  # kept bytes never look like a sidecar
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -164,7 +165,10 @@ class Spool:
         except OSError:
             shutil.copyfile(path, target)
             os.chmod(target, 0o600)
-            self.discard(path)
+            try:
+                self.discard(path)
+            except OSError as exc:  # Windows: still open somewhere; the bytes are safe in the copy
+                log.warning("Cannot remove %s after keeping a copy: %s", path, exc.strerror or exc)
         try:
             write_sidecar(target, FailedInfo(store, label, reason, time.time()))
         except OSError as exc:  # the bytes are safe; only the note is missing

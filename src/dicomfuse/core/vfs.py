@@ -220,12 +220,14 @@ class Vfs:
                 # is either on the server or kept, never cut off in the middle of its STOW.
                 got = h.lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
                 try:
+                    self._close_fd(h.fd)  # first: Windows cannot move a file that is open
                     if h.dirty and not h.queued:
                         self._keep_failed(h, "the mount stopped before the upload")
                 finally:
                     if got:
                         h.lock.release()
-            self._close_fd(h.fd)
+            else:
+                self._close_fd(h.fd)
         if self.writeback is not None:
             self.writeback.stop(drain=True, timeout=self.config.drain_timeout)
             left = self.writeback.pending()
@@ -421,7 +423,7 @@ class Vfs:
     def open(self, path: str, flags: int, caller: Caller | None = None) -> OpenResult:
         p = DicomPath.parse(path)
         self.stat_probes.opened(caller, p)
-        writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+        writing = (flags & portable.ACCMODE) != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC)
         with self._lock:
             node = self._local.get(p)
@@ -523,10 +525,12 @@ class Vfs:
                     self._upload(handle)
                 except FsError as exc:
                     log.debug("Upload at release failed: %s", exc)
+            empty = handle.size == 0
+            self._close_fd(handle.fd)  # first: Windows cannot move or delete a file that is open
             if handle.queued:
                 pass  # the queue owns the bytes; the cache shares them already
             elif handle.new and not handle.discarded and handle.uploaded is None and not handle.dirty \
-                    and handle.size == 0:
+                    and empty:
                 self._keep_placeholder(handle)
             elif handle.uploaded is not None and not handle.dirty:
                 ident = handle.uploaded
@@ -535,6 +539,7 @@ class Vfs:
                 Spool.discard(handle.spool_path)
             elif handle.spool_path.parent == self.spool.directory:
                 Spool.discard(handle.spool_path)  # opened for writing, never written: nothing to keep
+            return
         self._close_fd(handle.fd)
 
     def discard(self, fh: int) -> None:
@@ -549,9 +554,9 @@ class Vfs:
             return
         self._drop_unsent(handle)
         with handle.lock:
+            self._close_fd(handle.fd)  # first: Windows cannot delete a file that is open
             if not handle.queued and handle.uploaded is None and handle.spool_path.parent == self.spool.directory:
                 Spool.discard(handle.spool_path)
-        self._close_fd(handle.fd)
 
     def _drop_unsent(self, handle: WriteHandle) -> None:
         """The name of a file being written is removed before its upload: nothing is sent, now

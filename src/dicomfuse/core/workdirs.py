@@ -54,22 +54,20 @@ class WorkDirs:
                 fd = -1
             except OSError:
                 continue
-            try:
-                if fd >= 0:
-                    if not portable.try_lock(fd):
-                        continue  # a live mount holds it
-                shutil.rmtree(child, ignore_errors=True)
-                removed += 1
-            finally:
-                if fd >= 0:
-                    os.close(fd)
+            if fd >= 0:
+                free = portable.try_lock(fd)
+                os.close(fd)  # before the rmtree: Windows cannot delete a file that is open
+                if not free:
+                    continue  # a live mount holds it
+            shutil.rmtree(child, ignore_errors=True)
+            removed += 1
         if removed:
             log.info("Removed the instance cache of %d mount(s) that ended without cleaning up", removed)
 
     def wipe(self) -> None:
         """Remove this mount's cache (the spool stays)."""
-        shutil.rmtree(self.mount_dir, ignore_errors=True)
         try:
-            os.close(self._lock_fd)
+            os.close(self._lock_fd)  # first: Windows cannot delete the lock file while it is open
         except OSError:
             pass
+        shutil.rmtree(self.mount_dir, ignore_errors=True)

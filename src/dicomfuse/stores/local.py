@@ -344,8 +344,12 @@ class LocalStore:
             reason = f"cannot read the file ({exc.strerror or type(exc).__name__})"
             return StowOutcome(path=source, stored=False, reason=reason)
         with source_file:
-            self._write_atomically(source_file, target, parsed.sop_uid)
+            temp = self._write_temporary(source_file, target, parsed.sop_uid)
+        self._replace_with(temp, target, parsed.sop_uid)  # the source is closed: it may be the target
         for path in stale:
+            with suppress(OSError):
+                if os.path.samefile(path, target):
+                    continue  # a case-insensitive file system (macOS): the same file, spelt otherwise
             self._unlink(path, f"replacing instance {parsed.sop_uid}")
             self._prune_empty_folders(path)
         with self._scan_lock, self._lock:
@@ -355,7 +359,7 @@ class LocalStore:
         log.debug("stored %s in %s", parsed.sop_uid, self.name)
         return StowOutcome(source, True, parsed.study_uid, parsed.series_uid, parsed.sop_uid)
 
-    def _write_atomically(self, source: BinaryIO, target: Path, sop_uid: str) -> None:
+    def _write_temporary(self, source: BinaryIO, target: Path, sop_uid: str) -> Path:
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
             with self._layout_lock:
@@ -366,6 +370,14 @@ class LocalStore:
                 shutil.copyfileobj(source, out, CHUNK_SIZE)
                 out.flush()
                 os.fsync(out.fileno())
+        except OSError as exc:
+            with suppress(OSError):
+                temp.unlink()
+            raise _store_error(exc, f"writing instance {sop_uid} to store {self.name!r}") from exc
+        return temp
+
+    def _replace_with(self, temp: Path, target: Path, sop_uid: str) -> None:
+        try:
             os.replace(temp, target)
             _fsync_folder(target.parent)
         except OSError as exc:
@@ -607,11 +619,13 @@ class LocalDataset:
             (self.root / store_id).mkdir()
         except FileExistsError:
             raise AlreadyExists(f"store {store_id!r} already exists") from None
-        except FileNotFoundError:
-            raise NotFound(f"dataset folder {str(self.root)!r} does not exist") from None
         except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:
+            # Windows says ERROR_INVALID_NAME (123, EINVAL) or ERROR_FILENAME_EXCED_RANGE (206, which
+            # Python maps to ENOENT) for a name over 255 characters: check before FileNotFoundError
+            if exc.errno == errno.ENAMETOOLONG or getattr(exc, "winerror", None) in (123, 206):
                 raise InvalidName(f"store ID {store_id!r} is too long for this file system") from exc
+            if isinstance(exc, FileNotFoundError):
+                raise NotFound(f"dataset folder {str(self.root)!r} does not exist") from None
             raise _store_error(exc, f"creating store {store_id!r}") from exc
         self.open_store(store_id)._invalidate()
         log.info("created store %s in %s", store_id, self.root)
