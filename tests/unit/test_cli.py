@@ -112,3 +112,19 @@ def test_windows_mount_points_are_checked_before_anything_starts(tmp_path):
             check_mount_path(bad, platform="win32")
         assert str(exc.value).startswith("--mountPath: ")
     assert check_mount_path(tmp_path / "new", platform="win32") == str(tmp_path / "new")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="winfspy, not a FUSE library path, serves Windows")
+def test_a_missing_fuse_library_is_one_clear_line_not_a_traceback(tmp_path):
+    import os
+    import subprocess
+
+    (tmp_path / "ds" / "store").mkdir(parents=True)
+    (tmp_path / "mnt").mkdir()
+    env = {**os.environ, "FUSE_LIBRARY_PATH": str(tmp_path / "no-such-libfuse.so")}
+    result = subprocess.run([sys.executable, "-m", "dicomfuse", "-a", str(tmp_path / "ds"), "-p", str(tmp_path / "mnt"),
+                             "--cacheDir", str(tmp_path / "cache"), "--logDir", str(tmp_path / "logs")],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 1
+    assert "FUSE is not installed or could not be loaded" in result.stderr and "Traceback" not in result.stderr
+    assert not list((tmp_path / "cache" / "mounts").iterdir()), "the cache of the mount that never came is wiped"

@@ -136,13 +136,14 @@ def _clear_dead_mount(path: Path) -> None:
         os.statvfs(path)  # reaches the file system (a stat may be answered from cached attributes)
         return
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
+        # Linux says "transport endpoint is not connected"; a dead macFUSE mount "device not configured"
+        if exc.errno not in (errno.ENOTCONN, errno.ENXIO):
             return
     import shutil
     import subprocess
 
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-uz", str(path)] if tool else ["umount", "-f", str(path)]
+    command = [tool, "-uz", str(path)] if tool and sys.platform != "darwin" else ["umount", "-f", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         raise UsageError(f"--mountPath: {path} is a mount whose process died (transport endpoint is not "
@@ -211,10 +212,18 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     mount_options = options.merge(
         options.default_options(volume_name=dataset.name), options.parse_extra(settings.extraMountOptions)
     )
-    if adapter_name() == "winfsp":
-        from dicomfuse.backends import winfsp as adapter
-    else:
-        from dicomfuse.backends import fuse as adapter  # type: ignore[no-redef]
+    try:
+        if adapter_name() == "winfsp":
+            from dicomfuse.backends import winfsp as adapter
+        else:
+            from dicomfuse.backends import fuse as adapter  # type: ignore[no-redef]
+    except (ImportError, OSError, AttributeError) as exc:  # the binding could not load its library
+        log.error("FUSE is not installed or could not be loaded (%s): install %s", exc, FUSE_HINT)
+        vfs.shutdown()
+        return EXIT_FAILURE
+    # WinFsp makes its mount folder itself: an empty one is removed for the mount's life (the
+    # winfsp adapter does it itself; WinFsp's FUSE layer needs it done here).
+    refolder = sys.platform == "win32" and adapter_name() == "fuse" and _free_windows_folder(mount_point)
     log.info("Mounting %s at %s (Ctrl+C to unmount)", dataset.name, mount_point)
     if on_mounted is not None:
         _after_mount(mount_point, on_mounted)
@@ -226,8 +235,20 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     finally:
         _ignore_interrupts()
         vfs.shutdown()
+        if refolder:
+            os.makedirs(mount_point, exist_ok=True)
     log.info("Unmounted %s; cache wiped", settings.mountPath)
     return 0
+
+
+FUSE_HINT = {"linux": "fuse3 (sudo apt install fuse3)", "darwin": "macFUSE (https://macfuse.github.io)",
+             "win32": "WinFsp (https://winfsp.dev)"}.get(sys.platform, "FUSE")
+
+
+def _free_windows_folder(mount_point: str) -> bool:
+    from dicomfuse.backends import windows
+
+    return windows.free_mount_folder(mount_point)
 
 
 def _ignore_interrupts() -> None:

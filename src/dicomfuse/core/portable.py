@@ -137,14 +137,19 @@ def pid_alive(pid: int, *, windows: bool = WINDOWS) -> bool:
 
 def _windows_pid_alive(pid: int) -> bool:
     import ctypes
+    from ctypes import wintypes
 
-    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    kernel32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    kernel32.GetExitCodeProcess.argtypes = [wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD)]
+    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
     process_query_limited_information, still_active, access_denied = 0x1000, 259, 5
     handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
     if not handle:
-        return kernel32.GetLastError() == access_denied
+        return ctypes.get_last_error() == access_denied  # type: ignore[attr-defined]
     try:
-        code = ctypes.c_ulong()
+        code = wintypes.DWORD()
         if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
             return True
         return code.value == still_active
