@@ -667,3 +667,15 @@ def test_threads_listing_and_storing(store: LocalStore, tmp_path: Path) -> None:
     total = sum(len(list(store.instances(st, se))) for st in store.studies() for se in store.series(st))
     assert total == writers * per_writer
     assert pydicom.dcmread(store._root / uid("study", 0) / uid("series", 0, 0) / f"{uid('sop', 0, 0)}.dcm")
+
+
+def test_store_ids_windows_cannot_make_are_refused_there_only():
+    from dicomfuse.stores.base import InvalidName
+    from dicomfuse.stores.local import _validate_new_store_id
+
+    for name in ("CON", "nul.x", "com1", "study.", "LPT9"):
+        with pytest.raises(InvalidName, match="Windows"):
+            _validate_new_store_id(name, windows=True)
+        if not name.endswith("."):
+            _validate_new_store_id(name, windows=False)  # a valid store ID elsewhere
+    _validate_new_store_id("console", windows=True)

@@ -74,11 +74,18 @@ def _is_plain_name(name: str) -> bool:
     return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
-def _validate_new_store_id(store_id: str) -> None:
+# Names Windows gives to devices in every folder, and its rule that a name cannot end in a dot:
+# a store so named could not be made, or would be made under another name.
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def _validate_new_store_id(store_id: str, windows: bool = os.name == "nt") -> None:
     if not is_valid_store_id(store_id):
         raise InvalidName(f"invalid store ID {store_id!r}: use {STORE_ID_RULE}")
     if store_id.startswith("."):
         raise InvalidName(f"invalid store ID {store_id!r}: a leading '.' would hide the store")
+    if windows and (store_id.endswith(".") or store_id.split(".")[0].lower() in _WINDOWS_DEVICES):
+        raise InvalidName(f"invalid store ID {store_id!r} for a folder on Windows (a device name or a final '.')")
 
 
 def _may_be_dicom_name(name: str) -> bool:
