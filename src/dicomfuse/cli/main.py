@@ -212,8 +212,9 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     mount_options = options.merge(
         options.default_options(volume_name=dataset.name), options.parse_extra(settings.extraMountOptions)
     )
+    name = adapter_name()
     try:
-        if adapter_name() == "winfsp":
+        if name == "winfsp":
             from dicomfuse.backends import winfsp as adapter
         else:
             from dicomfuse.backends import fuse as adapter  # type: ignore[no-redef]
@@ -223,7 +224,12 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         return EXIT_FAILURE
     # WinFsp makes its mount folder itself: an empty one is removed for the mount's life (the
     # winfsp adapter does it itself; WinFsp's FUSE layer needs it done here).
-    refolder = sys.platform == "win32" and adapter_name() == "fuse" and _free_windows_folder(mount_point)
+    if sys.platform == "win32" and name == "fuse":
+        from dicomfuse.backends import windows
+
+        refolder = windows.free_mount_folder(mount_point)
+    else:
+        refolder = False
     log.info("Mounting %s at %s (Ctrl+C to unmount)", dataset.name, mount_point)
     if on_mounted is not None:
         _after_mount(mount_point, on_mounted)
@@ -243,12 +249,6 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
 
 FUSE_HINT = {"linux": "fuse3 (sudo apt install fuse3)", "darwin": "macFUSE (https://macfuse.github.io)",
              "win32": "WinFsp (https://winfsp.dev)"}.get(sys.platform, "FUSE")
-
-
-def _free_windows_folder(mount_point: str) -> bool:
-    from dicomfuse.backends import windows
-
-    return windows.free_mount_folder(mount_point)
 
 
 def _ignore_interrupts() -> None:

@@ -10,10 +10,12 @@ are exercised by the unit tests on Linux (the Windows branches by forcing them).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 WINDOWS = os.name == "nt"
 BINARY = getattr(os, "O_BINARY", 0)  # 0 on POSIX
@@ -33,17 +35,31 @@ def open_fd(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> int:
     return _windows_open(os.fspath(path), flags)
 
 
+@functools.cache
+def _kernel32() -> Any:
+    """kernel32 with the signatures used here declared once (every open of a cached or spooled
+    file goes through CreateFileW: no per-call setup on that path)."""
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    kernel32.CreateFileW.argtypes = [wintypes.LPCWSTR, wintypes.DWORD, wintypes.DWORD, wintypes.LPVOID,
+                                     wintypes.DWORD, wintypes.DWORD, wintypes.HANDLE]
+    kernel32.CreateFileW.restype = wintypes.HANDLE
+    kernel32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    kernel32.GetExitCodeProcess.argtypes = [wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD)]
+    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
+    return kernel32
+
+
 def _windows_open(path: str, flags: int) -> int:
     """CreateFileW with every share mode, as a binary CRT fd."""
     import ctypes
     import msvcrt
     from ctypes import wintypes
 
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
-    create = kernel32.CreateFileW
-    create.argtypes = [wintypes.LPCWSTR, wintypes.DWORD, wintypes.DWORD, wintypes.LPVOID,
-                       wintypes.DWORD, wintypes.DWORD, wintypes.HANDLE]
-    create.restype = wintypes.HANDLE
+    kernel32 = _kernel32()
     generic_read, generic_write = 0x80000000, 0x40000000
     access = {os.O_RDONLY: generic_read, os.O_WRONLY: generic_write,
               os.O_RDWR: generic_read | generic_write}[flags & ACCMODE]
@@ -52,7 +68,7 @@ def _windows_open(path: str, flags: int) -> int:
     else:  # TRUNCATE_EXISTING, OPEN_EXISTING
         disposition = 5 if flags & os.O_TRUNC else 3
     share = 0x1 | 0x2 | 0x4  # FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE
-    handle = create(path, access, share, None, disposition, 0x80, None)  # FILE_ATTRIBUTE_NORMAL
+    handle = kernel32.CreateFileW(path, access, share, None, disposition, 0x80, None)  # FILE_ATTRIBUTE_NORMAL
     if handle is None or handle == wintypes.HANDLE(-1).value:  # INVALID_HANDLE_VALUE
         code = ctypes.get_last_error()  # type: ignore[attr-defined]
         raise OSError(None, ctypes.FormatError(code), path, code)  # type: ignore[attr-defined]
@@ -139,11 +155,7 @@ def _windows_pid_alive(pid: int) -> bool:
     import ctypes
     from ctypes import wintypes
 
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
-    kernel32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
-    kernel32.OpenProcess.restype = wintypes.HANDLE
-    kernel32.GetExitCodeProcess.argtypes = [wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD)]
-    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
+    kernel32 = _kernel32()
     process_query_limited_information, still_active, access_denied = 0x1000, 259, 5
     handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
     if not handle:

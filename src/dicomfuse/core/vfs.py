@@ -525,12 +525,11 @@ class Vfs:
                     self._upload(handle)
                 except FsError as exc:
                     log.debug("Upload at release failed: %s", exc)
-            empty = handle.size == 0
+            empty = handle.new and handle.size == 0  # the size only matters for a new file
             self._close_fd(handle.fd)  # first: Windows cannot move or delete a file that is open
             if handle.queued:
                 pass  # the queue owns the bytes; the cache shares them already
-            elif handle.new and not handle.discarded and handle.uploaded is None and not handle.dirty \
-                    and empty:
+            elif empty and not handle.discarded and handle.uploaded is None and not handle.dirty:
                 self._keep_placeholder(handle)
             elif handle.uploaded is not None and not handle.dirty:
                 ident = handle.uploaded
@@ -924,9 +923,7 @@ class Vfs:
     def _keep_placeholder(self, h: WriteHandle) -> None:
         """A new file closed with nothing written: listed (size 0) until something is written
         into it, it is removed, or the mount ends; never sent (it is not DICOM yet)."""
-        with self._lock:
-            self._side_names += 1
-            path = self.workdirs.side / f"{self._side_names}"
+        path = self._new_side_path()
         os.replace(h.spool_path, path)
         with self._lock:
             if h.path not in self._pending:  # no newer handle writes this name meanwhile
@@ -1276,13 +1273,17 @@ class Vfs:
             if pn != target:
                 self._aliases[pn] = alias
 
+    def _new_side_path(self) -> Path:
+        """A fresh file name in this mount's folder of local-only files (wiped with it)."""
+        with self._lock:
+            self._side_names += 1
+            return self.workdirs.side / f"{self._side_names}"
+
     def _create_local(self, p: DicomPath) -> int:
         parent = self.getattr(str(p.parent)) if p.parent.parts else Attr(True)
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR, f"create: not a folder: {p.parent}")
-        with self._lock:
-            self._side_names += 1
-            path = self.workdirs.side / f"{self._side_names}"
+        path = self._new_side_path()
         fd = portable.open_fd(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR)
         node = LocalNode(False, path)
         with self._lock:
