@@ -132,11 +132,8 @@ def orthanc_server(orthanc: OrthancServer, dicom: DicomFactory) -> Iterator[Serv
 @pytest.fixture(scope="module")
 def standin() -> Iterator[HealthcareStandIn]:
     """A stand-in of our own: without the shared one's index lag, a stored instance is found at once."""
-    server = HealthcareStandIn().start()
-    try:
+    with HealthcareStandIn() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def google_dataset(standin: HealthcareStandIn, tmp_path: Path, **kwargs: int) -> tuple[HealthcareDataset, str]:

@@ -113,9 +113,8 @@ def value(entry: dict[str, Any], tag: str) -> Any:
 
 @pytest.fixture
 def hc() -> Iterator[HealthcareStandIn]:
-    standin = HealthcareStandIn().start()
-    yield standin
-    standin.stop()
+    with HealthcareStandIn() as standin:  # stopped even when the test fails
+        yield standin
 
 
 @pytest.fixture

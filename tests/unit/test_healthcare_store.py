@@ -22,11 +22,8 @@ FAST_RETRY = RetryPolicy(attempts=3, backoff_base=0.01, backoff_max=0.05, retry_
 
 @pytest.fixture(scope="module")
 def standin() -> Iterator[HealthcareStandIn]:
-    server = HealthcareStandIn().start()
-    try:
+    with HealthcareStandIn() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
