@@ -283,3 +283,20 @@ def test_read_ahead_never_exceeds_the_bound_nor_evicts_files_in_use(tmp_path: Pa
         assert cache.used_bytes <= 4000
     finally:
         cache.stop()
+
+
+def test_read_ahead_never_pushes_out_read_ahead_nobody_has_read_yet(tmp_path: Path):
+    cache = InstanceCache(tmp_path, capacity=4000, ttl=100, workers=2)  # room for four 1000-byte files
+    cache.start()
+    gate = Gate()
+    gate.release.set()
+    try:
+        assert all(cache.prefetch(key(n), gate.fetch(n), 1000) for n in range(4))
+        wait_for(lambda: all(cache.known_size(key(n)) == 1000 for n in range(4)))
+        assert not cache.prefetch(key(5), gate.fetch(5), 1000), "the four unread files keep their place"
+        assert all(cache.known_size(key(n)) == 1000 for n in range(4))
+        demand = cache.open(key(6), gate.fetch(6))  # a file a program waits for may push one out
+        assert read_all(cache, demand) == blob(6)
+        cache.release(demand)
+    finally:
+        cache.stop()

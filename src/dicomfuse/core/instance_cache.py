@@ -273,7 +273,7 @@ class InstanceCache:
                 return True  # cached or in flight: single-flight
             # Unknown size: guess the last file's, or an eighth of the largest file at first.
             size = expected_size if expected_size is not None else (self._typical or self.max_file // 8)
-            self._make_room(size)
+            self._make_room(size, keep_unread=True)
             if size > self.max_file or self._bytes + size > self.capacity:
                 self.prefetch_stats["refused"] += 1
                 return False
@@ -413,16 +413,17 @@ class InstanceCache:
         except PermissionError:  # Windows, a download still writing it: _download deletes it at its end
             log.debug("Cache file %s is still open; deleted once its download ends", entry.path.name)
 
-    def _make_room(self, incoming: int) -> None:
+    def _make_room(self, incoming: int, *, keep_unread: bool = False) -> None:
         """Caller holds _lock. Evict least recently used, unpinned, complete entries until the
-        total plus ``incoming`` fits the capacity."""
+        total plus ``incoming`` fits the capacity. ``keep_unread``: not files fetched ahead that
+        nobody opened yet (read-ahead must not push out read-ahead still to be read)."""
         if self._bytes + incoming <= self.capacity:
             return
         for key in list(self._entries):
             if self._bytes + incoming <= self.capacity:
                 return
             entry = self._entries[key]
-            if entry.pins <= 0 and entry.complete:
+            if entry.pins <= 0 and entry.complete and not (keep_unread and entry.prefetched):
                 self._retire(entry)
         if self._bytes + incoming > self.capacity:
             log.debug("Instance cache over its bound while files are in use (%d bytes)", self._bytes)
