@@ -82,6 +82,7 @@ MAX_EPILOGUE_BYTES = 64 * 1024
 STOW_BATCH_FILES = 50
 STOW_BATCH_BYTES = 64 * 1024 * 1024
 ORTHANC_ID_CACHE = 100_000  # SOP UID -> Orthanc ID entries remembered per store
+STUDY_IDS_REUSE_S = 10.0  # a walk reuses the study listing of the last few seconds (find lists the store first)
 ORTHANC_FIND_PAGE = 10_000  # resources per /tools/find page when walking Orthanc's index
 
 OrthancSetting = str | None
@@ -515,6 +516,7 @@ class DicomwebStore:
         self._accept_start = 0  # index in RETRIEVE_ACCEPTS of the first Accept to try
         self._ids_lock = threading.Lock()
         self._orthanc_ids: OrderedDict[str, str] = OrderedDict()  # SOP UID -> Orthanc ID (bounded)
+        self._study_ids: tuple[float, dict[str, str]] = (float("-inf"), {})  # (listed at, Orthanc ID -> UID)
 
     def __repr__(self) -> str:
         return f"DicomwebStore(name={self.name!r}, root={safe_path(self.root_url)!r})"
@@ -563,13 +565,22 @@ class DicomwebStore:
         if orthanc is None:
             return None
         try:
-            return [
-                uid for r in orthanc.find_all("Study")
-                if isinstance(uid := r.get("MainDicomTags", {}).get("StudyInstanceUID"), str)
-            ]
+            ids = self._orthanc_study_ids(orthanc)
         except (StoreError, ValueError) as exc:
             logger.debug("%s: Orthanc study listing failed (%s); asking DICOMweb", self.name, exc)
             return None
+        self._study_ids = (time.monotonic(), ids)
+        return list(ids.values())
+
+    @staticmethod
+    def _orthanc_study_ids(orthanc: OrthancRest) -> dict[str, str]:
+        """Orthanc ID -> StudyInstanceUID of every study in the index."""
+        return {
+            r["ID"]: sys.intern(uid)
+            for r in orthanc.find_all("Study")
+            if isinstance(r.get("ID"), str)
+            and isinstance(uid := r.get("MainDicomTags", {}).get("StudyInstanceUID"), str)
+        }
 
     def _remember_ids(self, ids: dict[str, str]) -> None:
         with self._ids_lock:
@@ -679,11 +690,11 @@ class DicomwebStore:
     def _walk_orthanc(self, orthanc: OrthancRest) -> list[InstanceInfo]:
         """The whole tree from Orthanc's index, sizes included: three paged finds (studies,
         series, instances) that read no file, where its instance QIDO reads every one."""
-        studies = {
-            r["ID"]: sys.intern(r["MainDicomTags"]["StudyInstanceUID"])
-            for r in orthanc.find_all("Study")
-            if "ID" in r and "StudyInstanceUID" in r.get("MainDicomTags", {})
-        }
+        # The study listing that came just before (find, ls -R and du list the store first) has
+        # the studies already: asking again would cost the walk a third of its time.
+        listed_at, studies = self._study_ids
+        if time.monotonic() - listed_at > STUDY_IDS_REUSE_S:
+            studies = self._orthanc_study_ids(orthanc)
         series: dict[str, tuple[str, str]] = {}
         for r in orthanc.find_all("Series"):
             uid = r.get("MainDicomTags", {}).get("SeriesInstanceUID")
