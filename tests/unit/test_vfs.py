@@ -333,3 +333,64 @@ def test_rm_of_a_file_still_being_written_sends_nothing(dataset, tmp_path, dicom
     vfs.release(fh)
     assert not list((tmp_path / "ds" / "store").iterdir()) and not list(vfs.spool.failed.iterdir())
     assert "a.dcm" not in dict(vfs.readdir("/store"))
+
+
+def test_write_back_fsync_puts_the_queued_file_on_disk_and_close_alone_does_not_wait(
+        dataset, tmp_path, dicom: DicomFactory, monkeypatch):
+    """cp (no fsync): close() queues the file and the queue fsyncs it in a group moments later;
+    a program that calls fsync() gets it on disk before fsync() returns."""
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    queue = vfs.writeback
+    assert queue is not None
+    submits: list[bool] = []
+    syncs: list[int] = []
+    real_submit, real_sync = queue.submit, queue.sync
+
+    def submit(*args, durable: bool = True, **kwargs):
+        submits.append(durable)
+        return real_submit(*args, durable=durable, **kwargs)
+
+    def sync() -> None:
+        syncs.append(1)
+        real_sync()
+
+    monkeypatch.setattr(queue, "submit", submit)
+    monkeypatch.setattr(queue, "sync", sync)
+    first, second, third = (dicom.instance() for _ in range(3))
+
+    upload(vfs, "/store/a.dcm", first.path.read_bytes())  # write, flush, close: what cp does
+    assert submits == [False] and syncs == []
+
+    fh = vfs.create("/store/b.dcm").fh  # write, fsync, close
+    vfs.write(fh, second.path.read_bytes(), 0)
+    vfs.fsync(fh)
+    vfs.release(fh)
+    assert submits == [False, True] and syncs == []
+
+    fh = vfs.create("/store/c.dcm").fh  # write, close() (flush), then fsync of the queued file
+    vfs.write(fh, third.path.read_bytes(), 0)
+    vfs.flush(fh)
+    vfs.fsync(fh)
+    vfs.release(fh)
+    assert submits == [False, True, False] and syncs == [1]
+    vfs.shutdown()
+    for inst in (first, second, third):
+        assert (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").exists()
+
+
+def test_a_refused_upload_is_on_disk_before_it_is_kept(dataset, tmp_path, monkeypatch):
+    """Sync mode sends without fsync (the server has the file when close() returns); bytes it
+    refused may be the only copy, so they are fsynced as they are kept."""
+    from dicomfuse.core import portable
+
+    fsynced: list[Path] = []
+    real = portable.fsync_path
+    monkeypatch.setattr(portable, "fsync_path", lambda path, **kw: (fsynced.append(Path(path)), real(path))[1])
+    vfs = make_vfs(dataset, tmp_path)
+    fh = vfs.create("/store/notes.txt").fh
+    vfs.write(fh, b"plain text", 0)
+    spool = vfs._handle(fh).spool_path
+    assert errno_of(vfs.flush, fh) == errno.EINVAL
+    vfs.release(fh)
+    assert spool in fsynced
+    vfs.shutdown()

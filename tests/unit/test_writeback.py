@@ -321,7 +321,8 @@ CHILD = textwrap.dedent("""
     for n in range(5):
         src = spool / f"f{n}.part"
         src.write_bytes(b"bytes %d" % n)
-        q.submit("ct", DicomUids(f"1.2.3.{n % 2}", f"1.2.3.{n % 2}.1", f"1.2.3.{n % 2}.1.{n}"), src)
+        q.submit("ct", DicomUids(f"1.2.3.{n % 2}", f"1.2.3.{n % 2}.1", f"1.2.3.{n % 2}.1.{n}"), src,
+                 durable=sys.argv[3] == "durable")
     q.start()
     in_flight.wait(5)
     print("ready", flush=True)
@@ -329,9 +330,12 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_a_crash_mid_send_loses_nothing(queues, qdir, files, tmp_path):
+@pytest.mark.parametrize("durable", ["durable", "group-commit"])
+def test_a_crash_mid_send_loses_nothing(queues, qdir, files, tmp_path, durable):
+    """Killed mid-send, fsynced at submit or not (a crash of the process keeps what the kernel
+    was given; only a power cut before the group commit could lose it)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(qdir), str(files.folder)],
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(qdir), str(files.folder), durable],
                              stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
@@ -643,3 +647,87 @@ def test_many_uploads_with_flaky_sends_all_arrive(queues, qdir, files):
     assert sorted(sender.sent) == sorted(i.uids.sop_uid for i in submitted)
     assert all(len(b) <= 7 for b in sender.batches()) and not sender.overlap_same_study
     assert journal(qdir) == [] and q.failed() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# durability: fsync at submit, or in groups moments later
+
+
+class FsyncLog:
+    """Records the paths the queue fsyncs (the real fsync still runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from dicomfuse.core import writeback
+
+        self.paths: list[Path] = []
+        self.changed = threading.Condition()
+        real = writeback._fsync_path
+
+        def fsync_path(path: Path, **kwargs: object) -> None:
+            real(path)
+            with self.changed:
+                self.paths.append(Path(path))
+                self.changed.notify_all()
+
+        monkeypatch.setattr(writeback, "_fsync_path", fsync_path)
+
+    def wait_for(self, *paths: Path) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: set(paths) <= set(self.paths), 5)
+
+
+def record_of(item: QueuedUpload) -> Path:
+    return item.path.with_name(item.id + ".json")
+
+
+def test_a_durable_submit_is_on_disk_when_it_returns(queues, qdir, files, monkeypatch):
+    fsyncs = FsyncLog(monkeypatch)
+    q = make_queue(queues, qdir, FakeSender())
+    item = q.submit("ct", *files.make(), durable=True)
+    assert {item.path, qdir} <= set(fsyncs.paths)  # the record is fsynced by write_json_atomic
+
+
+def test_a_submit_without_fsync_is_fsynced_in_a_group_moments_later(queues, qdir, files, monkeypatch):
+    fsyncs = FsyncLog(monkeypatch)
+    hold = threading.Event()
+    sender = FakeSender(hold=hold)  # nothing is sent (and removed) meanwhile
+    q = make_queue(queues, qdir, sender, settle=60)
+    items = [q.submit("ct", *files.make(), durable=False) for _ in range(3)]
+    assert fsyncs.paths == []  # submit returned without waiting for the disk
+    q.start()
+    expected = [p for i in items for p in (i.path, record_of(i))]
+    assert fsyncs.wait_for(*expected, qdir), "the group commit never fsynced the queued uploads"
+    assert sender.calls == []
+    hold.set()
+
+
+def test_sync_waits_for_the_uploads_queued_without_fsync(queues, qdir, files, monkeypatch):
+    fsyncs = FsyncLog(monkeypatch)
+    q = make_queue(queues, qdir, FakeSender())  # not started: only sync() can fsync them
+    items = [q.submit("ct", *files.make(), durable=False) for _ in range(2)]
+    assert fsyncs.paths == []
+    q.sync()
+    assert {p for i in items for p in (i.path, record_of(i))} | {qdir} <= set(fsyncs.paths)
+    fsyncs.paths.clear()
+    q.sync()  # nothing left to do
+    assert fsyncs.paths == []
+
+
+def test_stop_fsyncs_what_stays_queued(queues, qdir, files, monkeypatch):
+    fsyncs = FsyncLog(monkeypatch)
+    q = make_queue(queues, qdir, FakeSender())
+    item = q.submit("ct", *files.make(), durable=False)
+    q.stop(drain=False)
+    assert {item.path, record_of(item), qdir} <= set(fsyncs.paths)
+    assert len(journal(qdir)) == 2
+
+
+def test_a_failed_upload_queued_without_fsync_is_fsynced_before_it_is_kept(queues, qdir, files, monkeypatch):
+    fsyncs = FsyncLog(monkeypatch)
+    monkeypatch.setattr(WriteBackQueue, "_sync_loop", lambda self: None)  # no group commit
+    q = make_queue(queues, qdir, FakeSender(lambda store, item, call: "refused"))
+    item = q.submit("ct", *files.make(), durable=False)
+    q.start()
+    assert q.wait_idle(5)
+    assert item.path in fsyncs.paths  # before the move to failed/
+    assert [f.path.name for f in q.failed()] == [item.path.name]

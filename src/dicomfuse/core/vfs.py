@@ -503,7 +503,16 @@ class Vfs:
         if isinstance(handle, WriteHandle) and handle.dirty:
             self._upload(handle)
 
-    fsync = flush
+    def fsync(self, fh: int) -> None:
+        """Like :meth:`flush`; in write-back mode the queued bytes are also on disk when it
+        returns (close() alone leaves that to the queue's group commit, moments later)."""
+        handle = self._handle(fh)
+        if not isinstance(handle, WriteHandle):
+            return
+        if handle.dirty:
+            self._upload(handle, durable=True)
+        elif handle.queued and self.writeback is not None:
+            self.writeback.sync()
 
     def release(self, fh: int) -> None:
         with self._lock:
@@ -964,14 +973,14 @@ class Vfs:
     # ======================================================================================
     # internals: uploads
 
-    def _upload(self, h: WriteHandle) -> None:
+    def _upload(self, h: WriteHandle, *, durable: bool = False) -> None:
         """Check and send a written file. On failure the bytes stay in the spool (moved to
         ``failed/`` with a log line saying where) and FsError reaches close()."""
         with h.lock:
             if not h.dirty:
                 return
             try:
-                ident = self._send(h)
+                ident = self._send(h, durable=durable)
             except FsError as exc:
                 self._keep_failed(h, exc.strerror or str(exc))
                 exc.level = logging.DEBUG  # _keep_failed logged the one ERROR line
@@ -981,17 +990,19 @@ class Vfs:
             h.dirty = False
             h.uploaded = ident
 
-    def _send(self, h: WriteHandle) -> DicomUids:
+    def _send(self, h: WriteHandle, *, durable: bool = False) -> DicomUids:
+        """Check and send (or queue) the file. No fsync on the way: in sync mode the server has
+        the file when this returns (failed bytes are fsynced when kept); in write-back mode the
+        queue fsyncs in groups, or now when ``durable`` (an fsync() of the file)."""
         size = h.size
         if size > self.cache.max_file:
             raise FsError(errno.EFBIG, f"upload {h.path}: {size} bytes exceeds cacheSize/4", logging.ERROR)
-        os.fsync(h.fd)
         try:
             ident = inspect_dicom(h.spool_path)
         except FsError as exc:
             raise FsError(errno.EINVAL, f"upload {h.path} refused: {exc.strerror}", logging.ERROR) from None
         if self.writeback is not None and self.config.upload_mode == "writeback":
-            return self._queue(h, ident, size)
+            return self._queue(h, ident, size, durable)
         store_name = h.path.store
         if h.path.level == Level.INSTANCE and (ident.study_uid, ident.series_uid) != (h.path.study, h.path.series):
             log.info("Upload %s: the file belongs to study %s series %s, filed there by its UIDs",
@@ -1016,14 +1027,14 @@ class Vfs:
         log.info("Uploaded %s as %s", h.path, target)
         return ident
 
-    def _queue(self, h: WriteHandle, ident: DicomUids, size: int) -> DicomUids:
+    def _queue(self, h: WriteHandle, ident: DicomUids, size: int, durable: bool) -> DicomUids:
         """Write-back: hand the checked file to the durable queue; it shows in its folder and
         reads back from the cache at once, and is uploaded in the background."""
         assert self.writeback is not None
         target = DicomPath((h.path.store, ident.study_uid, ident.series_uid, instance_name(ident.sop_uid)))
         self._store(h.path.store)  # an unknown store fails the copy now, not in the background
         try:
-            item = self.writeback.submit(h.path.store, ident, h.spool_path)
+            item = self.writeback.submit(h.path.store, ident, h.spool_path, durable=durable)
         except (OSError, RuntimeError) as exc:
             raise FsError(errno.EIO, f"upload {h.path}: could not queue it ({exc})", logging.ERROR) from None
         h.queued = True
@@ -1185,6 +1196,10 @@ class Vfs:
     def _keep_failed(self, h: WriteHandle, why: str) -> Path:
         if h.spool_path.parent != self.spool.directory:
             return h.spool_path  # already kept
+        try:
+            portable.fsync_path(h.spool_path)  # the bytes may be the only copy: on disk before they are kept
+        except OSError as exc:
+            log.warning("Cannot write the failed upload %s to disk: %s", h.path, exc.strerror or exc)
         kept = self.spool.keep_failed(h.spool_path, h.path.name, store=h.path.store, reason=why)
         h.spool_path = kept
         log.error("Upload of %s failed (%s); its bytes are kept at %s", h.path, why, kept)

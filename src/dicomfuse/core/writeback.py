@@ -181,9 +181,9 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def _move_in(source: Path, target: Path) -> None:
+def _move_in(source: Path, target: Path, *, durable: bool = True) -> None:
     """Move ``source`` to ``target`` (rename; a copy when they are on different filesystems),
-    0600 and fsynced."""
+    0600, and fsynced when ``durable``."""
     try:
         os.replace(source, target)
     except OSError as exc:
@@ -195,7 +195,8 @@ def _move_in(source: Path, target: Path) -> None:
                                                  "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
-                os.fsync(dst.fileno())
+                if durable:
+                    os.fsync(dst.fileno())
             os.replace(tmp, target)
         except BaseException:
             _unlink(tmp)
@@ -203,7 +204,8 @@ def _move_in(source: Path, target: Path) -> None:
         _unlink(source)
     if os.stat(target).st_mode & 0o777 != 0o600:
         os.chmod(target, 0o600)  # a change of mode would cost one more journal commit: only if needed
-    _fsync_path(target)  # nothing to write when the caller fsynced the bytes already
+    if durable:
+        _fsync_path(target)  # nothing to write when the caller fsynced the bytes already
 
 
 def _clean_temporary(directory: Path) -> None:
@@ -323,6 +325,12 @@ class WriteBackQueue:
         self._status_dirty = True
         self._status_written = float("-inf")  # clock time
         self._status_lock = threading.Lock()  # serialises snapshot writes (taken before _cond)
+        # Uploads submitted without fsync, until the syncer (or sync()) has fsynced them:
+        self._unsynced: list[QueuedUpload] = []
+        self._unsynced_cond = threading.Condition()
+        self._sync_lock = threading.Lock()  # held while a group is being fsynced
+        self._syncer: threading.Thread | None = None
+        self._syncer_stop = False
 
     # ======================================================================================
     # lifecycle
@@ -411,9 +419,11 @@ class WriteBackQueue:
             threads = list(self._threads)
             self._status_thread = threading.Thread(target=self._status_loop, name="dicomfuse-writeback-status",
                                                    daemon=True)
+            self._syncer = threading.Thread(target=self._sync_loop, name="dicomfuse-writeback-sync", daemon=True)
         for thread in threads:
             thread.start()
         self._status_thread.start()
+        self._syncer.start()
         self._status_changed()
 
     def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
@@ -439,6 +449,12 @@ class WriteBackQueue:
             status_thread = self._status_thread
         if status_thread is not None:
             status_thread.join(1.0)  # it only writes a small file
+        self.sync()  # what stays queued must be on disk for the next start
+        with self._unsynced_cond:
+            self._syncer_stop = True
+            self._unsynced_cond.notify_all()
+        if self._syncer is not None:
+            self._syncer.join(5.0)
         for thread in threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         alive = sum(t.is_alive() for t in threads)
@@ -456,12 +472,15 @@ class WriteBackQueue:
     # ======================================================================================
     # submitting and observing
 
-    def submit(self, store: str, uids: DicomUids, source: Path) -> QueuedUpload:
-        """Queue a checked file. Durable when it returns: the record (written first) and the
-        bytes (moved in, not copied, when on the same filesystem) are fsynced with their
-        directory. A pending upload of the same (store, SOP Instance UID) is superseded: the
-        newer bytes win, the older entry is removed (an upload already being sent is not
-        interrupted; the newer one follows it). A superseded upload gets no ``on_done``."""
+    def submit(self, store: str, uids: DicomUids, source: Path, *, durable: bool = True) -> QueuedUpload:
+        """Queue a checked file: the record (written first) and the bytes (moved in, not copied,
+        when on the same filesystem). With ``durable`` both are fsynced with their directory
+        before it returns; without, a background thread fsyncs them in groups moments later
+        (:meth:`sync` waits for that), the way a local disk treats a file closed without
+        fsync: a crash of the process loses nothing, a power cut in those moments may. A pending
+        upload of the same (store, SOP Instance UID) is superseded: the newer bytes win, the
+        older entry is removed (an upload already being sent is not interrupted; the newer one
+        follows it). A superseded upload gets no ``on_done``."""
         if not store:
             raise ValueError("no store")
         if not all(is_uid(x) for x in (uids.study_uid, uids.series_uid, uids.sop_uid)):
@@ -472,25 +491,30 @@ class WriteBackQueue:
                 raise RuntimeError("the write-back queue is stopped")
             self._submitting.add(item_id)  # recover() running meanwhile must not take it for debris
         try:
-            return self._submit(item_id, store, uids, source)
+            return self._submit(item_id, store, uids, source, durable)
         finally:
             with self._cond:
                 self._submitting.discard(item_id)
 
-    def _submit(self, item_id: str, store: str, uids: DicomUids, source: Path) -> QueuedUpload:
+    def _submit(self, item_id: str, store: str, uids: DicomUids, source: Path, durable: bool) -> QueuedUpload:
         item = QueuedUpload(
             id=item_id, store=store, uids=uids, size=os.stat(source).st_size,
             path=self.directory / (item_id + DATA_SUFFIX), attempts=0, queued_at=time.time(),
             last_error=None, dataset=self.dataset,
         )
         record = self._record_path(item)
-        _write_json(record, _record(item), durable=True)
+        _write_json(record, _record(item), durable=durable)
         try:
-            _move_in(source, item.path)
+            _move_in(source, item.path, durable=durable)
         except BaseException:
             _unlink(record)
             raise
-        _fsync_path(self.directory)
+        if durable:
+            _fsync_path(self.directory)
+        else:
+            with self._unsynced_cond:
+                self._unsynced.append(item)
+                self._unsynced_cond.notify()
         with self._cond:
             if self._halt:
                 # Stopped meanwhile: the upload is safe on disk for the next start.
@@ -505,6 +529,43 @@ class WriteBackQueue:
         log.debug("Queued %s for upload (%d bytes)", item.display, item.size)
         self._status_changed()
         return item
+
+    def sync(self) -> None:
+        """fsync every upload submitted without it (bytes, record, their folder); returns when
+        they are on disk. What an ``fsync()`` of a file in the mount waits for."""
+        self._commit()
+
+    def _commit(self) -> None:
+        with self._sync_lock:
+            with self._unsynced_cond:
+                group, self._unsynced = self._unsynced, []
+            self._fsync_group(group)
+
+    def _sync_loop(self) -> None:
+        """Group commit: fsync whatever was submitted while the last group was being fsynced."""
+        while True:
+            with self._unsynced_cond:
+                while not self._unsynced and not self._syncer_stop:
+                    self._unsynced_cond.wait()
+                if self._syncer_stop and not self._unsynced:
+                    return
+            self._commit()
+
+    def _fsync_group(self, group: list[QueuedUpload]) -> None:
+        if not group:
+            return
+        for item in group:
+            for path in (item.path, self._record_path(item)):
+                try:
+                    _fsync_path(path)
+                except FileNotFoundError:
+                    pass  # sent and removed already, or moved to failed/ (fsynced there)
+                except OSError as exc:
+                    log.error("Cannot write the queued upload %s to disk: %s", item.display, exc.strerror or exc)
+        try:
+            _fsync_path(self.directory)
+        except OSError as exc:
+            log.error("Cannot write the write-back queue folder %s to disk: %s", self.directory, exc.strerror or exc)
 
     def pending(self) -> list[QueuedUpload]:
         """Uploads not yet confirmed nor failed (including those being sent), oldest first."""
@@ -756,6 +817,7 @@ class WriteBackQueue:
         try:
             _write_json(self.failed_dir / (item.id + RECORD_SUFFIX), _record(kept, failed_at=time.time()),
                         durable=True)
+            _fsync_path(item.path)  # it may have been queued without fsync: these bytes may be the only copy
             os.replace(item.path, kept.path)
             _fsync_path(self.failed_dir)
             _unlink(self._record_path(item))
