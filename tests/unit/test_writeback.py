@@ -41,6 +41,8 @@ class FakeSender:
         self.sent: dict[str, bytes] = {}  # sop UID -> bytes stored
         self.active: dict[str, int] = {}  # study -> batches being sent
         self.overlap_same_study = False
+        self.flying_sops: set[str] = set()
+        self.overlap_same_sop = False
         self.max_parallel = 0
         self.started = threading.Event()
 
@@ -54,6 +56,9 @@ class FakeSender:
             self.active[study] = self.active.get(study, 0) + 1
             self.overlap_same_study |= self.active[study] > 1
             self.max_parallel = max(self.max_parallel, sum(self.active.values()))
+            sops = {i.uids.sop_uid for i in items}
+            self.overlap_same_sop |= bool(sops & self.flying_sops)
+            self.flying_sops |= sops
         self.started.set()
         try:
             if self.hold is not None:
@@ -73,6 +78,7 @@ class FakeSender:
         finally:
             with self.lock:
                 self.active[study] -= 1
+                self.flying_sops -= {i.uids.sop_uid for i in items}
 
     def batches(self, study: str | None = None) -> list[list[str]]:
         return [sops for _, st, sops, _ in self.calls if study is None or st == study]
@@ -149,7 +155,7 @@ def test_one_batch_per_study_within_limits(queues, qdir, files):
     assert sender.batches("1.2.826.2") == [[i.uids.sop_uid for i in b]]
     assert sorted(s for batch in sender.batches("1.2.826.1") for s in batch) == sorted(i.uids.sop_uid for i in a)
     assert {store for store, *_ in sender.calls} == {"ct", "mr"}
-    assert not sender.overlap_same_study
+    assert not sender.overlap_same_sop
     assert sorted(done) == sorted((i.uids.sop_uid, True) for i in a + b)
     assert journal(qdir) == [] and failed_files(qdir) == []
     assert q.pending() == [] and q.failed() == []
@@ -166,29 +172,33 @@ def test_batch_bytes_limit(queues, qdir, files):
     assert sorted(len(b) for b in sender.batches()) == [1, 1, 2, 2]
 
 
-def test_studies_go_in_parallel_but_a_study_never_twice(queues, qdir, files):
-    both = threading.Event()
+def test_studies_go_in_parallel_and_so_do_the_full_batches_of_one_study(queues, qdir, files):
+    """A cp -r of one big study keeps every worker busy: its full batches do not wait for each
+    other."""
+    release = threading.Event()
+    three = threading.Event()
 
     def decide(store, item, call):
         with sender.lock:
-            if sum(sender.active.values()) >= 2:
-                both.set()
-        both.wait(1)
+            if sum(sender.active.values()) >= 3:
+                three.set()
+        assert release.wait(5)
         return True
 
     sender = FakeSender(decide)
-    q = make_queue(queues, qdir, sender, workers=3, settle=0.0)
+    q = make_queue(queues, qdir, sender, workers=3, batch_files=2, settle=60)
     q.start()
-    q.submit("ct", *files.make(study=1))
+    for _ in range(4):
+        q.submit("ct", *files.make(study=1))  # two full batches of study 1
     q.submit("ct", *files.make(study=2))
-    assert both.wait(2), "two studies were not sent at the same time"
-    assert sender.started.wait(1)
-    for _ in range(4):  # more of study 1 while it is in flight: they wait for the next batch
-        q.submit("ct", *files.make(study=1))
-        time.sleep(0.01)
+    q.submit("ct", *files.make(study=2))  # and one of study 2
+    try:
+        assert three.wait(5), "the batches were not sent at the same time"
+    finally:
+        release.set()
     assert q.wait_idle(5)
-    assert sender.max_parallel >= 2 and not sender.overlap_same_study
-    assert len(sender.batches("1.2.826.1")) >= 2 and sum(map(len, sender.batches("1.2.826.1"))) == 5
+    assert sender.overlap_same_study and sender.max_parallel == 3
+    assert sorted(map(len, sender.batches("1.2.826.1"))) == [2, 2] and len(sender.sent) == 6
 
 
 def test_settle_lets_a_batch_fill(queues, qdir, files):
@@ -478,16 +488,23 @@ def test_a_newer_copy_supersedes_in_the_journal_too(queues, qdir, files):
 
 
 def test_a_copy_submitted_while_the_older_is_in_flight_follows_it(queues, qdir, files):
+    """Never both copies at once, though workers are free (the server could keep the older)."""
     hold = threading.Event()
     sender = FakeSender(hold=hold)
-    q = make_queue(queues, qdir, sender, settle=0.0)
+    q = make_queue(queues, qdir, sender, settle=0.0, workers=4)
     q.start()
     q.submit("ct", *files.make(sop="1.2.826.1.1.5", data=b"one"))
     assert sender.started.wait(2)
     q.submit("ct", *files.make(sop="1.2.826.1.1.5", data=b"two"))
+    q.submit("ct", *files.make(sop="1.2.826.1.1.6", data=b"other"))  # another instance goes at once
+    deadline = time.monotonic() + 5
+    while len(sender.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [sops for _, _, sops, _ in sender.calls] == [["1.2.826.1.1.5"], ["1.2.826.1.1.6"]]
     hold.set()
     assert q.wait_idle(5)
-    assert len(sender.calls) == 2 and sender.sent["1.2.826.1.1.5"] == b"two"
+    assert len(sender.calls) == 3 and sender.sent["1.2.826.1.1.5"] == b"two"
+    assert not sender.overlap_same_sop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,7 +662,7 @@ def test_many_uploads_with_flaky_sends_all_arrive(queues, qdir, files):
     submitted = [q.submit("ct", *files.make(study=n % 5)) for n in range(150)]
     assert q.wait_idle(10)
     assert sorted(sender.sent) == sorted(i.uids.sop_uid for i in submitted)
-    assert all(len(b) <= 7 for b in sender.batches()) and not sender.overlap_same_study
+    assert all(len(b) <= 7 for b in sender.batches()) and not sender.overlap_same_sop
     assert journal(qdir) == [] and q.failed() == []
 
 

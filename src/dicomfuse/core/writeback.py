@@ -310,7 +310,7 @@ class WriteBackQueue:
         self._by_sop: dict[tuple[str, str], str] = {}  # (store, SOP UID) -> pending (not in flight) id
         self._in_flight: dict[str, QueuedUpload] = {}
         self._submitting: set[str] = set()  # ids being journaled by submit()
-        self._busy: set[GroupKey] = set()  # studies being sent
+        self._flying: set[tuple[str, str]] = set()  # (store, SOP UID) of every upload being sent
         self._failed: dict[str, QueuedUpload] = {}
         self._last_error: str | None = None
         self._last_error_at: float | None = None
@@ -645,11 +645,12 @@ class WriteBackQueue:
         best: tuple[float, GroupKey, list[_Entry]] | None = None
         wake: float | None = None
         for key, group in self._groups.items():
-            if key in self._busy:
-                continue
-            fresh = [e for e in group.values() if not e.backoff]
-            ready = [e for e in group.values() if e.backoff and e.not_before <= now]
-            later = [e.not_before for e in group.values() if e.backoff and e.not_before > now]
+            # A study's batches go in parallel (a cp -r of one big study uses every worker), but
+            # a newer copy of an instance waits until the older one being sent is confirmed.
+            entries = [e for e in group.values() if (e.item.store, e.item.uids.sop_uid) not in self._flying]
+            fresh = [e for e in entries if not e.backoff]
+            ready = [e for e in entries if e.backoff and e.not_before <= now]
+            later = [e.not_before for e in entries if e.backoff and e.not_before > now]
             if fresh:
                 settled = max(e.not_before for e in fresh)
                 overdue = min(e.not_before for e in fresh) - self.settle + self.max_settle
@@ -678,7 +679,7 @@ class WriteBackQueue:
         for item in batch:
             self._pop_pending(item.id)
             self._in_flight[item.id] = item
-        self._busy.add(key)
+            self._flying.add((item.store, item.uids.sop_uid))
         self._status_dirty = True
         return (key, batch), wake
 
@@ -764,6 +765,7 @@ class WriteBackQueue:
             now = self._clock()
             for item in items:
                 self._in_flight.pop(item.id, None)
+                self._flying.discard((item.store, item.uids.sop_uid))
             for item in requeue:
                 superseded.extend(self._add_pending(item, now + delay, newest=False, backoff=True))
             for item, stored, _ in done:
@@ -771,7 +773,6 @@ class WriteBackQueue:
                     self._failed[item.id] = item
             if errors:
                 self._last_error, self._last_error_at = errors[-1], time.time()
-            self._busy.discard(key)
             self._status_dirty = True
             self._cond.notify_all()
         for item in superseded:
