@@ -150,16 +150,29 @@ def download_series(dicomweb: str, study_uid: str, series_uid: str, dest: Path, 
     return Outcome(time.perf_counter() - started, 1 + len(sop_uids), total)
 
 
-def curl_download(url: str, dest: Path) -> Outcome:
-    """``curl -s -o dest`` of a WADO-RS URL (the multipart body, as it comes), with curl's own
-    time to the first byte of the body."""
+def curl_download(url: str, dest: Path, accept: str = WADO_ACCEPT) -> Outcome:
+    """``curl -s -o dest`` of a WADO-RS URL (the multipart body, as it comes), or of any URL
+    with another ``accept``, with curl's own time to the first byte of the body."""
     started = time.perf_counter()
     result = subprocess.run(
-        ["curl", "-s", "-f", "-o", str(dest), "-H", f"Accept: {WADO_ACCEPT}", "-w", "%{time_starttransfer}", url],
+        ["curl", "-s", "-f", "-o", str(dest), "-H", f"Accept: {accept}", "-w", "%{time_starttransfer}", url],
         check=True, capture_output=True, text=True,
     )
     seconds = time.perf_counter() - started
     return Outcome(seconds, 1, dest.stat().st_size, first_byte=float(result.stdout.strip()))
+
+
+def orthanc_instance_id(rest_url: str, sop_uid: str) -> str:
+    """The Orthanc ID of an instance (``POST /tools/lookup`` of its SOP Instance UID)."""
+    with session() as s:
+        response = s.post(f"{rest_url}/tools/lookup", data=sop_uid, headers={"Accept": "application/json"},
+                          timeout=TIMEOUT)
+        response.raise_for_status()
+        found = response.json()
+    ids = [r["ID"] for r in found if isinstance(r, dict) and r.get("Type") == "Instance" and "ID" in r]
+    if len(ids) != 1:
+        raise RuntimeError(f"Orthanc's /tools/lookup found {len(ids)} instances for {sop_uid}")
+    return str(ids[0])
 
 
 def stow_parallel(dicomweb: str, paths: Sequence[Path], workers: int = 8) -> Outcome:

@@ -1,7 +1,8 @@
 """A DICOMFuse mount as a user starts it (``python -m dicomfuse -a ... -p ...``), in a subprocess.
 
 Every mount gets fresh cache and log folders (a cold cache); :meth:`Mount.stop` unmounts with
-``fusermount3 -u`` and waits, so pending uploads finish. :class:`PeakRss` samples the peak
+``fusermount3 -u`` and waits, so pending uploads finish. :class:`FloorMount` mounts the
+do-nothing passthrough of ``bench/floor.py`` the same way. :class:`PeakRss` samples the peak
 resident memory of the mount process and its children while something runs.
 """
 
@@ -34,6 +35,8 @@ class MountError(RuntimeError):
 class Mount:
     """``with Mount(url, workdir, args) as m:`` → mounted at ``m.path`` until the block ends."""
 
+    program = "dicomfuse"
+
     def __init__(self, address: str, workdir: Path, args: Sequence[str] = ()) -> None:
         self.address = address
         self.workdir = workdir
@@ -62,7 +65,7 @@ class Mount:
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
         while not os.path.ismount(self.path):
             if self.proc.poll() is not None:
-                raise MountError(f"dicomfuse exited with status {self.proc.returncode} before mounting: "
+                raise MountError(f"{self.program} exited with status {self.proc.returncode} before mounting: "
                                  f"{self.output_tail()}", self.proc.returncode)
             if time.monotonic() > deadline:
                 self.stop()
@@ -102,6 +105,20 @@ class Mount:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class FloorMount(Mount):
+    """``bench/floor.py``, the do-nothing passthrough FUSE filesystem, serving ``source`` at
+    ``workdir/mnt``: ``with FloorMount(source, workdir) as m:``."""
+
+    program = "bench/floor.py"
+
+    def __init__(self, source: Path, workdir: Path, args: Sequence[str] = ()) -> None:
+        super().__init__(str(source), workdir, args)
+
+    @property
+    def argv(self) -> list[str]:
+        return [sys.executable, str(REPO / "bench" / "floor.py"), self.address, str(self.path), *self.args]
 
 
 def _status_kib(pid: int, field: str) -> int | None:

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, metavar="N",
                         help="measurements per scenario, median reported (default: 1 in quick mode; "
                              "in full mode 3 for short measurements, 1 for long ones)")
+    parser.add_argument("--floors", action=argparse.BooleanOptionalAction,
+                        help="measure the unjudged floor rows (a do-nothing FUSE passthrough, the server's own "
+                             "first byte) beside the mount; default: yes in full mode, no in quick mode")
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="where data, copies, caches and mount logs go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (mount logs) afterwards")
@@ -65,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.selected = [name for name in RUN_ORDER if not selected or name in selected]
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.floors is None:
+        args.floors = not args.quick
     return args
 
 
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dicomfuse-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     config = Config(quick=args.quick, sizes=QUICK if args.quick else FULL, workdir=workdir,
-                    mount_args=shlex.split(args.mount_args), repeat=args.repeat, selected=args.selected, log=log)
+                    mount_args=shlex.split(args.mount_args), repeat=args.repeat, selected=args.selected, log=log,
+                    floors=args.floors)
     log(f"{'quick' if args.quick else 'full'} run of {', '.join(args.selected)}; work folder {workdir}")
     bench = Bench(config)
     rows: list[Row] = []
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                  "orthanc": orthanc_version()},
         "mount_args": config.mount_args,
         "repeat": args.repeat,
+        "floors": args.floors,
         "sizes": asdict(config.sizes),
         "failed": [r.name for r in failures],
         "errors": [r.name for r in errors],

@@ -3,6 +3,10 @@
 Timed passes talk to Orthanc directly. Request counts come from a separate pass of the same
 operation on another fresh mount that talks to Orthanc through :class:`~bench.proxy.CountingProxy`
 (a Python proxy would slow the timed pass down).
+
+Floor rows (never judged) measure, in the same repetitions and against the same baseline, what
+no implementation of the mount can beat: the do-nothing FUSE passthrough of ``bench/floor.py``,
+or the server's own first byte. A floor that cannot measure is reported N/A with the reason.
 """
 
 from __future__ import annotations
@@ -13,16 +17,18 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from tests.orthanc_server import OrthancServer
 
 from bench import clients
-from bench.data import MIB, Series, Sizes, seed_server, write_large, write_series, write_studies
-from bench.mounts import REPO, Mount, MountError, PeakRss
+from bench.data import MIB, Instance, Series, Sizes, seed_server, write_large, write_series, write_studies
+from bench.mounts import REPO, FloorMount, Mount, MountError, PeakRss
 from bench.proxy import CountingProxy, Counts
 from bench.results import NOT_AVAILABLE, Row, median
 from dicomfuse.stores.dicomweb import store_name_from_url
@@ -38,6 +44,7 @@ UPLOAD_POLL_S = 0.05
 UPLOAD_WAIT_S = 600.0
 RSS_CACHE_MB = 500
 FIRST_BYTES = 4096
+T = TypeVar("T")
 
 
 class BenchError(RuntimeError):
@@ -53,6 +60,7 @@ class Config:
     repeat: int | None  # None: each scenario's default
     selected: list[str]
     log: Callable[[str], None]
+    floors: bool = True  # measure the floor rows
 
 
 @dataclass
@@ -62,6 +70,7 @@ class Env:
     orthanc: OrthancServer
     series: Series | None = None
     studies: int = 0
+    instances: tuple[Instance, ...] = ()  # the store data set's, one per study
 
     @property
     def dicomweb(self) -> str:
@@ -131,6 +140,7 @@ class Bench:
                 written = write_studies(folder, "bench-store", self.sizes.store_studies)
                 seed_server(env.dicomweb, [i.path for i in written], self.log)
                 env.studies = len(written)
+                env.instances = tuple(written)
             elif label == "large":
                 env.series = write_large(folder, "bench-large", self.sizes.large_bytes)
                 seed_server(env.dicomweb, [env.series.instances[0].path], self.log)
@@ -154,6 +164,13 @@ class Bench:
         self._mounts += 1
         workdir = self.config.workdir / "mounts" / f"{self._mounts:03d}-{label}"
         mount = Mount(address, workdir, [*self.config.mount_args, *extra])
+        self.stack.callback(mount.stop)
+        return mount.start()
+
+    def floor(self, label: str, source: Path) -> FloorMount:
+        """``bench/floor.py`` serving ``source``, mounted (MountError if it cannot be)."""
+        self._mounts += 1
+        mount = FloorMount(source, self.config.workdir / "mounts" / f"{self._mounts:03d}-{label}")
         self.stack.callback(mount.stop)
         return mount.start()
 
@@ -232,6 +249,51 @@ def counts_note(counts: Counts, baseline_requests: int) -> str:
     return f"{counts.total} req vs {baseline_requests}"
 
 
+@dataclass
+class Floor:
+    """The samples of a floor row, or why it has none: a floor never fails or stops a run.
+
+    :meth:`attempt` runs one step (mount, warm, measure); its first exception is kept as the
+    reason (traceback on stderr) and every later step is skipped. With floors off
+    (``--no-floors``, the default in quick mode) no step runs and there is no row."""
+
+    b: Bench
+    name: str
+    samples: list[float] = field(default_factory=list)
+    error: str = ""
+
+    def attempt(self, step: Callable[[], T]) -> T | None:
+        if self.error or not self.b.config.floors:
+            return None
+        try:
+            return step()
+        except Exception as exc:  # noqa: BLE001 - reported in the row instead
+            traceback.print_exc()
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.b.log(f"{self.name}: not available: {self.error}")
+            return None
+
+    def measure(self, step: Callable[[], float]) -> float | None:
+        seconds = self.attempt(step)
+        if seconds is not None:
+            self.samples.append(seconds)
+        return seconds
+
+    def rows(self, scenario: str, metric: str, notes: str, baseline: list[float]) -> list[Row]:
+        """The unjudged row: the floor's median vs the baseline's (N/A with the reason if it has
+        no sample); none with floors off."""
+        if not self.b.config.floors:
+            return []
+        row = Row(scenario, metric, judged=False)
+        if self.error or not self.samples:
+            row.status = NOT_AVAILABLE
+            row.baseline = median(baseline) if baseline else None
+            row.notes = f"not available: {self.error or 'nothing measured'}"
+            return [row]
+        row.notes = notes
+        return [samples(row, self.samples, baseline)]
+
+
 # ---------------------------------------------------------------------------------------------
 # 1 + 5: cold copy of a series, then its warm re-read
 
@@ -296,7 +358,20 @@ def warm_reread(b: Bench) -> list[Row]:
     expected = series.total_bytes
     mount_s: list[float] = []
     base_s: list[float] = []
+    floor = Floor(b, "warm_reread/floor")
+
+    def read_floor(mount: FloorMount) -> float:
+        seconds, total = read_all(mount.path)
+        if total != expected:
+            raise BenchError(f"read {total} bytes through the floor filesystem, expected {expected}")
+        return seconds
+
+    floor_mount: FloorMount | None = None
     try:
+        # The same local copy through the do-nothing passthrough; one untimed read fills its page cache.
+        floor_mount = floor.attempt(lambda: b.floor("warm_floor", warm.copy))
+        if floor_mount is not None:
+            floor.attempt(lambda: read_floor(floor_mount))
         for _ in range(b.repeats(3)):
             seconds, total = read_all(warm.copy)
             base_s.append(seconds)
@@ -304,12 +379,18 @@ def warm_reread(b: Bench) -> list[Row]:
             mount_s.append(seconds_m)
             if total != expected or total_m != expected:
                 raise BenchError(f"read {total_m} bytes through the mount and {total} locally, expected {expected}")
-            b.log(f"warm_reread: mount {seconds_m:.3f} s, local {seconds:.3f} s")
+            seconds_f = floor.measure(lambda: read_floor(floor_mount)) if floor_mount is not None else None
+            b.log(f"warm_reread: mount {seconds_m:.3f} s, local {seconds:.3f} s"
+                  + (f", floor {seconds_f:.3f} s" if seconds_f is not None else ""))
     finally:
+        if floor_mount is not None:
+            floor_mount.stop()
         warm.mount.stop()
         shutil.rmtree(warm.copy, ignore_errors=True)
     row.notes = f"{expected / MIB:.0f} MiB read in full, vs the local copy (page cache warm)"
-    return [samples(row, mount_s, base_s)]
+    return [samples(row, mount_s, base_s),
+            *floor.rows("warm_reread", "floor", "a do-nothing Python FUSE passthrough (mfusepy, libfuse 3) over the "
+                        "same local copy: the least any Python FUSE filesystem costs here", base_s)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +464,16 @@ def store_ls_find(b: Bench) -> list[Row]:
         ("ls", ls, lambda: clients.list_studies(env.dicomweb, STORE_PAGE_SIZE)),
         ("find", find, lambda: clients.list_tree(env.dicomweb, STORE_PAGE_SIZE)),
     ]
+    # find's floor: the same tree (empty files) on local disk, through the do-nothing passthrough,
+    # freshly mounted for each measurement as the mount is (no dentry cached by the kernel).
+    floor = Floor(b, "store_ls_find/find_floor")
+    tree = floor.attempt(lambda: store_tree(b, env))
+
+    def find_floor() -> float:
+        assert tree is not None
+        with b.floor("store_find_floor", tree) as mount:
+            return find(mount)
+
     rows = []
     for metric, action, baseline in steps:
         counts = b.counted(env, f"store_{metric}", action)
@@ -397,12 +488,30 @@ def store_ls_find(b: Bench) -> list[Row]:
             baseline_requests = outcome.requests
             with b.mount(f"store_{metric}", env.dicomweb) as mount:
                 mount_s.append(action(mount))
-            b.log(f"store_ls_find/{metric}: mount {mount_s[-1]:.3f} s, QIDO {outcome.seconds:.3f} s")
+            seconds_f = floor.measure(find_floor) if metric == "find" and tree is not None else None
+            b.log(f"store_ls_find/{metric}: mount {mount_s[-1]:.3f} s, QIDO {outcome.seconds:.3f} s"
+                  + (f", floor {seconds_f:.3f} s" if seconds_f is not None else ""))
         row = Row("store_ls_find", metric, target=1.5)
         row.notes = f"{n} studies; {counts_note(counts, baseline_requests)}"
         row.details.update(requests=counts.requests, baseline_requests=baseline_requests, studies=n)
         rows.append(samples(row, mount_s, base_s))
+        if metric == "find":
+            rows += floor.rows("store_ls_find", "find_floor",
+                               "the same tree through a do-nothing Python FUSE passthrough", base_s)
     return rows
+
+
+def store_tree(b: Bench, env: Env) -> Path:
+    """The store's tree as the mount shows it (``<store>/<study>/<series>/<sop>.dcm``, empty
+    files) on local disk; the folder to serve (``<store>`` is in it)."""
+    if len(env.instances) != env.studies:
+        raise BenchError(f"the store data set lists {len(env.instances)} instances for {env.studies} studies")
+    root = b.scratch("floor/store-tree")
+    for instance in env.instances:
+        folder = root / env.store / instance.study_uid / instance.series_uid
+        folder.mkdir(parents=True)
+        (folder / instance.file_name).touch()
+    return root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +545,23 @@ def first_bytes_large(b: Bench) -> list[Row]:
         return seconds
 
     counts = b.counted(env, "first_bytes", first_read, extra)
+    # The floor: curl's first byte of the Orthanc REST download the mount itself makes.
+    floor = Floor(b, "first_bytes_large/first_4k_floor")
+    file_url = floor.attempt(
+        lambda: f"{env.orthanc.url}/instances/{clients.orthanc_instance_id(env.orthanc.url, instance.sop_uid)}/file")
+    file_s: list[float] = []
+
+    def native_first_byte() -> float:
+        assert file_url is not None
+        dest = b.scratch("large/file.out")
+        outcome = clients.curl_download(file_url, dest, accept="application/dicom")
+        if outcome.items != size:
+            raise BenchError(f"curl got {outcome.items} bytes from {file_url}, the instance has {size}")
+        dest.unlink()
+        file_s.append(outcome.seconds)
+        assert outcome.first_byte is not None
+        return outcome.first_byte
+
     curl_s: list[float] = []
     ttfb_s: list[float] = []
     first_s: list[float] = []
@@ -449,6 +575,7 @@ def first_bytes_large(b: Bench) -> list[Row]:
         curl_s.append(outcome.seconds)
         assert outcome.first_byte is not None
         ttfb_s.append(outcome.first_byte)
+        file_ttfb = floor.measure(native_first_byte) if file_url is not None else None
         with b.mount("first_bytes", env.dicomweb, extra) as mount:
             first_s.append(first_read(mount))
         with b.mount("large_copy", env.dicomweb, extra) as mount:
@@ -459,20 +586,28 @@ def first_bytes_large(b: Bench) -> list[Row]:
             dest.unlink()
             copy_s.append(seconds)
         b.log(f"first_bytes_large: first 4 KiB {first_s[-1] * 1000:.1f} ms, cp {copy_s[-1]:.2f} s, "
-              f"curl {curl_s[-1]:.2f} s (its first byte after {ttfb_s[-1] * 1000:.0f} ms)")
+              f"curl {curl_s[-1]:.2f} s (its first byte after {ttfb_s[-1] * 1000:.0f} ms)"
+              + (f"; /instances/{{id}}/file: first byte after {file_ttfb * 1000:.0f} ms, all after "
+                 f"{file_s[-1] * 1000:.0f} ms" if file_ttfb is not None else ""))
     mib = size / MIB
-    floor = median(ttfb_s) / median(curl_s)
+    fraction = median(ttfb_s) / median(curl_s)
     first = Row("first_bytes_large", "first_4k", target=0.1,
                 notes=f"{mib:.0f} MiB; open+read 4 KiB vs full curl; the server's own first byte is at "
-                      f"{floor:.2f} of it; {counts_note(counts, 1)}")
-    first.details.update(requests=counts.requests, bytes=size, server_first_byte_fraction=floor)
+                      f"{fraction:.2f} of it; {counts_note(counts, 1)}")
+    first.details.update(requests=counts.requests, bytes=size, server_first_byte_fraction=fraction)
     # Not judged: how much the mount adds to the server's own latency (WADO-RS answers of some
     # servers, Orthanc's among them, start only once the whole multipart body is built).
     server = Row("first_bytes_large", "first_4k_vs_server_ttfb", judged=False,
                  notes="open+read 4 KiB vs curl's time to the first byte of the same WADO-RS answer")
+    floor_rows = floor.rows("first_bytes_large", "first_4k_floor",
+                            "Orthanc's own first byte on the endpoint the mount reads (/instances/{id}/file): "
+                            "no client can answer sooner", curl_s)
+    for row in floor_rows:
+        row.details["file_full_samples"] = [round(s, 4) for s in file_s]
     copy = Row("first_bytes_large", "full_copy", target=1.1, notes=f"cp vs curl -s -o, {mib:.0f} MiB, identical")
     copy.details.update(bytes=size)
-    return [samples(first, first_s, curl_s), samples(server, first_s, ttfb_s), samples(copy, copy_s, curl_s)]
+    return [samples(first, first_s, curl_s), samples(server, first_s, ttfb_s), *floor_rows,
+            samples(copy, copy_s, curl_s)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ from tests.orthanc_server import OrthancUnavailable, find_dicomweb_plugin, find_
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ("cold_cp_series", "cold_ls_l_series", "store_ls_find", "first_bytes_large", "warm_reread",
              "upload", "rss_cold_copy")
-ROWS = {"store_ls_find": {"ls", "find"}, "first_bytes_large": {"first_4k", "first_4k_vs_server_ttfb", "full_copy"},
-        "upload": {"sync", "writeback"}}
+ROWS = {"store_ls_find": {"ls", "find", "find_floor"},
+        "first_bytes_large": {"first_4k", "first_4k_vs_server_ttfb", "first_4k_floor", "full_copy"},
+        "warm_reread": {"", "floor"}, "upload": {"sync", "writeback"}}
+FLOORS = {"find_floor", "first_4k_floor", "floor"}  # measured here too: a floor that cannot run is N/A
 
 
 def missing_requirement() -> str | None:
@@ -54,7 +56,7 @@ def is_number(value: object) -> bool:
 def test_quick_run_reports_every_scenario(tmp_path: Path) -> None:
     report = tmp_path / "results.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--json", str(report),
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--floors", "--json", str(report),
          "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=220, cwd=REPO,
     )
@@ -67,6 +69,7 @@ def test_quick_run_reports_every_scenario(tmp_path: Path) -> None:
         assert {row["metric"] for row in rows} == ROWS.get(name, {""}), name
         for row in rows:
             assert row["status"] in ("INFO", "N/A"), row  # quick mode judges nothing
+            assert row["status"] == "INFO" or row["metric"] not in FLOORS, row
             if row["status"] == "N/A":  # a feature this build lacks (write-back uploads)
                 assert row["notes"].startswith("not available"), row
                 continue
