@@ -43,7 +43,7 @@ LIBFUSE3_KNOWN = {
     "blkdev", "blksize", "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime",
     "hard_remove", "use_ino", "readdir_ino", "direct_io", "kernel_cache", "auto_cache", "noauto_cache",
     "umask", "uid", "gid", "entry_timeout", "negative_timeout", "attr_timeout", "ac_attr_timeout",
-    "noforget", "remember", "modules", "intr", "intr_signal",
+    "noforget", "remember", "modules", "intr", "intr_signal", "max_idle_threads", "max_threads", "clone_fd",
 }
 MACOS_ONLY = {"volname", "noappledouble", "noapplexattr", "defer_permissions", "nolocalcaches", "local",
               "daemon_timeout", "iosize", "negative_vncache", "novncache", "noubc", "auto_xattr"}
@@ -97,6 +97,7 @@ def test_linux_defaults() -> None:
         "entry_timeout": "1",
         "negative_timeout": "1",
         "hard_remove": True,
+        "max_idle_threads": "10",   # else libfuse 3.12-3.15 print "Ignoring invalid max threads value"
     }
     assert set(linux) <= LIBFUSE3_KNOWN and not MACOS_ONLY & set(linux), "libfuse 3 refuses unknown options"
 
@@ -118,7 +119,8 @@ def test_libfuse3_gets_hard_remove_in_its_config_not_on_the_command_line(monkeyp
 
     linux = options.default_options("linux")
     assert sorted(_FUSE._normalize_fuse_options(**linux)) == sorted(
-        ["fsname=dicomfuse", "subtype=dicomfuse", "attr_timeout=1", "entry_timeout=1", "negative_timeout=1"])
+        ["fsname=dicomfuse", "subtype=dicomfuse", "attr_timeout=1", "entry_timeout=1", "negative_timeout=1",
+         "max_idle_threads=10"])
 
 
 @pytest.mark.skipif(LIBFUSE_MAJOR != 3, reason="drives the libfuse 3 of this machine")

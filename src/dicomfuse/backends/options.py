@@ -23,7 +23,9 @@ def default_options(platform: str = sys.platform, volume_name: str = "DICOMFuse"
         "hard_remove": True,
     }
     if platform.startswith("linux"):
-        return {**common, "subtype": "dicomfuse"}
+        # max_idle_threads: libfuse 3.12-3.15 print "Ignoring invalid max threads value 4294967295"
+        # at every mount when it is left at its default; 10 is the default libfuse had before.
+        return {**common, "subtype": "dicomfuse", "max_idle_threads": "10"}
     if platform == "darwin":
         return {
             **common,
