@@ -32,3 +32,7 @@ def test_demo_mount_is_browsable_and_writable(tmp_path: Path):
     finally:
         m.stop()
     assert not os.path.ismount(m.path)
+    # What the user saw in the terminal: our lines only (libfuse 3.14 printed "Ignoring invalid max
+    # threads value 4294967295" at every mount until max_idle_threads was set).
+    terminal = m.output.read_text(errors="replace").splitlines()
+    assert terminal and all(line.startswith(("INFO ", "Demo dataset:", "Mounting at ")) for line in terminal), terminal
