@@ -127,8 +127,10 @@ def fsync_path(path: Path, *, windows: bool = WINDOWS) -> None:
     folder; NTFS journals its renames)."""
     if windows and path.is_dir():
         return
-    # FlushFileBuffers needs write access: on Windows os.fsync of a read-only fd fails (EBADF)
-    fd = os.open(path, (os.O_RDWR if windows else os.O_RDONLY) | BINARY)
+    # FlushFileBuffers needs write access: on Windows os.fsync of a read-only fd fails (EBADF).
+    # open_fd shares delete access there: the write-back queue's group commit must never stop a
+    # sender from removing a file it has just uploaded.
+    fd = os.open(path, os.O_RDONLY | BINARY) if not windows else open_fd(path, os.O_RDWR)
     try:
         os.fsync(fd)
     finally:
