@@ -394,3 +394,28 @@ def test_a_refused_upload_is_on_disk_before_it_is_kept(dataset, tmp_path, monkey
     vfs.release(fh)
     assert spool in fsynced
     vfs.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+def test_an_overwrite_reaches_the_server(dataset, tmp_path, dicom: DicomFactory, mode):
+    """The copy kept to put back if the server refuses the new bytes comes from the server: in
+    write-back mode the cache already holds the queued new bytes, and a backup made of them had
+    the overwrite end as "identical, nothing to do" with the old instance left on the server."""
+    from dicomfuse.samples import write_instance
+
+    inst = dicom.instance()
+    dataset.open_store("store").store_files([inst.path])
+    newer = tmp_path / "newer.dcm"
+    write_instance(newer, inst.study_uid, inst.series_uid, inst.sop_uid, pixel_bytes=4096, patient_name="OTHER^NAME")
+    assert newer.read_bytes() != inst.path.read_bytes()
+    vfs = make_vfs(dataset, tmp_path, upload_mode=mode)
+    target = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    assert read(vfs, target) == inst.path.read_bytes()  # cached, as a viewer would have it
+    fh = vfs.open(target, os.O_WRONLY | os.O_TRUNC).fh
+    vfs.write(fh, newer.read_bytes(), 0)
+    vfs.flush(fh)
+    vfs.release(fh)
+    assert read(vfs, target) == newer.read_bytes()
+    vfs.shutdown()  # write-back: drains the queue
+    stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+    assert stored.read_bytes() == newer.read_bytes(), "the server still holds the old instance"

@@ -1134,7 +1134,11 @@ class Vfs:
         source_fd = portable.open_fd(source, os.O_RDONLY)
         try:
             try:
-                self._copy_instance_into(target, backup_fd)
+                # From the server, never the cache: in write-back mode the cache already holds the
+                # queued new bytes, and a backup made of them would make the overwrite a no-op.
+                with open(backup_fd, "wb", closefd=False) as sink:
+                    self._remote(f"read {target} before overwriting it", store.retrieve,
+                                 ident.study_uid, ident.series_uid, ident.sop_uid, sink)
             except FsError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
