@@ -365,14 +365,21 @@ def test_write_back_fsync_puts_the_queued_file_on_disk_and_close_alone_does_not_
     vfs.write(fh, second.path.read_bytes(), 0)
     vfs.fsync(fh)
     vfs.release(fh)
-    assert submits == [False, True] and syncs == []
+    assert submits == [False, True] and syncs == [1]  # and what a flush queued meanwhile
 
     fh = vfs.create("/store/c.dcm").fh  # write, close() (flush), then fsync of the queued file
     vfs.write(fh, third.path.read_bytes(), 0)
     vfs.flush(fh)
     vfs.fsync(fh)
     vfs.release(fh)
-    assert submits == [False, True, False] and syncs == [1]
+    assert submits == [False, True, False] and syncs == [1, 1]
+
+    # sync FILE: fsync through a read-only handle of a file queued earlier
+    target = f"/store/{third.study_uid}/{third.series_uid}/{third.sop_uid}.dcm"
+    fh = vfs.open(target, os.O_RDONLY).fh
+    vfs.fsync(fh)
+    vfs.release(fh)
+    assert syncs == [1, 1, 1]
     vfs.shutdown()
     for inst in (first, second, third):
         assert (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").exists()

@@ -636,3 +636,17 @@ def test_another_winfspy_version_starts_its_own_way(standin: ModuleType, monkeyp
     standin._start(fs, 16)
     assert lib.calls[1][0] == "FspFileSystemStartDispatcher" and lib.calls[1][1][1] == 0
     fs.stop()
+
+
+def test_flush_file_buffers_is_fsync(local: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FlushFileBuffers of a file is its fsync (written bytes uploaded, or in write-back mode on
+    disk), of a read-only file too; with no file, of the volume, what is queued goes to disk."""
+    calls: list[object] = []
+    monkeypatch.setattr(local.ops.vfs, "fsync", lambda fh: calls.append(("fsync", fh)))
+    monkeypatch.setattr(local.ops.vfs, "sync", lambda: calls.append("sync"))
+    ctx = local.ops.open(local.path, 0, windows.FILE_GENERIC_READ)
+    local.ops.read(ctx, 0, 10)  # the data is opened at the first read
+    local.ops.flush(ctx)
+    local.ops.flush(None)
+    assert calls == [("fsync", ctx.fh), "sync"]
+    local.ops.close(ctx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -478,7 +479,8 @@ def test_a_newer_copy_supersedes_in_the_journal_too(queues, qdir, files):
     record = json.loads((qdir / f"{first.id}.json").read_text())
     later_id = "f" * 32
     (qdir / f"{later_id}.dcm").write_bytes(b"second")
-    (qdir / f"{later_id}.json").write_text(json.dumps({**record, "id": later_id, "queued_at": first.queued_at + 1}))
+    later = {**record, "id": later_id, "size": len(b"second"), "queued_at": first.queued_at + 1}
+    (qdir / f"{later_id}.json").write_text(json.dumps(later))
     sender = FakeSender()
     q2 = make_queue(queues, qdir, sender)
     assert [i.id for i in q2.recover()] == [later_id]
@@ -748,3 +750,133 @@ def test_a_failed_upload_queued_without_fsync_is_fsynced_before_it_is_kept(queue
     assert q.wait_idle(5)
     assert item.path in fsyncs.paths  # before the move to failed/
     assert [f.path.name for f in q.failed()] == [item.path.name]
+
+
+def test_sync_reports_a_failed_fsync_and_tries_again(queues, qdir, files, monkeypatch):
+    """What fsync() of a file waits for must not say "on disk" when the disk said no."""
+    from dicomfuse.core import writeback
+
+    real = writeback._fsync_path
+    failing = {"on": True}
+
+    def fsync_path(path: Path, **kwargs: object) -> None:
+        if failing["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(WriteBackQueue, "_sync_loop", lambda self: None)  # only sync() fsyncs
+    q = make_queue(queues, qdir, FakeSender(), settle=60)
+    item = q.submit("ct", *files.make(), durable=False)
+    monkeypatch.setattr(writeback, "_fsync_path", fsync_path)
+    with pytest.raises(OSError) as raised:
+        q.sync()
+    assert raised.value.errno == errno.EIO and item.uids.sop_uid in str(raised.value)
+    failing["on"] = False
+    fsyncs = FsyncLog(monkeypatch)  # the failed upload is still to be fsynced
+    q.sync()
+    assert {item.path, record_of(item)} <= set(fsyncs.paths)
+
+
+def test_sync_waits_only_for_uploads_submitted_before_it(queues, qdir, files, monkeypatch):
+    """Under a steady stream of copies, sync() fsyncs what came before it, not what arrives
+    while it waits for a group being fsynced (else it might never return)."""
+    monkeypatch.setattr(WriteBackQueue, "_sync_loop", lambda self: None)
+    q = make_queue(queues, qdir, FakeSender(), settle=60)
+    before = q.submit("ct", *files.make(), durable=False)
+    fsyncs = FsyncLog(monkeypatch)
+    waiting = threading.Event()
+    real_commit = q._commit
+
+    def commit(upto: int | None = None) -> list[QueuedUpload]:
+        waiting.set()  # sync() has taken its mark, and now waits for the lock
+        return real_commit(upto)
+
+    monkeypatch.setattr(q, "_commit", commit)
+    q._sync_lock.acquire()  # as if the group commit were fsyncing a group
+    syncing = threading.Thread(target=q.sync)
+    syncing.start()
+    assert waiting.wait(5)
+    after = q.submit("ct", *files.make(), durable=False)
+    q._sync_lock.release()
+    syncing.join(5)
+    assert before.path in fsyncs.paths and after.path not in fsyncs.paths
+
+
+def test_a_submit_racing_stop_is_fsynced_before_stop_returns(queues, qdir, files, monkeypatch):
+    from dicomfuse.core import writeback
+
+    fsyncs = FsyncLog(monkeypatch)
+    gate, entered = threading.Event(), threading.Event()
+    real_move = writeback._move_in
+
+    def slow_move(src: Path, dst: Path, *, durable: bool = True) -> None:
+        entered.set()
+        assert gate.wait(5)
+        real_move(src, dst, durable=durable)
+
+    monkeypatch.setattr(writeback, "_move_in", slow_move)
+    q = make_queue(queues, qdir, FakeSender(), settle=60)
+    q.start()
+    out: dict[str, QueuedUpload] = {}
+    submitter = threading.Thread(target=lambda: out.setdefault("item", q.submit("ct", *files.make(), durable=False)))
+    submitter.start()
+    assert entered.wait(5)
+    stopper = threading.Thread(target=lambda: q.stop(drain=False, timeout=5))
+    stopper.start()
+    gate.set()
+    submitter.join(5)
+    stopper.join(10)
+    item = out["item"]
+    assert {item.path, record_of(item)} <= set(fsyncs.paths)  # on disk for the next start
+
+
+def test_recover_keeps_bytes_that_do_not_match_their_record_instead_of_sending_them(queues, qdir, files):
+    """A power cut before the group fsync can leave a record with its bytes cut short."""
+    q = make_queue(queues, qdir, FakeSender())
+    item = q.submit("ct", *files.make(size=5000), durable=False)
+    q.stop(drain=False)
+    os.truncate(item.path, 100)
+    sender = FakeSender()
+    q2 = make_queue(queues, qdir, sender)
+    assert q2.recover() == []
+    q2.start()
+    assert q2.wait_idle(5)
+    assert sender.sent == {} and journal(qdir) == []
+    (failed,) = q2.failed()
+    assert failed.store == "ct" and "do not match" in (failed.last_error or "")
+    assert failed.path.stat().st_size == 100  # kept, never deleted
+
+
+def test_a_newer_copy_is_on_disk_before_the_older_is_removed(queues, qdir, files, monkeypatch):
+    monkeypatch.setattr(WriteBackQueue, "_sync_loop", lambda self: None)  # no group commit
+    q = make_queue(queues, qdir, FakeSender(), settle=60)
+    uids, source = files.make()
+    old = q.submit("ct", uids, source, durable=True)
+    fsyncs = FsyncLog(monkeypatch)
+    _, newer_source = files.make()
+    new = q.submit("ct", uids, newer_source, durable=False)
+    assert not old.path.exists()
+    assert {new.path, record_of(new)} <= set(fsyncs.paths)
+
+
+def test_a_small_study_does_not_wait_behind_a_big_studys_backlog(queues, qdir, files):
+    release = threading.Event()
+
+    def decide(store, item, call):
+        release.wait(5)
+        return True
+
+    sender = FakeSender(decide)
+    q = make_queue(queues, qdir, sender, workers=2, batch_files=2, settle=60)
+    for _ in range(20):
+        q.submit("ct", *files.make(study=1))
+    q.submit("ct", *files.make(study=2))
+    q.submit("ct", *files.make(study=2))  # a full batch, queued after study 1's ten
+    q.start()
+    deadline = time.monotonic() + 5
+    while len(sender.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    assert q.wait_idle(10)
+    order = [study for _, study, _, _ in sender.calls]
+    assert order.index("1.2.826.2") == 1, order  # the second worker's first batch

@@ -247,14 +247,18 @@ class WinFspOperations(BaseFileSystemOperations):
 
     @translate
     def flush(self, file_context: OpenFile | None) -> None:
-        """FlushFileBuffers: upload a written file now; a refusal reaches the program. (A flush of
-        the whole volume comes with no file context: nothing to do.)"""
+        """FlushFileBuffers: upload a written file now (a refusal reaches the program) and, in
+        write-back mode, have what is queued on disk, as fsync does. A flush of the whole volume
+        comes with no file context: the queued uploads go to disk."""
         if file_context is None:
+            self.vfs.sync()
             return
         with file_context.lock:
-            fh = file_context.fh if file_context.writable else None
+            fh = file_context.fh
         if fh is not None:
-            self.vfs.flush(fh)
+            self.vfs.fsync(fh)
+        else:
+            self.vfs.sync()
 
     @translate
     def set_file_size(self, file_context: OpenFile, new_size: int, set_allocation_size: bool) -> None:

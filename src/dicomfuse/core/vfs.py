@@ -505,14 +505,22 @@ class Vfs:
 
     def fsync(self, fh: int) -> None:
         """Like :meth:`flush`; in write-back mode the queued bytes are also on disk when it
-        returns (close() alone leaves that to the queue's group commit, moments later)."""
+        returns (close() alone leaves that to the queue's group commit, moments later),
+        whichever handle it comes through (``sync FILE`` opens the file read-only)."""
         handle = self._handle(fh)
-        if not isinstance(handle, WriteHandle):
-            return
-        if handle.dirty:
+        if isinstance(handle, WriteHandle) and handle.dirty:
             self._upload(handle, durable=True)
-        elif handle.queued and self.writeback is not None:
+        self.sync()  # also when a flush of the same file queued it meanwhile
+
+    def sync(self) -> None:
+        """Write every upload queued without fsync to disk (FlushFileBuffers of a whole volume,
+        fsync of a file). EIO when one could not be written."""
+        if self.writeback is None:
+            return
+        try:
             self.writeback.sync()
+        except OSError as exc:
+            raise FsError(errno.EIO, f"fsync: {exc.strerror or exc}", logging.ERROR) from None
 
     def release(self, fh: int) -> None:
         with self._lock:

@@ -9,7 +9,9 @@ The queue directory (``cache_root/spool/writeback``, 0700; files 0600) holds:
 
 - ``<id>.json`` + ``<id>.dcm``: one pending upload. The record is small (dataset, store, UIDs,
   size, attempts, times, last error; never patient data) and always replaced atomically
-  (write a temporary file, fsync, rename); the bytes are the upload itself, moved in.
+  (write a temporary file, rename); the bytes are the upload itself, moved in. Both are fsynced
+  before :meth:`WriteBackQueue.submit` returns, or, for a ``close()`` without fsync, by the
+  queue's group commit moments later.
 - ``failed/<id>.json`` + ``failed/<id>.dcm``: an upload the server refused or that failed
   ``max_attempts`` times. The bytes are kept: they may be the only copy.
 - ``status.json``: a snapshot for ``dicomfuse status`` (another process), rewritten atomically.
@@ -18,7 +20,9 @@ The queue directory (``cache_root/spool/writeback``, 0700; files 0600) holds:
 
 Every file operation is ordered so that at any moment an upload is either confirmed stored by
 the server or complete on disk (record and bytes, pending or failed); :meth:`recover` finishes
-or undoes whatever a crash interrupted.
+or undoes whatever a crash of the process interrupted. A power cut can also catch uploads not yet
+group-committed: their record may survive with its bytes cut short, which :meth:`recover` keeps
+in ``failed/`` rather than send.
 """
 
 from __future__ import annotations
@@ -205,7 +209,7 @@ def _move_in(source: Path, target: Path, *, durable: bool = True) -> None:
     if os.stat(target).st_mode & 0o777 != 0o600:
         os.chmod(target, 0o600)  # a change of mode would cost one more journal commit: only if needed
     if durable:
-        _fsync_path(target)  # nothing to write when the caller fsynced the bytes already
+        _fsync_path(target)
 
 
 def _clean_temporary(directory: Path) -> None:
@@ -326,11 +330,13 @@ class WriteBackQueue:
         self._status_written = float("-inf")  # clock time
         self._status_lock = threading.Lock()  # serialises snapshot writes (taken before _cond)
         # Uploads submitted without fsync, until the syncer (or sync()) has fsynced them:
-        self._unsynced: list[QueuedUpload] = []
+        self._unsynced: list[tuple[int, QueuedUpload]] = []  # (submit number, upload)
+        self._submitted = 0  # submit number of the last upload queued without fsync
         self._unsynced_cond = threading.Condition()
         self._sync_lock = threading.Lock()  # held while a group is being fsynced
         self._syncer: threading.Thread | None = None
         self._syncer_stop = False
+        self._study_batches: dict[GroupKey, int] = {}  # study -> its batches being sent (fairness)
 
     # ======================================================================================
     # lifecycle
@@ -370,6 +376,17 @@ class WriteBackQueue:
                 continue
             if item.dataset != self.dataset:
                 other += 1
+                continue
+            try:
+                size = data.stat().st_size
+            except OSError:
+                size = -1
+            if size != item.size:
+                # Bytes cut short, e.g. by a power cut before the group fsync: never sent as they
+                # are. Kept in failed/ with the record's store, for the user to copy again.
+                kept = self._fail(item, f"its bytes on disk ({size}) do not match the {item.size} queued")
+                with self._cond:
+                    self._failed[kept.id] = kept
                 continue
             adopted.append(item)
         known_ids = {r.name[: -len(RECORD_SUFFIX)] for r in record_paths(self.directory)}
@@ -449,7 +466,13 @@ class WriteBackQueue:
             status_thread = self._status_thread
         if status_thread is not None:
             status_thread.join(1.0)  # it only writes a small file
-        self.sync()  # what stays queued must be on disk for the next start
+        with self._cond:  # a submit that got in before the stop: its files are on disk too
+            while self._submitting:
+                self._cond.wait(0.1)
+        try:
+            self.sync()  # what stays queued must be on disk for the next start
+        except OSError as exc:
+            log.error("Queued uploads could not all be written to disk at stop: %s", exc.strerror or exc)
         with self._unsynced_cond:
             self._syncer_stop = True
             self._unsynced_cond.notify_all()
@@ -495,6 +518,8 @@ class WriteBackQueue:
         finally:
             with self._cond:
                 self._submitting.discard(item_id)
+                if not self._accepting:
+                    self._cond.notify_all()  # stop() waits for submits in progress
 
     def _submit(self, item_id: str, store: str, uids: DicomUids, source: Path, durable: bool) -> QueuedUpload:
         item = QueuedUpload(
@@ -513,16 +538,19 @@ class WriteBackQueue:
             _fsync_path(self.directory)
         else:
             with self._unsynced_cond:
-                self._unsynced.append(item)
+                self._submitted += 1
+                self._unsynced.append((self._submitted, item))
                 self._unsynced_cond.notify()
         with self._cond:
             if self._halt:
-                # Stopped meanwhile: the upload is safe on disk for the next start.
+                # Stopped meanwhile: stop() fsyncs it (it waits for submits in progress) for the next start.
                 log.info("Upload of %s queued after the queue stopped; the next start sends it", item.display)
                 return item
             superseded = self._add_pending(item, self._clock() + self.settle, newest=True)
             self._status_dirty = True
             self._cond.notify_all()
+        if superseded and not durable:
+            self._fsync_group([item])  # the newer copy on disk before the older one goes
         for old in superseded:
             self._remove_files(old)
             log.info("Upload of %s: a newer copy replaces the one still queued", old.display)
@@ -531,29 +559,47 @@ class WriteBackQueue:
         return item
 
     def sync(self) -> None:
-        """fsync every upload submitted without it (bytes, record, their folder); returns when
-        they are on disk. What an ``fsync()`` of a file in the mount waits for."""
-        self._commit()
+        """fsync every upload submitted without it before this call (bytes, record, their
+        folder); returns when they are on disk. What an ``fsync()`` of a file in the mount waits
+        for. Raises OSError when one of them could not be written (it is tried again later)."""
+        with self._unsynced_cond:
+            upto = self._submitted
+        failed = self._commit(upto)
+        if failed:
+            raise OSError(errno.EIO, f"{len(failed)} queued upload(s) could not be written to disk "
+                                     f"(e.g. {failed[0].display})")
 
-    def _commit(self) -> None:
-        with self._sync_lock:
+    def _commit(self, upto: int | None = None) -> list[QueuedUpload]:
+        """fsync the uploads submitted up to number ``upto`` (all when None) that no one has
+        fsynced yet; return those that failed, which stay to be tried again."""
+        with self._sync_lock:  # a group being fsynced by the syncer is finished first
             with self._unsynced_cond:
-                group, self._unsynced = self._unsynced, []
-            self._fsync_group(group)
+                group = [(n, i) for n, i in self._unsynced if upto is None or n <= upto]
+                self._unsynced = [(n, i) for n, i in self._unsynced if upto is not None and n > upto]
+            failed_ids = {i.id for i in self._fsync_group([i for _, i in group])}
+            if failed_ids:
+                with self._unsynced_cond:
+                    self._unsynced[:0] = [(n, i) for n, i in group if i.id in failed_ids]
+        return [i for _, i in group if i.id in failed_ids]
 
     def _sync_loop(self) -> None:
-        """Group commit: fsync whatever was submitted while the last group was being fsynced."""
+        """Group commit: fsync whatever was submitted while the last group was being fsynced
+        (after a failure, again a second later)."""
         while True:
             with self._unsynced_cond:
                 while not self._unsynced and not self._syncer_stop:
                     self._unsynced_cond.wait()
-                if self._syncer_stop and not self._unsynced:
-                    return
-            self._commit()
+                if self._syncer_stop:
+                    return  # stop() syncs what is left itself
+            if self._commit():
+                with self._unsynced_cond:
+                    self._unsynced_cond.wait(1.0)
 
-    def _fsync_group(self, group: list[QueuedUpload]) -> None:
+    def _fsync_group(self, group: list[QueuedUpload]) -> list[QueuedUpload]:
+        """fsync each upload's bytes and record, then the folder; the uploads that failed."""
         if not group:
-            return
+            return []
+        failed: list[QueuedUpload] = []
         for item in group:
             for path in (item.path, self._record_path(item)):
                 try:
@@ -562,10 +608,14 @@ class WriteBackQueue:
                     pass  # sent and removed already, or moved to failed/ (fsynced there)
                 except OSError as exc:
                     log.error("Cannot write the queued upload %s to disk: %s", item.display, exc.strerror or exc)
+                    failed.append(item)
+                    break
         try:
             _fsync_path(self.directory)
         except OSError as exc:
             log.error("Cannot write the write-back queue folder %s to disk: %s", self.directory, exc.strerror or exc)
+            return list(group)
+        return failed
 
     def pending(self) -> list[QueuedUpload]:
         """Uploads not yet confirmed nor failed (including those being sent), oldest first."""
@@ -642,7 +692,7 @@ class WriteBackQueue:
         ``settle`` seconds (a ``cp -r`` moved on), or it has a full batch, or its oldest has
         waited ``max_settle``, or the queue drains. Uploads backing off are ready at their
         retry time."""
-        best: tuple[float, GroupKey, list[_Entry]] | None = None
+        best: tuple[tuple[int, float], GroupKey, list[_Entry]] | None = None
         wake: float | None = None
         for key, group in self._groups.items():
             # A study's batches go in parallel (a cp -r of one big study uses every worker), but
@@ -662,9 +712,11 @@ class WriteBackQueue:
             if later:
                 wake = min(later) if wake is None else min(wake, *later)
             if ready:
-                oldest = min(e.item.queued_at for e in ready)
-                if best is None or oldest < best[0]:
-                    best = (oldest, key, ready)
+                # The study with the fewest batches being sent first (a small study does not wait
+                # behind a big one's backlog), then the one whose oldest ready upload is oldest.
+                rank = (self._study_batches.get(key, 0), min(e.item.queued_at for e in ready))
+                if best is None or rank < best[0]:
+                    best = (rank, key, ready)
         if best is None:
             return None, wake
         _, key, ready = best
@@ -680,6 +732,7 @@ class WriteBackQueue:
             self._pop_pending(item.id)
             self._in_flight[item.id] = item
             self._flying.add((item.store, item.uids.sop_uid))
+        self._study_batches[key] = self._study_batches.get(key, 0) + 1
         self._status_dirty = True
         return (key, batch), wake
 
@@ -715,7 +768,8 @@ class WriteBackQueue:
 
     def _send(self, key: GroupKey, items: list[QueuedUpload]) -> None:
         """One batch: call send_batch (no lock held), then record each outcome on disk, then in
-        memory. The study stays busy until all of that is done."""
+        memory. Its SOP Instance UIDs stay "being sent" (no newer copy of them goes) until all of
+        that is done."""
         store, study = key
         error: str | None = None
         answers: dict[str, tuple[bool, str | None]] = {}
@@ -766,6 +820,10 @@ class WriteBackQueue:
             for item in items:
                 self._in_flight.pop(item.id, None)
                 self._flying.discard((item.store, item.uids.sop_uid))
+            if self._study_batches.get(key, 0) > 1:
+                self._study_batches[key] -= 1
+            else:
+                self._study_batches.pop(key, None)
             for item in requeue:
                 superseded.extend(self._add_pending(item, now + delay, newest=False, backoff=True))
             for item, stored, _ in done:
