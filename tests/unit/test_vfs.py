@@ -426,3 +426,42 @@ def test_an_overwrite_reaches_the_server(dataset, tmp_path, dicom: DicomFactory,
     vfs.shutdown()  # write-back: drains the queue
     stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
     assert stored.read_bytes() == newer.read_bytes(), "the server still holds the old instance"
+
+
+def test_a_refused_copy_does_not_hide_a_newer_copy_still_queued(dataset, tmp_path, dicom: DicomFactory):
+    """Write-back: the server refuses a copy while a newer copy of the same file waits its turn;
+    the file stays in its folder with the newer bytes, and the newer copy lands."""
+    import threading
+
+    from dicomfuse.samples import write_instance
+
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    queue = vfs.writeback
+    assert queue is not None
+    inst = dicom.instance()
+    newer = tmp_path / "newer.dcm"
+    write_instance(newer, inst.study_uid, inst.series_uid, inst.sop_uid, pixel_bytes=4096, patient_name="OTHER^NAME")
+    real_send = queue._send_batch
+    first_in_flight, release = threading.Event(), threading.Event()
+    calls = []
+
+    def send_batch(store, items):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            first_in_flight.set()
+            assert release.wait(5)
+            return [(item, False, "refused by the server") for item in items]
+        return real_send(store, items)
+
+    queue._send_batch = send_batch
+    upload(vfs, "/store/first.dcm", inst.path.read_bytes())
+    assert first_in_flight.wait(5)
+    upload(vfs, "/store/second.dcm", newer.read_bytes())  # waits: the older copy is being sent
+    release.set()
+    assert queue.wait_idle(10)
+    series = f"/store/{inst.study_uid}/{inst.series_uid}"
+    assert f"{inst.sop_uid}.dcm" in [name for name, _ in vfs.readdir(series)]
+    assert read(vfs, f"{series}/{inst.sop_uid}.dcm") == newer.read_bytes()
+    vfs.shutdown()
+    stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+    assert stored.read_bytes() == newer.read_bytes()

@@ -1109,9 +1109,12 @@ class Vfs:
         logged the ERROR line and kept its bytes in its failed folder)."""
         u = item.uids
         target = DicomPath((item.store, u.study_uid, u.series_uid, instance_name(u.sop_uid)))
-        if not stored:
-            self.listings.note_removed(target.parent, target.name)
-            self.cache.evict(self._key(target))
+        if stored:
+            return
+        if self.writeback is not None and self.writeback.has_pending(item.store, u.sop_uid):
+            return  # a newer copy is queued: the file stays in its folder, with the newer bytes
+        self.listings.note_removed(target.parent, target.name)
+        self.cache.evict(self._key(target))
 
     def _instance_exists(self, store: Store, ident: DicomUids) -> bool:
         """Whether the server holds the instance. What this mount itself just stored or deleted

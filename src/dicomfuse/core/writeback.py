@@ -617,6 +617,11 @@ class WriteBackQueue:
             return list(group)
         return failed
 
+    def has_pending(self, store: str, sop_uid: str) -> bool:
+        """Whether a copy of this instance is queued and not yet being sent."""
+        with self._cond:
+            return (store, sop_uid) in self._by_sop
+
     def pending(self) -> list[QueuedUpload]:
         """Uploads not yet confirmed nor failed (including those being sent), oldest first."""
         with self._cond:
