@@ -880,3 +880,32 @@ def test_a_small_study_does_not_wait_behind_a_big_studys_backlog(queues, qdir, f
     assert q.wait_idle(10)
     order = [study for _, study, _, _ in sender.calls]
     assert order.index("1.2.826.2") == 1, order  # the second worker's first batch
+
+
+def test_a_submit_wakes_one_sender_not_all(queues, qdir, files, monkeypatch):
+    """cp of a thousand files must not wake every thread of the queue a thousand times, each to
+    find nothing to send (that contention slowed the copy itself)."""
+    looks = []
+    real_pick = WriteBackQueue._pick
+
+    def pick(self, now):
+        looks.append(threading.get_ident())
+        return real_pick(self, now)
+
+    monkeypatch.setattr(WriteBackQueue, "_pick", pick)
+    sender = FakeSender()
+    q = make_queue(queues, qdir, sender, workers=4, batch_files=100, settle=60)
+    q.start()
+    deadline = time.monotonic() + 5
+    while len(set(looks)) < 4 and time.monotonic() < deadline:  # every sender looked once and sleeps
+        time.sleep(0.01)
+    time.sleep(0.1)
+    looks.clear()
+    for _ in range(10):
+        q.submit("ct", *files.make())
+        time.sleep(0.01)
+    time.sleep(0.3)  # time for every woken sender to look
+    assert len(looks) <= 12, f"{len(looks)} looks for 10 submits"  # one per submit; all four woken: 40
+    assert sender.calls == []  # the batch waits for its settle time
+    q.stop(drain=True, timeout=5)
+    assert len(sender.sent) == 10

@@ -307,7 +307,12 @@ class WriteBackQueue:
         self.status_interval = status_interval
         self.heartbeat = heartbeat
         self._rng = random.Random()
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        # Two conditions on one lock: senders wait on _work, and a submit wakes one of them, not
+        # every thread of the queue (a cp of a thousand files would wake them all a thousand
+        # times, each to find nothing to do). _cond wakes the status thread and waiters for idle.
+        self._cond = threading.Condition(lock)
+        self._work = threading.Condition(lock)
         # Protected by _cond:
         self._groups: dict[GroupKey, dict[str, _Entry]] = {}  # pending, in submit order per study
         self._where: dict[str, GroupKey] = {}  # pending id -> its group
@@ -410,6 +415,7 @@ class WriteBackQueue:
             kept = [item for item in adopted if item.id not in superseded_ids]
             self._status_dirty = True
             self._cond.notify_all()
+            self._work.notify_all()
         for item in superseded:
             self._remove_files(item)
         self._status_changed()
@@ -457,11 +463,13 @@ class WriteBackQueue:
             self._draining = drain
             started = bool(self._threads)
             self._cond.notify_all()
+            self._work.notify_all()  # draining: what waited for its settle time goes now
         if drain and started:
             self.wait_idle(None if deadline is None else max(0.0, deadline - time.monotonic()))
         with self._cond:
             self._halt = True
             self._cond.notify_all()
+            self._work.notify_all()
             threads = list(self._threads)
             status_thread = self._status_thread
         if status_thread is not None:
@@ -548,7 +556,7 @@ class WriteBackQueue:
                 return item
             superseded = self._add_pending(item, self._clock() + self.settle, newest=True)
             self._status_dirty = True
-            self._cond.notify_all()
+            self._work.notify()  # one sender looks (and sets the settle timer); the others sleep on
         if superseded and not durable:
             self._fsync_group([item])  # the newer copy on disk before the older one goes
         for old in superseded:
@@ -742,15 +750,17 @@ class WriteBackQueue:
         return (key, batch), wake
 
     def _next_batch(self) -> tuple[GroupKey, list[QueuedUpload]] | None:
-        """Under _cond: wait for a batch to send, or the halt (None)."""
+        """Under the lock: wait for a batch to send, or the halt (None). A sender that takes a
+        batch wakes another, which takes the next one if there is one."""
         while True:
             if self._halt:
                 return None
             now = self._clock()
             picked, wake = self._pick(now)
             if picked is not None:
+                self._work.notify()
                 return picked
-            self._cond.wait(None if wake is None else max(0.0, wake - now))
+            self._work.wait(None if wake is None else max(0.0, wake - now))
 
     # ======================================================================================
     # internals: workers
@@ -838,6 +848,7 @@ class WriteBackQueue:
                 self._last_error, self._last_error_at = errors[-1], time.time()
             self._status_dirty = True
             self._cond.notify_all()
+            self._work.notify()  # a newer copy of an instance just sent may go now
         for item in superseded:
             self._remove_files(item)
         self._status_changed()
