@@ -37,6 +37,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -319,7 +320,6 @@ class WriteBackQueue:
         self._by_sop: dict[tuple[str, str], str] = {}  # (store, SOP UID) -> pending (not in flight) id
         self._in_flight: dict[str, QueuedUpload] = {}
         self._submitting: set[str] = set()  # ids being journaled by submit()
-        self._flying: set[tuple[str, str]] = set()  # (store, SOP UID) of every upload being sent
         self._failed: dict[str, QueuedUpload] = {}
         self._last_error: str | None = None
         self._last_error_at: float | None = None
@@ -341,7 +341,6 @@ class WriteBackQueue:
         self._sync_lock = threading.Lock()  # held while a group is being fsynced
         self._syncer: threading.Thread | None = None
         self._syncer_stop = False
-        self._study_batches: dict[GroupKey, int] = {}  # study -> its batches being sent (fairness)
 
     # ======================================================================================
     # lifecycle
@@ -707,10 +706,12 @@ class WriteBackQueue:
         retry time."""
         best: tuple[tuple[int, float], GroupKey, list[_Entry]] | None = None
         wake: float | None = None
+        flying = {(i.store, i.uids.sop_uid) for i in self._in_flight.values()}
+        sending = Counter((i.store, i.uids.study_uid) for i in self._in_flight.values())
         for key, group in self._groups.items():
             # A study's batches go in parallel (a cp -r of one big study uses every worker), but
             # a newer copy of an instance waits until the older one being sent is confirmed.
-            entries = [e for e in group.values() if (e.item.store, e.item.uids.sop_uid) not in self._flying]
+            entries = [e for e in group.values() if (e.item.store, e.item.uids.sop_uid) not in flying]
             fresh = [e for e in entries if not e.backoff]
             ready = [e for e in entries if e.backoff and e.not_before <= now]
             later = [e.not_before for e in entries if e.backoff and e.not_before > now]
@@ -725,9 +726,9 @@ class WriteBackQueue:
             if later:
                 wake = min(later) if wake is None else min(wake, *later)
             if ready:
-                # The study with the fewest batches being sent first (a small study does not wait
+                # The study with the fewest uploads being sent first (a small study does not wait
                 # behind a big one's backlog), then the one whose oldest ready upload is oldest.
-                rank = (self._study_batches.get(key, 0), min(e.item.queued_at for e in ready))
+                rank = (sending[key], min(e.item.queued_at for e in ready))
                 if best is None or rank < best[0]:
                     best = (rank, key, ready)
         if best is None:
@@ -744,8 +745,6 @@ class WriteBackQueue:
         for item in batch:
             self._pop_pending(item.id)
             self._in_flight[item.id] = item
-            self._flying.add((item.store, item.uids.sop_uid))
-        self._study_batches[key] = self._study_batches.get(key, 0) + 1
         self._status_dirty = True
         return (key, batch), wake
 
@@ -834,11 +833,6 @@ class WriteBackQueue:
             now = self._clock()
             for item in items:
                 self._in_flight.pop(item.id, None)
-                self._flying.discard((item.store, item.uids.sop_uid))
-            if self._study_batches.get(key, 0) > 1:
-                self._study_batches[key] -= 1
-            else:
-                self._study_batches.pop(key, None)
             for item in requeue:
                 superseded.extend(self._add_pending(item, now + delay, newest=False, backoff=True))
             for item, stored, _ in done:
