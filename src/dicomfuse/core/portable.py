@@ -130,7 +130,7 @@ def fsync_path(path: Path, *, windows: bool = WINDOWS) -> None:
     # FlushFileBuffers needs write access: on Windows os.fsync of a read-only fd fails (EBADF).
     # open_fd shares delete access there: the write-back queue's group commit must never stop a
     # sender from removing a file it has just uploaded.
-    fd = os.open(path, os.O_RDONLY | BINARY) if not windows else open_fd(path, os.O_RDWR)
+    fd = open_fd(path, os.O_RDWR if windows else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
