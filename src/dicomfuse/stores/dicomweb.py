@@ -688,11 +688,13 @@ class DicomwebStore:
             logger.debug("%s: walk skipped %d entries lacking a parent UID or of another study", self.name, skipped)
 
     def _walk_orthanc(self, orthanc: OrthancRest) -> list[InstanceInfo]:
-        """The whole tree from Orthanc's index, sizes included: three paged finds (studies,
-        series, instances) that read no file, where its instance QIDO reads every one."""
+        """The whole tree from Orthanc's index, sizes included: paged finds of series and
+        instances (and of studies, unless the store was just listed) that read no file, where its
+        instance QIDO reads every one."""
         # The study listing that came just before (find, ls -R and du list the store first) has
-        # the studies already: asking again would cost the walk a third of its time.
-        listed_at, studies = self._study_ids
+        # the studies already: asking again would cost the walk a third of its time. Taken, not
+        # kept: a store of 100,000 studies need not hold their Orthanc IDs until its next listing.
+        (listed_at, studies), self._study_ids = self._study_ids, (float("-inf"), {})
         if time.monotonic() - listed_at > STUDY_IDS_REUSE_S:
             studies = self._orthanc_study_ids(orthanc)
         series: dict[str, tuple[str, str]] = {}
