@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -277,10 +278,50 @@ FUSE_READDIR_PLUS = 1 << 0  # in readdir's flags: the kernel asks for attributes
 FUSE_FILL_DIR_PLUS = 1 << 1  # in the filler's flags: this entry's attributes are complete
 
 
+class ThreadStates:
+    """Keeps the Python thread state of each libfuse worker from one callback to the next.
+
+    A ctypes callback on a thread Python did not start makes a thread state on entry and frees it
+    on return (``PyGILState_Ensure``/``Release``): two mmaps, a munmap and a gettid for every FUSE
+    request, a third of the mount's CPU in a warm re-read. :meth:`keep` takes one more
+    ``PyGILState_Ensure`` on a thread's first callback, so its later callbacks only take the GIL.
+
+    At most ``limit`` states are kept. libfuse 3 keeps its workers for the life of the mount
+    (``max_idle_threads`` ≥ ``max_threads``), as WinFsp keeps its dispatchers, so all of them
+    are. libfuse 2 (macFUSE) ends idle workers and starts new ones: a state kept for a worker
+    that ended stays allocated (tens of KiB) until the mount exits, so past the limit new
+    workers go without."""
+
+    def __init__(self, limit: int = 32) -> None:
+        self.limit = limit
+        self.kept = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._ensure = ctypes.pythonapi["PyGILState_Ensure"]  # our own function object: ctypes.pythonapi's
+        self._ensure.restype = ctypes.c_int                 # attributes are shared by the whole process
+
+    def keep(self) -> None:
+        """Called at the start of every callback, with the GIL held."""
+        if self.kept >= self.limit or getattr(self._local, "kept", False):
+            return
+        with self._lock:
+            if self.kept >= self.limit:
+                return
+            self.kept += 1
+        self._ensure()  # never released: the thread's state outlives this callback
+        self._local.kept = True
+
+
 class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with READDIRPLUS answered (mfusepy passes names and modes only, so the
-    kernel would send one lookup per entry after every listing) and rename flags kept (mfusepy
-    drops them, so ``mv -n`` would overwrite)."""
+    kernel would send one lookup per entry after every listing), rename flags kept (mfusepy
+    drops them, so ``mv -n`` would overwrite) and each worker's thread state kept."""
+
+    thread_states = ThreadStates()
+
+    def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.thread_states.keep()
+        return super()._wrapper(func, *args, **kwargs)
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         if not flags:
