@@ -10,6 +10,40 @@ from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FILES = (("debug.log", logging.DEBUG), ("info.log", logging.INFO), ("error.log", logging.ERROR))
+MAX_BYTES = 10 * 1024 * 1024  # per file, then rotated
+BACKUPS = 5
+
+
+class RotatingLog(logging.handlers.RotatingFileHandler):
+    """A RotatingFileHandler that keeps count of the file's size itself.
+
+    The stock handler asks the file before every record (two stats, a seek and a tell) and
+    formats each record twice, once only to measure it: a fifth of the mount's system calls in
+    a write-back copy. This one learns the size when it opens the file and adds what it writes,
+    so a file may pass ``maxBytes`` by one record (or by what another process wrote to it)."""
+
+    def __init__(self, filename: Path, max_bytes: int, backup_count: int) -> None:
+        super().__init__(filename, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
+        self._size: int | None = None  # unknown until the file is (re)opened
+        self._regular = True
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
+        if self._size is None:
+            if self.stream is None:
+                self.stream = self._open()
+            self._regular = os.path.isfile(self.baseFilename)  # never rotate /dev/null or a pipe
+            self._size = self.stream.seek(0, os.SEEK_END)
+        return self._regular and 0 < self.maxBytes <= self._size
+
+    def doRollover(self) -> None:  # noqa: N802
+        super().doRollover()
+        self._size = None
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self._size is not None:
+            self._size += len(text) + len(self.terminator)  # characters; bytes for ASCII
+        return text
 
 
 def default_log_dir() -> Path:
@@ -32,9 +66,7 @@ def setup_logging(log_dir: Path | None, *, console_level: int = logging.INFO) ->
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     root.addHandler(console)
     for name, level in FILES:
-        handler = logging.handlers.RotatingFileHandler(
-            folder / name, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"
-        )
+        handler = RotatingLog(folder / name, max_bytes=MAX_BYTES, backup_count=BACKUPS)
         handler.setLevel(level)
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
@@ -43,5 +75,7 @@ def setup_logging(log_dir: Path | None, *, console_level: int = logging.INFO) ->
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # google-auth warns about each credential source it tried; our one line says what failed.
     logging.getLogger("google.auth").setLevel(logging.ERROR)
-    logging.getLogger("mfusepy").setLevel(logging.INFO)
+    # mfusepy logs as "fuse": a DEBUG line with the ctypes arguments for every refused call (each
+    # lookup of a name not there yet), which repeats the adapter's own line.
+    logging.getLogger("fuse").setLevel(logging.INFO)
     return folder

@@ -561,7 +561,6 @@ class WriteBackQueue:
         for old in superseded:
             self._remove_files(old)
             log.info("Upload of %s: a newer copy replaces the one still queued", old.display)
-        log.debug("Queued %s for upload (%d bytes)", item.display, item.size)
         self._status_changed()
         return item
 

@@ -1,0 +1,78 @@
+"""The log files: what goes in, and their rotation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicomfuse.cli.logs import RotatingLog, setup_logging
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """setup_logging configures the root logger: put it back afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("fuse").level)
+    yield
+    for handler in root.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    logging.getLogger("fuse").setLevel(saved[2])
+
+
+def record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("t", logging.INFO, __file__, 1, message, None, None)
+
+
+def test_a_file_is_rotated_once_it_reaches_its_size(tmp_path: Path):
+    handler = RotatingLog(tmp_path / "x.log", max_bytes=1000, backup_count=2)
+    try:
+        for n in range(55):
+            handler.handle(record(f"line {n:03d} " + "." * 40))  # 50 characters and a newline
+    finally:
+        handler.close()
+    current, first = (tmp_path / "x.log").read_text(), (tmp_path / "x.log.1").read_text()
+    assert len(first) == 1000  # 20 lines: rotated before the 21st, the file having reached its size
+    assert first.startswith("line 020") and current.startswith("line 040")
+    assert current.splitlines()[-1].startswith("line 054")
+    assert (tmp_path / "x.log.2").exists() and not (tmp_path / "x.log.3").exists()
+
+
+def test_the_size_of_an_existing_file_counts(tmp_path: Path):
+    (tmp_path / "x.log").write_text("y" * 997 + "\n")  # left by an earlier run
+    handler = RotatingLog(tmp_path / "x.log", max_bytes=1000, backup_count=1)
+    try:
+        handler.handle(record("a"))  # 998 before it: written, now at the size
+        handler.handle(record("b"))  # rotates first
+    finally:
+        handler.close()
+    assert (tmp_path / "x.log.1").read_text() == "y" * 997 + "\na\n"
+    assert (tmp_path / "x.log").read_text() == "b\n"
+
+
+def test_a_log_that_is_not_a_regular_file_is_never_rotated(tmp_path: Path):
+    handler = RotatingLog(Path("/dev/null"), max_bytes=10, backup_count=1)
+    try:
+        for _ in range(5):
+            handler.handle(record("not rotated"))
+    finally:
+        handler.close()
+    assert Path("/dev/null").is_char_device()
+
+
+def test_debug_log_keeps_our_lines_without_mfusepy_repeating_them(tmp_path: Path, root_logging: None):
+    folder = setup_logging(tmp_path / "logs")
+    logging.getLogger("dicomfuse.backends.fuse").debug("getattr: no such entry: /s/x.dcm")
+    logging.getLogger("fuse").debug("FUSE operation getattr_fuse_3 ((b'/s/x.dcm', <LP_c_stat>)) raised")
+    logging.getLogger("fuse").warning("mfusepy's warnings still count")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    debug = (folder / "debug.log").read_text()
+    assert "getattr: no such entry: /s/x.dcm" in debug
+    assert "FUSE operation" not in debug
+    assert "mfusepy's warnings still count" in debug
