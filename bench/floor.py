@@ -8,7 +8,8 @@ the same ``attr_timeout``/``entry_timeout``/``negative_timeout`` of 1 s as
 ``dicomfuse.backends.options.default_options``), and does nothing else: attributes from
 ``os.lstat``, listings from ``os.scandir`` (READDIRPLUS answered with full attributes, as
 DICOMFuse answers it, unless ``--no-readdirplus``), ``open`` keeps the kernel's page cache and
-asks for no flush on close, reads are ``os.pread``. The bench mounts it next to DICOMFuse to show
+asks for no flush on close, reads are ``os.pread``; each libfuse worker keeps its Python thread
+state, as DICOMFuse's adapter does. The bench mounts it next to DICOMFuse to show
 the cost of the FUSE round trips into Python themselves (see bench/README.md, "floor rows").
 
 Standalone on purpose: it imports nothing from the package under test.
@@ -17,10 +18,12 @@ Standalone on purpose: it imports nothing from the package under test.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import os
 import stat
 import sys
+import threading
 from typing import Any
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
@@ -88,11 +91,24 @@ class Passthrough(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
 
+_ENSURE = ctypes.pythonapi["PyGILState_Ensure"]
+_ENSURE.restype = ctypes.c_int
+
+
 class FloorFuse(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with READDIRPLUS answered with full attributes (mfusepy passes modes only),
-    so that a walk needs no lookup per entry, as in DICOMFuse's adapter."""
+    so that a walk needs no lookup per entry, and each libfuse worker's Python thread state kept
+    between callbacks (one ``PyGILState_Ensure`` per worker, never released), both as in
+    DICOMFuse's adapter: without the second, every callback builds and frees a thread state."""
 
     readdirplus = True
+    _thread = threading.local()
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(self._thread, "kept", False):
+            _ENSURE()
+            self._thread.kept = True
+        return super()._wrapper(func, *args, **kwargs)
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         if not (self.readdirplus and flags & FUSE_READDIR_PLUS) or path is None:
