@@ -6,11 +6,12 @@ Serves ``SOURCE_DIR`` at ``MOUNTPOINT`` in the foreground until ``fusermount3 -u
 through mfusepy and libfuse 3 as DICOMFuse does (``raw_fi=True``, ``use_ns``, multithreaded,
 the same ``attr_timeout``/``entry_timeout``/``negative_timeout`` of 1 s as
 ``dicomfuse.backends.options.default_options``), and does nothing else: attributes from
-``os.lstat``, listings from ``os.scandir`` (READDIRPLUS answered with full attributes, as
-DICOMFuse answers it, unless ``--no-readdirplus``), ``open`` keeps the kernel's page cache and
-asks for no flush on close, reads are ``os.pread``; each libfuse worker keeps its Python thread
-state, as DICOMFuse's adapter does. The bench mounts it next to DICOMFuse to show
-the cost of the FUSE round trips into Python themselves (see bench/README.md, "floor rows").
+``os.lstat``, listings from ``os.scandir`` (READDIRPLUS for every page, answered with full
+attributes and offsets, as DICOMFuse answers it, unless ``--no-readdirplus``), ``open`` keeps
+the kernel's page cache and asks for no flush on close, reads are ``os.pread``; each libfuse
+worker keeps its Python thread state, as DICOMFuse's adapter does. The bench mounts it next to
+DICOMFuse to show the cost of the FUSE round trips into Python themselves (see bench/README.md,
+"floor rows").
 
 Standalone on purpose: it imports nothing from the package under test.
 """
@@ -40,6 +41,7 @@ OPTIONS: dict[str, str | bool] = {
 do not matter to a read-only filesystem)."""
 FUSE_READDIR_PLUS = 1 << 0  # in readdir's flags: the kernel asks for attributes too
 FUSE_FILL_DIR_PLUS = 1 << 1  # in the filler's flags: this entry's attributes are complete
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # fuse_common.h: READDIRPLUS for the first page only
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -71,8 +73,15 @@ class Passthrough(mfusepy.Operations):  # type: ignore[misc]
                                            else stat.S_IFREG}, 0) for e in entries)]
 
     def readdir_plus(self, path: str) -> list[tuple[str, dict[str, int]]]:
+        """Sorted, so that every page of a listing sees the entries in one order."""
         with os.scandir(self._real(path)) as entries:
-            return [(e.name, attributes(e.stat(follow_symlinks=False))) for e in entries]
+            return sorted((e.name, attributes(e.stat(follow_symlinks=False))) for e in entries)
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None and config is not None:  # READDIRPLUS for every page, as DICOMFuse asks
+            conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+            if hasattr(conn, "want_ext"):
+                conn.want_ext &= ~FUSE_CAP_READDIRPLUS_AUTO
 
     def open(self, path: str, fi: Any) -> int:
         if fi.flags & WRITE_FLAGS:
@@ -96,10 +105,10 @@ _ENSURE.restype = ctypes.c_int
 
 
 class FloorFuse(mfusepy.FUSE):  # type: ignore[misc]
-    """mfusepy's FUSE with READDIRPLUS answered with full attributes (mfusepy passes modes only),
-    so that a walk needs no lookup per entry, and each libfuse worker's Python thread state kept
-    between callbacks (one ``PyGILState_Ensure`` per worker, never released), both as in
-    DICOMFuse's adapter: without the second, every callback builds and frees a thread state."""
+    """mfusepy's FUSE with READDIRPLUS answered with full attributes and offsets (mfusepy passes
+    modes only, at offset 0), so that a walk needs no lookup per entry, and each libfuse
+    worker's Python thread state kept between callbacks (one ``PyGILState_Ensure`` per worker,
+    never released), as in DICOMFuse's adapter: without it every callback builds and frees one."""
 
     readdirplus = True
     _thread = threading.local()
@@ -111,12 +120,15 @@ class FloorFuse(mfusepy.FUSE):  # type: ignore[misc]
         return super()._wrapper(func, *args, **kwargs)
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        """Each entry with its offset: libfuse 3 passes attributes to the kernel only then."""
         if not (self.readdirplus and flags & FUSE_READDIR_PLUS) or path is None:
             return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
-        for name, attrs in self.operations.readdir_plus(path.decode(self.encoding, self.errors)):
+        entries = self.operations.readdir_plus(path.decode(self.encoding, self.errors))
+        for index in range(offset, len(entries)):
+            name, attrs = entries[index]
             st = mfusepy.c_stat()
             mfusepy.set_st_attrs(st, attrs, use_ns=True)
-            if filler(buf, name.encode(self.encoding, self.errors), st, 0, FUSE_FILL_DIR_PLUS) != 0:
+            if filler(buf, name.encode(self.encoding, self.errors), st, index + 1, FUSE_FILL_DIR_PLUS) != 0:
                 break
         return 0
 

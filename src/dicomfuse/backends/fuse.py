@@ -14,6 +14,7 @@ import os
 import stat
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -68,10 +69,23 @@ class FuseOperations(mfusepy.Operations):
         self.uid = getattr(os, "getuid", lambda: 0)() if uid is None else uid
         self.gid = getattr(os, "getgid", lambda: 0)() if gid is None else gid
         self._fuse: int | None = None  # struct fuse *, for kernel cache invalidation
+        self._pages: OrderedDict[tuple[str, int | None], list[tuple[str, dict[str, int] | None, bool]]] = OrderedDict()
+        self._pages_lock = threading.Lock()
         self.initialized = False
         vfs.notify_changed = self._invalidate
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        """libfuse 3: READDIRPLUS for every page of a listing, not the first page only (the
+        kernel's "auto" mode). Programs read a whole folder before they stat or open what is in
+        it (ls -l, cp -r, find, a viewer), so without it every entry past the first page cost
+        a LOOKUP round trip into Python."""
+        if conn is not None and config is not None:
+            conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+            if hasattr(conn, "want_ext"):  # libfuse >= 3.17 keeps the flags in both
+                conn.want_ext &= ~FUSE_CAP_READDIRPLUS_AUTO
+        self.init("/")
 
     def init(self, path: str) -> None:
         try:
@@ -117,10 +131,21 @@ class FuseOperations(mfusepy.Operations):
         return entries
 
     @translate
-    def readdir_plus(self, path: str) -> list[tuple[str, dict[str, int] | None, bool]]:
+    def readdir_plus(self, path: str, offset: int = 0) -> list[tuple[str, dict[str, int] | None, bool]]:
         """The listing with full attributes (third item True), so the kernel needs no lookup per
         entry (ls -l, find). A file of unknown size gets its type only: its stat must reach
-        getattr, which learns the size for a program that will read the file (core.sizes)."""
+        getattr, which learns the size for a program that will read the file (core.sizes).
+
+        The kernel asks page by page, each page from the offset where the last one ended. The
+        listing is kept from the page at offset 0 to the last page, per folder and process, so
+        an entry added or removed meanwhile cannot shift the offsets (POSIX: an unchanged entry
+        is returned exactly once)."""
+        key = (path, self._caller_or_none())
+        if offset:
+            with self._pages_lock:
+                kept = self._pages.get(key)
+            if kept is not None:
+                return kept
         out: list[tuple[str, dict[str, int] | None, bool]] = [(".", None, False), ("..", None, False)]
         rendered: dict[Attr, dict[str, int]] = {}  # folders (and files of one size) share attributes
         for name, attr in self.vfs.readdir(path):
@@ -131,7 +156,24 @@ class FuseOperations(mfusepy.Operations):
                 out.append((name, st, True))
             else:
                 out.append((name, _TYPE_ONLY, False))
+        with self._pages_lock:
+            self._pages[key] = out
+            self._pages.move_to_end(key)
+            while len(self._pages) > KEPT_LISTINGS:
+                self._pages.popitem(last=False)
         return out
+
+    def readdir_plus_done(self, path: str) -> None:
+        """The kernel had the listing's last page."""
+        with self._pages_lock:
+            self._pages.pop((path, self._caller_or_none()), None)
+
+    @classmethod
+    def _caller_or_none(cls) -> int | None:
+        try:
+            return cls._caller()
+        except (ValueError, AttributeError, OSError):  # not in a FUSE request (tests)
+            return None
 
     @translate
     def statfs(self, path: str) -> dict[str, int]:
@@ -273,6 +315,8 @@ class FuseOperations(mfusepy.Operations):
 
 
 _TYPE_ONLY = {"st_mode": stat.S_IFREG}
+KEPT_LISTINGS = 64  # listings being read page by page (a listing left unfinished is dropped last)
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # fuse_common.h (libfuse 3)
 RENAME_NOREPLACE = 1 << 0  # linux/fs.h, as renameat2(2) passes them through libfuse 3
 FUSE_READDIR_PLUS = 1 << 0  # in readdir's flags: the kernel asks for attributes too
 FUSE_FILL_DIR_PLUS = 1 << 1  # in the filler's flags: this entry's attributes are complete
@@ -330,16 +374,24 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
             old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags))
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        """READDIRPLUS with each entry's offset: libfuse 3 passes the attributes of an entry to the
+        kernel only when the filler is given offsets (given 0, it keeps names and attributes in
+        a list and sends every entry without them, so each one cost a LOOKUP)."""
         plus = getattr(self.operations, "readdir_plus", None)
         if not flags & FUSE_READDIR_PLUS or plus is None or path is None:
             return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
-        for name, attrs, complete in plus(path.decode(self.encoding, self.errors)):  # FuseOSError: the wrapper
+        name = path.decode(self.encoding, self.errors)
+        entries = plus(name, offset)  # FuseOSError: the wrapper
+        for index in range(offset, len(entries)):
+            entry, attrs, complete = entries[index]
             st = mfusepy.c_stat()
             if attrs is not None:
                 mfusepy.set_st_attrs(st, attrs, use_ns=self.use_ns)
             fill = FUSE_FILL_DIR_PLUS if complete else 0  # without it libfuse passes the type only
-            if filler(buf, name.encode(self.encoding, self.errors), st if attrs is not None else None, 0, fill) != 0:
-                break
+            if filler(buf, entry.encode(self.encoding, self.errors), st if attrs is not None else None,
+                      index + 1, fill) != 0:
+                return 0  # the page is full; the next one starts at this entry
+        self.operations.readdir_plus_done(name)
         return 0
 
 
