@@ -111,6 +111,33 @@ def test_lookups_by_uid(store: DicomwebStore, samples: list[SampleInstance]) -> 
 
 
 @pytest.mark.orthanc
+@pytest.mark.parametrize("per_find", [1, 50])
+def test_present_names_the_instances_a_series_holds_from_orthanc_s_index(
+    store: DicomwebStore, samples: list[SampleInstance], monkeypatch: pytest.MonkeyPatch, per_find: int
+) -> None:
+    first, second, third = samples[:3]  # one series
+    stored(store, [first, third])
+    monkeypatch.setattr("dicomfuse.stores.dicomweb.ORTHANC_LIST_MATCH", per_find)
+    monkeypatch.setattr(store, "instances", None)  # the series is never listed
+    asked = [first.sop_uid, second.sop_uid, third.sop_uid, ABSENT_UID]
+    assert store.present(first.study_uid, first.series_uid, asked) == {first.sop_uid, third.sop_uid}
+    assert store.present(first.study_uid, ABSENT_UID, asked) == set()
+    assert store.present(first.study_uid, first.series_uid, []) == set()
+
+
+def test_present_without_orthanc_lists_the_series(orthanc: OrthancServer, samples: list[SampleInstance]) -> None:
+    orthanc.reset()
+    ds = DicomwebDataset(orthanc.dicomweb_url, orthanc_rest_url=None)
+    try:
+        first, second, third = samples[:3]
+        stored(ds.store, [first, third])
+        asked = [first.sop_uid, second.sop_uid, ABSENT_UID]
+        assert ds.store.present(first.study_uid, first.series_uid, asked) == {first.sop_uid}
+    finally:
+        ds.close()
+
+
+@pytest.mark.orthanc
 def test_absent_study_and_series_yield_nothing(store: DicomwebStore, samples: list[SampleInstance]) -> None:
     stored(store, samples[:1])
     assert list(store.series(ABSENT_UID)) == []

@@ -88,3 +88,24 @@ def test_kill_9_mid_upload_then_the_next_start_sends_it(healthcare, tmp_path: Pa
         assert "left by an earlier run" in m2.log_text()
     finally:
         m2.stop()
+
+
+def test_a_batch_that_overwrites_one_instance_and_adds_others(backend: Backend, mount_factory, dicom: DicomFactory,
+                                                              tmp_path: Path):
+    """The sender asks which files of a batch the series holds already: that one is replaced
+    (delete, then store), the others go in one STOW. Orthanc keeps the old bytes if a STOW
+    repeats a SOP Instance UID, so a file wrongly taken for new would never reach the server."""
+    if not backend.can_delete:
+        pytest.skip("overwrite needs delete on this server")
+    old, *others = dicom.series(4)
+    backend.seed([old])
+    m = mount_factory(backend, "--uploadMode", "writeback")
+    from dicomfuse.samples import write_instance
+
+    newer = write_instance(tmp_path / "newer.dcm", old.study_uid, old.series_uid, old.sop_uid, pixel_bytes=3000)
+    r = run("cp", newer, *(o.path for o in others), f"{m.path / backend.store_name}/")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: all(backend.has(o) for o in others) and backend.server_bytes(old) == newer.read_bytes(), 60,
+             what="the batch on the server")
+    for o in others:
+        assert backend.server_bytes(o) == o.path.read_bytes()

@@ -38,7 +38,7 @@ from dicomfuse.core.uploads import ORPHANS_WARNING, Spool, inspect_dicom
 from dicomfuse.core.workdirs import WorkDirs
 from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir, record_paths
 from dicomfuse.dicomfile import DicomUids
-from dicomfuse.stores.base import Dataset, Store, StoreError, Unavailable, WalkableStore
+from dicomfuse.stores.base import Dataset, PresenceStore, Store, StoreError, Unavailable, WalkableStore
 
 log = logging.getLogger(__name__)
 
@@ -1057,9 +1057,10 @@ class Vfs:
         return ident
 
     def _send_batch(self, store_name: str, items: list[QueuedUpload]) -> list[tuple[QueuedUpload, bool, str | None]]:
-        """The write-back queue's sender: one search per series says which files overwrite an
-        instance; the new ones go in one STOW, the others through delete-then-store. Raises
-        StoreError (the queue retries) when the server could not be reached."""
+        """The write-back queue's sender: one search per series (for the batch's UIDs where the
+        store can, else of the whole series) says which files overwrite an instance; the new ones
+        go in one STOW, the others through delete-then-store. Raises StoreError (the queue
+        retries) when the server could not be reached."""
         try:
             store = self._store(store_name)
         except FsError as exc:
@@ -1079,10 +1080,16 @@ class Vfs:
         present: dict[tuple[str, str], set[str]] = {}
         fresh: list[QueuedUpload] = []
         existing: list[QueuedUpload] = []
+        by_series: dict[tuple[str, str], list[str]] = {}
+        for item in items:
+            by_series.setdefault((item.uids.study_uid, item.uids.series_uid), []).append(item.uids.sop_uid)
+        for (study_uid, series_uid), sop_uids in by_series.items():
+            if isinstance(store, PresenceStore):
+                present[(study_uid, series_uid)] = store.present(study_uid, series_uid, sop_uids)
+            else:
+                present[(study_uid, series_uid)] = {i.sop_uid for i in store.instances(study_uid, series_uid)}
         for item in items:
             u = item.uids
-            if (u.study_uid, u.series_uid) not in present:
-                present[(u.study_uid, u.series_uid)] = {i.sop_uid for i in store.instances(u.study_uid, u.series_uid)}
             (existing if u.sop_uid in present[(u.study_uid, u.series_uid)] else fresh).append(item)
         if fresh:
             for item, outcome in zip(fresh, store.store_files([i.path for i in fresh]), strict=True):

@@ -166,6 +166,17 @@ class WalkableStore(Protocol):
 
 
 @runtime_checkable
+class PresenceStore(Protocol):
+    """Optional capability of a :class:`Store`: which of some instances of a series it holds, at
+    a cost that grows with their number, not with the series' (a write-back batch asks this
+    before every upload into a series that may hold thousands)."""
+
+    def present(self, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> set[str]:
+        """The subset of ``sop_uids`` the series holds."""
+        ...
+
+
+@runtime_checkable
 class Dataset(Protocol):
     """A container of stores: a Cloud Healthcare dataset, a folder of folders, or a single
     DICOMweb server shown as a dataset with one store."""

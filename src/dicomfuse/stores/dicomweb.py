@@ -83,6 +83,7 @@ STOW_BATCH_FILES = 50
 STOW_BATCH_BYTES = 64 * 1024 * 1024
 ORTHANC_ID_CACHE = 100_000  # SOP UID -> Orthanc ID entries remembered per store
 STUDY_IDS_REUSE_S = 10.0  # a walk reuses the study listing of the last few seconds (find lists the store first)
+ORTHANC_LIST_MATCH = 50  # SOP UIDs per /tools/find when asking which of them a series holds
 ORTHANC_FIND_PAGE = 10_000  # resources per /tools/find page when walking Orthanc's index
 
 OrthancSetting = str | None
@@ -230,6 +231,19 @@ class OrthancRest:
         query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid}
         found = [r for r in self.find("Instance", query, expand=True) if isinstance(r, dict) and "ID" in r]
         return found[0] if found else None
+
+    def present(self, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> set[str]:
+        """The subset of ``sop_uids`` in the series, from the index: one find per
+        ``ORTHANC_LIST_MATCH`` UIDs (DICOM UID list matching, values joined by backslashes)."""
+        found: set[str] = set()
+        for start in range(0, len(sop_uids), ORTHANC_LIST_MATCH):
+            chunk = sop_uids[start:start + ORTHANC_LIST_MATCH]
+            query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": "\\".join(chunk)}
+            for entry in self.find("Instance", query, expand=True):
+                uid = entry.get("MainDicomTags", {}).get("SOPInstanceUID") if isinstance(entry, dict) else None
+                if isinstance(uid, str):
+                    found.add(uid)
+        return found & set(sop_uids)
 
     def _get_json(self, path: str) -> Any:
         response = self.client.request("GET", f"{self.url}{path}", headers={"Accept": "application/json"})
@@ -648,6 +662,20 @@ class DicomwebStore:
         uids = self._search(url, SOP_UID_TAG, filters, sop_uid, self.instance_page_size)
         for uid in uids:
             yield InstanceInfo(study_uid, series_uid, uid)  # DICOMweb lists no sizes
+
+    def present(self, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> set[str]:
+        """Which of ``sop_uids`` the series holds: Orthanc's index when there is one (its cost
+        grows with the UIDs asked, not the series), else the series listing."""
+        wanted = sorted(set(sop_uids))
+        if not wanted:
+            return set()
+        orthanc = self.orthanc()
+        if orthanc is not None:
+            try:
+                return orthanc.present(study_uid, series_uid, wanted)
+            except (StoreError, ValueError) as exc:
+                logger.debug("%s: Orthanc find failed (%s); listing the series instead", self.name, exc)
+        return {i.sop_uid for i in self.instances(study_uid, series_uid)} & set(wanted)
 
     def _series_url(self, study_uid: str, series_uid: str) -> str:
         return f"{self.root_url}/studies/{_segment(study_uid)}/series/{_segment(series_uid)}"
