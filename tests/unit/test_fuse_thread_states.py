@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+import types
 from collections.abc import Callable
 
 import pytest
@@ -80,3 +81,13 @@ def test_a_thread_keeps_one_state_however_many_callbacks():
     states = ThreadStates()
     assert seen_by_second_callback(keep=lambda: (states.keep(), states.keep(), states.keep())) is not None
     assert states.kept == 1
+
+
+def test_every_libfuse_callback_goes_through_keep():
+    from dicomfuse.backends.fuse import _FUSE
+
+    kept: list[int] = []
+    fuse = _FUSE.__new__(_FUSE)  # no mount: only the wrapper mfusepy puts around each callback
+    fuse.thread_states = types.SimpleNamespace(keep=lambda: kept.append(1))
+    assert fuse._wrapper(lambda: 7) == 7
+    assert kept == [1]

@@ -9,12 +9,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
 import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -69,8 +69,9 @@ class FuseOperations(mfusepy.Operations):
         self.uid = getattr(os, "getuid", lambda: 0)() if uid is None else uid
         self.gid = getattr(os, "getgid", lambda: 0)() if gid is None else gid
         self._fuse: int | None = None  # struct fuse *, for kernel cache invalidation
-        self._pages: OrderedDict[tuple[str, int | None], list[tuple[str, dict[str, int] | None, bool]]] = OrderedDict()
+        self._pages: dict[int, list[tuple[str, dict[str, int] | None, bool]]] = {}  # open folder -> listing
         self._pages_lock = threading.Lock()
+        self._handles = itertools.count(1)
         self.initialized = False
         vfs.notify_changed = self._invalidate
 
@@ -130,20 +131,29 @@ class FuseOperations(mfusepy.Operations):
             entries.append((name, {"st_mode": stat.S_IFDIR if attr.is_dir else stat.S_IFREG}, 0))
         return entries
 
+    def opendir(self, path: str) -> int:
+        """A handle of its own for each open folder: its listing is kept from the first page to
+        the last (see readdir_plus)."""
+        return next(self._handles)
+
+    def releasedir(self, path: str, fh: int) -> int:
+        with self._pages_lock:
+            self._pages.pop(fh, None)
+        return 0
+
     @translate
-    def readdir_plus(self, path: str, offset: int = 0) -> list[tuple[str, dict[str, int] | None, bool]]:
+    def readdir_plus(self, path: str, offset: int = 0, fh: int = 0) -> list[tuple[str, dict[str, int] | None, bool]]:
         """The listing with full attributes (third item True), so the kernel needs no lookup per
         entry (ls -l, find). A file of unknown size gets its type only: its stat must reach
         getattr, which learns the size for a program that will read the file (core.sizes).
 
-        The kernel asks page by page, each page from the offset where the last one ended. The
-        listing is kept from the page at offset 0 to the last page, per folder and process, so
-        an entry added or removed meanwhile cannot shift the offsets (POSIX: an unchanged entry
-        is returned exactly once)."""
-        key = (path, self._caller_or_none())
+        The kernel asks page by page, each from the offset where the last one ended. The listing
+        of the open folder ``fh`` is kept from the page at offset 0 until the folder is closed,
+        so an entry added or removed meanwhile shifts nothing (POSIX: an unchanged entry is
+        returned exactly once); rewinddir starts a fresh one."""
         if offset:
             with self._pages_lock:
-                kept = self._pages.get(key)
+                kept = self._pages.get(fh)
             if kept is not None:
                 return kept
         out: list[tuple[str, dict[str, int] | None, bool]] = [(".", None, False), ("..", None, False)]
@@ -157,23 +167,8 @@ class FuseOperations(mfusepy.Operations):
             else:
                 out.append((name, _TYPE_ONLY, False))
         with self._pages_lock:
-            self._pages[key] = out
-            self._pages.move_to_end(key)
-            while len(self._pages) > KEPT_LISTINGS:
-                self._pages.popitem(last=False)
+            self._pages[fh] = out
         return out
-
-    def readdir_plus_done(self, path: str) -> None:
-        """The kernel had the listing's last page."""
-        with self._pages_lock:
-            self._pages.pop((path, self._caller_or_none()), None)
-
-    @classmethod
-    def _caller_or_none(cls) -> int | None:
-        try:
-            return cls._caller()
-        except (ValueError, AttributeError, OSError):  # not in a FUSE request (tests)
-            return None
 
     @translate
     def statfs(self, path: str) -> dict[str, int]:
@@ -315,7 +310,6 @@ class FuseOperations(mfusepy.Operations):
 
 
 _TYPE_ONLY = {"st_mode": stat.S_IFREG}
-KEPT_LISTINGS = 64  # listings being read page by page (a listing left unfinished is dropped last)
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # fuse_common.h (libfuse 3)
 RENAME_NOREPLACE = 1 << 0  # linux/fs.h, as renameat2(2) passes them through libfuse 3
 FUSE_READDIR_PLUS = 1 << 0  # in readdir's flags: the kernel asks for attributes too
@@ -380,8 +374,8 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
         plus = getattr(self.operations, "readdir_plus", None)
         if not flags & FUSE_READDIR_PLUS or plus is None or path is None:
             return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
-        name = path.decode(self.encoding, self.errors)
-        entries = plus(name, offset)  # FuseOSError: the wrapper
+        fh = fip.contents.fh if fip else 0
+        entries = plus(path.decode(self.encoding, self.errors), offset, fh)  # FuseOSError: the wrapper
         for index in range(offset, len(entries)):
             entry, attrs, complete = entries[index]
             st = mfusepy.c_stat()
@@ -390,8 +384,7 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
             fill = FUSE_FILL_DIR_PLUS if complete else 0  # without it libfuse passes the type only
             if filler(buf, entry.encode(self.encoding, self.errors), st if attrs is not None else None,
                       index + 1, fill) != 0:
-                return 0  # the page is full; the next one starts at this entry
-        self.operations.readdir_plus_done(name)
+                break  # the page is full; the next one starts at this entry
         return 0
 
 
