@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,14 +57,33 @@ def test_the_size_of_an_existing_file_counts(tmp_path: Path):
     assert (tmp_path / "x.log").read_text() == "b\n"
 
 
-def test_a_log_that_is_not_a_regular_file_is_never_rotated(tmp_path: Path):
-    handler = RotatingLog(Path("/dev/null"), max_bytes=10, backup_count=1)
+def test_a_log_that_is_a_pipe_gets_every_record_and_is_never_rotated(tmp_path: Path):
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    handler = RotatingLog(fifo, max_bytes=10, backup_count=1)  # opens the pipe: the reader is there
     try:
-        for _ in range(5):
-            handler.handle(record("not rotated"))
+        for n in range(3):
+            handler.handle(record(f"record {n}"))
     finally:
         handler.close()
-    assert Path("/dev/null").is_char_device()
+    reader.join(10)
+    assert received == [b"record 0\nrecord 1\nrecord 2\n"]
+    assert not (tmp_path / "log.fifo.1").exists()
+
+
+def test_sizes_count_bytes_and_unencodable_names_are_escaped(tmp_path: Path):
+    handler = RotatingLog(tmp_path / "x.log", max_bytes=1000, backup_count=1)
+    try:
+        handler.handle(record("é" * 300))  # 600 bytes, 300 characters
+        handler.handle(record("é" * 300))  # 1,200 bytes: the next record rotates
+        handler.handle(record("name \udce9.dcm"))  # os.fsdecode of a Latin-1 byte
+    finally:
+        handler.close()
+    assert (tmp_path / "x.log.1").stat().st_size == 1202
+    assert (tmp_path / "x.log").read_text() == "name \\udce9.dcm\n"
 
 
 def test_debug_log_keeps_our_lines_without_mfusepy_repeating_them(tmp_path: Path, root_logging: None):

@@ -20,10 +20,13 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
     The stock handler asks the file before every record (two stats, a seek and a tell) and
     formats each record twice, once only to measure it: a fifth of the mount's system calls in
     a write-back copy. This one learns the size when it opens the file and adds what it writes,
-    so a file may pass ``maxBytes`` by one record (or by what another process wrote to it)."""
+    so a file may pass ``maxBytes`` by one record (or by what another process wrote to it). A
+    log that is not a regular file (a pipe, a terminal, /dev/null) is never rotated. A message
+    that UTF-8 cannot encode (a file name in another encoding) is written with escapes."""
 
     def __init__(self, filename: Path, max_bytes: int, backup_count: int) -> None:
-        super().__init__(filename, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
+        super().__init__(filename, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8",
+                         errors="backslashreplace")
         self._size: int | None = None  # unknown until the file is (re)opened
         self._regular = True
 
@@ -31,8 +34,8 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
         if self._size is None:
             if self.stream is None:
                 self.stream = self._open()
-            self._regular = os.path.isfile(self.baseFilename)  # never rotate /dev/null or a pipe
-            self._size = self.stream.seek(0, os.SEEK_END)
+            self._regular = os.path.isfile(self.baseFilename)
+            self._size = self.stream.seek(0, os.SEEK_END) if self._regular else 0
         return self._regular and 0 < self.maxBytes <= self._size
 
     def doRollover(self) -> None:  # noqa: N802
@@ -42,7 +45,7 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         if self._size is not None:
-            self._size += len(text) + len(self.terminator)  # characters; bytes for ASCII
+            self._size += len((text + self.terminator).encode("utf-8", "backslashreplace"))
         return text
 
 
