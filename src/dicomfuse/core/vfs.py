@@ -38,7 +38,7 @@ from dicomfuse.core.uploads import ORPHANS_WARNING, Spool, inspect_dicom
 from dicomfuse.core.workdirs import WorkDirs
 from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir, record_paths
 from dicomfuse.dicomfile import DicomUids
-from dicomfuse.stores.base import Dataset, PresenceStore, Store, StoreError, Unavailable, WalkableStore
+from dicomfuse.stores.base import Dataset, Store, StoreError, Unavailable, WalkableStore, instances_present
 
 log = logging.getLogger(__name__)
 
@@ -1077,17 +1077,12 @@ class Vfs:
 
     def _send_batch_to(self, store: Store, store_name: str, items: list[QueuedUpload],
                        results: list[tuple[QueuedUpload, bool, str | None]]) -> None:
-        present: dict[tuple[str, str], set[str]] = {}
         fresh: list[QueuedUpload] = []
         existing: list[QueuedUpload] = []
         by_series: dict[tuple[str, str], list[str]] = {}
         for item in items:
             by_series.setdefault((item.uids.study_uid, item.uids.series_uid), []).append(item.uids.sop_uid)
-        for (study_uid, series_uid), sop_uids in by_series.items():
-            if isinstance(store, PresenceStore):
-                present[(study_uid, series_uid)] = store.present(study_uid, series_uid, sop_uids)
-            else:
-                present[(study_uid, series_uid)] = {i.sop_uid for i in store.instances(study_uid, series_uid)}
+        present = {series: instances_present(store, *series, sop_uids) for series, sop_uids in by_series.items()}
         for item in items:
             u = item.uids
             (existing if u.sop_uid in present[(u.study_uid, u.series_uid)] else fresh).append(item)

@@ -176,6 +176,19 @@ class PresenceStore(Protocol):
         ...
 
 
+def instances_present(store: Store, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> set[str]:
+    """The subset of ``sop_uids`` a series holds: the store's own answer where it has one
+    (:class:`PresenceStore`), else from the series listing."""
+    if isinstance(store, PresenceStore):
+        return store.present(study_uid, series_uid, sop_uids)
+    return listed_present(store, study_uid, series_uid, sop_uids)
+
+
+def listed_present(store: Store, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> set[str]:
+    """The subset of ``sop_uids`` in the series listing (what any store can answer)."""
+    return {i.sop_uid for i in store.instances(study_uid, series_uid)} & set(sop_uids)
+
+
 @runtime_checkable
 class Dataset(Protocol):
     """A container of stores: a Cloud Healthcare dataset, a folder of folders, or a single

@@ -31,6 +31,7 @@ from dicomfuse.stores.base import (
     StowOutcome,
     Unavailable,
     Unsupported,
+    listed_present,
 )
 from dicomfuse.stores.http import (
     DEFAULT_TIMEOUT,
@@ -235,15 +236,16 @@ class OrthancRest:
     def present(self, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> set[str]:
         """The subset of ``sop_uids`` in the series, from the index: one find per
         ``ORTHANC_LIST_MATCH`` UIDs (DICOM UID list matching, values joined by backslashes)."""
+        wanted = list(dict.fromkeys(sop_uids))  # each UID asked once
         found: set[str] = set()
-        for start in range(0, len(sop_uids), ORTHANC_LIST_MATCH):
-            chunk = sop_uids[start:start + ORTHANC_LIST_MATCH]
+        for start in range(0, len(wanted), ORTHANC_LIST_MATCH):
+            chunk = wanted[start:start + ORTHANC_LIST_MATCH]
             query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": "\\".join(chunk)}
             for entry in self.find("Instance", query, expand=True):
                 uid = entry.get("MainDicomTags", {}).get("SOPInstanceUID") if isinstance(entry, dict) else None
                 if isinstance(uid, str):
                     found.add(uid)
-        return found & set(sop_uids)
+        return found & set(wanted)
 
     def _get_json(self, path: str) -> Any:
         response = self.client.request("GET", f"{self.url}{path}", headers={"Accept": "application/json"})
@@ -666,16 +668,15 @@ class DicomwebStore:
     def present(self, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> set[str]:
         """Which of ``sop_uids`` the series holds: Orthanc's index when there is one (its cost
         grows with the UIDs asked, not the series), else the series listing."""
-        wanted = sorted(set(sop_uids))
-        if not wanted:
+        if not sop_uids:
             return set()
         orthanc = self.orthanc()
         if orthanc is not None:
             try:
-                return orthanc.present(study_uid, series_uid, wanted)
+                return orthanc.present(study_uid, series_uid, sop_uids)
             except (StoreError, ValueError) as exc:
                 logger.debug("%s: Orthanc find failed (%s); listing the series instead", self.name, exc)
-        return {i.sop_uid for i in self.instances(study_uid, series_uid)} & set(wanted)
+        return listed_present(self, study_uid, series_uid, sop_uids)
 
     def _series_url(self, study_uid: str, series_uid: str) -> str:
         return f"{self.root_url}/studies/{_segment(study_uid)}/series/{_segment(series_uid)}"
