@@ -77,6 +77,17 @@ def test_deletion_disabled(dataset, tmp_path, dicom: DicomFactory):
     vfs.shutdown()
 
 
+def test_deletion_disabled_refuses_renaming_a_store(dataset, tmp_path):
+    """Renaming a store deletes the old one: with deletion disabled it is refused, and nothing
+    is created or deleted."""
+    dataset.create_store("empty")
+    vfs = make_vfs(dataset, tmp_path, deletion_enabled=False)
+    assert errno_of(vfs.rename, "/empty", "/renamed") == errno.EPERM
+    assert sorted(dataset.list_stores()) == ["empty", "store"]
+    assert sorted(dict(vfs.readdir("/"))) == ["empty", "store"]
+    vfs.shutdown()
+
+
 def test_refusals(dataset, tmp_path, dicom: DicomFactory):
     inst = dicom.instance()
     dataset.open_store("store").store_files([inst.path])

@@ -56,7 +56,7 @@ TABLE: dict[Op, tuple[Rule | Deny, ...]] = {
     Op.LOOKUP:    (A,       A,       A,       A,       A),
     Op.MKDIR:     (EPERM,   A,       EPERM,   EPERM,   EPERM),
     Op.RMDIR:     (EPERM,   D,       EPERM,   EPERM,   ENOTDIR),
-    Op.RENAME:    (EPERM,   A,       EPERM,   EPERM,   EPERM),
+    Op.RENAME:    (EPERM,   D,       EPERM,   EPERM,   EPERM),  # a store's: create new, delete old
     Op.UPLOAD:    (EPERM,   EPERM,   A,       EPERM,   A),
     Op.OVERWRITE: (EISDIR,  EISDIR,  EISDIR,  EISDIR,  A),
     Op.READ:      (EISDIR,  EISDIR,  EISDIR,  EISDIR,  A),
