@@ -145,6 +145,11 @@ def test_refresh_errors_become_store_errors_without_the_token() -> None:
     creds.error = google.auth.exceptions.TransportError("connection refused")
     with pytest.raises(Unavailable, match="token service"):
         tokens.token()
+    # google-auth's verdict after its own retries of a 5xx: an outage, not a refusal
+    creds.error = google.auth.exceptions.RefreshError({"error": "server_error"}, retryable=True)
+    with pytest.raises(Unavailable, match="token service is unavailable") as raised:
+        tokens.token()
+    assert not isinstance(raised.value, Forbidden)
 
 
 def test_failed_background_refresh_keeps_the_old_token_and_tries_again(caplog: pytest.LogCaptureFixture) -> None:

@@ -224,7 +224,12 @@ class TokenSource:
         try:
             self._refresh_call()
         except google.auth.exceptions.RefreshError as exc:
-            error: StoreError = TokenRefused(f"could not get a Google access token: {_first_line(exc)}")
+            if getattr(exc, "retryable", False):
+                # A 5xx or 429 of the token service, already retried by google-auth: an outage
+                # (EIO at the mount), not a refusal of the credentials (EACCES).
+                error: StoreError = Unavailable(f"Google's token service is unavailable: {_first_line(exc)}")
+            else:
+                error = TokenRefused(f"could not get a Google access token: {_first_line(exc)}")
         except (google.auth.exceptions.TransportError, requests.RequestException) as exc:
             error = Unavailable(f"could not reach Google's token service ({type(exc).__name__})")
         else:
