@@ -5,6 +5,7 @@ errors) for each Store/Dataset call."""
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,33 @@ def test_create_store_errors(standin: HealthcareStandIn, dataset: HealthcareData
     with pytest.raises(InvalidName):
         dataset.create_store("no spaces")
     assert not any(r.method == "POST" and "no spaces" in str(r.query) for r in standin.requests)
+
+
+def test_create_store_is_tried_again_after_a_server_error(standin: HealthcareStandIn,
+                                                         dataset: HealthcareDataset) -> None:
+    standin.inject(status=500, times=1, method="POST", path_contains="dicomStores?")
+    dataset.create_store("after-a-500")
+    assert "after-a-500" in standin.store_ids(dataset.dataset_id)  # type: ignore[attr-defined]
+    posts = [r for r in standin.requests if r.method == "POST" and r.path.endswith("/dicomStores")]
+    assert len(posts) == 2
+
+
+def test_create_store_whose_first_answer_was_an_error_but_which_exists_then(standin: HealthcareStandIn,
+                                                                           dataset: HealthcareDataset) -> None:
+    """A 5xx whose request did create the store (seen as: it exists when asked again): the 409
+    to the second attempt is success, not EEXIST."""
+    dataset_id = dataset.dataset_id  # type: ignore[attr-defined]
+    standin.inject(status=503, times=1, method="POST", path_contains="dicomStores?", delay=0.3)
+    creator = threading.Timer(0.1, standin.create_store, (dataset_id, "made-meanwhile"))
+    creator.start()
+    try:
+        dataset.create_store("made-meanwhile")
+    finally:
+        creator.join()
+    posts = [r for r in standin.requests if r.method == "POST" and r.path.endswith("/dicomStores")]
+    assert len(posts) == 2
+    with pytest.raises(AlreadyExists):  # a first attempt's 409 is still EEXIST
+        dataset.create_store("made-meanwhile")
 
 
 def test_delete_store_checks_it_is_empty_first(standin: HealthcareStandIn, dataset: HealthcareDataset,

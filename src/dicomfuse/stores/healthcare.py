@@ -23,12 +23,22 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from dicomfuse.stores.auth import BearerAuth, TokenSource
-from dicomfuse.stores.base import STORE_ID_RULE, InvalidName, NotEmpty, StoreError, is_valid_store_id
+from dicomfuse.stores.base import (
+    STORE_ID_RULE,
+    AlreadyExists,
+    InvalidName,
+    NotEmpty,
+    NotFound,
+    StoreError,
+    Unavailable,
+    is_valid_store_id,
+)
 from dicomfuse.stores.dicomweb import DicomwebStore
 from dicomfuse.stores.http import DEFAULT_TIMEOUT, HttpClient, RetryPolicy, Timeout, make_session, safe_path
 
@@ -122,20 +132,44 @@ class HealthcareDataset:
         return store
 
     def create_store(self, store_id: str) -> None:
+        """Create an empty store. A POST is not repeated blindly by the HTTP layer (it sends it
+        again only when it never left, or got 429); a 5xx or a lost answer is tried again here,
+        with backoff, and a 409 to a repeated attempt means an earlier one did create it."""
         self._check_id(store_id)
         url = f"{self.url}/dicomStores"
-        # A POST: sent again only when it never left or got 429 (then Google did nothing).
-        response = self.client.request(
-            "POST",
-            url,
-            params={"dicomStoreId": store_id},
-            data=b"{}",
-            headers={"Content-Type": "application/json"},
-            idempotent=False,
-            bad_request=InvalidName,
-        )
-        response.close()
+        attempts = max(1, self.client.retry.attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self.client.request(
+                    "POST",
+                    url,
+                    params={"dicomStoreId": store_id},
+                    data=b"{}",
+                    headers={"Content-Type": "application/json"},
+                    idempotent=False,
+                    bad_request=InvalidName,
+                )
+            except AlreadyExists:
+                if attempt > 1 and self._store_exists(store_id):
+                    break  # the earlier attempt created it; only its answer was lost
+                raise
+            except Unavailable as exc:
+                if attempt == attempts:
+                    raise
+                delay = self.client.retry.backoff(attempt)
+                logger.info("Creating DICOM store %s failed (%s); trying again in %.1f s", store_id, exc, delay)
+                time.sleep(delay)
+                continue
+            response.close()
+            break
         logger.debug("Created DICOM store %s in dataset %s", store_id, self.name)
+
+    def _store_exists(self, store_id: str) -> bool:
+        try:
+            self.client.request("GET", self._store_url(store_id)).close()
+        except NotFound:
+            return False
+        return True
 
     def delete_store(self, store_id: str) -> None:
         """Delete a store only when no study is in it: Google would delete its data too."""
