@@ -296,6 +296,62 @@ def test_a_refused_file_is_not_sent_again_unless_it_changes(dataset, tmp_path):
     assert len(list(vfs.spool.failed.glob("*notes.dcm"))) == 1
 
 
+def _failing_once(monkeypatch) -> list[int]:
+    """LocalStore.store_files answers one Unavailable (a server error past the retries), then works."""
+    from dicomfuse.stores.base import Unavailable
+    from dicomfuse.stores.local import LocalStore
+
+    calls: list[int] = []
+    real = LocalStore.store_files
+
+    def store_files(self, paths, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(paths))
+        if len(calls) == 1:
+            raise Unavailable("HTTP 503 (injected)")
+        return real(self, paths, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "store_files", store_files)
+    return calls
+
+
+def test_an_upload_close_reported_failed_is_not_sent_behind_the_users_back(dataset, tmp_path,
+                                                                          dicom: DicomFactory, monkeypatch):
+    """close() said EIO and where the bytes are kept: neither a second flush (Windows' cleanup)
+    nor release sends them after all, and they stay listed as failed with their sidecar."""
+    calls = _failing_once(monkeypatch)
+    vfs = make_vfs(dataset, tmp_path)
+    inst = dicom.instance()
+    fh = vfs.create("/store/scan.dcm").fh
+    vfs.write(fh, inst.path.read_bytes(), 0)
+    assert errno_of(vfs.flush, fh) == errno.EIO
+    vfs.flush(fh)
+    vfs.release(fh)
+    assert calls == [1]
+    assert not (dataset.root / "store" / inst.study_uid).exists()
+    kept = [p for p in vfs.spool.failed.iterdir() if not p.name.endswith(".json")]
+    assert [p.read_bytes() for p in kept] == [inst.path.read_bytes()]
+    assert (kept[0].parent / (kept[0].name + ".json")).exists()
+    vfs.shutdown()
+
+
+def test_a_failed_upload_written_again_and_sent_is_no_longer_listed_as_failed(dataset, tmp_path,
+                                                                            dicom: DicomFactory, monkeypatch):
+    _failing_once(monkeypatch)
+    vfs = make_vfs(dataset, tmp_path)
+    inst = dicom.instance()
+    data = inst.path.read_bytes()
+    fh = vfs.create("/store/scan.dcm").fh
+    vfs.write(fh, data, 0)
+    assert errno_of(vfs.flush, fh) == errno.EIO
+    vfs.write(fh, data, 0)  # the program writes the file again through the same handle
+    vfs.flush(fh)
+    vfs.release(fh)
+    stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+    assert stored.read_bytes() == data
+    assert list(vfs.spool.failed.iterdir()) == []
+    vfs.shutdown()
+
+
 def test_a_file_closed_empty_is_a_local_placeholder_until_written(dataset, tmp_path, dicom: DicomFactory):
     vfs = make_vfs(dataset, tmp_path)
     vfs.release(vfs.create("/store/IMG1.dcm").fh)  # Finder's and Explorer's first step of a copy

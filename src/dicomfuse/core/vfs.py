@@ -34,7 +34,7 @@ from dicomfuse.core.policy import Op, OperationPolicy
 from dicomfuse.core.readahead import ReadAhead
 from dicomfuse.core.sizes import Caller, StatProbePolicy
 from dicomfuse.core.tree import Entry, ListingCache
-from dicomfuse.core.uploads import ORPHANS_WARNING, Spool, inspect_dicom
+from dicomfuse.core.uploads import ORPHANS_WARNING, Spool, inspect_dicom, sidecar_path
 from dicomfuse.core.workdirs import WorkDirs
 from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir, record_paths
 from dicomfuse.dicomfile import DicomUids
@@ -992,11 +992,16 @@ class Vfs:
             except FsError as exc:
                 self._keep_failed(h, exc.strerror or str(exc))
                 exc.level = logging.DEBUG  # _keep_failed logged the one ERROR line
-                if exc.errno in (errno.EINVAL, errno.EFBIG):
-                    h.dirty = False  # refused for its content: sent again only if it changes
+                # close() says it failed and where the bytes are kept: they are not sent again
+                # behind the user's back (at release, or Windows' second flush at cleanup); a
+                # new copy, `dicomfuse retry`, or writing the file again sends them.
+                h.dirty = False
                 raise
             h.dirty = False
             h.uploaded = ident
+            if h.spool_path.parent == self.spool.failed:  # kept after a failure, written and sent since
+                Spool.discard(sidecar_path(h.spool_path))  # its bytes go with the handle (cache or queue)
+                log.info("Upload of %s succeeded after all; its kept copy is no longer listed as failed", h.path)
 
     def _send(self, h: WriteHandle, *, durable: bool = False) -> DicomUids:
         """Check and send (or queue) the file. No fsync on the way: in sync mode the server has
