@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import requests
 
 from tests.conftest import Backend, DicomFactory, _orthanc_backend, requires_fuse, run
 from tests.fakes.fault_proxy import FaultProxy
+from tests.mounting import wait_for
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -259,3 +261,29 @@ def test_a_refused_overwrite_puts_the_original_back(orthanc: object, proxy: Faul
     assert backend.server_bytes(inst) == inst.path.read_bytes(), "the original is back on the server"
     assert sop_count(orthanc, inst.sop_uid) == 1
     assert "stored back" in (m.log_dir / "error.log").read_text()
+
+
+def test_a_refused_write_back_overwrite_leaves_the_original_in_its_folder(orthanc: object, proxy: FaultProxy,
+                                                                         mount_factory, dicom: DicomFactory):
+    """Write-back: the server refuses the new bytes of an overwrite and the original is stored
+    back. The file stays in its folder and reads as the original; it does not vanish while the
+    server still holds it."""
+    from dicomfuse.samples import write_instance
+
+    backend = dataclasses.replace(_orthanc_backend(orthanc, rest=True), address=proxy.url + "/dicom-web")
+    inst = dicom.instance()
+    backend.seed([inst])
+    edited = dicom.instance(name="edited.dcm")
+    write_instance(edited.path, inst.study_uid, inst.series_uid, inst.sop_uid, pixel_bytes=9_000)
+    m = mount_factory(backend, "--uploadMode", "writeback")
+    target = backend.instance_path(m, inst)
+    target.stat()
+    proxy.fail("POST", "/dicom-web/studies", times=1, status=400)
+    assert run("cp", edited.path, target).returncode == 0  # checked and queued
+    error_log = m.log_dir / "error.log"
+    wait_for(lambda: error_log.exists() and "stored back" in error_log.read_text(), 30, what="the refusal")
+    wait_for(lambda: "Failed uploads: 1" in run(sys.executable, "-m", "dicomfuse", "status", "--cacheDir",
+                                                 m.cache_dir).stdout, 10, what="the refusal in status")
+    assert backend.server_bytes(inst) == inst.path.read_bytes(), "the original is back on the server"
+    assert target.name in os.listdir(target.parent)
+    assert target.read_bytes() == inst.path.read_bytes()

@@ -116,3 +116,37 @@ def test_a_batch_that_overwrites_one_instance_and_adds_others(backend: Backend, 
     wait_for(lambda: all(backend.has(o) for o in others) and replaced(), 60, what="the batch on the server")
     for o in others:
         assert backend.server_bytes(o) == o.path.read_bytes()
+
+
+def test_overwrite_of_a_file_this_mount_just_uploaded_while_the_index_lags(healthcare, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                          mount_factory, dicom: DicomFactory):
+    """Google's search index lags behind writes: it does not show an instance this mount
+    uploaded a moment ago. Overwriting it then must still be an overwrite (delete, then store),
+    not a STOW of new bytes under an existing SOP Instance UID, which Google refuses (and the
+    file vanished from its folder while the server kept the old bytes)."""
+    from dicomfuse.samples import write_instance
+
+    backend = google_backend(healthcare, tmp_path)
+    old, other = dicom.series(2)
+    m = mount_factory(backend, "--uploadMode", "writeback")
+    lag = healthcare.index_lag
+    healthcare.index_lag = 600.0
+    try:
+        assert run("cp", old.path, f"{m.path / backend.store_name}/").returncode == 0
+        wait_for(lambda: backend.has(old), 30, what="the first upload")
+        newer = write_instance(tmp_path / "newer.dcm", old.study_uid, old.series_uid, old.sop_uid, pixel_bytes=3000)
+        target = backend.instance_path(m, old)
+        r = run("sh", "-c", f'cp "{newer}" "{target}" && cp "{other.path}" "{m.path / backend.store_name}/"')
+        assert r.returncode == 0, r.stderr
+
+        def replaced() -> bool:
+            try:
+                return backend.server_bytes(old) == newer.read_bytes()
+            except NotFound:  # between the delete and the store of the overwrite
+                return False
+
+        wait_for(lambda: backend.has(other) and replaced(), 30, what="the overwrite on the server")
+        assert status(m)[0] == 0, status(m)[1]
+        assert target.read_bytes() == newer.read_bytes()
+    finally:
+        healthcare.index_lag = lag

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,12 @@ class Vfs:
         self._xattrs: dict[DicomPath, dict[str, bytes]] = {}
         self._walking: dict[str, _Walk] = {}  # store -> its walk in progress
         self._side_names = 0
+        # (store, SOP Instance UID) -> when this mount saw the server confirm it stored it: a
+        # lagging search index (Google's) may not show it yet, yet a new copy overwrites it.
+        self._stored_here: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # Write-back uploads whose overwrite was refused with the previous instance still on
+        # the server (it stays in its folder).
+        self._previous_kept: set[str] = set()
 
     # ======================================================================================
     # lifecycle
@@ -396,6 +403,8 @@ class Vfs:
         self._remote(f"delete {p}", self._store(p.store).delete_instance, p.study, p.series, uid)
         self.listings.note_removed(p.parent, p.name)
         self.cache.evict(self._key(p))
+        with self._lock:
+            self._stored_here.pop((p.store, uid), None)
         log.info("Deleted instance %s", p)
 
     def create(self, path: str) -> OpenResult:
@@ -1037,8 +1046,25 @@ class Vfs:
             if replaced is not None and replaced.sop_uid != ident.sop_uid:
                 self._delete_replaced(store_name, replaced)
         self._note_uploaded(h.path, target, ident, size)
+        self._note_stored_here(store_name, ident.sop_uid)
         log.info("Uploaded %s as %s", h.path, target)
         return ident
+
+    def _note_stored_here(self, store: str, sop_uid: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._stored_here[(store, sop_uid)] = now
+            self._stored_here.move_to_end((store, sop_uid))
+            while self._stored_here and (len(self._stored_here) > _STORED_HERE_MAX
+                                         or now - next(iter(self._stored_here.values())) > self.listings.overlay_ttl):
+                self._stored_here.popitem(last=False)
+
+    def _stored_here_lately(self, store: str, sop_uid: str) -> bool:
+        """Whether this mount saw the server store this instance within the time a search
+        index may lag (the listings' overlay lifetime)."""
+        with self._lock:
+            at = self._stored_here.get((store, sop_uid))
+        return at is not None and time.monotonic() - at < self.listings.overlay_ttl
 
     def _queue(self, h: WriteHandle, ident: DicomUids, size: int, durable: bool) -> DicomUids:
         """Write-back: hand the checked file to the durable queue; it shows in its folder and
@@ -1090,7 +1116,8 @@ class Vfs:
         present = {series: instances_present(store, *series, sop_uids) for series, sop_uids in by_series.items()}
         for item in items:
             u = item.uids
-            (existing if u.sop_uid in present[(u.study_uid, u.series_uid)] else fresh).append(item)
+            on_server = u.sop_uid in present[(u.study_uid, u.series_uid)] or self._stored_here_lately(store_name, u.sop_uid)
+            (existing if on_server else fresh).append(item)
         if fresh:
             for item, outcome in zip(fresh, store.store_files([i.path for i in fresh]), strict=True):
                 if outcome.stored:
@@ -1107,6 +1134,9 @@ class Vfs:
             except FsError as exc:
                 if exc.errno == errno.EIO:
                     raise Unavailable(exc.strerror or str(exc)) from None
+                if not isinstance(exc, _PreviousLost):
+                    with self._lock:
+                        self._previous_kept.add(item.id)
                 results.append((item, False, exc.strerror or str(exc)))
             else:
                 results.append((item, True, None))
@@ -1116,12 +1146,19 @@ class Vfs:
         logged the ERROR line and kept its bytes in its failed folder)."""
         u = item.uids
         target = DicomPath((item.store, u.study_uid, u.series_uid, instance_name(u.sop_uid)))
+        with self._lock:
+            previous_kept = item.id in self._previous_kept
+            self._previous_kept.discard(item.id)
         if stored:
+            self._note_stored_here(item.store, u.sop_uid)
             return
         if self.writeback is not None and self.writeback.has_pending(item.store, u.sop_uid):
             return  # a newer copy is queued: the file stays in its folder, with the newer bytes
-        self.listings.note_removed(target.parent, target.name)
-        self.cache.evict(self._key(target))
+        self.cache.evict(self._key(target))  # it holds the refused bytes
+        if previous_kept:  # the overwrite was refused: the previous instance is still there
+            self.listings.note_added(target.parent, target.name, Entry(False))
+        else:
+            self.listings.note_removed(target.parent, target.name)
 
     def _instance_exists(self, store: Store, ident: DicomUids) -> bool:
         """Whether the server holds the instance. What this mount itself just stored or deleted
@@ -1173,7 +1210,7 @@ class Vfs:
             self.cache.evict(self._key(target))
             try:
                 self._store_file(store, source, target)
-            except FsError:
+            except FsError as refused:
                 try:
                     self._store_file(store, backup_path, target)
                     log.error("Overwrite of %s refused; the previous instance was stored back", target)
@@ -1182,6 +1219,8 @@ class Vfs:
                                                   reason=f"previous version of {target}, not stored back")
                     log.error("Overwrite of %s refused and the previous instance could not be stored "
                               "back (%s); its bytes are kept at %s", target, exc.strerror, kept)
+                    raise _PreviousLost(refused.errno or errno.EIO, refused.strerror or str(refused),
+                                        refused.level) from None
                 raise
         finally:
             self._close_fd(source_fd)
@@ -1337,6 +1376,15 @@ class _Walk:
 
 class _Conflict(FsError):
     """A STOW refusal because the server holds other bytes under the same UIDs."""
+
+
+class _PreviousLost(FsError):
+    """An overwrite failed after the previous instance was deleted and could not be stored
+    back (its bytes are kept locally): the server holds neither version."""
+
+
+_STORED_HERE_MAX = 100_000
+"""Instances remembered as stored by this mount (each ~200 bytes), newest kept."""
 
 
 def _same_content(fd_a: int, fd_b: int) -> bool:
