@@ -201,3 +201,39 @@ def test_write_back_record_gets_the_new_reason_and_other_datasets_are_left_alone
     assert json.loads((failed / f"{bad.id}.json").read_text())["last_error"].startswith("not a DICOM Part-10 file")
     assert json.loads((failed / f"{other.id}.json").read_text())["last_error"] == "the server refused the file (409)"
     assert (failed / f"{other.id}.dcm").exists() and env.on_server("ct", uids) is None
+
+
+def test_two_kept_versions_of_one_instance_never_go_together(env, capsys):
+    """Two copies of one instance that failed one after the other: the newest is sent, the older
+    stays kept (the server is never asked to take both, and nothing is deleted unconfirmed)."""
+    import os
+    import time
+
+    src, uids = env.dicom()
+    older = env.failed_sync(src, "v1.dcm", "ct")
+    newer_src = write_instance(env.tmp / "v2.dcm", uids.study_uid, uids.series_uid, uids.sop_uid,
+                               patient_name="Other^Name")
+    time.sleep(0.01)
+    newer = env.failed_sync(newer_src, "v2.dcm", "ct")
+    assert os.stat(newer).st_ctime_ns > os.stat(older).st_ctime_ns
+    newer_bytes = newer.read_bytes()
+    assert newer_bytes != older.read_bytes()
+    assert env.run() == EXIT_REMAINING
+    out = capsys.readouterr().out
+    assert f"{newer.name}: stored (store ct)" in out
+    assert f"{older.name}: kept: the server holds another version" in out
+    assert "1 stored, 0 already on the server, 1 kept." in out
+    assert env.on_server("ct", uids) == newer_bytes
+    assert older.exists() and not newer.exists()
+
+
+def test_a_second_kept_version_identical_to_the_one_sent_is_done(env, capsys):
+    src, uids = env.dicom()
+    first = env.failed_sync(src, "a.dcm", "ct")
+    copy = env.tmp / "copy.dcm"
+    copy.write_bytes(first.read_bytes())
+    second = env.failed_sync(copy, "b.dcm", "ct")
+    assert env.run() == EXIT_DONE
+    out = capsys.readouterr().out
+    assert "1 stored, 1 already on the server, 0 kept." in out
+    assert not first.exists() and not second.exists()

@@ -190,9 +190,19 @@ class _Sender:
                 per_store[store_name].append(item)
         for store_name, group in sorted(per_store.items()):
             store = self.dataset.open_store(store_name)
-            to_send = [item for item in group if self._compare(store, store_name, item)]
-            for start in range(0, len(to_send), BATCH_FILES):
-                self._send(store, store_name, to_send[start:start + BATCH_FILES])
+            pending = [item for item in group if self._compare(store, store_name, item)]
+            while pending:
+                # Two kept versions of one instance (copies that failed one after the other, an
+                # overwrite and the previous version it kept) never go together: the newest
+                # first, then the others are compared with what the server holds like any file.
+                now, pending = _newest_per_instance(pending)
+                for start in range(0, len(now), BATCH_FILES):
+                    self._send(store, store_name, now[start:start + BATCH_FILES])
+                if self.dry_run:
+                    for item in pending:
+                        self._kept(item, "another version of this instance would be sent first")
+                    break
+                pending = [item for item in pending if self._compare(store, store_name, item)]
 
     def _prepare(self, item: Failed) -> str | None:
         """The store to send ``item`` to, or None when it stays (reported)."""
@@ -293,6 +303,24 @@ class _Sender:
         if c["kept"] and not self.dry_run:
             print("Kept files stay in the cache folder; 'dicomfuse status' lists them.")
         return EXIT_REMAINING if c["kept"] else EXIT_DONE
+
+
+def _newest_per_instance(items: list[Failed]) -> tuple[list[Failed], list[Failed]]:
+    """The most recently kept file of each SOP Instance UID (in ``items``' order), and the rest."""
+    def kept_at(item: Failed) -> int:
+        try:
+            return item.path.stat().st_ctime_ns  # moved into its failed folder then
+        except OSError:
+            return 0
+
+    newest: dict[str, Failed] = {}
+    for item in items:
+        assert item.uids is not None
+        held = newest.get(item.uids.sop_uid)
+        if held is None or kept_at(item) > kept_at(held):
+            newest[item.uids.sop_uid] = item
+    chosen = {id(item) for item in newest.values()}
+    return [i for i in items if id(i) in chosen], [i for i in items if id(i) not in chosen]
 
 
 def _remove(item: Failed) -> None:
