@@ -131,6 +131,39 @@ def test_largest_file_is_cachesize_over_4(dataset, tmp_path):
     vfs.shutdown()
 
 
+def test_a_copy_whose_write_failed_fails_with_that_error_and_keeps_no_useless_part(dataset, tmp_path,
+                                                                                    dicom: DicomFactory,
+                                                                                    monkeypatch):
+    """A write refused (EFBIG) or failed (a full cache disk: ENOSPC): close() reports that error,
+    not "invalid DICOM", and the part written is neither sent nor kept as a failed upload."""
+    from dicomfuse.core import portable
+
+    vfs = make_vfs(dataset, tmp_path, cache_bytes=4 * 1024 * 1024)
+    data = dicom.instance(pixel_bytes=4096).path.read_bytes()
+    fh = vfs.create("/store/big.dcm").fh
+    vfs.write(fh, data, 0)
+    assert errno_of(vfs.write, fh, b"x" * 10, 1024 * 1024) == errno.EFBIG
+    assert errno_of(vfs.flush, fh) == errno.EFBIG
+    vfs.release(fh)
+
+    real = portable.pwrite
+
+    def disk_full(fd: int, data: bytes, offset: int) -> int:
+        if offset > 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(portable, "pwrite", disk_full)
+    fh = vfs.create("/store/full.dcm").fh
+    vfs.write(fh, data[:100], 0)
+    assert errno_of(vfs.write, fh, data[100:], 100) == errno.ENOSPC
+    vfs.release(fh)  # no flush: release sends nothing either
+    assert list(vfs.spool.failed.iterdir()) == []
+    assert list((dataset.root / "store").iterdir()) == []
+    assert [p.name for p in vfs.spool.directory.iterdir() if p.is_file()] == []
+    vfs.shutdown()
+
+
 def test_gui_new_folder_becomes_a_store_when_renamed(dataset, tmp_path):
     vfs = make_vfs(dataset, tmp_path)
     vfs.mkdir("/untitled folder")

@@ -133,6 +133,7 @@ class WriteHandle:
     queued: bool = False  # handed to the write-back queue: its bytes are the queue's now
     discarded: bool = False  # its name was removed before it was sent: never sent
     new: bool = False  # created by this mount: closed empty, it stays a local placeholder
+    write_error: int | None = None  # errno of a write that failed (EFBIG, ENOSPC): never sent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -481,9 +482,16 @@ class Vfs:
                 raise FsError(errno.EIO, f"write: {handle.path} was handed to the upload queue at close; "
                               "open it again to change it", logging.ERROR)
             if offset + len(data) > self.cache.max_file:
+                handle.write_error = errno.EFBIG
                 raise FsError(errno.EFBIG, f"write: {handle.path} would exceed the largest file "
                               f"(cacheSize/4 = {self.cache.max_file} bytes)", logging.ERROR)
             handle.dirty = not handle.discarded
+            try:
+                return portable.pwrite(handle.fd, data, offset)
+            except OSError as exc:  # the spool's disk is full (ENOSPC, EDQUOT) or failing
+                handle.write_error = exc.errno or errno.EIO
+                raise FsError(handle.write_error, f"write: {handle.path}: {exc.strerror or exc} "
+                              f"(the cache folder's disk)", logging.ERROR) from None
         return portable.pwrite(handle.fd, data, offset)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
@@ -996,6 +1004,14 @@ class Vfs:
         with h.lock:
             if not h.dirty:
                 return
+            if h.write_error is not None:
+                # The program was told at write() and holds the whole file; the part written is
+                # of no use to anyone (and on a full disk it keeps the disk full): not kept.
+                h.dirty = False
+                why = os.strerror(h.write_error)
+                log.error("Upload of %s failed: a write to it failed (%s); nothing was sent, and the part "
+                          "written is not kept", h.path, why)
+                raise FsError(h.write_error, f"upload {h.path}: a write failed ({why})")
             try:
                 ident = self._send(h, durable=durable)
             except FsError as exc:
