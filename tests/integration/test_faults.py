@@ -141,6 +141,27 @@ def test_hung_server_read_times_out_and_mount_stays_usable(via_proxy: Backend, p
     assert r.returncode == 0 and f"{inst.sop_uid}.dcm" in r.stdout.split(), r.stderr
 
 
+
+def test_a_hung_server_is_asked_once_more_not_for_every_retry(via_proxy: Backend, proxy: FaultProxy,
+                                                             mount_factory, dicom: DicomFactory):
+    """A server silent past --httpTimeout is asked once more, and not again through its other
+    API (Orthanc's REST, then WADO-RS: the same server): EIO after about twice the timeout, not
+    ten times it."""
+    inst = dicom.instance(pixel_bytes=10_000)
+    via_proxy.seed([inst])
+    m = mount_factory(via_proxy, *NO_CACHE, "--httpTimeout", "2,1")
+    path = via_proxy.instance_path(m, inst)
+    path.stat()
+    before = len(proxy.requests())
+    proxy.fail(None, None, times=None, stall=True)
+    r = run("timeout", "60", "cat", path)
+    assert r.returncode not in (0, 124) and EIO in r.stderr, (r.returncode, r.stderr)
+    asked = [s.path for s in proxy.requests()[before:]]
+    assert len(asked) == 2, asked
+    proxy.clear()
+    assert path.read_bytes() == inst.path.read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------
 # Listings
 

@@ -184,6 +184,19 @@ def test_read_timeout_is_retried_then_unavailable(server: ScriptedServer, sleeps
     assert len(sleeps.delays) == 1
 
 
+def test_a_silent_server_is_asked_once_more_not_for_every_attempt(server: ScriptedServer,
+                                                                  sleeps: RecordingSleep) -> None:
+    server.script(Reply(stall=True), Reply(stall=True), Reply(stall=True))
+    http = HttpClient(timeout=(2, 0.2), retry=RetryPolicy(attempts=5, backoff_base=0.01), sleep=sleeps)
+    try:
+        with pytest.raises(Unavailable, match="timed out") as caught:
+            http.request("GET", f"{server.url}/slow")
+    finally:
+        http.close()
+    assert caught.value.timed_out
+    assert len(server.seen) == 2 and len(sleeps.delays) == 1
+
+
 def test_connection_refused_retries_even_a_post(sleeps: RecordingSleep) -> None:
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))

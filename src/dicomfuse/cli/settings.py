@@ -72,7 +72,7 @@ class Settings(BaseModel):
         group="Performance")
     httpTimeout: tuple[float, float] = opt(
         (10.0, 60.0), "Seconds to wait for a server: to connect, and between two bytes of an answer. "
-        "A server silent for longer gives Input/output error (after the retries).", metavar="C,R",
+        "A server silent for longer is asked once more, then gives Input/output error.", metavar="C,R",
         group="Advanced")
     caBundle: Path | None = opt(
         None, "PEM file of the certificate authorities to trust for https (a private CA); TLS "

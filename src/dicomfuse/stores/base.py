@@ -106,6 +106,9 @@ class TooLarge(StoreError):
 class Unavailable(StoreError):
     """Server error, quota, timeout or dropped connection, after the retries were spent."""
 
+    timed_out: bool = False
+    """The server was silent past the connect or read timeout (``--httpTimeout``)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Protocols

@@ -274,6 +274,13 @@ class _StowFile:
     sop_uid: str
 
 
+def _raise_if_silent(exc: BaseException) -> None:
+    """Orthanc's REST API and its DICOMweb are the same server: when it was silent past the
+    timeout, asking the other one would only wait as long again."""
+    if isinstance(exc, Unavailable) and exc.timed_out:
+        raise exc
+
+
 def _inspect_stow_file(index: int, path: Path) -> _StowFile | StowOutcome:
     """Read a file's UIDs (header only); a file that cannot be sent becomes a refused outcome."""
     import pydicom  # heavy: only when uploading
@@ -571,6 +578,7 @@ class DicomwebStore:
         try:
             return bool(orthanc.find(level, query))
         except (StoreError, ValueError) as exc:
+            _raise_if_silent(exc)
             logger.debug("%s: Orthanc find failed (%s); asking DICOMweb", self.name, exc)
             return None
 
@@ -583,6 +591,7 @@ class DicomwebStore:
         try:
             ids = self._orthanc_study_ids(orthanc)
         except (StoreError, ValueError) as exc:
+            _raise_if_silent(exc)
             logger.debug("%s: Orthanc study listing failed (%s); asking DICOMweb", self.name, exc)
             return None
         self._study_ids = (time.monotonic(), ids)
@@ -642,6 +651,7 @@ class DicomwebStore:
             try:
                 listed = orthanc.series_instances(study_uid, series_uid)
             except (StoreError, ValueError) as exc:
+                _raise_if_silent(exc)
                 logger.debug("%s: Orthanc series listing failed (%s); asking DICOMweb", self.name, exc)
             else:
                 self._remember_ids({sop: instance_id for sop, _, instance_id in listed})
@@ -652,6 +662,7 @@ class DicomwebStore:
             try:
                 found = orthanc.find_instance(study_uid, series_uid, sop_uid)
             except (StoreError, ValueError) as exc:
+                _raise_if_silent(exc)
                 logger.debug("%s: Orthanc find failed (%s); asking DICOMweb", self.name, exc)
             else:
                 if found is not None:
@@ -675,6 +686,7 @@ class DicomwebStore:
             try:
                 return orthanc.present(study_uid, series_uid, sop_uids)
             except (StoreError, ValueError) as exc:
+                _raise_if_silent(exc)
                 logger.debug("%s: Orthanc find failed (%s); listing the series instead", self.name, exc)
         return listed_present(self, study_uid, series_uid, sop_uids)
 
@@ -695,6 +707,7 @@ class DicomwebStore:
             try:
                 infos = self._walk_orthanc(orthanc)
             except (StoreError, ValueError) as exc:
+                _raise_if_silent(exc)
                 logger.debug("%s: walking Orthanc's index failed (%s); searching DICOMweb", self.name, exc)
             else:
                 yield from infos
@@ -811,14 +824,16 @@ class DicomwebStore:
         (up to the retry policy's attempts); the sink gets each byte once."""
         resuming = ResumingSink(sink)
         attempts = max(1, self.client.retry.attempts)
+        silent_before = False
         for attempt in range(1, attempts + 1):
             resuming.restart()
             try:
                 self._retrieve_once(study_uid, series_uid, sop_uid, resuming)  # type: ignore[arg-type]
                 return resuming.delivered
             except TransferCut as exc:
-                if attempt == attempts:
-                    raise
+                if attempt == attempts or (exc.timed_out and silent_before):
+                    raise  # a hung server is asked once more, not for every attempt
+                silent_before = silent_before or exc.timed_out
                 delay = self.client.retry.backoff(attempt)
                 logger.info("%s: download of %s cut after %d bytes (%s); asking again in %.2f s",
                             self.name, sop_uid, resuming.delivered, exc, delay)
@@ -882,6 +897,7 @@ class DicomwebStore:
                 self._orthanc_ids.pop(sop_uid, None)
             raise
         except (StoreError, ValueError, KeyError) as exc:
+            _raise_if_silent(exc)
             logger.debug("%s: Orthanc file download failed (%s); using WADO-RS", self.name, exc)
             return None
         with response:

@@ -233,14 +233,27 @@ def never_sent(exc: BaseException) -> bool:
     return any(isinstance(e, urllib3.exceptions.ConnectTimeoutError) for e in _chain(exc))
 
 
+def is_timeout(exc: BaseException) -> bool:
+    """Whether a transport error is a server silent past the connect or read timeout (not a
+    refused connection: urllib3's NewConnectionError derives from its ConnectTimeoutError)."""
+    return any(
+        isinstance(e, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError)
+        and not isinstance(e, urllib3.exceptions.NewConnectionError)
+        for e in _chain(exc)
+    )
+
+
 def _transport_error(method: str, url: str, exc: BaseException) -> Unavailable:
-    if isinstance(exc, requests.Timeout):
+    silent = is_timeout(exc)
+    if silent:
         what = "timed out"
     elif isinstance(exc, requests.ConnectionError):
         what = "connection failed"
     else:
         what = "transfer failed"
-    return Unavailable(f"{_describe(method, url)}: {what} ({type(exc).__name__})")
+    error = Unavailable(f"{_describe(method, url)}: {what} ({type(exc).__name__})")
+    error.timed_out = silent
+    return error
 
 
 class TransferCut(Unavailable):
@@ -258,7 +271,9 @@ def body_errors(method: str, url: str) -> Iterator[None]:
         raise
     except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         cause = _transport_error(method, url, exc)
-        raise TransferCut(str(cause)) from exc
+        cut = TransferCut(str(cause))
+        cut.timed_out = cause.timed_out
+        raise cut from exc
 
 
 class ResumingSink:
@@ -338,12 +353,15 @@ class HttpClient:
         Retries 408/429/5xx answers and transport errors when the request is idempotent
         (``idempotent=None`` decides by method); a non-idempotent request is only sent again when
         it never left (connection refused) or the server said it did nothing with it (429).
-        ``attempts`` overrides the policy's count. A 401 is sent once more when
-        ``on_unauthorized`` says a new token may help."""
+        ``attempts`` overrides the policy's count. A server silent past the timeout is asked
+        once more, not for every attempt: a call never waits much longer than twice the timeout
+        for a hung server. A 401 is sent once more when ``on_unauthorized`` says a new token may
+        help."""
         method = method.upper()
         safe_to_repeat = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
         max_attempts = max(1, attempts if attempts is not None else self.retry.attempts)
         reauthorized = False
+        silent_before = False
         attempt = 0
         while True:
             attempt += 1
@@ -360,8 +378,10 @@ class HttpClient:
                     timeout=timeout if timeout is not None else self.timeout,
                 )
             except requests.RequestException as exc:
-                if last_try or not (safe_to_repeat or never_sent(exc)) or _hopeless(exc):
+                silent = is_timeout(exc)
+                if last_try or not (safe_to_repeat or never_sent(exc)) or _hopeless(exc) or (silent and silent_before):
                     raise _transport_error(method, url, exc) from exc
+                silent_before = silent_before or silent
                 self._wait(method, url, attempt, max_attempts, type(exc).__name__, None)
                 continue
             status = response.status_code
