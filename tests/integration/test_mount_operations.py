@@ -96,6 +96,14 @@ def test_unknown_sizes_read_completely_and_show_after_first_read(orthanc_norest:
     with tarfile.open(tmp_path / "x.tar") as tar:
         for name in names:
             assert tar.extractfile(f"./{name}").read() == want[name]  # type: ignore[union-attr]
+    # ... also right after an ls -l showed size 0: the kernel must not keep that size for tar.
+    m3 = mount_factory(backend)
+    series3 = backend.series_path(m3, insts[0])
+    r = run("sh", "-c", f"ls -l '{series3}' > /dev/null && tar cf '{tmp_path / 'y.tar'}' -C '{series3}' .")
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(tmp_path / "y.tar") as tar:
+        for name in names:
+            assert tar.extractfile(f"./{name}").read() == want[name]  # type: ignore[union-attr]
 
 
 def test_cd_straight_to_a_uid_no_listing_showed(backend: Backend, mount_factory, dicom: DicomFactory):

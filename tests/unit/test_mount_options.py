@@ -151,3 +151,14 @@ def test_extra_options_override_defaults_and_allow_other_is_warned(caplog: pytes
     assert merged["attr_timeout"] == "5" and merged["allow_other"] is True and merged["subtype"] == "dicomfuse"
     assert any("allow_other" in r.getMessage() for r in caplog.records)
     assert options.parse_extra(None) == {} and options.parse_extra(" , ") == {}
+
+
+def test_no_attribute_caching_when_listings_give_no_sizes() -> None:
+    """tar archives the size it saw at stat: a size 0 shown to ls -l must not stay in the
+    kernel's attribute cache for it (Linux, macOS; WinFsp is left as it is)."""
+    from dicomfuse.backends.options import default_options
+
+    for platform in ("linux", "darwin"):
+        assert default_options(platform)["attr_timeout"] == "1"
+        assert default_options(platform, sizes_listed=False)["attr_timeout"] == "0"
+    assert default_options("win32", sizes_listed=False)["attr_timeout"] == "1"

@@ -10,14 +10,18 @@ log = logging.getLogger(__name__)
 MountOptions = dict[str, "str | bool"]
 
 
-def default_options(platform: str = sys.platform, volume_name: str = "DICOMFuse") -> MountOptions:
+def default_options(platform: str = sys.platform, volume_name: str = "DICOMFuse",
+                    sizes_listed: bool = True) -> MountOptions:
     """Defaults that make the mount behave for the tools of each OS.
 
-    Attribute and entry timeouts are small but not zero (zero behaves badly on Linux);
-    ``hard_remove`` stops libfuse renaming open deleted files to ``.fuse_hidden*``."""
+    Attribute and entry timeouts are small but not zero; ``hard_remove`` stops libfuse renaming
+    open deleted files to ``.fuse_hidden*``. When listings give no sizes (``sizes_listed``
+    False), the kernel keeps no attributes (``attr_timeout=0``) on Linux and macOS: a size 0
+    shown to ``ls -l`` would otherwise be what ``tar`` sees for a second after, and tar archives
+    exactly the size it saw: every stat has to reach the core, which gives tar the true size."""
     common: MountOptions = {
         "fsname": "dicomfuse",
-        "attr_timeout": "1",
+        "attr_timeout": "1" if sizes_listed or platform == "win32" else "0",
         "entry_timeout": "1",
         "negative_timeout": "1",
         "hard_remove": True,

@@ -160,7 +160,7 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     from dicomfuse.core.workdirs import WorkDirs
     from dicomfuse.core.writeback import QueueBusy, dataset_label
     from dicomfuse.stores.auth import CredentialsError, TokenRefused
-    from dicomfuse.stores.base import Forbidden, NotFound, StoreError
+    from dicomfuse.stores.base import Forbidden, NotFound, StoreError, lists_sizes
     from dicomfuse.stores.open import open_dataset
 
     mount_point = check_mount_path(settings.mountPath)
@@ -210,7 +210,8 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         raise UsageError(f"--uploadMode writeback: another mount in write-back mode uses the cache folder "
                          f"{workdirs.root}; give this one its own --cacheDir") from None
     mount_options = options.merge(
-        options.default_options(volume_name=dataset.name), options.parse_extra(settings.extraMountOptions)
+        options.default_options(volume_name=dataset.name, sizes_listed=lists_sizes(dataset)),
+        options.parse_extra(settings.extraMountOptions),
     )
     name = adapter_name()
     try:

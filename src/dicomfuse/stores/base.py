@@ -220,3 +220,9 @@ class Dataset(Protocol):
     def close(self) -> None:
         """Release connections."""
         ...
+
+
+def lists_sizes(dataset: Dataset) -> bool:
+    """Whether the dataset's listings give instance sizes (an optional ``lists_sizes``
+    attribute or property of a dataset; assumed when absent)."""
+    return bool(getattr(dataset, "lists_sizes", True))

@@ -1109,6 +1109,11 @@ class DicomwebDataset:
     def list_stores(self) -> Iterator[str]:
         yield self.store.name
 
+    @property
+    def lists_sizes(self) -> bool:
+        """Listings give sizes only through Orthanc's REST API (QIDO-RS has no file size)."""
+        return self.store.orthanc() is not None
+
     def open_store(self, store_id: str) -> DicomwebStore:
         if store_id != self.store.name:
             raise NotFound(f"no store {store_id!r} on this DICOMweb server (it has {self.store.name!r})")

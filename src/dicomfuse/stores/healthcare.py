@@ -57,6 +57,8 @@ ROLE_HINT = "the identity needs the Healthcare DICOM Editor role (roles/healthca
 
 
 class HealthcareDataset:
+    lists_sizes = False  # Google's QIDO gives no file sizes
+
     """One ``…/projects/P/locations/L/datasets/D`` URL as a :class:`~dicomfuse.stores.base.Dataset`.
 
     ``dataset_url`` is the dataset's full URL (any host, so that private endpoints and test
