@@ -21,6 +21,21 @@ def test_original_flags_and_defaults(tmp_path: Path):
     assert s.extraMountOptions == "allow_other,max_read=4096"
 
 
+def test_relative_paths_are_made_absolute_where_the_command_was_typed(tmp_path: Path, monkeypatch):
+    """The mounted process runs in / (libfuse moves it there): a relative folder or file given
+    on the command line must already name its absolute place."""
+    from dicomfuse.stores.open import open_dataset
+
+    (tmp_path / "data" / "store").mkdir(parents=True)
+    (tmp_path / "key.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    s = parse_settings(["-a", "data", "-p", "m", "--cacheDir", "c", "--logDir", "l", "-k", "key.json"])
+    assert (s.cacheDir, s.logDir, s.keyFile) == (tmp_path / "c", tmp_path / "l", tmp_path / "key.json")
+    dataset = open_dataset(s.datasetAddr)
+    monkeypatch.chdir("/")
+    assert list(dataset.list_stores()) == ["store"]
+
+
 def test_timeouts_and_ca_bundle(tmp_path: Path):
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")

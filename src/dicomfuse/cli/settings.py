@@ -118,6 +118,13 @@ class Settings(BaseModel):
             return (numbers[0], numbers[1])
         return value
 
+    @field_validator("keyFile", "caBundle", "cacheDir", "logDir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        """Relative to where the command was typed: the mounted process runs in another
+        folder (libfuse moves it to /), where a relative path would name nothing."""
+        return None if value is None else value.expanduser().absolute()
+
     @field_validator("caBundle")
     @classmethod
     def _ca_bundle(cls, value: Path | None) -> Path | None:

@@ -114,7 +114,8 @@ def _local_dataset(folder: Path, address: str, rescan_interval: float) -> Datase
         raise ValueError(f"dataset folder {address!r} does not exist")
     if not folder.is_dir():
         raise ValueError(f"dataset address {address!r} is not a folder")
-    return LocalDataset(folder, rescan_interval=rescan_interval)
+    # Absolute: the mounted process runs in another folder (libfuse moves it to /).
+    return LocalDataset(folder.absolute(), rescan_interval=rescan_interval)
 
 
 def _file_url_path(url: str) -> Path:
