@@ -565,3 +565,25 @@ def test_a_refused_copy_does_not_hide_a_newer_copy_still_queued(dataset, tmp_pat
     vfs.shutdown()
     stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
     assert stored.read_bytes() == newer.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+@pytest.mark.parametrize("other_on_server", [False, True])
+def test_another_instance_written_over_a_name_replaces_the_instance_of_that_name(dataset, tmp_path,
+                                                                                dicom: DicomFactory,
+                                                                                other_on_server, mode):
+    """cp B.dcm onto A's name: the name holds B and A is deleted, whether the server held B
+    already or not (it was kept when B was there already)."""
+    a, b = dicom.series(2)
+    store = dataset.open_store("store")
+    store.store_files([a.path, *([b.path] if other_on_server else [])])
+    vfs = make_vfs(dataset, tmp_path, upload_mode=mode)
+    name_a = f"/store/{a.study_uid}/{a.series_uid}/{a.sop_uid}.dcm"
+    fh = vfs.open(name_a, os.O_WRONLY | os.O_TRUNC).fh
+    vfs.write(fh, b.path.read_bytes(), 0)
+    vfs.flush(fh)
+    vfs.release(fh)
+    assert read(vfs, name_a) == b.path.read_bytes()
+    vfs.shutdown()  # write-back: drains the queue
+    on_server = {i.sop_uid for i in store.instances(a.study_uid, a.series_uid)}
+    assert on_server == {b.sop_uid}

@@ -183,6 +183,10 @@ class Vfs:
         # Write-back uploads whose overwrite was refused with the previous instance still on
         # the server (it stays in its folder).
         self._previous_kept: set[str] = set()
+        # (store, SOP Instance UID) queued for write-back -> the other instance whose name it
+        # was written over: deleted once the upload is confirmed (kept if the mount stops
+        # first: nothing is lost).
+        self._replaces: dict[tuple[str, str], DicomUids] = {}
 
     # ======================================================================================
     # lifecycle
@@ -1059,8 +1063,10 @@ class Vfs:
                 # them (Google's lags behind writes): this upload is an overwrite after all.
                 log.info("Upload %s: %s is on the server already; overwriting it", h.path, target)
                 self._replace(store, target, ident, h.spool_path, h.path)
-            if replaced is not None and replaced.sop_uid != ident.sop_uid:
-                self._delete_replaced(store_name, replaced)
+        if replaced is not None and replaced.sop_uid != ident.sop_uid:
+            # Another instance written over this one's name (whether or not the server held
+            # the one written already): the name now holds it, the old instance goes.
+            self._delete_replaced(store_name, replaced)
         self._note_uploaded(h.path, target, ident, size)
         self._note_stored_here(store_name, ident.sop_uid)
         log.info("Uploaded %s as %s", h.path, target)
@@ -1088,9 +1094,16 @@ class Vfs:
         assert self.writeback is not None
         target = DicomPath((h.path.store, ident.study_uid, ident.series_uid, instance_name(ident.sop_uid)))
         self._store(h.path.store)  # an unknown store fails the copy now, not in the background
+        replacing = h.overwrites is not None and h.overwrites.sop_uid != ident.sop_uid
+        if replacing:
+            with self._lock:  # before it is queued: its upload may be confirmed at once
+                self._replaces[(h.path.store, ident.sop_uid)] = h.overwrites  # type: ignore[assignment]
         try:
             item = self.writeback.submit(h.path.store, ident, h.spool_path, durable=durable)
         except (OSError, RuntimeError) as exc:
+            if replacing:
+                with self._lock:
+                    self._replaces.pop((h.path.store, ident.sop_uid), None)
             raise FsError(errno.EIO, f"upload {h.path}: could not queue it ({exc})", logging.ERROR) from None
         h.queued = True
         link = self.spool.directory / f"{item.id}.cached"
@@ -1165,8 +1178,11 @@ class Vfs:
         with self._lock:
             previous_kept = item.id in self._previous_kept
             self._previous_kept.discard(item.id)
+            replaced = self._replaces.pop((item.store, u.sop_uid), None)
         if stored:
             self._note_stored_here(item.store, u.sop_uid)
+            if replaced is not None:
+                self._delete_replaced(item.store, replaced)
             return
         if self.writeback is not None and self.writeback.has_pending(item.store, u.sop_uid):
             return  # a newer copy is queued: the file stays in its folder, with the newer bytes
