@@ -587,3 +587,23 @@ def test_another_instance_written_over_a_name_replaces_the_instance_of_that_name
     vfs.shutdown()  # write-back: drains the queue
     on_server = {i.sop_uid for i in store.instances(a.study_uid, a.series_uid)}
     assert on_server == {b.sop_uid}
+
+
+def test_truncating_an_instance_is_refused_and_leaves_it_unchanged(dataset, tmp_path, dicom: DicomFactory):
+    """truncate -s N (open without O_TRUNC, then ftruncate) is EPERM; truncate -s 0 (the way
+    WinFsp and macFUSE start a replacement, so not refused at once) is EPERM at close, and no
+    empty file is kept as a failed upload."""
+    inst = dicom.instance()
+    dataset.open_store("store").store_files([inst.path])
+    vfs = make_vfs(dataset, tmp_path)
+    name = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    fh = vfs.open(name, os.O_WRONLY).fh
+    assert errno_of(vfs.truncate, name, 10, fh) == errno.EPERM
+    vfs.release(fh)
+    fh = vfs.open(name, os.O_WRONLY).fh
+    vfs.truncate(name, 0, fh)
+    assert errno_of(vfs.flush, fh) == errno.EPERM
+    vfs.release(fh)
+    assert list(vfs.spool.failed.iterdir()) == []
+    assert read(vfs, name) == inst.path.read_bytes()
+    vfs.shutdown()

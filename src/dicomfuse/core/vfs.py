@@ -510,6 +510,12 @@ class Vfs:
                 return
         if isinstance(handle, (WriteHandle, LocalHandle)):
             if isinstance(handle, WriteHandle):
+                if length > 0 and handle.overwrites is not None and not handle.dirty:
+                    # An instance opened for writing and cut to a size before anything was written
+                    # (truncate -s N): not a rewrite. Cutting to 0 is how WinFsp and macFUSE
+                    # without atomic O_TRUNC start a replacement, so that one is let through.
+                    raise FsError(errno.EPERM, f"truncate: {handle.path} changes only by writing it anew "
+                                  "(open with O_TRUNC)")
                 handle.dirty = not handle.discarded
             os.ftruncate(handle.fd, length)
             return
@@ -1008,6 +1014,12 @@ class Vfs:
         with h.lock:
             if not h.dirty:
                 return
+            if h.overwrites is not None and h.size == 0:
+                # Cut to 0 (truncate -s 0, or a replacement that wrote nothing): an instance
+                # cannot be emptied, and there is nothing worth keeping.
+                h.dirty = False
+                log.warning("%s was emptied and closed: an instance cannot be emptied; it is unchanged", h.path)
+                raise FsError(errno.EPERM, f"upload {h.path}: an instance cannot be emptied")
             if h.write_error is not None:
                 # The program was told at write() and holds the whole file; the part written is
                 # of no use to anyone (and on a full disk it keeps the disk full): not kept.
