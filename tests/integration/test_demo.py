@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -28,6 +29,18 @@ def test_demo_mount_is_browsable_and_writable(tmp_path: Path):
         assert r.returncode == 0, r.stderr
         assert (m.path / "scratch" / ds.StudyInstanceUID / ds.SeriesInstanceUID / files[0].name).read_bytes() == \
             files[0].read_bytes()
+        # The README's "then, in another terminal" commands, as written there.
+        readme = (Path(__file__).parents[2] / "README.md").read_text()
+        line = readme[readme.index("Then, in another terminal:"):].split("\n\n")[0]
+        commands = re.findall(r"`([^`]+)`", line)
+        assert len(commands) == 3, line
+        for command in commands:
+            command = command.replace("/tmp/demo-copy", str(tmp_path / "demo-copy")).replace("~/dicomfuse-demo",
+                                                                                             str(m.path))
+            r = run("sh", "-c", command)
+            assert r.returncode == 0, (command, r.stderr)
+        copied = sorted(p.name for p in (tmp_path / "demo-copy").glob("*/*/*.dcm"))
+        assert copied == sorted(f.name for f in files)
         assert m.stop(signal.SIGINT) == 0  # Ctrl+C
     finally:
         m.stop()
