@@ -35,6 +35,14 @@ def test_prefetch_of_a_path_that_is_not_a_folder_is_refused(tmp_path: Path):
     assert r.returncode == 2 and "not a folder" in r.stderr
 
 
+def test_prefetch_of_a_folder_that_is_not_on_a_mount_is_refused(tmp_path: Path):
+    """It would read every file below it (and through any mount inside it)."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.dcm").write_bytes(b"not read")
+    r = run(sys.executable, "-m", "dicomfuse", "prefetch", tmp_path / "plain", "--logDir", tmp_path / "logs")
+    assert r.returncode == 2 and "not on a DICOMFuse mount" in r.stderr, r.stderr
+
+
 def test_prefetch_mounting_first_with_the_same_flags(backend: Backend, dicom: DicomFactory, tmp_path: Path):
     insts = dicom.series(5)
     backend.seed(insts)

@@ -121,9 +121,35 @@ def instance_files(root: Path) -> list[Path]:
     return found
 
 
+def mount_type(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
+    """The filesystem type of the mount holding ``path`` (``fuse.dicomfuse`` for ours), from
+    Linux's mountinfo; None where there is none to read (macOS, Windows)."""
+    try:
+        lines = mountinfo.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, kind = "", None
+    for line in lines:
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        fstype = line.split(" - ", 1)[1].split()[0]
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
 def prefetch_running_mount(path: Path, threads: int, out: TextIO = sys.stderr) -> int:
     if not path.is_dir():
         print(f"dicomfuse prefetch: {path} is not a folder of a mount", file=out)
+        return 2
+    kind = mount_type(path)
+    if kind is not None and kind != "fuse.dicomfuse":
+        print(f"dicomfuse prefetch: {path} is not on a DICOMFuse mount (it is on {kind}); give a store, study "
+              "or series folder of a running mount, or -a ADDRESS -p MOUNTPATH to mount first", file=out)
         return 2
     files = instance_files(path)
     if not files:
