@@ -128,6 +128,7 @@ def test_write_permission_denied_fails_the_copy_and_keeps_the_file(healthcare, g
     finally:
         healthcare.deny(None)
     assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
+    assert "roles/healthcare.dicomEditor" in (m.log_dir / "error.log").read_text()  # the role it needs
     assert not google.has(inst)
     kept = list((m.cache_dir / "spool" / "failed").iterdir())
     assert any(p.read_bytes() == inst.path.read_bytes() for p in kept)

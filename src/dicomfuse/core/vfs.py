@@ -39,7 +39,15 @@ from dicomfuse.core.uploads import ORPHANS_WARNING, Spool, inspect_dicom, sideca
 from dicomfuse.core.workdirs import WorkDirs
 from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir, record_paths
 from dicomfuse.dicomfile import DicomUids
-from dicomfuse.stores.base import Dataset, Store, StoreError, Unavailable, WalkableStore, instances_present
+from dicomfuse.stores.base import (
+    Dataset,
+    Forbidden,
+    Store,
+    StoreError,
+    Unavailable,
+    WalkableStore,
+    instances_present,
+)
 
 log = logging.getLogger(__name__)
 
@@ -837,7 +845,11 @@ class Vfs:
         try:
             return fn(*args)
         except StoreError as exc:
-            raise from_store_error(exc, doing) from None
+            error = from_store_error(exc, doing)
+            hint = getattr(self.dataset, "permission_hint", None)
+            if isinstance(exc, Forbidden) and not exc.credentials_refused and hint:
+                error = FsError(error.errno or errno.EACCES, f"{error.strerror} ({hint})", error.level)
+            raise error from None
 
     # ======================================================================================
     # internals: handles
