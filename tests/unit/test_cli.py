@@ -143,3 +143,11 @@ def test_a_missing_fuse_library_is_one_clear_line_not_a_traceback(tmp_path):
     assert result.returncode == 1
     assert "FUSE is not installed or could not be loaded" in result.stderr and "Traceback" not in result.stderr
     assert not list((tmp_path / "cache" / "mounts").iterdir()), "the cache of the mount that never came is wiped"
+
+
+def test_a_mistyped_command_is_named_not_taken_for_a_mount(capsys):
+    from dicomfuse.cli.main import main
+
+    assert main(["stauts"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'stauts'" in err and "status" in err and "required" not in err

@@ -143,3 +143,9 @@ def test_run_status_prints_the_report(cache, capsys):
     out = capsys.readouterr().out
     assert str(cache) in out and "Failed uploads: none." in out
     assert run_status(["--bogus"]) == 2
+
+
+def test_a_cache_folder_that_does_not_exist_is_an_error_not_all_clear(tmp_path, capsys):
+    """A mistyped --cacheDir must not read as 'nothing waiting, nothing failed' (exit 0)."""
+    assert run_status(["--cacheDir", str(tmp_path / "typo")]) == 2
+    assert "is not a folder" in capsys.readouterr().err

@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             from dicomfuse.cli.status import run_status
 
             return run_status(args[1:])
+        if args and not args[0].startswith("-") and args[0] != "demo":
+            print(f"dicomfuse: unknown command {args[0]!r}: the commands are demo, prefetch, status and retry; "
+                  "to mount, give -a ADDRESS -p PATH (see dicomfuse --help)", file=sys.stderr)
+            return 2
         if args and args[0] == "demo":
             settings_argv = args[1:]
             log_dir = _peek_log_dir(settings_argv)

@@ -12,6 +12,7 @@ user's file names, so nothing here is patient data.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -82,7 +83,12 @@ def run_status(argv: list[str]) -> int:
         ns = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
-    text, code = status_report(ns.cacheDir or default_cache_dir())
+    root = ns.cacheDir or default_cache_dir()
+    if ns.cacheDir is not None and not root.is_dir():
+        # A mistyped folder must not read as "nothing pending, nothing failed".
+        print(f"dicomfuse status: {root} is not a folder (give the mount's --cacheDir)", file=sys.stderr)
+        return 2
+    text, code = status_report(root)
     print(text, end="")
     return code
 
