@@ -139,6 +139,7 @@ def test_failed_wins_over_pending_for_the_exit_code(cache):
 
 
 def test_run_status_prints_the_report(cache, capsys):
+    cache.mkdir()  # a mount made it (and left it: only its instance cache is wiped)
     assert run_status(["--cacheDir", str(cache)]) == EXIT_CLEAN
     out = capsys.readouterr().out
     assert str(cache) in out and "Failed uploads: none." in out
