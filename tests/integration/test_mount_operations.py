@@ -375,6 +375,17 @@ def test_errno_for_refused_operations(backend: Backend, mount_factory, dicom: Di
     assert e.value.errno == errno.ENODATA
     os.setxattr(path, "user.tag", b"v")
     assert os.getxattr(path, "user.tag") == b"v"
+    for flags, value, err in ((os.XATTR_CREATE, b"w", errno.EEXIST), (os.XATTR_REPLACE, b"w", None)):
+        if err is None:
+            os.setxattr(path, "user.tag", value, flags)
+        else:
+            with pytest.raises(OSError) as e:
+                os.setxattr(path, "user.tag", value, flags)
+            assert e.value.errno == err
+    with pytest.raises(OSError) as e:
+        os.setxattr(path, "user.other", b"x", os.XATTR_REPLACE)
+    assert e.value.errno == errno.ENODATA
+    assert os.getxattr(path, "user.tag") == b"w"
 
 
 def test_a_mount_whose_process_died_is_cleared_at_the_next_start(backend: Backend, mount_factory,

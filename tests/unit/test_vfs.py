@@ -607,3 +607,13 @@ def test_truncating_an_instance_is_refused_and_leaves_it_unchanged(dataset, tmp_
     assert list(vfs.spool.failed.iterdir()) == []
     assert read(vfs, name) == inst.path.read_bytes()
     vfs.shutdown()
+
+
+def test_setxattr_honours_create_and_replace(dataset, tmp_path):
+    vfs = make_vfs(dataset, tmp_path)
+    assert errno_of(lambda: vfs.setxattr("/store", "user.tag", b"1", replace=True)) == ENOATTR
+    vfs.setxattr("/store", "user.tag", b"1", create=True)
+    assert errno_of(lambda: vfs.setxattr("/store", "user.tag", b"2", create=True)) == errno.EEXIST
+    vfs.setxattr("/store", "user.tag", b"3", replace=True)
+    assert vfs.getxattr("/store", "user.tag") == b"3"
+    vfs.shutdown()

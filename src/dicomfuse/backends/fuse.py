@@ -58,6 +58,9 @@ def translate(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+XATTR_CREATE, XATTR_REPLACE = 1, 2  # setxattr(2) flags, the same on Linux and macOS
+
+
 class FuseOperations(mfusepy.Operations):
     """mfusepy callbacks for a :class:`Vfs` (``raw_fi=True``: we set direct_io/keep_cache)."""
 
@@ -292,7 +295,8 @@ class FuseOperations(mfusepy.Operations):
 
     @translate
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        self.vfs.setxattr(path, name, value)
+        self.vfs.setxattr(path, name, value, create=bool(options & XATTR_CREATE),
+                          replace=bool(options & XATTR_REPLACE))
         return 0
 
     @translate

@@ -648,11 +648,18 @@ class Vfs:
 
     # -- extended attributes: in memory for the mount's life -------------------------------
 
-    def setxattr(self, path: str, name: str, value: bytes) -> None:
+    def setxattr(self, path: str, name: str, value: bytes, *, create: bool = False, replace: bool = False) -> None:
+        """``create`` (XATTR_CREATE): EEXIST if it is set already; ``replace`` (XATTR_REPLACE):
+        ENODATA if it is not."""
         p = DicomPath.parse(path)
         self.getattr(path)
         with self._lock:
-            self._xattrs.setdefault(p, {})[name] = bytes(value)
+            attrs = self._xattrs.setdefault(p, {})
+            if create and name in attrs:
+                raise FsError(errno.EEXIST, f"attribute {name} exists")
+            if replace and name not in attrs:
+                raise FsError(ENOATTR, f"no attribute {name}")
+            attrs[name] = bytes(value)
 
     def getxattr(self, path: str, name: str) -> bytes:
         p = DicomPath.parse(path)
@@ -1169,7 +1176,8 @@ class Vfs:
         present = {series: instances_present(store, *series, sop_uids) for series, sop_uids in by_series.items()}
         for item in items:
             u = item.uids
-            on_server = u.sop_uid in present[(u.study_uid, u.series_uid)] or self._stored_here_lately(store_name, u.sop_uid)
+            on_server = (u.sop_uid in present[(u.study_uid, u.series_uid)]
+                         or self._stored_here_lately(store_name, u.sop_uid))
             (existing if on_server else fresh).append(item)
         if fresh:
             for item, outcome in zip(fresh, store.store_files([i.path for i in fresh]), strict=True):
