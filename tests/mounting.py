@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -51,7 +52,11 @@ class Mount:
                 "--cacheDir", str(self.cache_dir), "--logDir", str(self.log_dir), *self.extra_args]
 
     def start(self) -> Mount:
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise  # ENOTCONN: the dead mount of a killed process is there; the mount clears it
         out = open(self.output, "wb")
         env = {**os.environ, **(self.env or {})}
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
