@@ -617,3 +617,26 @@ def test_setxattr_honours_create_and_replace(dataset, tmp_path):
     vfs.setxattr("/store", "user.tag", b"3", replace=True)
     assert vfs.getxattr("/store", "user.tag") == b"3"
     vfs.shutdown()
+
+
+def test_an_instance_replaced_on_the_server_after_it_was_listed_shows_its_new_size(dataset, tmp_path,
+                                                                                  dicom: DicomFactory, caplog):
+    """Another client replaced the instance (same UIDs, other size) after this mount listed
+    it: once its bytes are read, stat and listings show their size (reads come from them), and
+    the log says a copy made meanwhile may be incomplete."""
+    from dicomfuse.samples import write_instance
+
+    inst = dicom.instance(pixel_bytes=2000)
+    dataset.open_store("store").store_files([inst.path])
+    vfs = make_vfs(dataset, tmp_path)
+    series = f"/store/{inst.study_uid}/{inst.series_uid}"
+    name = f"{inst.sop_uid}.dcm"
+    assert dict(vfs.readdir(series))[name].size == inst.path.stat().st_size
+    bigger = write_instance(tmp_path / "bigger.dcm", inst.study_uid, inst.series_uid, inst.sop_uid, pixel_bytes=9000)
+    stored = dataset.root / "store" / inst.study_uid / inst.series_uid / name
+    stored.write_bytes(bigger.read_bytes())  # replaced behind the mount's back
+    assert read(vfs, f"{series}/{name}") == bigger.read_bytes()
+    assert vfs.getattr(f"{series}/{name}").size == len(bigger.read_bytes())
+    assert dict(vfs.readdir(series))[name].size == len(bigger.read_bytes())
+    assert "changed on the server since it was listed" in caplog.text
+    vfs.shutdown()

@@ -280,10 +280,16 @@ class Vfs:
         entry = self._resolve(p)
         if entry.is_dir:
             return Attr(True, mtime=self.mounted_at)
-        size = entry.size if entry.size is not None else self.cache.known_size(self._key(p))
+        size = self._size_of(p, entry)
         if size is None and self.stat_probes.should_fetch(caller, p):
             size = self._fetch_size(p)
         return self._file_attr(size)
+
+    def _size_of(self, p: DicomPath, entry: Entry) -> int | None:
+        """The size to show: that of the cached copy when there is one (reads come from it; the
+        instance may have changed on the server since it was listed), else the listed one."""
+        cached = self.cache.known_size(self._key(p))
+        return cached if cached is not None else entry.size
 
     def readdir(self, path: str) -> list[tuple[str, Attr]]:
         p = DicomPath.parse(path)
@@ -303,8 +309,7 @@ class Vfs:
             if entry.is_dir:
                 out[name] = folder_attr
             else:
-                size = entry.size if entry.size is not None else self.cache.known_size(self._key(p.child(name)))
-                out[name] = self._file_attr(size)
+                out[name] = self._file_attr(self._size_of(p.child(name), entry))
         with self._lock:
             if self._local:
                 for lp, node in self._local.items():
@@ -480,9 +485,12 @@ class Vfs:
         if isinstance(handle, ReadHandle):
             entry = handle.entry or self._start_reading(handle)
             try:
-                return self.cache.read(entry, handle.fd, offset, size)
+                data = self.cache.read(entry, handle.fd, offset, size)
             except StoreError as exc:
                 raise from_store_error(exc, f"read {handle.path}") from None
+            if entry.complete and handle.expected_size is not None and entry.written != handle.expected_size:
+                self._size_changed(handle, entry.written)
+            return data
         return portable.pread(handle.fd, size, offset)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
@@ -889,8 +897,11 @@ class Vfs:
         self.policy.check(Op.READ, p.level, str(p))
         # The OS may hold size 0 for a file the listing gave no size for (an earlier stat), even
         # if the cache has learnt it since (read-ahead): treat it as unknown to the OS.
-        size_before = entry.size
-        handle = ReadHandle(p, entry.size)
+        size_before = self._size_of(p, entry)
+        if size_before is not None and size_before != entry.size and entry.size is not None:
+            self.listings.update_size(p.parent, p.name, size_before)
+            self.notify_changed(str(p))  # the OS may hold the listed size
+        handle = ReadHandle(p, size_before)
         if size_before is None:
             # The OS holds size 0 for this file: learn the true size before open returns, so
             # fstat after open (rsync, tar's check) sees it.
@@ -905,6 +916,18 @@ class Vfs:
             self.notify_changed(str(p))
         return OpenResult(self._add_handle(handle), direct_io=size_before is None,
                           keep_cache=size_before is not None, no_flush=True)
+
+    def _size_changed(self, handle: ReadHandle, size: int) -> None:
+        """The instance downloaded for ``handle`` is not the size it was listed with: it changed
+        on the server since. Later stats and opens show the new size; a program already reading
+        it may have stopped at the old one (the OS limits reads to the size it was told), so it
+        is said in the log."""
+        listed, handle.expected_size = handle.expected_size, size
+        self.listings.update_size(handle.path.parent, handle.path.name, size)
+        log.warning("%s changed on the server since it was listed (%s bytes, now %d): a copy made "
+                    "just now may be incomplete; copy it again", handle.path, listed, size)
+        # Not from inside a read: the OS holds the pages being read, which the invalidation waits for.
+        threading.Thread(target=self.notify_changed, args=(str(handle.path),), daemon=True).start()
 
     def _start_reading(self, handle: ReadHandle) -> CachedInstance:
         """The first read of ``handle``: pin its cache entry (downloading it if needed) and
