@@ -185,3 +185,19 @@ def test_instance_delete_uses_dicomweb_delete(standin: HealthcareStandIn, datase
     assert view.instance_bytes(study, series, sop) is None
     with pytest.raises(NotFound):
         store.delete_instance(study, series, sop)
+
+
+@pytest.mark.parametrize(("cap", "warning"), [(1000, False), (750, True)])
+def test_a_server_that_lowers_the_limit_is_still_listed_to_the_end(standin: HealthcareStandIn,
+                                                                   dataset: HealthcareDataset, monkeypatch,
+                                                                   cap: int, warning: bool) -> None:
+    """A server whose maximum page is below the limit asked for answers short pages before the
+    end: a round-numbered page, or one with PS3.18's 'additional results' warning, is not the
+    end of the listing."""
+    import tests.fakes.healthcare as fake
+
+    monkeypatch.setattr(fake, "QIDO_LIMITS", {**fake.QIDO_LIMITS, "studies": (100, cap)})
+    monkeypatch.setattr(standin, "qido_warning", warning)
+    made = set(standin.add_synthetic_studies(dataset.dataset_id, "store-a", 1_200))  # type: ignore[attr-defined]
+    listed = list(dataset.open_store("store-a").studies())
+    assert len(listed) == len(set(listed)) == 1_200 and set(listed) == made

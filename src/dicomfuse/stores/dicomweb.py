@@ -630,7 +630,7 @@ class DicomwebStore:
 
     def has_studies(self) -> bool:
         """Whether any study is in the store: one QIDO request with ``limit=1``."""
-        return bool(self._search_page(f"{self.root_url}/studies", {"limit": 1}, lookup=False))
+        return bool(self._search_page(f"{self.root_url}/studies", {"limit": 1}, lookup=False)[0])
 
     def series(self, study_uid: str, series_uid: str | None = None) -> Iterator[str]:
         if series_uid:
@@ -775,13 +775,17 @@ class DicomwebStore:
         """Each entry of a QIDO-RS search with its UID (``uid_tag``), once per UID, paged with
         limit/offset until a short or empty page.
 
-        A page that brings no new UID ends the search too: a server that ignores limit/offset
-        answers everything every time, and must not make this loop forever."""
+        A short page is not the end when the server says more results can be requested (PS3.18's
+        ``Warning: 299``), or when its length is a round number (a server that lowers ``limit``
+        to its own maximum, 1,000 or 5,000, would otherwise have its listing cut there without
+        a word): then the next page is asked for. A page that brings no new UID ends the
+        search too: a server that ignores limit/offset answers everything every time, and must
+        not make this loop forever."""
         seen: set[str] = set()
         offset = 0
         while True:
             params: dict[str, str | int] = {**filters, "limit": page_size, "offset": offset}
-            page = self._search_page(url, params, lookup=lookup)
+            page, more = self._search_page(url, params, lookup=lookup)
             fresh = 0
             for entry in page:
                 uid = _uid_of(entry, uid_tag)
@@ -790,27 +794,31 @@ class DicomwebStore:
                 seen.add(uid)
                 fresh += 1
                 yield uid, entry
-            if len(page) < page_size or fresh == 0:
+            if fresh == 0:
+                return
+            if len(page) < page_size and not more and len(page) % 100:
                 return
             offset += len(page)
 
-    def _search_page(self, url: str, params: dict[str, str | int], *, lookup: bool) -> list[object]:
-        """One QIDO-RS page. 204 and (below the store level, or for a lookup) 404 are empty."""
+    def _search_page(self, url: str, params: dict[str, str | int], *, lookup: bool) -> tuple[list[object], bool]:
+        """One QIDO-RS page, and whether the server said more results can be requested. 204
+        and (below the store level, or for a lookup) 404 are empty."""
         response = self.client.request("GET", url, params=params, headers={"Accept": DICOM_JSON}, passthrough=(404,))
         with response:
             if response.status_code == 404:
                 if self._is_store_level(url) and not lookup:
                     raise error_for_response("GET", url, response)
-                return []
+                return [], False
             if response.status_code == 204 or not response.content.strip():
-                return []
+                return [], False
+            more = "additional results" in (response.headers.get("Warning") or "").lower()
             try:
                 page = _json(response)
             except ValueError as exc:
                 raise StoreError(f"GET {safe_path(url)}: answer is not JSON") from exc
         if not isinstance(page, list):
             raise StoreError(f"GET {safe_path(url)}: answer is not a JSON list")
-        return page
+        return page, more
 
     def _is_store_level(self, url: str) -> bool:
         """Whether a search URL names the whole store (``{root}/studies``, ``{root}/instances``),
