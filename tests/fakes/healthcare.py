@@ -94,7 +94,10 @@ RETRIEVE_TRANSFER_SYNTAXES = frozenset(
 
 MORE_RESULTS_WARNING = "There are additional results that can be requested"  # PS3.18 8.3.4.4 wording
 FAILURE_PROCESSING = 0x0110  # 272: the FailureReason Google sends for refused instances (seen on a real 409)
-FAILURE_DETAIL_TAG = "00090097"  # Google's private FailureDetail (LT), private creator "GOOGLE"
+FAILURE_DETAIL_TAG = "00090097"  # Google's private FailureDetail (LT), private creator "GOOGLE": XML answers
+# "either an additional FailureDetail (0009, 0097) tag (for XML responses) or FailureDetailJSON (0009,1097)
+# tag (for JSON responses) will be returned" (Google's DICOM conformance statement, STOW-RS).
+FAILURE_DETAIL_JSON_TAG = "00091097"
 PRIVATE_CREATOR_TAG = "00090010"
 CONFLICT_DETAIL = (
     "An instance already exists in this DICOM store with the same Study/Series/SOPInstance UID, "
@@ -1575,7 +1578,7 @@ class HealthcareStandIn:
                 item["00081197"] = {"vr": "US", "Value": [FAILURE_PROCESSING]}
                 # GUESS: in JSON the private creator is sent as its own element (XML has privateCreator="GOOGLE").
                 item[PRIVATE_CREATOR_TAG] = {"vr": "LO", "Value": ["GOOGLE"]}
-                item[FAILURE_DETAIL_TAG] = {"vr": "LT", "Value": [result.detail or ""]}
+                item[FAILURE_DETAIL_JSON_TAG] = {"vr": "LT", "Value": [result.detail or ""]}
                 failed.append(dict(sorted(item.items())))
         if failed:
             document["00081198"] = {"vr": "SQ", "Value": failed}

@@ -155,7 +155,9 @@ def test_ttl_refetches(tmp_path: Path):
     e = cache.open(key(1), fetch)
     cache.release(e)
     assert len(calls) == 1
+    assert cache.known_size(key(1)) == 2
     clock.now = 11
+    assert cache.known_size(key(1)) is None  # expired: fetched again at open, maybe changed meanwhile
     e = cache.open(key(1), fetch)
     e.wait_complete()
     cache.release(e)

@@ -640,3 +640,20 @@ def test_an_instance_replaced_on_the_server_after_it_was_listed_shows_its_new_si
     assert dict(vfs.readdir(series))[name].size == len(bigger.read_bytes())
     assert "changed on the server since it was listed" in caplog.text
     vfs.shutdown()
+
+
+def test_an_open_file_removed_meanwhile_keeps_its_size_for_its_reader(dataset, tmp_path, dicom: DicomFactory):
+    """libfuse (hard_remove) asks the attributes of an open, removed file by handle with no path."""
+    inst = dicom.instance()
+    dataset.open_store("store").store_files([inst.path])
+    vfs = make_vfs(dataset, tmp_path)
+    name = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    fh = vfs.open(name, os.O_RDONLY).fh
+    data = inst.path.read_bytes()
+    assert vfs.read(fh, 100, 0) == data[:100]
+    vfs.unlink(name)
+    assert vfs.getattr(None, fh).size == len(data)  # type: ignore[arg-type]
+    assert vfs.read(fh, len(data), 0) == data
+    vfs.release(fh)
+    assert errno_of(vfs.getattr, None) == errno.ENOENT
+    vfs.shutdown()

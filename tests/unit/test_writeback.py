@@ -909,3 +909,11 @@ def test_a_submit_wakes_one_sender_not_all(queues, qdir, files, monkeypatch):
     assert sender.calls == []  # the batch waits for its settle time
     q.stop(drain=True, timeout=5)
     assert len(sender.sent) == 10
+
+
+def test_the_dataset_label_is_the_same_however_the_address_is_written() -> None:
+    from dicomfuse.core.writeback import dataset_label
+
+    assert dataset_label("http://H:8042/dicom-web/") == dataset_label("http://h:8042/dicom-web")
+    assert dataset_label("http://user:pw@h/dicom-web") == "http://h/dicom-web"
+    assert dataset_label("/data/ds/") == dataset_label("/data/ds")

@@ -224,9 +224,14 @@ class InstanceCache:
     # -- queries ----------------------------------------------------------------------------
 
     def known_size(self, key: CacheKey) -> int | None:
+        """The size of the complete, fresh cached copy (an expired one is fetched again at open,
+        and may have changed on the server since)."""
+        now = self._clock()
         with self._lock:
             entry = self._entries.get(key)
-        return entry.size if entry is not None else None
+        if entry is None or now - entry.fetched_at >= self.ttl:
+            return None
+        return entry.size
 
     @property
     def used_bytes(self) -> int:

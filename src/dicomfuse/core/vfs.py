@@ -265,13 +265,21 @@ class Vfs:
     def getattr(self, path: str, fh: int | None = None, caller: Caller | None = None) -> Attr:
         """``caller`` identifies the calling process (see ``core.sizes``): it decides whether a
         stat of an instance of unknown size fetches it to tell its true size."""
-        p = DicomPath.parse(path)
-        if fh is not None:
-            handle = self._handle(fh, required=False)
-            if isinstance(handle, ReadHandle) and handle.entry is not None and handle.entry.complete:
+        # By handle first: an open file removed meanwhile comes with no path (libfuse's
+        # hard_remove), and its reader must keep its bytes and their size.
+        handle = self._handle(fh, required=False) if fh is not None else None
+        if isinstance(handle, ReadHandle):
+            if handle.entry is not None and handle.entry.complete:
                 return self._file_attr(handle.entry.written)
-            if isinstance(handle, WriteHandle):
-                return self._file_attr(handle.size)
+            if path is None and handle.expected_size is not None:
+                return self._file_attr(handle.expected_size)
+        if isinstance(handle, WriteHandle):
+            return self._file_attr(handle.size)
+        if isinstance(handle, LocalHandle) and path is None:
+            return self._file_attr(os.fstat(handle.fd).st_size)
+        if path is None:
+            raise FsError(errno.ENOENT, "no such entry: a removed file")
+        p = DicomPath.parse(path)
         local = self._local_attr(p)
         if local is not None:
             return local

@@ -111,10 +111,13 @@ def dataset_label(address: str | None) -> str | None:
     """A dataset address as stored in records: credentials in a URL are dropped."""
     if address is None:
         return None
-    parts = urlsplit(address)
+    parts = urlsplit(address.strip())
     if parts.scheme and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return address
+        parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
+    if parts.scheme in ("http", "https"):
+        # The same dataset however it is written: no trailing slash, host in lower case.
+        return urlunsplit(parts._replace(netloc=parts.netloc.lower(), path=parts.path.rstrip("/")))
+    return address.strip().rstrip("/") or address
 
 
 def _record(item: QueuedUpload, **extra: Any) -> dict[str, Any]:

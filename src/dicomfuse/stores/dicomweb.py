@@ -60,7 +60,8 @@ FAILURE_REASON_TAG = "00081197"
 FAILED_SOP_SEQUENCE_TAG = "00081198"
 REFERENCED_SOP_SEQUENCE_TAG = "00081199"
 REFERENCED_SOP_UID_TAG = "00081155"
-GOOGLE_FAILURE_DETAIL_TAG = "00090097"  # Google's private FailureDetail (creator "GOOGLE"), free text
+GOOGLE_FAILURE_DETAIL_TAG = "00090097"  # Google's private FailureDetail (creator "GOOGLE"), in XML answers
+GOOGLE_FAILURE_DETAIL_JSON_TAG = "00091097"  # FailureDetailJSON: the same text in DICOM JSON answers
 
 DICOM_JSON = "application/dicom+json"
 WALK_INCLUDE_FIELDS = f"includefield={STUDY_UID_TAG}&includefield={SERIES_UID_TAG}"
@@ -433,8 +434,8 @@ def parse_stow_json(document: object) -> StowResult:
         if uid:
             result.stored.add(uid)
     for item in _sequence_items(document, FAILED_SOP_SEQUENCE_TAG):
-        result.add_failure(_uid_of(item, REFERENCED_SOP_UID_TAG), _first_value(item, FAILURE_REASON_TAG),
-                           _first_value(item, GOOGLE_FAILURE_DETAIL_TAG))
+        detail = _first_value(item, GOOGLE_FAILURE_DETAIL_JSON_TAG) or _first_value(item, GOOGLE_FAILURE_DETAIL_TAG)
+        result.add_failure(_uid_of(item, REFERENCED_SOP_UID_TAG), _first_value(item, FAILURE_REASON_TAG), detail)
     return result
 
 
