@@ -281,6 +281,28 @@ def test_exhausted_retries_fail_with_bytes_kept_while_other_studies_go_on(queues
                       f"its bytes are kept at {kept}"]
 
 
+def test_a_server_that_cannot_be_reached_is_waited_for_past_max_attempts(queues, qdir, files):
+    """No answer at all (the server or the network is down) uses up no attempts: the upload
+    goes when the server is back, however long that takes, instead of being moved aside."""
+    down = Unavailable("connection refused")
+    down.unreachable = True
+
+    def decide(store, item, call):
+        return down if call < 6 else True
+
+    sender = FakeSender(decide)
+    done = []
+    q = make_queue(queues, qdir, sender, max_attempts=3, backoff_base=0.01, backoff_max=0.02,
+                   on_done=lambda item, ok, why: done.append(ok))
+    uids, src = files.make(study=1, data=b"precious bytes")
+    q.submit("ct", uids, src)
+    q.start()
+    assert q.wait_idle(10)
+    assert len(sender.calls) == 7 and done == [True]
+    assert sender.sent[uids.sop_uid] == b"precious bytes"
+    assert q.failed() == [] and journal(qdir) == []
+
+
 def test_refusal_fails_at_once_and_keeps_the_bytes(queues, qdir, files, caplog):
     refused_sop = "1.2.826.1.1.1"
     sender = FakeSender(lambda store, item, call: "SOP class not supported" if item.uids.sop_uid == refused_sop

@@ -13,7 +13,8 @@ The queue directory (``cache_root/spool/writeback``, 0700; files 0600) holds:
   before :meth:`WriteBackQueue.submit` returns, or, for a ``close()`` without fsync, by the
   queue's group commit moments later.
 - ``failed/<id>.json`` + ``failed/<id>.dcm``: an upload the server refused or that failed
-  ``max_attempts`` times. The bytes are kept: they may be the only copy.
+  ``max_attempts`` times with an error answer (a server that cannot be reached is retried
+  until it is back). The bytes are kept: they may be the only copy.
 - ``status.json``: a snapshot for ``dicomfuse status`` (another process), rewritten atomically.
 - ``queue.lock``: an flock held while a queue lives, so that two mounts never send (or delete)
   each other's files.
@@ -48,7 +49,7 @@ from dicomfuse.core import portable
 from dicomfuse.core.uploads import write_json_atomic
 from dicomfuse.core.workdirs import private_dir
 from dicomfuse.dicomfile import DicomUids, check_upload, is_uid
-from dicomfuse.stores.base import StoreError
+from dicomfuse.stores.base import StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -788,12 +789,14 @@ class WriteBackQueue:
         that is done."""
         store, study = key
         error: str | None = None
+        unreachable = False
         answers: dict[str, tuple[bool, str | None]] = {}
         try:
             for item, stored, reason in self._send_batch(store, list(items)):
                 answers[item.id] = (bool(stored), reason)
         except StoreError as exc:
             error = str(exc) or type(exc).__name__
+            unreachable = isinstance(exc, Unavailable) and exc.unreachable
         except Exception as exc:  # a bug in send_batch: retried like a transient failure, never lost
             error = f"unexpected {type(exc).__name__}"
             log.error("Sending uploads of study %s to store %s raised an unexpected %s; they will be retried",
@@ -818,7 +821,9 @@ class WriteBackQueue:
                 done.append((self._fail(item, reason), False, reason))
         requeue: list[QueuedUpload] = []
         for item in retry:
-            if item.attempts >= self.max_attempts:
+            # A server that cannot be reached at all is waited for, however long it is down (the
+            # backoff is capped): giving up would only move the files aside for a manual retry.
+            if item.attempts >= self.max_attempts and not unreachable:
                 reason = f"{item.last_error}; gave up after {item.attempts} attempts"
                 done.append((self._fail(item, reason), False, reason))
             else:

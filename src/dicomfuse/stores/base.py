@@ -111,6 +111,9 @@ class Unavailable(StoreError):
 
     timed_out: bool = False
     """The server was silent past the connect or read timeout (``--httpTimeout``)."""
+    unreachable: bool = False
+    """No answer came at all (refused or dropped connection, timeout), as opposed to an error
+    answer (5xx, 429): the server or the network is down, not this request at fault."""
 
 
 # ---------------------------------------------------------------------------------------------

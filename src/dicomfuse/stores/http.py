@@ -253,6 +253,7 @@ def _transport_error(method: str, url: str, exc: BaseException) -> Unavailable:
         what = "transfer failed"
     error = Unavailable(f"{_describe(method, url)}: {what} ({type(exc).__name__})")
     error.timed_out = silent
+    error.unreachable = True
     return error
 
 
