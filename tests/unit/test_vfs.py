@@ -657,3 +657,22 @@ def test_an_open_file_removed_meanwhile_keeps_its_size_for_its_reader(dataset, t
     vfs.release(fh)
     assert errno_of(vfs.getattr, None) == errno.ENOENT
     vfs.shutdown()
+
+
+def test_rm_of_a_file_waiting_in_the_write_back_queue_cancels_its_upload(dataset, tmp_path, dicom: DicomFactory):
+    """The copy is queued, not sent yet: rm removes it from its folder and from the queue, and
+    it never reaches the server (it was sent anyway, and rm said 'No such file')."""
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    queue = vfs.writeback
+    assert queue is not None
+    queue.settle = queue.max_settle = 60.0  # it stays queued until the drain
+    inst = dicom.instance()
+    upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+    name = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    assert queue.has_pending("store", inst.sop_uid)
+    vfs.unlink(name)
+    assert errno_of(vfs.getattr, name) == errno.ENOENT
+    assert not queue.has_pending("store", inst.sop_uid) and queue.pending() == []
+    vfs.shutdown()  # drains the queue
+    assert not (dataset.root / "store" / inst.study_uid).exists()
+    assert not list(vfs.spool.failed.iterdir())

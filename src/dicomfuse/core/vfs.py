@@ -426,7 +426,14 @@ class Vfs:
         self.policy.check(Op.UNLINK, p.level, str(p))
         uid = instance_uid(p.name)
         assert uid is not None  # _resolve only finds instances under their UID names
-        self._remote(f"delete {p}", self._store(p.store).delete_instance, p.study, p.series, uid)
+        # A copy still waiting in the write-back queue is never sent; the server may hold an
+        # older one (an overwrite), which goes like any instance.
+        cancelled = self.writeback.cancel(p.store, uid) if self.writeback is not None else None
+        try:
+            self._remote(f"delete {p}", self._store(p.store).delete_instance, p.study, p.series, uid)
+        except FsError as exc:
+            if cancelled is None or exc.errno != errno.ENOENT:
+                raise
         self.listings.note_removed(p.parent, p.name)
         self.cache.evict(self._key(p))
         with self._lock:

@@ -627,6 +627,20 @@ class WriteBackQueue:
             return list(group)
         return failed
 
+    def cancel(self, store: str, sop_uid: str) -> QueuedUpload | None:
+        """Drop the queued copy of this instance that is not being sent yet (its file was
+        removed in the mount): its bytes and record go, it is never sent. None if there is none."""
+        with self._cond:
+            item_id = self._by_sop.get((store, sop_uid))
+            if item_id is None:
+                return None
+            item = self._pop_pending(item_id).item
+            self._status_dirty = True
+        self._remove_files(item)
+        log.info("Upload of %s cancelled: the file was removed before it was sent", item.display)
+        self._status_changed()
+        return item
+
     def has_pending(self, store: str, sop_uid: str) -> bool:
         """Whether a copy of this instance is queued and not yet being sent."""
         with self._cond:
