@@ -205,17 +205,17 @@ def wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untype
 
 
 def test_prefetch_runs_on_the_bounded_pool_single_flight(tmp_path: Path):
-    cache = InstanceCache(tmp_path, capacity=100_000, ttl=100, workers=2)
+    cache = InstanceCache(tmp_path, capacity=100_000, ttl=100, workers=4)
     cache.start()
     gate = Gate()
     try:
         for n in range(6):
             assert cache.prefetch(key(n), gate.fetch(n), 1000)
         assert cache.prefetch(key(0), gate.fetch(100), 1000), "in flight already: single-flight"
-        wait_for(lambda: gate.running == 2)
+        wait_for(lambda: gate.running == 3)
         gate.release.set()
         wait_for(lambda: all(cache.known_size(key(n)) == 1000 for n in range(6)))
-        assert gate.peak == 2, "never more downloads at once than workers"
+        assert gate.peak == 3, "never more read-ahead downloads at once than workers, less the one kept"
         entry = cache.open(key(3), gate.fetch(99))
         assert read_all(cache, entry) == blob(3), "a read-ahead file is served from the cache"
         cache.release(entry)
@@ -301,4 +301,31 @@ def test_read_ahead_never_pushes_out_read_ahead_nobody_has_read_yet(tmp_path: Pa
         assert read_all(cache, demand) == blob(6)
         cache.release(demand)
     finally:
+        cache.stop()
+
+
+def test_a_download_someone_waits_for_gets_a_worker_while_every_read_ahead_hangs(tmp_path: Path):
+    """Read-ahead downloads stuck on a silent server never hold every worker: the file a
+    program waits for starts at once (it waited for the stuck ones to time out)."""
+    cache = InstanceCache(tmp_path, capacity=10_000_000, ttl=100, workers=4)
+    cache.start()
+    hang = threading.Event()
+    started: list[int] = []
+
+    def stuck(n: int):
+        def fetch(sink):
+            started.append(n)
+            hang.wait(10)
+            return sink.write(b"late")
+        return fetch
+
+    for n in range(8):
+        assert cache.prefetch(key(n), stuck(n), 4)
+    wanted = cache.open(key(99), lambda sink: sink.write(b"now"))
+    try:
+        assert wanted.wait_complete(timeout=5) == 3, "the demanded download waited behind read-ahead"
+        assert len(started) == 3  # 4 workers, one kept for downloads someone waits for
+    finally:
+        hang.set()
+        cache.release(wanted)
         cache.stop()

@@ -112,13 +112,18 @@ class _Task:
 
 class _PriorityPool:
     """A fixed number of worker threads taking the most urgent queued task first (FIFO within a
-    priority). Tasks can be cancelled or promoted while still queued."""
+    priority). Tasks can be cancelled or promoted while still queued. Tasks fetched ahead never
+    take the last quarter of the workers (at least one): a download someone waits for always
+    finds a free worker, even when every read-ahead download hangs on a silent server."""
 
     def __init__(self, workers: int, name: str) -> None:
         self._cond = threading.Condition()
         self._heap: list[tuple[int, int, _Task]] = []  # guarded by _cond
         self._seq = itertools.count()
         self._closed = False
+        count = max(1, workers)
+        self.ahead_limit = max(1, count - max(1, count // 4))
+        self._running_ahead = 0  # guarded by _cond
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))
         ]
@@ -161,23 +166,42 @@ class _PriorityPool:
             self._heap.clear()
             self._cond.notify_all()
 
+    def _next(self) -> _Task | None:
+        """Under _cond: the task to run now, if any (stale heap slots are dropped)."""
+        while self._heap:
+            priority, _, candidate = self._heap[0]
+            if candidate.state != "queued" or priority != candidate.priority:
+                heapq.heappop(self._heap)
+                continue
+            if priority != DEMAND and self._running_ahead >= self.ahead_limit:
+                return None  # the rest of the workers are kept for downloads someone waits for
+            heapq.heappop(self._heap)
+            return candidate
+        return None
+
     def _work(self) -> None:
         while True:
             with self._cond:
-                task = None
-                while task is None:
-                    while not self._heap and not self._closed:
-                        self._cond.wait()
+                while True:
                     if self._closed:
                         return
-                    priority, _, candidate = heapq.heappop(self._heap)
-                    if candidate.state == "queued" and priority == candidate.priority:
-                        task = candidate
+                    task = self._next()
+                    if task is not None:
+                        break
+                    self._cond.wait()
                 task.state = "running"
+                ahead = task.priority != DEMAND
+                if ahead:
+                    self._running_ahead += 1
             try:
                 task.fn()
             except BaseException:  # noqa: BLE001 - a task reports its own errors
                 log.exception("Download task failed")
+            finally:
+                if ahead:
+                    with self._cond:
+                        self._running_ahead -= 1
+                        self._cond.notify()
 
 
 class InstanceCache:
