@@ -325,6 +325,26 @@ def test_store_lifecycle_mkdir_mv_rmdir(healthcare, google: Backend, mount_facto
     assert "renamed" not in os.listdir(m.path)
 
 
+def test_rmdir_of_a_store_just_emptied_waits_for_the_lagging_index(healthcare, google: Backend, mount_factory,  # type: ignore[no-untyped-def]
+                                                                    dicom: DicomFactory):
+    """Google's study search shows a deleted instance for seconds: the store this mount just
+    emptied is deleted anyway (the check is asked again), not refused as not empty."""
+    inst = dicom.instance()
+    google.seed([inst])
+    m = mount_factory(google)
+    path = google.instance_path(m, inst)
+    assert path.exists()
+    lag = healthcare.index_lag
+    healthcare.index_lag = 3.0
+    try:
+        assert run("rm", path).returncode == 0
+        r = run("rmdir", m.path / "store-a")
+        assert r.returncode == 0, r.stderr
+    finally:
+        healthcare.index_lag = lag
+    assert "store-a" not in healthcare.store_ids(google.dataset_id)
+
+
 def test_store_deletion_refused_when_deletion_is_disabled(healthcare, google: Backend, mount_factory):  # type: ignore[no-untyped-def]
     healthcare.create_store(google.dataset_id, "empty")
     m = mount_factory(google, "--enableDeletion", "false")

@@ -106,6 +106,25 @@ def test_unknown_sizes_read_completely_and_show_after_first_read(orthanc_norest:
             assert tar.extractfile(f"./{name}").read() == want[name]  # type: ignore[union-attr]
 
 
+def test_an_instance_of_unknown_size_too_large_for_the_cache_stats_and_reads_efbig(orthanc_norest: Backend,
+                                                                                 mount_factory, dicom: DicomFactory):
+    """ls -l, stat and du work (the size stays unknown: 0); reading it is EFBIG, and no stat
+    downloads it again."""
+    backend = orthanc_norest
+    big, small = dicom.series(2, pixel_bytes=1_500_000)[0], dicom.instance(series=1, pixel_bytes=1000)
+    backend.seed([big, small])
+    m = mount_factory(backend, "--cacheSize", "4")  # the largest file: 1 MiB
+    series = backend.series_path(m, big)
+    for _ in range(2):
+        r = run("stat", series / f"{big.sop_uid}.dcm")
+        assert r.returncode == 0, r.stderr
+    assert run("ls", "-l", series).returncode == 0
+    r = run("cat", series / f"{big.sop_uid}.dcm")
+    assert r.returncode != 0 and "File too large" in r.stderr, r.stderr
+    downloads = (m.log_dir / "debug.log").read_text().count(f"{big.sop_uid} failed")
+    assert downloads <= 2, downloads  # the stat that found it too large, and the read
+
+
 def test_cd_straight_to_a_uid_no_listing_showed(backend: Backend, mount_factory, dicom: DicomFactory):
     first = dicom.instance(study=0)
     backend.seed([first])

@@ -114,6 +114,16 @@ class ListingCache:
         with self._lock:
             return any(now - at < self.overlay_ttl for at, _ in self._added.get(folder, {}).values())
 
+    def removed_below(self, folder: DicomPath) -> bool:
+        """Whether the mount removed anything below ``folder`` within the overlay's lifetime."""
+        now = self._clock()
+        prefix = folder.parts
+        with self._lock:
+            return any(
+                f.parts[: len(prefix)] == prefix and any(now - at < self.overlay_ttl for at in names.values())
+                for f, names in self._removed.items()
+            )
+
     def remember_absent(self, path: DicomPath) -> None:
         with self._lock:
             self._negative[path] = self._clock()

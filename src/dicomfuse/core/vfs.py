@@ -195,6 +195,7 @@ class Vfs:
         # was written over: deleted once the upload is confirmed (kept if the mount stops
         # first: nothing is lost).
         self._replaces: dict[tuple[str, str], DicomUids] = {}
+        self._too_large: set[DicomPath] = set()  # instances of unknown size found larger than cacheSize/4
 
     # ======================================================================================
     # lifecycle
@@ -289,7 +290,7 @@ class Vfs:
         if entry.is_dir:
             return Attr(True, mtime=self.mounted_at)
         size = self._size_of(p, entry)
-        if size is None and self.stat_probes.should_fetch(caller, p):
+        if size is None and p not in self._too_large and self.stat_probes.should_fetch(caller, p):
             size = self._fetch_size(p)
         return self._file_attr(size)
 
@@ -368,8 +369,9 @@ class Vfs:
         if not attr.is_dir:
             raise FsError(errno.ENOTDIR, f"rmdir: not a folder: {p}")
         self.policy.check(Op.RMDIR, p.level, str(p))
-        self._require_empty_store(p, "rmdir")
-        self._remote(f"delete store {p.name}", self.dataset.delete_store, p.name)
+        self._until_index_shows_removals(
+            p, lambda: (self._require_empty_store(p, "rmdir"),
+                        self._remote(f"delete store {p.name}", self.dataset.delete_store, p.name)))
         self.listings.note_removed(ROOT, p.name)
         with self._lock:
             self._stores.pop(p.name, None)
@@ -987,11 +989,24 @@ class Vfs:
 
     def _fetch_size(self, p: DicomPath) -> int | None:
         """Fetch an instance into the cache to learn its size (bounded wait)."""
-        cached = self._cache_open(p)
+        try:
+            cached = self._cache_open(p)
+        except FsError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+            return None
         try:
             size = cached.wait_complete(self.config.stat_fetch_timeout)
         except StoreError as exc:
             raise from_store_error(exc, f"stat {p}") from None
+        except FsError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+            # Larger than the cache may hold: its size stays unknown (reading it is EFBIG),
+            # and no other stat downloads it again.
+            with self._lock:
+                self._too_large.add(p)
+            return None
         finally:
             self.cache.release(cached)
         if size is not None:
@@ -1382,7 +1397,7 @@ class Vfs:
         if not is_valid_store_id(pn.name):
             raise FsError(errno.EINVAL, f"rename: {pn.name!r} is not a valid store ID", logging.WARNING)
         self.policy.check(Op.RENAME, Level.STORE, str(po))
-        self._require_empty_store(po, "rename")
+        self._until_index_shows_removals(po, lambda: self._require_empty_store(po, "rename"))
         self._create_store(pn.name)
         try:
             self._remote(f"delete store {po.name}", self.dataset.delete_store, po.name)
@@ -1393,6 +1408,20 @@ class Vfs:
         with self._lock:
             self._stores.pop(po.name, None)
         log.info("Renamed empty store %s to %s", po.name, pn.name)
+
+    def _until_index_shows_removals(self, store: DicomPath, step: Callable[[], object]) -> None:
+        """Run ``step``; while it finds the store not empty and this mount itself deleted
+        instances in it lately, run it again for a few seconds: a search index (Google's) shows
+        deletions seconds late, and rm -r of a store's last study then rmdir must not fail."""
+        deadline = time.monotonic() + (STORE_EMPTY_WAIT if self.listings.removed_below(store) else 0.0)
+        while True:
+            try:
+                step()
+                return
+            except FsError as exc:
+                if exc.errno != errno.ENOTEMPTY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.5)
 
     def _require_empty_store(self, p: DicomPath, doing: str) -> None:
         """ENOTEMPTY unless store ``p`` holds no study, asked of the server right now and of
@@ -1484,6 +1513,10 @@ class _PreviousLost(FsError):
     """An overwrite failed after the previous instance was deleted and could not be stored
     back (its bytes are kept locally): the server holds neither version."""
 
+
+STORE_EMPTY_WAIT = 15.0
+"""Seconds an emptiness check of a store waits for the search index to show this mount's own
+deletions (Google: "a few seconds")."""
 
 _STORED_HERE_MAX = 100_000
 """Instances remembered as stored by this mount (each ~200 bytes), newest kept."""
