@@ -676,3 +676,18 @@ def test_rm_of_a_file_waiting_in_the_write_back_queue_cancels_its_upload(dataset
     vfs.shutdown()  # drains the queue
     assert not (dataset.root / "store" / inst.study_uid).exists()
     assert not list(vfs.spool.failed.iterdir())
+
+
+def test_a_queued_file_reads_back_from_the_queue_when_the_cache_dropped_it(dataset, tmp_path, dicom: DicomFactory):
+    """Write-back: the cache shares the queued bytes, but a small cache may evict them before
+    the upload; the file still reads (from the queue's copy), not ENOENT from the server."""
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    queue = vfs.writeback
+    assert queue is not None
+    queue.settle = queue.max_settle = 60.0  # it stays queued until the drain
+    inst = dicom.instance()
+    upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+    name = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    vfs.cache.evict(("store", inst.study_uid, inst.series_uid, inst.sop_uid))
+    assert read(vfs, name) == inst.path.read_bytes()
+    vfs.shutdown()

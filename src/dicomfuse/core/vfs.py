@@ -495,7 +495,23 @@ class Vfs:
             fd = portable.open_fd(pending.spool_path, os.O_RDONLY)
             return OpenResult(self._add_handle(LocalHandle(LocalNode(False, pending.spool_path), fd)),
                               direct_io=True)
-        return self._open_read(p)
+        queued = self._open_queued(p)
+        return queued if queued is not None else self._open_read(p)
+
+    def _open_queued(self, p: DicomPath) -> OpenResult | None:
+        """An instance waiting in the write-back queue whose cached copy is gone (evicted from a
+        small cache): read from the queue's own copy, as the server does not have it yet."""
+        uid = instance_uid(p.name) if p.level == Level.INSTANCE else None
+        if self.writeback is None or uid is None or self.cache.known_size(self._key(p)) is not None:
+            return None
+        path = self.writeback.queued_copy(p.store, uid)
+        if path is None:
+            return None
+        try:
+            fd = portable.open_fd(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None  # sent and removed meanwhile: the server has it
+        return OpenResult(self._add_handle(LocalHandle(LocalNode(False, path), fd)), direct_io=True)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         handle = self._handle(fh)

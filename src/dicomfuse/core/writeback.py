@@ -641,6 +641,18 @@ class WriteBackQueue:
         self._status_changed()
         return item
 
+    def queued_copy(self, store: str, sop_uid: str) -> Path | None:
+        """The bytes of the newest copy of this instance still in the queue (waiting or being
+        sent), or None."""
+        with self._cond:
+            item_id = self._by_sop.get((store, sop_uid))
+            if item_id is not None:
+                return self._groups[self._where[item_id]][item_id].item.path
+            for item in self._in_flight.values():
+                if (item.store, item.uids.sop_uid) == (store, sop_uid):
+                    return item.path
+        return None
+
     def has_pending(self, store: str, sop_uid: str) -> bool:
         """Whether a copy of this instance is queued and not yet being sent."""
         with self._cond:
