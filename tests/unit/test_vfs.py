@@ -691,3 +691,31 @@ def test_a_queued_file_reads_back_from_the_queue_when_the_cache_dropped_it(datas
     vfs.cache.evict(("store", inst.study_uid, inst.series_uid, inst.sop_uid))
     assert read(vfs, name) == inst.path.read_bytes()
     vfs.shutdown()
+
+
+def test_folders_of_queued_files_list_them_while_the_server_is_down(dataset, tmp_path, dicom: DicomFactory,
+                                                                    monkeypatch):
+    """Write-back exists for an absent server: the files copied in show in their folders
+    (study, series) although the server cannot list anything."""
+    from dicomfuse.stores.base import Unavailable
+    from dicomfuse.stores.local import LocalStore
+
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    queue = vfs.writeback
+    assert queue is not None
+    queue.settle = queue.max_settle = 60.0
+    inst = dicom.instance()
+    upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+
+    def down(*args, **kwargs):
+        raise Unavailable("connection refused")
+
+    for method in ("studies", "series", "instances", "walk"):
+        monkeypatch.setattr(LocalStore, method, down)
+    assert inst.study_uid in dict(vfs.readdir("/store"))
+    assert inst.series_uid in dict(vfs.readdir(f"/store/{inst.study_uid}"))
+    series = dict(vfs.readdir(f"/store/{inst.study_uid}/{inst.series_uid}"))
+    assert series[f"{inst.sop_uid}.dcm"].size == inst.path.stat().st_size
+    assert errno_of(vfs.readdir, "/store/1.2.3") == errno.EIO  # nothing local there: the error stands
+    monkeypatch.undo()
+    vfs.shutdown()
