@@ -329,3 +329,30 @@ def test_a_download_someone_waits_for_gets_a_worker_while_every_read_ahead_hangs
         hang.set()
         cache.release(wanted)
         cache.stop()
+
+
+def test_downloads_of_unknown_size_make_room_as_their_bytes_arrive(tmp_path: Path):
+    """A download whose size was not known reserved nothing: the cache went over its bound by
+    up to its size until it ended. The bytes on disk stay within the bound as they arrive."""
+    cache = InstanceCache(tmp_path, capacity=4500, ttl=100, workers=2)
+    cache.start()
+    try:
+        for n in range(4):  # 4 × 1000 bytes, complete and unused
+            e = cache.open(key(n), lambda sink, n=n: sink.write(bytes(1000)))
+            e.wait_complete()
+            cache.release(e)
+        peak = []
+
+        def fetch(sink):
+            for _ in range(10):
+                sink.write(bytes(100))
+                peak.append(sum(f.stat().st_size for f in tmp_path.iterdir() if f.is_file()))
+            return 1000
+
+        e = cache.open(key(9), fetch)  # size unknown
+        e.wait_complete()
+        cache.release(e)
+        assert max(peak) <= 4500, peak
+        assert cache.used_bytes <= 4500
+    finally:
+        cache.stop()

@@ -73,12 +73,15 @@ class CachedInstance:
 
 
 class _ProgressSink:
-    """A file-like sink that counts bytes, wakes readers and enforces the size limit."""
+    """A file-like sink that counts bytes, wakes readers and enforces the size limit.
+    ``outgrown`` is called when the bytes written pass what was reserved for the entry."""
 
-    def __init__(self, entry: CachedInstance, raw: BinaryIO, limit: int) -> None:
+    def __init__(self, entry: CachedInstance, raw: BinaryIO, limit: int,
+                 outgrown: Callable[[CachedInstance], None] = lambda entry: None) -> None:
         self._entry = entry
         self._raw = raw
         self._limit = limit
+        self._outgrown = outgrown
 
     def write(self, data: bytes) -> int:
         entry = self._entry
@@ -89,6 +92,8 @@ class _ProgressSink:
         with entry.cond:
             entry.written += n
             entry.cond.notify_all()
+        if entry.written > entry.reserved:
+            self._outgrown(entry)
         return n
 
     def flush(self) -> None:
@@ -399,7 +404,7 @@ class InstanceCache:
     def _download(self, entry: CachedInstance, fetch: Fetch) -> None:
         try:
             with open(portable.open_fd(entry.path, os.O_RDWR), "r+b", buffering=0) as raw:
-                fetch(_ProgressSink(entry, raw, self.max_file))  # type: ignore[arg-type]
+                fetch(_ProgressSink(entry, raw, self.max_file, self._outgrown))  # type: ignore[arg-type]
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting reader
             log.debug("Download of %s failed: %s", entry.key[3], exc)
             with entry.cond:
@@ -421,6 +426,19 @@ class InstanceCache:
                 self._bytes += entry.written - entry.reserved
                 entry.reserved = 0
                 self._typical = entry.written
+                self._make_room(0)
+
+    def _outgrown(self, entry: CachedInstance) -> None:
+        """A download passed its reservation (its size was unknown, or a guess): count the
+        bytes on disk as they arrive and make room for them, so the bound holds during the
+        download, not only after it."""
+        with self._lock:
+            if entry.retired or entry.complete:
+                return
+            extra = entry.written - entry.reserved
+            if extra > 0:
+                entry.reserved += extra
+                self._bytes += extra
                 self._make_room(0)
 
     def _retire(self, entry: CachedInstance) -> None:
