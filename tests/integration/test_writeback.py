@@ -22,6 +22,15 @@ def status(m: Mount) -> tuple[int, str]:
     return r.returncode, r.stdout + r.stderr
 
 
+def holds(backend: Backend, inst, data: bytes) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the server holds ``data`` for the instance (not yet, between the delete and the
+    store of an overwrite)."""
+    try:
+        return backend.server_bytes(inst) == data
+    except NotFound:
+        return False
+
+
 def test_copy_in_write_back_mode_lands_on_the_server(backend: Backend, mount_factory, dicom: DicomFactory,
                                                      tmp_path: Path):
     m = mount_factory(backend, "--uploadMode", "writeback")
@@ -106,14 +115,8 @@ def test_a_batch_that_overwrites_one_instance_and_adds_others(backend: Backend, 
     newer = write_instance(tmp_path / "newer.dcm", old.study_uid, old.series_uid, old.sop_uid, pixel_bytes=3000)
     r = run("cp", newer, *(o.path for o in others), f"{m.path / backend.store_name}/")
     assert r.returncode == 0, r.stderr
-
-    def replaced() -> bool:
-        try:
-            return backend.server_bytes(old) == newer.read_bytes()
-        except NotFound:  # between the delete and the store of the overwrite
-            return False
-
-    wait_for(lambda: all(backend.has(o) for o in others) and replaced(), 60, what="the batch on the server")
+    wait_for(lambda: all(backend.has(o) for o in others) and holds(backend, old, newer.read_bytes()), 60,
+             what="the batch on the server")
     for o in others:
         assert backend.server_bytes(o) == o.path.read_bytes()
 
@@ -138,14 +141,8 @@ def test_overwrite_of_a_file_this_mount_just_uploaded_while_the_index_lags(healt
         target = backend.instance_path(m, old)
         r = run("sh", "-c", f'cp "{newer}" "{target}" && cp "{other.path}" "{m.path / backend.store_name}/"')
         assert r.returncode == 0, r.stderr
-
-        def replaced() -> bool:
-            try:
-                return backend.server_bytes(old) == newer.read_bytes()
-            except NotFound:  # between the delete and the store of the overwrite
-                return False
-
-        wait_for(lambda: backend.has(other) and replaced(), 30, what="the overwrite on the server")
+        wait_for(lambda: backend.has(other) and holds(backend, old, newer.read_bytes()), 30,
+                 what="the overwrite on the server")
         assert status(m)[0] == 0, status(m)[1]
         assert target.read_bytes() == newer.read_bytes()
     finally:

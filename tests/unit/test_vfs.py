@@ -52,6 +52,13 @@ def errno_of(fn, *args) -> int:
     return e.value.errno  # type: ignore[return-value]
 
 
+def on_server(dataset: LocalDataset, dicom: DicomFactory, **kwargs) -> tuple[object, str]:  # type: ignore[no-untyped-def]
+    """An instance stored in "store" behind the mount's back, and its path in the mount."""
+    inst = dicom.instance(**kwargs)
+    dataset.open_store("store").store_files([inst.path])
+    return inst, f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+
+
 def test_upload_read_delete(dataset, tmp_path, dicom: DicomFactory):
     vfs = make_vfs(dataset, tmp_path)
     inst = dicom.instance()
@@ -593,10 +600,8 @@ def test_truncating_an_instance_is_refused_and_leaves_it_unchanged(dataset, tmp_
     """truncate -s N (open without O_TRUNC, then ftruncate) is EPERM; truncate -s 0 (the way
     WinFsp and macFUSE start a replacement, so not refused at once) is EPERM at close, and no
     empty file is kept as a failed upload."""
-    inst = dicom.instance()
-    dataset.open_store("store").store_files([inst.path])
+    inst, name = on_server(dataset, dicom)
     vfs = make_vfs(dataset, tmp_path)
-    name = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
     fh = vfs.open(name, os.O_WRONLY).fh
     assert errno_of(vfs.truncate, name, 10, fh) == errno.EPERM
     vfs.release(fh)
@@ -644,10 +649,8 @@ def test_an_instance_replaced_on_the_server_after_it_was_listed_shows_its_new_si
 
 def test_an_open_file_removed_meanwhile_keeps_its_size_for_its_reader(dataset, tmp_path, dicom: DicomFactory):
     """libfuse (hard_remove) asks the attributes of an open, removed file by handle with no path."""
-    inst = dicom.instance()
-    dataset.open_store("store").store_files([inst.path])
+    inst, name = on_server(dataset, dicom)
     vfs = make_vfs(dataset, tmp_path)
-    name = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
     fh = vfs.open(name, os.O_RDONLY).fh
     data = inst.path.read_bytes()
     assert vfs.read(fh, 100, 0) == data[:100]
@@ -659,15 +662,21 @@ def test_an_open_file_removed_meanwhile_keeps_its_size_for_its_reader(dataset, t
     vfs.shutdown()
 
 
-def test_rm_of_a_file_waiting_in_the_write_back_queue_cancels_its_upload(dataset, tmp_path, dicom: DicomFactory):
-    """The copy is queued, not sent yet: rm removes it from its folder and from the queue, and
-    it never reaches the server (it was sent anyway, and rm said 'No such file')."""
+def queued_upload(dataset: LocalDataset, tmp_path: Path, dicom: DicomFactory):  # type: ignore[no-untyped-def]
+    """A write-back Vfs with one upload held in its queue (sent only at the drain)."""
     vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
     queue = vfs.writeback
     assert queue is not None
-    queue.settle = queue.max_settle = 60.0  # it stays queued until the drain
+    queue.settle = queue.max_settle = 60.0
     inst = dicom.instance()
     upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+    return vfs, queue, inst
+
+
+def test_rm_of_a_file_waiting_in_the_write_back_queue_cancels_its_upload(dataset, tmp_path, dicom: DicomFactory):
+    """The copy is queued, not sent yet: rm removes it from its folder and from the queue, and
+    it never reaches the server (it was sent anyway, and rm said 'No such file')."""
+    vfs, queue, inst = queued_upload(dataset, tmp_path, dicom)
     name = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
     assert queue.has_pending("store", inst.sop_uid)
     vfs.unlink(name)
@@ -681,12 +690,7 @@ def test_rm_of_a_file_waiting_in_the_write_back_queue_cancels_its_upload(dataset
 def test_a_queued_file_reads_back_from_the_queue_when_the_cache_dropped_it(dataset, tmp_path, dicom: DicomFactory):
     """Write-back: the cache shares the queued bytes, but a small cache may evict them before
     the upload; the file still reads (from the queue's copy), not ENOENT from the server."""
-    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
-    queue = vfs.writeback
-    assert queue is not None
-    queue.settle = queue.max_settle = 60.0  # it stays queued until the drain
-    inst = dicom.instance()
-    upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+    vfs, queue, inst = queued_upload(dataset, tmp_path, dicom)
     name = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
     vfs.cache.evict(("store", inst.study_uid, inst.series_uid, inst.sop_uid))
     assert read(vfs, name) == inst.path.read_bytes()
@@ -700,12 +704,7 @@ def test_folders_of_queued_files_list_them_while_the_server_is_down(dataset, tmp
     from dicomfuse.stores.base import Unavailable
     from dicomfuse.stores.local import LocalStore
 
-    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
-    queue = vfs.writeback
-    assert queue is not None
-    queue.settle = queue.max_settle = 60.0
-    inst = dicom.instance()
-    upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+    vfs, _, inst = queued_upload(dataset, tmp_path, dicom)
 
     def down(*args, **kwargs):
         raise Unavailable("connection refused")
