@@ -369,9 +369,12 @@ class Vfs:
         if not attr.is_dir:
             raise FsError(errno.ENOTDIR, f"rmdir: not a folder: {p}")
         self.policy.check(Op.RMDIR, p.level, str(p))
-        self._until_index_shows_removals(
-            p, lambda: (self._require_empty_store(p, "rmdir"),
-                        self._remote(f"delete store {p.name}", self.dataset.delete_store, p.name)))
+
+        def delete_if_empty() -> None:
+            self._require_empty_store(p, "rmdir")
+            self._remote(f"delete store {p.name}", self.dataset.delete_store, p.name)
+
+        self._until_index_shows_removals(p, delete_if_empty)
         self.listings.note_removed(ROOT, p.name)
         with self._lock:
             self._stores.pop(p.name, None)
