@@ -159,7 +159,7 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     from dicomfuse.core.vfs import Vfs, VfsConfig
     from dicomfuse.core.workdirs import WorkDirs
     from dicomfuse.core.writeback import QueueBusy, dataset_label
-    from dicomfuse.stores.auth import CredentialsError, TokenRefused
+    from dicomfuse.stores.auth import CredentialsError
     from dicomfuse.stores.base import Forbidden, NotFound, StoreError, lists_sizes
     from dicomfuse.stores.open import open_dataset
 
@@ -177,9 +177,8 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         stores = list(dataset.list_stores())
         if stores:  # one small query proves the server answers before anything is mounted
             next(iter(dataset.open_store(stores[0]).studies(PROBE_UID)), None)
-    except Forbidden as exc:
-        hint = None if isinstance(exc, TokenRefused) else getattr(dataset, "permission_hint", None)
-        log.error("Access to the dataset was refused: %s%s", exc, f" ({hint})" if hint else "")
+    except Forbidden as exc:  # a 403 names the role the identity needs (the store adds it)
+        log.error("Access to the dataset was refused: %s", exc)
         dataset.close()
         return EXIT_FAILURE
     except NotFound as exc:

@@ -41,7 +41,6 @@ from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, qu
 from dicomfuse.dicomfile import DicomUids
 from dicomfuse.stores.base import (
     Dataset,
-    Forbidden,
     Store,
     StoreError,
     Unavailable,
@@ -908,11 +907,7 @@ class Vfs:
         try:
             return fn(*args)
         except StoreError as exc:
-            error = from_store_error(exc, doing)
-            hint = getattr(self.dataset, "permission_hint", None)
-            if isinstance(exc, Forbidden) and not exc.credentials_refused and hint:
-                error = FsError(error.errno or errno.EACCES, f"{error.strerror} ({hint})", error.level)
-            raise error from None
+            raise from_store_error(exc, doing) from None
 
     # ======================================================================================
     # internals: handles

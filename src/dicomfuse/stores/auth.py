@@ -52,8 +52,6 @@ class CredentialsError(Exception):
 class TokenRefused(Forbidden):
     """Google's token service refused the credentials (deleted key, unknown account, clock skew)."""
 
-    credentials_refused = True
-
 
 def load_credentials(key_file: str | os.PathLike[str] | None = None) -> Any:
     """Credentials from ``key_file`` (a service-account JSON key, or the authorized-user file

@@ -94,9 +94,6 @@ class NotEmpty(StoreError):
 class Forbidden(StoreError):
     """Authentication or permission failure after a token refresh (401/403)."""
 
-    credentials_refused: bool = False
-    """The credentials themselves were refused (no role would help)."""
-
 
 class Unsupported(StoreError):
     """The server lacks this capability (e.g. store creation on a plain DICOMweb server)."""

@@ -57,12 +57,12 @@ ROLE_HINT = "the identity needs the Healthcare DICOM Editor role (roles/healthca
 
 
 class HealthcareDataset:
-    lists_sizes = False  # Google's QIDO gives no file sizes
-
     """One ``…/projects/P/locations/L/datasets/D`` URL as a :class:`~dicomfuse.stores.base.Dataset`.
 
     ``dataset_url`` is the dataset's full URL (any host, so that private endpoints and test
     stand-ins work). ``tokens`` authorizes requests; None sends none (a proxy that adds them)."""
+
+    lists_sizes = False  # Google's QIDO gives no file sizes
 
     def __init__(
         self,
@@ -81,12 +81,12 @@ class HealthcareDataset:
             raise ValueError("a Cloud Healthcare dataset URL starts with https://")
         self.url = dataset_url.rstrip("/")
         self.name = self.url.rsplit("/", 1)[-1]
-        self.permission_hint = ROLE_HINT
         session = make_session(pool_size, ca_bundle)
         auth = BearerAuth(tokens) if tokens is not None else None
         session.auth = auth
         self.client = HttpClient(
-            session, timeout=timeout, retry=retry, on_unauthorized=auth.unauthorized if auth else None
+            session, timeout=timeout, retry=retry, on_unauthorized=auth.unauthorized if auth else None,
+            forbidden_hint=ROLE_HINT,
         )
         self.study_page_size = min(study_page_size, STUDY_SERIES_LIMIT)
         self.instance_page_size = min(instance_page_size, INSTANCE_LIMIT)

@@ -321,8 +321,11 @@ class HttpClient:
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         on_unauthorized: Callable[[requests.Response], bool] | None = None,
+        forbidden_hint: str | None = None,
     ) -> None:
         self.session = session if session is not None else make_session()
+        # Added to the message of a 403 (a missing permission): what the identity needs.
+        self.forbidden_hint = forbidden_hint
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
         self._sleep = sleep
@@ -402,7 +405,10 @@ class HttpClient:
                 self._wait(method, url, attempt, max_attempts, f"HTTP {status}", retry_after)
                 continue
             try:
-                raise error_for_response(method, url, response, bad_request=bad_request)
+                error = error_for_response(method, url, response, bad_request=bad_request)
+                if status == 403 and self.forbidden_hint:
+                    error = type(error)(f"{error} ({self.forbidden_hint})")
+                raise error
             finally:
                 response.close()
     def _wait(
