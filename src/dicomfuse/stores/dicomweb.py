@@ -275,13 +275,6 @@ class _StowFile:
     sop_uid: str
 
 
-def _raise_if_silent(exc: BaseException) -> None:
-    """Orthanc's REST API and its DICOMweb are the same server: when it was silent past the
-    timeout, asking the other one would only wait as long again."""
-    if isinstance(exc, Unavailable) and exc.timed_out:
-        raise exc
-
-
 def _inspect_stow_file(index: int, path: Path) -> _StowFile | StowOutcome:
     """Read a file's UIDs (header only); a file that cannot be sent becomes a refused outcome."""
     import pydicom  # heavy: only when uploading
@@ -565,6 +558,14 @@ class DicomwebStore:
         head, _, last = self.root_url.rpartition("/")
         return head if last.lower() == "dicom-web" and "://" in head else None
 
+    def _orthanc_failed(self, exc: BaseException, what: str, instead: str) -> None:
+        """An Orthanc REST call failed: say so and let the caller ask DICOMweb ``instead``. Not
+        when the server was silent past the timeout: its DICOMweb is the same server, and would
+        only make the caller wait as long again (the error is raised)."""
+        if isinstance(exc, Unavailable) and exc.timed_out:
+            raise exc
+        logger.debug("%s: %s failed (%s); %s", self.name, what, exc, instead)
+
     # -- QIDO-RS ----------------------------------------------------------------------------------
 
     # -- lookups through Orthanc's index -----------------------------------------------------
@@ -579,8 +580,7 @@ class DicomwebStore:
         try:
             return bool(orthanc.find(level, query))
         except (StoreError, ValueError) as exc:
-            _raise_if_silent(exc)
-            logger.debug("%s: Orthanc find failed (%s); asking DICOMweb", self.name, exc)
+            self._orthanc_failed(exc, "Orthanc find", "asking DICOMweb")
             return None
 
     def _orthanc_studies(self) -> list[str] | None:
@@ -592,8 +592,7 @@ class DicomwebStore:
         try:
             ids = self._orthanc_study_ids(orthanc)
         except (StoreError, ValueError) as exc:
-            _raise_if_silent(exc)
-            logger.debug("%s: Orthanc study listing failed (%s); asking DICOMweb", self.name, exc)
+            self._orthanc_failed(exc, "Orthanc study listing", "asking DICOMweb")
             return None
         self._study_ids = (time.monotonic(), ids)
         return list(ids.values())
@@ -652,8 +651,7 @@ class DicomwebStore:
             try:
                 listed = orthanc.series_instances(study_uid, series_uid)
             except (StoreError, ValueError) as exc:
-                _raise_if_silent(exc)
-                logger.debug("%s: Orthanc series listing failed (%s); asking DICOMweb", self.name, exc)
+                self._orthanc_failed(exc, "Orthanc series listing", "asking DICOMweb")
             else:
                 self._remember_ids({sop: instance_id for sop, _, instance_id in listed})
                 for sop, size, _ in listed:
@@ -663,8 +661,7 @@ class DicomwebStore:
             try:
                 found = orthanc.find_instance(study_uid, series_uid, sop_uid)
             except (StoreError, ValueError) as exc:
-                _raise_if_silent(exc)
-                logger.debug("%s: Orthanc find failed (%s); asking DICOMweb", self.name, exc)
+                self._orthanc_failed(exc, "Orthanc find", "asking DICOMweb")
             else:
                 if found is not None:
                     self._remember_ids({sop_uid: str(found["ID"])})
@@ -687,8 +684,7 @@ class DicomwebStore:
             try:
                 return orthanc.present(study_uid, series_uid, sop_uids)
             except (StoreError, ValueError) as exc:
-                _raise_if_silent(exc)
-                logger.debug("%s: Orthanc find failed (%s); listing the series instead", self.name, exc)
+                self._orthanc_failed(exc, "Orthanc find", "listing the series instead")
         return listed_present(self, study_uid, series_uid, sop_uids)
 
     def _series_url(self, study_uid: str, series_uid: str) -> str:
@@ -708,8 +704,7 @@ class DicomwebStore:
             try:
                 infos = self._walk_orthanc(orthanc)
             except (StoreError, ValueError) as exc:
-                _raise_if_silent(exc)
-                logger.debug("%s: walking Orthanc's index failed (%s); searching DICOMweb", self.name, exc)
+                self._orthanc_failed(exc, "walking Orthanc's index", "searching DICOMweb")
             else:
                 yield from infos
                 return
@@ -906,8 +901,7 @@ class DicomwebStore:
                 self._orthanc_ids.pop(sop_uid, None)
             raise
         except (StoreError, ValueError, KeyError) as exc:
-            _raise_if_silent(exc)
-            logger.debug("%s: Orthanc file download failed (%s); using WADO-RS", self.name, exc)
+            self._orthanc_failed(exc, "Orthanc file download", "using WADO-RS")
             return None
         with response:
             return _copy_instance(url, response, sink)
