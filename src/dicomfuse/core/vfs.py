@@ -942,8 +942,7 @@ class Vfs:
         # if the cache has learnt it since (read-ahead): treat it as unknown to the OS.
         size_before = self._size_of(p, entry)
         if size_before is not None and size_before != entry.size and entry.size is not None:
-            self.listings.update_size(p.parent, p.name, size_before)
-            self.notify_changed(str(p))  # the OS may hold the listed size
+            self._learnt_size(p, size_before)  # the OS may hold the listed size
         handle = ReadHandle(p, size_before)
         if size_before is None:
             # The OS holds size 0 for this file: learn the true size before open returns, so
@@ -955,8 +954,7 @@ class Vfs:
                 self._close_fd(handle.fd)
                 self.cache.release(cached)
                 raise from_store_error(exc, f"read {p}") from None
-            self.listings.update_size(p.parent, p.name, size)
-            self.notify_changed(str(p))
+            self._learnt_size(p, size)
         return OpenResult(self._add_handle(handle), direct_io=size_before is None,
                           keep_cache=size_before is not None, no_flush=True)
 
@@ -966,11 +964,19 @@ class Vfs:
         it may have stopped at the old one (the OS limits reads to the size it was told), so it
         is said in the log."""
         listed, handle.expected_size = handle.expected_size, size
-        self.listings.update_size(handle.path.parent, handle.path.name, size)
         log.warning("%s changed on the server since it was listed (%s bytes, now %d): a copy made "
                     "just now may be incomplete; copy it again", handle.path, listed, size)
-        # Not from inside a read: the OS holds the pages being read, which the invalidation waits for.
-        threading.Thread(target=self.notify_changed, args=(str(handle.path),), daemon=True).start()
+        self._learnt_size(handle.path, size, in_read=True)
+
+    def _learnt_size(self, p: DicomPath, size: int, *, in_read: bool = False) -> None:
+        """Listings show ``size`` for instance ``p`` from now on, and the OS is told to forget
+        the size it holds. ``in_read``: called while the OS holds the pages being read, which
+        its invalidation would wait for: told from another thread."""
+        self.listings.update_size(p.parent, p.name, size)
+        if in_read:
+            threading.Thread(target=self.notify_changed, args=(str(p),), daemon=True).start()
+        else:
+            self.notify_changed(str(p))
 
     def _start_reading(self, handle: ReadHandle) -> CachedInstance:
         """The first read of ``handle``: pin its cache entry (downloading it if needed) and
