@@ -1680,8 +1680,9 @@ class StoreView:
     def _store(self) -> _Store:
         return self._standin._view_store(self.dataset_id, self.store_id)
 
-    def store_files(self, paths: Sequence[Path]) -> list[StowOutcome]:
-        """Store files with STOW's rules (same refusals), indexed at once."""
+    def store_files(self, paths: Sequence[Path], uids: Sequence[object] | None = None) -> list[StowOutcome]:
+        """Store files with STOW's rules (same refusals), indexed at once; ``uids`` are ignored
+        (the server examines what it is sent)."""
         outcomes = []
         for path in paths:
             try:

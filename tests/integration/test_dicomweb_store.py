@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dicomfuse.dicomfile import DicomUids
 from dicomfuse.samples import SampleInstance, make_uid, write_instance, write_samples
 from dicomfuse.stores.base import Dataset, NotFound, Store, Unavailable, Unsupported
 from dicomfuse.stores.dicomweb import DicomwebDataset, DicomwebStore, store_name_from_url
@@ -241,6 +242,32 @@ def test_non_dicom_file_is_a_refused_outcome(
 def test_resending_identical_files_counts_as_stored(store: DicomwebStore, samples: list[SampleInstance]) -> None:
     stored(store, samples[:2])
     stored(store, samples[:2])
+
+
+@pytest.mark.orthanc
+def test_stow_of_files_whose_uids_are_known_reads_no_header(
+    orthanc: OrthancServer, store: DicomwebStore, samples: list[SampleInstance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mount has parsed every file at close: given their UIDs, the store sends them without
+    parsing them again (a sender's Python time is taken from the mount's own callbacks)."""
+    import pydicom
+
+    def no_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the file was parsed again")
+
+    orthanc.reset()
+    monkeypatch.setattr(pydicom, "dcmread", no_parse)
+    batch = samples[:3]
+    uids = [DicomUids(s.study_uid, s.series_uid, s.sop_uid) for s in batch]
+    outcomes = store.store_files([s.path for s in batch], uids)
+    assert [(o.path, o.stored, o.sop_uid) for o in outcomes] == [(s.path, True, s.sop_uid) for s in batch]
+    assert {i.sop_uid for i in store.instances(batch[0].study_uid, batch[0].series_uid)} == {s.sop_uid for s in batch}
+    # Without them, the store reads each file's UIDs itself (here: cannot, so none is sent).
+    [refused] = store.store_files([samples[3].path])
+    assert not refused.stored and refused.reason == "not a DICOM file"
+    assert orthanc.instance_count() == 3
+    with pytest.raises(ValueError):
+        store.store_files([s.path for s in batch], uids[:2])
 
 
 @pytest.mark.orthanc

@@ -442,6 +442,31 @@ def test_rm_of_a_file_still_being_written_sends_nothing(dataset, tmp_path, dicom
     assert "a.dcm" not in dict(vfs.readdir("/store"))
 
 
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+def test_the_uids_read_at_close_go_to_the_store_with_the_file(dataset, tmp_path, dicom: DicomFactory,
+                                                               monkeypatch, mode):
+    """Every file is parsed once, at close: the store is given its UIDs (a DICOMweb store then
+    sends it without parsing it again)."""
+    from dicomfuse.dicomfile import DicomUids
+    from dicomfuse.stores.local import LocalStore
+
+    given: list[object] = []
+    real = LocalStore.store_files
+
+    def store_files(self, paths, uids=None):  # type: ignore[no-untyped-def]
+        given.append(uids)
+        return real(self, paths, uids)
+
+    monkeypatch.setattr(LocalStore, "store_files", store_files)
+    vfs = make_vfs(dataset, tmp_path, upload_mode=mode)
+    inst = dicom.instance()
+    upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+    if vfs.writeback is not None:
+        assert vfs.writeback.wait_idle(10)
+    assert given == [[DicomUids(inst.study_uid, inst.series_uid, inst.sop_uid)]]
+    vfs.shutdown()
+
+
 def test_write_back_fsync_puts_the_queued_file_on_disk_and_close_alone_does_not_wait(
         dataset, tmp_path, dicom: DicomFactory, monkeypatch):
     """cp (no fsync): close() queues the file and the queue fsyncs it in a group moments later;

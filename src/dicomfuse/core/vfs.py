@@ -1173,7 +1173,7 @@ class Vfs:
             self._replace(store, target, ident, h.spool_path, h.path)
         else:
             try:
-                self._store_file(store, h.spool_path, target)
+                self._store_file(store, h.spool_path, target, ident)
             except _Conflict:
                 # The server holds these UIDs already though its search index did not show
                 # them (Google's lags behind writes): this upload is an overwrite after all.
@@ -1265,7 +1265,8 @@ class Vfs:
                          or self._stored_here_lately(store_name, u.sop_uid))
             (existing if on_server else fresh).append(item)
         if fresh:
-            for item, outcome in zip(fresh, store.store_files([i.path for i in fresh]), strict=True):
+            for item, outcome in zip(fresh, store.store_files([i.path for i in fresh], [i.uids for i in fresh]),
+                                     strict=True):
                 if outcome.stored:
                     results.append((item, True, None))
                 elif outcome.conflict:
@@ -1322,8 +1323,9 @@ class Vfs:
         )
         return found is not None
 
-    def _store_file(self, store: Store, path: Path, target: DicomPath) -> None:
-        outcomes = self._remote(f"upload {target}", store.store_files, [path])
+    def _store_file(self, store: Store, path: Path, target: DicomPath, ident: DicomUids) -> None:
+        """Store one checked file (``ident``: its UIDs, read when it was checked)."""
+        outcomes = self._remote(f"upload {target}", store.store_files, [path], [ident])
         outcome = outcomes[0] if outcomes else None
         if outcome is None or not outcome.stored:
             reason = outcome.reason if outcome is not None else "no answer for the file"
@@ -1347,7 +1349,7 @@ class Vfs:
                 if exc.errno != errno.ENOENT:
                     raise
                 # Listed but gone (a lagging search index, or deleted meanwhile): a new file.
-                self._store_file(store, source, target)
+                self._store_file(store, source, target, ident)
                 return
             if _same_content(backup_fd, source_fd):
                 log.info("Upload %s: identical to the stored instance, nothing to do", label)
@@ -1358,10 +1360,10 @@ class Vfs:
                          ident.study_uid, ident.series_uid, ident.sop_uid)
             self.cache.evict(self._key(target))
             try:
-                self._store_file(store, source, target)
+                self._store_file(store, source, target, ident)
             except FsError as refused:
                 try:
-                    self._store_file(store, backup_path, target)
+                    self._store_file(store, backup_path, target, ident)
                     log.error("Overwrite of %s refused; the previous instance was stored back", target)
                 except FsError as exc:
                     kept = self.spool.keep_failed(backup_path, "previous-" + target.name, store=target.store,

@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from dicomfuse.dicomfile import DicomUids
 
 # ---------------------------------------------------------------------------------------------
 # Store IDs
@@ -145,9 +148,11 @@ class Store(Protocol):
         broken transfer raises (never returns a short count as success)."""
         ...
 
-    def store_files(self, paths: Sequence[Path]) -> list[StowOutcome]:
+    def store_files(self, paths: Sequence[Path], uids: Sequence[DicomUids] | None = None) -> list[StowOutcome]:
         """Send DICOM Part-10 files (STOW-RS or equivalent); one outcome per path, same order.
-        A refusal of one file is an outcome, not an exception; a transport failure raises."""
+        A refusal of one file is an outcome, not an exception; a transport failure raises.
+        ``uids`` (one per path) are the files' UIDs when the caller has parsed them already (the
+        mount checks every file at close): a store may use them instead of parsing each again."""
         ...
 
     def delete_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> None:

@@ -17,11 +17,14 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
 from xml.etree import ElementTree
 
 import requests
+
+if TYPE_CHECKING:
+    from dicomfuse.dicomfile import DicomUids  # pydicom is imported only when uploading
 
 from dicomfuse.stores.base import (
     InstanceInfo,
@@ -301,6 +304,16 @@ def _inspect_stow_file(index: int, path: Path) -> _StowFile | StowOutcome:
     if not sop_uid:
         return StowOutcome(path, stored=False, reason="not a DICOM file (no SOPInstanceUID)")
     return _StowFile(index, path, size, study_uid, series_uid, sop_uid)
+
+
+def _known_stow_file(index: int, path: Path, uids: DicomUids) -> _StowFile | StowOutcome:
+    """A file whose UIDs the caller read already: only its size is needed (no parse, which
+    costs a sender ~0.2 ms of Python per file while the mount's own callbacks wait for it)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return StowOutcome(path, stored=False, reason=f"cannot read the file ({exc.strerror or type(exc).__name__})")
+    return _StowFile(index, path, size, uids.study_uid, uids.series_uid, uids.sop_uid)
 
 
 def _batches(files: Sequence[_StowFile], max_files: int, max_bytes: int) -> Iterator[list[_StowFile]]:
@@ -908,11 +921,16 @@ class DicomwebStore:
 
     # -- STOW-RS ----------------------------------------------------------------------------------
 
-    def store_files(self, paths: Sequence[Path]) -> list[StowOutcome]:
+    def store_files(self, paths: Sequence[Path], uids: Sequence[DicomUids] | None = None) -> list[StowOutcome]:
+        if uids is not None and len(uids) != len(paths):
+            raise ValueError(f"{len(uids)} UIDs for {len(paths)} files")
         outcomes: list[StowOutcome | None] = [None] * len(paths)
         sendable: list[_StowFile] = []
         for index, path in enumerate(paths):
-            inspected = _inspect_stow_file(index, Path(path))
+            if uids is None:
+                inspected = _inspect_stow_file(index, Path(path))
+            else:
+                inspected = _known_stow_file(index, Path(path), uids[index])
             if isinstance(inspected, StowOutcome):
                 outcomes[index] = inspected
             else:

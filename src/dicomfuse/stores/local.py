@@ -317,7 +317,8 @@ class LocalStore:
         log.debug("retrieved %s from %s: %d bytes", sop_uid, self.name, written)
         return written
 
-    def store_files(self, paths: Sequence[Path]) -> list[StowOutcome]:
+    def store_files(self, paths: Sequence[Path], uids: Sequence[DicomUids] | None = None) -> list[StowOutcome]:
+        del uids  # like a server, the folder checks each file it is given itself
         with self._fresh_index():
             pass  # NotFound if the store folder is gone
         return [self._store_one(Path(path)) for path in paths]
