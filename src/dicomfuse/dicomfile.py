@@ -9,10 +9,11 @@ and from pixel data shorter than the image attributes say.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _DEFER_SIZE = 1 << 20  # larger values are checked by position, not loaded into memory
+_IN_MEMORY_MAX = 4 << 20
+"""Files up to this size (most CT and MR instances) are read in one call and parsed in memory.
+Parsed from the file, pydicom makes a seek system call per element, and at each one a busy
+thread of the mount (a sender, a download) may take the GIL from the callback a program waits
+for: ``close()`` of every file copied in does this check."""
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _IMAGE_PIXEL_ATTRIBUTES = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation")
 _OTHER_PIXEL_SOURCES = ("FloatPixelData", "DoubleFloatPixelData", "PixelDataProviderURL")
@@ -68,8 +74,8 @@ def check_upload(path: Path) -> DicomUids | str:
     does not end where the file ends, or whose native pixel data is shorter than its image
     attributes say, is refused as truncated."""
     try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
-        size = path.stat().st_size
+        data, size = _read_if_small(path)
+        ds = pydicom.dcmread(path if data is None else io.BytesIO(data), defer_size=_DEFER_SIZE)
     except OSError as exc:
         return f"cannot read the file ({exc.strerror or type(exc).__name__})"
     except InvalidDicomError:
@@ -78,11 +84,22 @@ def check_upload(path: Path) -> DicomUids | str:
         log.debug("cannot parse an upload", exc_info=True)
         return f"truncated or corrupt DICOM ({type(exc).__name__})"
     try:
-        problem = _truncation_problem(ds, path, size) or _pixel_data_problem(ds)
+        tail_of = (lambda count: _read_tail(path, count)) if data is None else (lambda count: data[size - count:])
+        problem = _truncation_problem(ds, size, tail_of) or _pixel_data_problem(ds)
     except Exception as exc:  # malformed image attributes and the like
         log.debug("cannot check an upload", exc_info=True)
         return f"inconsistent DICOM attributes ({type(exc).__name__})"
     return problem or uids_of(ds)
+
+
+def _read_if_small(path: Path) -> tuple[bytes | None, int]:
+    """The file's bytes (None if larger than ``_IN_MEMORY_MAX``) and its size."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > _IN_MEMORY_MAX:
+            return None, size
+        data = f.readall()
+    return data, len(data)
 
 
 def _element_end(elem: object) -> int | None:
@@ -96,7 +113,9 @@ def _element_end(elem: object) -> int | None:
     return None
 
 
-def _truncation_problem(ds: pydicom.Dataset, path: Path, size: int) -> str | None:
+def _truncation_problem(ds: pydicom.Dataset, size: int, tail_of: Callable[[int], bytes]) -> str | None:
+    """An element that runs past the end, or bytes after the last one that are not padding;
+    ``tail_of(n)``: the file's last ``n`` bytes."""
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
     if transfer_syntax is not None and transfer_syntax.is_deflated:
         return None  # offsets refer to the inflated stream; zlib reports truncation itself
@@ -110,7 +129,7 @@ def _truncation_problem(ds: pydicom.Dataset, path: Path, size: int) -> str | Non
     if last_end is None:
         return None  # an undefined-length last element: pydicom drops it if its delimiter is missing
     tail = size - max(ends)
-    if tail and (tail >= 8 or any(_read_tail(path, tail))):
+    if tail and (tail >= 8 or any(tail_of(tail))):
         return "truncated DICOM file: the last element is incomplete"
     return None
 

@@ -470,7 +470,7 @@ def test_store_files_refuses_bad_files(store: LocalStore, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.9, 0.2, 0.999])
-def test_store_files_refuses_truncated_files(store: LocalStore, tmp_path: Path, fraction: float) -> None:
+def test_store_files_refuses_truncated_files(store: LocalStore, tmp_path: Path, fraction: float, parsed: str) -> None:
     good = write(tmp_path / "good.dcm", pixel_bytes=8192)
     truncated = cut(good, int(good.stat().st_size * fraction))
     [outcome] = store.store_files([truncated])
@@ -479,8 +479,19 @@ def test_store_files_refuses_truncated_files(store: LocalStore, tmp_path: Path, 
     assert list(store.studies()) == []
 
 
+@pytest.fixture(params=["in memory", "from the file"])
+def parsed(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The upload check both ways: small files are read once and parsed in memory, larger ones
+    parsed from the file (here: every file, by setting the limit to 0)."""
+    from dicomfuse import dicomfile
+
+    if request.param == "from the file":
+        monkeypatch.setattr(dicomfile, "_IN_MEMORY_MAX", 0)
+    return str(request.param)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the broken input
-def test_store_files_refuses_truncated_files_at_every_cut(store: LocalStore, tmp_path: Path) -> None:
+def test_store_files_refuses_truncated_files_at_every_cut(store: LocalStore, tmp_path: Path, parsed: str) -> None:
     good = write(tmp_path / "good.dcm", pixel_bytes=64)
     data = good.read_bytes()
     truncated = tmp_path / "t.dcm"
@@ -492,14 +503,14 @@ def test_store_files_refuses_truncated_files_at_every_cut(store: LocalStore, tmp
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the broken input
-def test_store_files_refuses_truncated_encapsulated_file(store: LocalStore, tmp_path: Path) -> None:
+def test_store_files_refuses_truncated_encapsulated_file(store: LocalStore, tmp_path: Path, parsed: str) -> None:
     good = encapsulated_file(tmp_path / "jpeg.dcm")
     for keep in (-4, -8, -500):
         [outcome] = store.store_files([cut(good, keep)])
         assert not outcome.stored, keep
 
 
-def test_store_files_refuses_short_pixel_data(store: LocalStore, tmp_path: Path) -> None:
+def test_store_files_refuses_short_pixel_data(store: LocalStore, tmp_path: Path, parsed: str) -> None:
     ds = samples.make_dataset(STUDY, SERIES, SOP, pixel_bytes=4096)
     ds.PixelData = ds.PixelData[:100]
     ds.save_as(tmp_path / "short.dcm", enforce_file_format=True)
@@ -508,7 +519,7 @@ def test_store_files_refuses_short_pixel_data(store: LocalStore, tmp_path: Path)
     assert "pixel data is shorter" in (outcome.reason or "")
 
 
-def test_store_files_accepts_trailing_zero_padding(store: LocalStore, tmp_path: Path) -> None:
+def test_store_files_accepts_trailing_zero_padding(store: LocalStore, tmp_path: Path, parsed: str) -> None:
     path = write(tmp_path / "padded.dcm")
     path.write_bytes(path.read_bytes() + b"\0\0")
     assert store.store_files([path])[0].stored
