@@ -367,8 +367,10 @@ class InstanceCache:
         entry.wait_for(offset + size)
         return portable.pread(fd, size, offset)
 
-    def adopt(self, key: CacheKey, source: Path) -> int:
-        """Move a file the mount just uploaded into the cache as a complete entry."""
+    def adopt(self, key: CacheKey, source: Path, *, link: bool = False) -> int:
+        """Move a file the mount just uploaded into the cache as a complete entry; with ``link``,
+        the entry is a hard link to it (a queued upload: the same bytes, no copy; ``source``
+        stays, and must be private already)."""
         size = source.stat().st_size
         if size > self.max_file:
             return size
@@ -378,8 +380,11 @@ class InstanceCache:
             if old is not None:
                 self._retire(old)
             entry = CachedInstance(key, self.directory / f"{next(self._names)}.dcm", now)
-            os.replace(source, entry.path)
-            os.chmod(entry.path, 0o600)
+            if link:
+                os.link(source, entry.path)
+            else:
+                os.replace(source, entry.path)
+                os.chmod(entry.path, 0o600)
             entry.written, entry.complete = size, True
             self._entries[key] = entry
             self._bytes += size

@@ -1222,12 +1222,10 @@ class Vfs:
                     self._replaces.pop((h.path.store, ident.sop_uid), None)
             raise FsError(errno.EIO, f"upload {h.path}: could not queue it ({exc})", logging.ERROR) from None
         h.queued = True
-        link = self.spool.directory / f"{item.id}.cached"
         try:
-            os.link(item.path, link)  # the cache shares the queued bytes (same inode, no copy)
-            self.cache.adopt(self._key(target), link)
-        except OSError:
-            Spool.discard(link)
+            self.cache.adopt(self._key(target), item.path, link=True)  # the queued bytes, no copy
+        except OSError as exc:
+            log.debug("cannot link the queued %s into the cache: %s", target, exc.strerror or exc)
         self._note_uploaded(h.path, target, ident, size, evict=False)
         log.info("Queued %s for upload as %s", h.path, target)
         return ident
