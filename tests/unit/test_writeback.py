@@ -125,6 +125,7 @@ def make_queue(queues: list[WriteBackQueue], qdir: Path, sender, **kwargs) -> Wr
     kwargs.setdefault("backoff_base", 0.01)
     kwargs.setdefault("backoff_max", 0.05)
     kwargs.setdefault("status_interval", 0.05)
+    kwargs.setdefault("sync_delay", 0.05)
     q = WriteBackQueue(qdir, sender, **kwargs)
     queues.append(q)
     return q
@@ -739,6 +740,34 @@ def test_a_submit_without_fsync_is_fsynced_in_a_group_moments_later(queues, qdir
     expected = [p for i in items for p in (i.path, record_of(i))]
     assert fsyncs.wait_for(*expected, qdir), "the group commit never fsynced the queued uploads"
     assert sender.calls == []
+    hold.set()
+
+
+def test_uploads_queued_in_a_burst_are_fsynced_as_one_group(queues, qdir, files, monkeypatch):
+    """A cp of many files: the group commit waits sync_delay after the first, so the burst costs
+    one group (one fsync of the folder), not one per file."""
+    fsyncs = FsyncLog(monkeypatch)
+    hold = threading.Event()
+    q = make_queue(queues, qdir, FakeSender(hold=hold), settle=60, sync_delay=0.5)
+    q.start()
+    items = [q.submit("ct", *files.make(), durable=False) for _ in range(10)]
+    assert fsyncs.wait_for(*(p for i in items for p in (i.path, record_of(i))), qdir)
+    assert fsyncs.paths.count(qdir) == 1
+    hold.set()
+
+
+def test_a_status_change_while_a_snapshot_is_not_due_is_written_soon_after(queues, qdir, files):
+    """The status thread is not woken for every upload queued, but a change is never left
+    waiting for the heartbeat."""
+    hold = threading.Event()
+    q = make_queue(queues, qdir, FakeSender(hold=hold), settle=60, status_interval=0.3, heartbeat=60)
+    q.start()
+    assert wait_for_status(qdir, lambda s: s.get("running") is True).get("running") is True
+    time.sleep(0.4)  # the status thread now sleeps for the heartbeat
+    q.submit("ct", *files.make())  # written at once: a snapshot is due
+    q.submit("ct", *files.make())  # not due: left to the status thread
+    assert (read_status(qdir) or {}).get("pending") == 1
+    assert wait_for_status(qdir, lambda s: s.get("pending") == 2).get("pending") == 2
     hold.set()
 
 

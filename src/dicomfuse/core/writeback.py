@@ -282,6 +282,7 @@ class WriteBackQueue:
         status_interval: float = 0.5,
         heartbeat: float = 10.0,
         dataset: str | None = None,
+        sync_delay: float = 1.0,
     ) -> None:
         """``dataset`` labels the records (use the dataset's address, or anything stable that
         tells datasets apart): :meth:`recover` adopts only records of the same label, so an
@@ -289,8 +290,10 @@ class WriteBackQueue:
         new files are sent once it had no new file for this long (so that a ``cp -r`` fills
         batches), or after ``max_settle`` at most. ``heartbeat``: the status snapshot is
         rewritten at least this often while running, so ``dicomfuse status`` can tell a live
-        mount from a dead one. ``sleep`` is accepted for compatibility and unused:
-        workers wait on a condition variable, so a submit or stop wakes them at once."""
+        mount from a dead one. ``sync_delay``: uploads queued without fsync are fsynced in one
+        group this long after the first of them (a ``cp`` of many files costs a few fsyncs, and
+        none for the files sent and removed by then). ``sleep`` is accepted for compatibility and
+        unused: workers wait on a condition variable, so a submit or stop wakes them at once."""
         if workers < 1 or batch_files < 1 or batch_bytes < 1 or max_attempts < 1:
             raise ValueError("workers, batch_files, batch_bytes and max_attempts must be at least 1")
         del sleep
@@ -311,6 +314,7 @@ class WriteBackQueue:
         self.max_settle = max(settle, max_settle)
         self.status_interval = status_interval
         self.heartbeat = heartbeat
+        self.sync_delay = sync_delay
         self._rng = random.Random()
         lock = threading.RLock()
         # Two conditions on one lock: senders wait on _work, and a submit wakes one of them, not
@@ -338,6 +342,7 @@ class WriteBackQueue:
         self._status_dirty = True
         self._status_written = float("-inf")  # clock time
         self._status_lock = threading.Lock()  # serialises snapshot writes (taken before _cond)
+        self._status_wakes_at = float("-inf")  # clock time the status thread sleeps until
         # Uploads submitted without fsync, until the syncer (or sync()) has fsynced them:
         self._unsynced: list[tuple[int, QueuedUpload]] = []  # (submit number, upload)
         self._submitted = 0  # submit number of the last upload queued without fsync
@@ -551,7 +556,8 @@ class WriteBackQueue:
             with self._unsynced_cond:
                 self._submitted += 1
                 self._unsynced.append((self._submitted, item))
-                self._unsynced_cond.notify()
+                if len(self._unsynced) == 1:
+                    self._unsynced_cond.notify()  # the syncer starts its delay; later ones join that group
         with self._cond:
             if self._halt:
                 # Stopped meanwhile: stop() fsyncs it (it waits for submits in progress) for the next start.
@@ -593,12 +599,16 @@ class WriteBackQueue:
         return [i for _, i in group if i.id in failed_ids]
 
     def _sync_loop(self) -> None:
-        """Group commit: fsync whatever was submitted while the last group was being fsynced
-        (after a failure, again a second later)."""
+        """Group commit: ``sync_delay`` after an upload is queued without fsync, fsync it with
+        every other one queued meanwhile (after a failure, again a second later). Waking per
+        upload instead made a ``cp`` of many files one fsync group, and a wake-up, per file."""
         while True:
             with self._unsynced_cond:
                 while not self._unsynced and not self._syncer_stop:
                     self._unsynced_cond.wait()
+                deadline = time.monotonic() + self.sync_delay
+                while not self._syncer_stop and (left := deadline - time.monotonic()) > 0:
+                    self._unsynced_cond.wait(left)
                 if self._syncer_stop:
                     return  # stop() syncs what is left itself
             if self._commit():
@@ -636,6 +646,7 @@ class WriteBackQueue:
                 return None
             item = self._pop_pending(item_id).item
             self._status_dirty = True
+            self._cond.notify_all()  # wait_idle: this may have been the last one
         self._remove_files(item)
         log.info("Upload of %s cancelled: the file was removed before it was sent", item.display)
         self._status_changed()
@@ -981,15 +992,19 @@ class WriteBackQueue:
                     due = self._status_written + (self.status_interval if self._status_dirty else self.heartbeat)
                     if due <= now:
                         break
+                    self._status_wakes_at = due
                     self._cond.wait(due - now)
             self._write_status()
 
     def _status_changed(self) -> None:
-        """Write the snapshot now if the rate limit allows, else leave it to the status thread."""
+        """Write the snapshot now if the rate limit allows, else leave it to the status thread
+        (woken only if it sleeps past the next write's time: not once per file of a ``cp``)."""
         with self._cond:
             self._status_dirty = True
-            due = self._status_written + self.status_interval <= self._clock()
-            self._cond.notify_all()
+            now = self._clock()
+            due = self._status_written + self.status_interval <= now
+            if self._status_wakes_at > max(now, self._status_written) + self.status_interval:
+                self._cond.notify_all()
         if due:
             self._write_status()
 
