@@ -583,7 +583,7 @@ class Vfs:
 
     def fsync(self, fh: int) -> None:
         """Like :meth:`flush`; in write-back mode the queued bytes are also on disk when it
-        returns (close() alone leaves that to the queue's group commit, moments later),
+        returns (close() alone leaves that to the queue's group commit, about a second later),
         whichever handle it comes through (``sync FILE`` opens the file read-only)."""
         handle = self._handle(fh)
         if isinstance(handle, WriteHandle) and handle.dirty:

@@ -11,7 +11,7 @@ The queue directory (``cache_root/spool/writeback``, 0700; files 0600) holds:
   size, attempts, times, last error; never patient data) and always replaced atomically
   (write a temporary file, rename); the bytes are the upload itself, moved in. Both are fsynced
   before :meth:`WriteBackQueue.submit` returns, or, for a ``close()`` without fsync, by the
-  queue's group commit moments later.
+  queue's group commit about a second later (``sync_delay``).
 - ``failed/<id>.json`` + ``failed/<id>.dcm``: an upload the server refused or that failed
   ``max_attempts`` times with an error answer (a server that cannot be reached is retried
   until it is back). The bytes are kept: they may be the only copy.
@@ -514,7 +514,7 @@ class WriteBackQueue:
     def submit(self, store: str, uids: DicomUids, source: Path, *, durable: bool = True) -> QueuedUpload:
         """Queue a checked file: the record (written first) and the bytes (moved in, not copied,
         when on the same filesystem). With ``durable`` both are fsynced with their directory
-        before it returns; without, a background thread fsyncs them in groups moments later
+        before it returns; without, a background thread fsyncs them in groups ``sync_delay`` later
         (:meth:`sync` waits for that), the way a local disk treats a file closed without
         fsync: a crash of the process loses nothing, a power cut in those moments may. A pending
         upload of the same (store, SOP Instance UID) is superseded: the newer bytes win, the
