@@ -1,6 +1,6 @@
-"""A do-nothing read-only passthrough FUSE filesystem: the least any Python FUSE filesystem costs.
+"""A do-nothing passthrough FUSE filesystem: the least any Python FUSE filesystem costs.
 
-    python bench/floor.py SOURCE_DIR MOUNTPOINT [--no-readdirplus]
+    python bench/floor.py SOURCE_DIR MOUNTPOINT [--no-readdirplus] [--writable]
 
 Serves ``SOURCE_DIR`` at ``MOUNTPOINT`` in the foreground until ``fusermount3 -u``. It goes
 through mfusepy and libfuse 3 as DICOMFuse does (``raw_fi=True``, ``use_ns``, multithreaded,
@@ -9,9 +9,10 @@ the same ``attr_timeout``/``entry_timeout``/``negative_timeout`` of 1 s as
 ``os.lstat``, listings from ``os.scandir`` (READDIRPLUS for every page, answered with full
 attributes and offsets, as DICOMFuse answers it, unless ``--no-readdirplus``), ``open`` keeps
 the kernel's page cache and asks for no flush on close, reads are ``os.pread``; each libfuse
-worker keeps its Python thread state, as DICOMFuse's adapter does. The bench mounts it next to
-DICOMFuse to show the cost of the FUSE round trips into Python themselves (see bench/README.md,
-"floor rows").
+worker keeps its Python thread state, as DICOMFuse's adapter does. Read-only unless
+``--writable``: then files can be created and written (``os.pwrite`` into SOURCE_DIR, nothing
+else; flush and release do nothing but close). The bench mounts it next to DICOMFuse to show the
+cost of the FUSE round trips into Python themselves (see bench/README.md, "floor rows").
 
 Standalone on purpose: it imports nothing from the package under test.
 """
@@ -100,6 +101,38 @@ class Passthrough(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
 
+class WritablePassthrough(Passthrough):
+    """``--writable``: what ``cp`` into a folder needs, and nothing more."""
+
+    def open(self, path: str, fi: Any) -> int:
+        fi.fh = os.open(self._real(path), fi.flags & ~(os.O_CREAT | os.O_EXCL))
+        fi.keep_cache = 1
+        return 0
+
+    def create(self, path: str, mode: int, fi: Any) -> int:
+        fi.fh = os.open(self._real(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        return 0
+
+    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+        return os.pwrite(fi.fh, data, offset)
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        os.truncate(self._real(path), length)
+        return 0
+
+    def flush(self, path: str, fi: Any) -> int:
+        return 0
+
+    def chmod(self, path: str, mode: int) -> int:
+        return 0
+
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        return 0
+
+    def utimens(self, path: str, times: Any = None) -> int:
+        return 0
+
+
 _ENSURE = ctypes.pythonapi["PyGILState_Ensure"]
 _ENSURE.restype = ctypes.c_int
 
@@ -139,12 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint")
     parser.add_argument("--no-readdirplus", action="store_true",
                         help="answer READDIRPLUS as mfusepy does (names and types only)")
+    parser.add_argument("--writable", action="store_true", help="files can be created and written")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.source):
         parser.error(f"{args.source} is not a folder")
     FloorFuse.readdirplus = not args.no_readdirplus
+    operations = (WritablePassthrough if args.writable else Passthrough)(args.source)
     try:
-        FloorFuse(Passthrough(args.source), args.mountpoint, raw_fi=True, foreground=True, **OPTIONS)
+        FloorFuse(operations, args.mountpoint, raw_fi=True, foreground=True, **OPTIONS)
     except RuntimeError as exc:  # libfuse's non-zero status: the mount failed, or a signal ended it
         print(f"floor: libfuse returned {exc}", file=sys.stderr)
         return 1

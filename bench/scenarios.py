@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -167,10 +168,10 @@ class Bench:
         self.stack.callback(mount.stop)
         return mount.start()
 
-    def floor(self, label: str, source: Path) -> FloorMount:
+    def floor(self, label: str, source: Path, args: Sequence[str] = ()) -> FloorMount:
         """``bench/floor.py`` serving ``source``, mounted (MountError if it cannot be)."""
         self._mounts += 1
-        mount = FloorMount(source, self.config.workdir / "mounts" / f"{self._mounts:03d}-{label}")
+        mount = FloorMount(source, self.config.workdir / "mounts" / f"{self._mounts:03d}-{label}", args)
         self.stack.callback(mount.stop)
         return mount.start()
 
@@ -650,6 +651,36 @@ def _copy_in(env: Env, mount: Mount, sources: Sequence[Path]) -> tuple[float, fl
     return cp_s, _wait_for_instances(env, env.series, UPLOAD_WAIT_S, since=started)  # never counted
 
 
+def _upload_floor(b: Bench, env: Env, sources: Sequence[Path], rep: int) -> float:
+    """A floor for write-back: ``cp`` into the do-nothing passthrough (``--writable``) while the
+    8-way STOW baseline sends the same files; the seconds until both are done (the server then
+    holds them all). A write-back mount must take the bytes through FUSE into Python and the
+    server must store them: no mount does both in less than this."""
+    assert env.series is not None
+    _empty(env)
+    source = b.scratch(f"upload/floor-{rep}")
+    source.mkdir(parents=True)
+    mount = b.floor(f"upload_floor-{rep}", source, ["--writable"])
+    try:
+        outcome: list[clients.Outcome] = []
+        started = time.perf_counter()
+        sender = threading.Thread(target=lambda: outcome.append(clients.stow_parallel(env.dicomweb, sources)))
+        sender.start()
+        try:
+            run_timed(["cp", *map(str, sources), f"{mount.path}/"])
+        finally:
+            sender.join()
+        if not outcome:
+            raise BenchError("the STOW beside the floor's cp failed")
+        seconds = _wait_for_instances(env, env.series, UPLOAD_WAIT_S, since=started)
+    finally:
+        mount.stop()
+    if sorted(p.name for p in source.iterdir()) != sorted(p.name for p in sources):
+        raise BenchError("the floor filesystem did not receive every file")
+    shutil.rmtree(source)
+    return seconds
+
+
 def upload(b: Bench) -> list[Row]:
     env = b.env("upload")
     series = env.series
@@ -676,7 +707,8 @@ def upload(b: Bench) -> list[Row]:
     base_s: list[float] = []
     cp_s: dict[str, list[float]] = {mode: [] for mode in modes}
     done_s: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(b.repeats(3)):
+    floor = Floor(b, "upload/writeback_floor")
+    for rep in range(b.repeats(3)):
         _empty(env)
         outcome = clients.stow_parallel(env.dicomweb, sources)
         _wait_for_instances(env, series, UPLOAD_WAIT_S)
@@ -687,9 +719,11 @@ def upload(b: Bench) -> list[Row]:
                 copied, listed = _copy_in(env, mount, sources)
             cp_s[mode].append(copied)
             done_s[mode].append(listed)
+        floor_s = floor.measure(lambda rep=rep: _upload_floor(b, env, sources, rep)) if "writeback" in modes else None
         b.log(f"upload: 8-way STOW {outcome.seconds:.2f} s; "
               + "; ".join(f"{mode}: cp {cp_s[mode][-1]:.2f} s, all stored after {done_s[mode][-1]:.2f} s"
-                          for mode in modes))
+                          for mode in modes)
+              + (f"; floor {floor_s:.2f} s" if floor_s is not None else ""))
 
     sync = Row("upload", "sync", judged=False,
                notes=f"{count} × {kib:.0f} KiB, cp into the store folder vs 8-way STOW; "
@@ -705,6 +739,9 @@ def upload(b: Bench) -> list[Row]:
         writeback.details.update(requests=counts["writeback"].requests, baseline_requests=count,
                                  cp_returned_s=[round(x, 4) for x in cp_s["writeback"]])
         rows.append(samples(writeback, done_s["writeback"], base_s))
+        rows += floor.rows("upload", "writeback_floor",
+                           "cp into a do-nothing writable Python FUSE passthrough while the 8-way STOW runs: "
+                           "what any write-back mount must do, perfectly overlapped and nothing more", base_s)
     else:
         writeback.status = NOT_AVAILABLE
         writeback.baseline = median(base_s)

@@ -22,8 +22,8 @@ SCENARIOS = ("cold_cp_series", "cold_ls_l_series", "store_ls_find", "first_bytes
              "upload", "rss_cold_copy")
 ROWS = {"store_ls_find": {"ls", "find", "find_floor"},
         "first_bytes_large": {"first_4k", "first_4k_vs_server_ttfb", "first_4k_floor", "full_copy"},
-        "warm_reread": {"", "floor"}, "upload": {"sync", "writeback"}}
-FLOORS = {"find_floor", "first_4k_floor", "floor"}  # measured here too: a floor that cannot run is N/A
+        "warm_reread": {"", "floor"}, "upload": {"sync", "writeback", "writeback_floor"}}
+FLOORS = {"find_floor", "first_4k_floor", "floor", "writeback_floor"}  # measured here too: a floor that cannot run is N/A
 
 
 def missing_requirement() -> str | None:
