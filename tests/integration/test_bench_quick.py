@@ -23,7 +23,8 @@ SCENARIOS = ("cold_cp_series", "cold_ls_l_series", "store_ls_find", "first_bytes
 ROWS = {"store_ls_find": {"ls", "find", "find_floor"},
         "first_bytes_large": {"first_4k", "first_4k_vs_server_ttfb", "first_4k_floor", "full_copy"},
         "warm_reread": {"", "floor"}, "upload": {"sync", "writeback", "writeback_floor"}}
-FLOORS = {"find_floor", "first_4k_floor", "floor", "writeback_floor"}  # measured here too: a floor that cannot run is N/A
+# Floors are measured here too: a floor that cannot run is N/A.
+FLOORS = {"find_floor", "first_4k_floor", "floor", "writeback_floor"}
 
 
 def missing_requirement() -> str | None:
