@@ -466,6 +466,47 @@ def test_a_damaged_journal_never_crashes_recover(queues, qdir, files, dicom: Dic
             assert PATIENT_NAME not in (qdir / "failed" / name).read_text()
 
 
+def test_a_finished_uploads_record_file_is_reused_for_the_next_record(queues, qdir, files):
+    """No new file (inode) per record while uploads come and go, and none left at stop."""
+    hold = threading.Event()
+    q = make_queue(queues, qdir, FakeSender(hold=hold), workers=1, settle=0.0)
+    q.start()
+    hold.set()
+    first = q.submit("ct", *files.make())
+    assert q.wait_idle(5)
+    [free] = [n for n in os.listdir(qdir) if n.startswith(".free-")]
+    inode = os.stat(qdir / free).st_ino
+    hold.clear()
+    second = q.submit("ct", *files.make())
+    record = record_of(second)
+    assert os.stat(record).st_ino == inode and not (qdir / free).exists()
+    assert json.loads(record.read_text())["id"] == second.id != first.id
+    assert journal(qdir) == sorted([f"{second.id}.dcm", f"{second.id}.json"])
+    hold.set()
+    assert q.wait_idle(5)
+    q.stop()
+    assert not any(n.startswith(".free-") for n in os.listdir(qdir))
+
+
+def test_a_reused_record_file_not_yet_rewritten_is_never_taken_for_the_new_upload(queues, qdir, files):
+    """A crash between taking a free record file and writing it: the file still describes the
+    finished upload under the new name. Its id does not match: the bytes are kept in failed/,
+    never sent where the old record says."""
+    q = make_queue(queues, qdir, FakeSender())
+    old = q.submit("ct", *files.make(study=1))
+    new = q.submit("mr", *files.make(study=2))
+    q.stop(drain=False)
+    record_of(new).write_bytes(record_of(old).read_bytes())  # the stale contents, under the new name
+    record_of(old).unlink()
+    old.path.unlink()
+    sender = FakeSender()
+    q2 = make_queue(queues, qdir, sender)
+    assert q2.recover() == []
+    assert [f.id for f in q2.failed()] == [new.id]
+    q2.start()
+    assert q2.wait_idle(5) and sender.calls == []
+
+
 def test_recover_finishes_an_interrupted_move_to_failed(queues, qdir, files):
     q = make_queue(queues, qdir, FakeSender())
     item = q.submit("ct", *files.make(data=b"abc"))

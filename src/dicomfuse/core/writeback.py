@@ -8,8 +8,12 @@ trips, at the price of errors arriving later: in the log, in ``failed/`` and in
 The queue directory (``cache_root/spool/writeback``, 0700; files 0600) holds:
 
 - ``<id>.json`` + ``<id>.dcm``: one pending upload. The record is small (dataset, store, UIDs,
-  size, attempts, times, last error; never patient data) and always replaced atomically
-  (write a temporary file, rename); the bytes are the upload itself, moved in. Both are fsynced
+  size, attempts, times, last error; never patient data). A new one is written in place before
+  the bytes move in (until they do, a torn record describes nothing, and names its id inside, so
+  a stale one is never taken for it), often in the file of a finished upload's record (a
+  ``.free-<n>.tmp`` file: a new file costs an inode, which ext4 without a journal allocates
+  slowly after many deletions); a record is later rewritten atomically (temporary file, rename).
+  The bytes are the upload itself, moved in. Both are fsynced
   before :meth:`WriteBackQueue.submit` returns, or, for a ``close()`` without fsync, by the
   queue's group commit about a second later (``sync_delay``).
 - ``failed/<id>.json`` + ``failed/<id>.dcm``: an upload the server refused or that failed
@@ -29,6 +33,7 @@ in ``failed/`` rather than send.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -217,6 +222,9 @@ def _move_in(source: Path, target: Path, *, durable: bool = True) -> None:
         _fsync_path(target)
 
 
+_FREE_RECORDS_MAX = 64  # finished records kept for reuse (a cp keeps a few dozen pending at most)
+
+
 def _clean_temporary(directory: Path) -> None:
     """Remove temporary files a crash left half written (their targets are intact)."""
     try:
@@ -343,6 +351,9 @@ class WriteBackQueue:
         self._status_written = float("-inf")  # clock time
         self._status_lock = threading.Lock()  # serialises snapshot writes (taken before _cond)
         self._status_wakes_at = float("-inf")  # clock time the status thread sleeps until
+        self._free_records: list[Path] = []  # record files of finished uploads, to be reused
+        self._free_lock = threading.Lock()
+        self._free_names = itertools.count()
         # Uploads submitted without fsync, until the syncer (or sync()) has fsynced them:
         self._unsynced: list[tuple[int, QueuedUpload]] = []  # (submit number, upload)
         self._submitted = 0  # submit number of the last upload queued without fsync
@@ -544,7 +555,7 @@ class WriteBackQueue:
             last_error=None, dataset=self.dataset,
         )
         record = self._record_path(item)
-        _write_json(record, _record(item), durable=durable)
+        self._write_new_record(record, item, durable=durable)
         try:
             _move_in(source, item.path, durable=durable)
         except BaseException:
@@ -916,12 +927,48 @@ class WriteBackQueue:
 
     def _remove_files(self, item: QueuedUpload) -> None:
         """Forget a confirmed or superseded upload: bytes first, then the record (a record without
-        bytes is discarded by recover(); bytes without a record would be kept as failed)."""
+        bytes is discarded by recover(); bytes without a record would be kept as failed), which
+        is kept for the next upload's record while fewer than ``_FREE_RECORDS_MAX`` are."""
         try:
             _unlink(item.path)
-            _unlink(self._record_path(item))
+            self._recycle_record(self._record_path(item))
         except OSError as exc:  # harmless: the next recover() sends it again or discards it
             log.warning("Cannot remove the queued copy of %s: %s", item.display, exc.strerror)
+
+    def _write_new_record(self, record: Path, item: QueuedUpload, *, durable: bool) -> None:
+        """Write the record of an upload whose bytes are not in the queue yet, in place, in a
+        free record file when there is one."""
+        with self._free_lock:
+            free = self._free_records.pop() if self._free_records else None
+        if free is not None:
+            try:
+                os.replace(free, record)
+            except OSError:
+                pass  # gone meanwhile: a new file then
+        payload = memoryview(json.dumps(_record(item), indent=1).encode("utf-8"))
+        fd = portable.open_fd(record, os.O_CREAT | os.O_TRUNC | os.O_WRONLY)
+        try:
+            while payload:
+                payload = payload[os.write(fd, payload):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _recycle_record(self, record: Path) -> None:
+        """Keep a finished upload's record file (renamed out of the journal) for a new record."""
+        with self._free_lock:
+            name = None if len(self._free_records) >= _FREE_RECORDS_MAX else next(self._free_names)
+        if name is None:
+            _unlink(record)
+            return
+        free = record.with_name(f".free-{name}{_TMP_SUFFIX}")
+        try:
+            os.replace(record, free)
+        except FileNotFoundError:
+            return
+        with self._free_lock:
+            self._free_records.append(free)
 
     def _fail(self, item: QueuedUpload, reason: str) -> QueuedUpload:
         """Move an upload to ``failed/``: record there first, then the bytes, then the pending
@@ -1041,12 +1088,16 @@ class WriteBackQueue:
         }
 
     def _release(self) -> None:
-        """The last snapshot (not running), then the directory lock goes."""
+        """The last snapshot (not running), then the free record files and the directory lock go."""
         self._write_status(force=True)
         with self._cond:
             if self._released:
                 return
             self._released = True
             fd, self._lock_fd = self._lock_fd, None
+        with self._free_lock:
+            free, self._free_records = self._free_records, []
+        for path in free:
+            _unlink(path)
         if fd is not None:
             os.close(fd)
