@@ -86,10 +86,10 @@ def check_upload(path: Path) -> DicomUids | str:
     try:
         tail_of = (lambda count: _read_tail(path, count)) if data is None else (lambda count: data[size - count:])
         problem = _truncation_problem(ds, size, tail_of) or _pixel_data_problem(ds)
+        return problem or uids_of(ds)  # reading a value can raise too (an unknown VR, say)
     except Exception as exc:  # malformed image attributes and the like
         log.debug("cannot check an upload", exc_info=True)
         return f"inconsistent DICOM attributes ({type(exc).__name__})"
-    return problem or uids_of(ds)
 
 
 def _read_if_small(path: Path) -> tuple[bytes | None, int]:

@@ -510,6 +510,27 @@ def test_store_files_refuses_truncated_encapsulated_file(store: LocalStore, tmp_
         assert not outcome.stored, keep
 
 
+def unknown_vr_file(tmp_path: Path) -> Path:
+    """Complete DICOM whose SOPInstanceUID element has a VR no standard defines ("UQ")."""
+    data = write(tmp_path / "good.dcm").read_bytes()
+    at = data.index(b"\x08\x00\x18\x00UI")
+    bad = tmp_path / "unknown-vr.dcm"
+    bad.write_bytes(data[:at + 4] + b"UQ" + data[at + 6:])
+    return bad
+
+
+def test_a_value_that_cannot_be_read_is_a_refusal_not_an_exception(store: LocalStore, tmp_path: Path,
+                                                                    parsed: str) -> None:
+    """check_upload returns the reason for every file it cannot accept: an exception escaping it
+    failed a copy with EIO, leaked its handle and stopped the next mount from starting."""
+    from dicomfuse.dicomfile import check_upload
+
+    bad = unknown_vr_file(tmp_path)
+    assert check_upload(bad) == "inconsistent DICOM attributes (NotImplementedError)"
+    [outcome] = store.store_files([bad])
+    assert not outcome.stored and "inconsistent" in (outcome.reason or "")
+
+
 def test_store_files_refuses_short_pixel_data(store: LocalStore, tmp_path: Path, parsed: str) -> None:
     ds = samples.make_dataset(STUDY, SERIES, SOP, pixel_bytes=4096)
     ds.PixelData = ds.PixelData[:100]

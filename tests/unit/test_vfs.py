@@ -326,6 +326,51 @@ def test_check_delete_foresees_refusals_and_changes_nothing(dataset, tmp_path, d
     assert errno_of(locked.check_delete, target) == errno.EPERM
 
 
+def test_a_file_whose_values_cannot_be_read_fails_its_copy_cleanly(dataset, tmp_path, dicom: DicomFactory):
+    """A value pydicom cannot read (an unknown VR): close() says EINVAL, the handle is closed,
+    the bytes are kept in failed/, and the next mount on the same cache starts."""
+    data = dicom.instance().path.read_bytes()
+    at = data.index(b"\x08\x00\x18\x00UI")
+    bad = data[:at + 4] + b"UQ" + data[at + 6:]
+    vfs = make_vfs(dataset, tmp_path)
+    fh = vfs.create("/store/bad.dcm").fh
+    vfs.write(fh, bad, 0)
+    assert errno_of(vfs.flush, fh) == errno.EINVAL
+    vfs.release(fh)
+    assert [p.read_bytes() for p in vfs.spool.failed.iterdir() if not p.name.endswith(".json")] == [bad]
+    assert not list(vfs.spool.directory.glob("*.part"))
+    vfs.shutdown()
+    make_vfs(dataset, tmp_path).shutdown()
+
+
+def test_a_bug_in_the_upload_check_loses_no_bytes_and_no_handle(dataset, tmp_path, dicom: DicomFactory,
+                                                                monkeypatch):
+    """Should the check raise anything unexpected: release still closes the handle and keeps the
+    bytes, and a mount starting over such a leftover file starts."""
+    from dicomfuse.core import uploads
+    from dicomfuse.core import vfs as vfs_module
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("bug")
+
+    data = dicom.instance().path.read_bytes()
+    vfs = make_vfs(dataset, tmp_path)
+    monkeypatch.setattr(vfs_module, "inspect_dicom", broken)
+    fh = vfs.create("/store/a.dcm").fh
+    vfs.write(fh, data, 0)
+    with pytest.raises(RuntimeError):
+        vfs.flush(fh)
+    vfs.release(fh)
+    assert [p.read_bytes() for p in vfs.spool.failed.iterdir() if not p.name.endswith(".json")] == [data]
+    assert not list(vfs.spool.directory.glob("*.part"))
+    vfs.shutdown()
+    orphan = vfs.spool.directory / "99999-1-1.part"  # left by a mount that was killed
+    orphan.write_bytes(data)
+    monkeypatch.setattr(uploads, "check_upload", broken)
+    make_vfs(dataset, tmp_path).shutdown()
+    assert orphan.read_bytes() == data  # not understood, so left where it is: never deleted
+
+
 def test_a_refused_file_is_not_sent_again_unless_it_changes(dataset, tmp_path):
     vfs = make_vfs(dataset, tmp_path)
     fh = vfs.create("/store/notes.dcm").fh

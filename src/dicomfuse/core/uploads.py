@@ -218,6 +218,8 @@ class Spool:
                 continue  # another mount starting at the same time took it
             except OSError as exc:
                 log.error("Cannot keep the spool file %s left by a mount that stopped: %s", path, exc.strerror or exc)
+            except Exception:  # never stop a mount from starting over one file
+                log.exception("Cannot look at the spool file %s left by a mount that stopped", path)
         return kept
 
     @staticmethod

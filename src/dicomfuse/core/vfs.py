@@ -620,6 +620,10 @@ class Vfs:
                     self._upload(handle)
                 except FsError as exc:
                     log.debug("Upload at release failed: %s", exc)
+                except Exception:  # a bug: the handle is still closed, and the bytes kept, not lost
+                    log.exception("Upload of %s at release failed unexpectedly", handle.path)
+                    handle.dirty = False
+                    self._keep_failed(handle, "unexpected error; see the log")
             empty = handle.new and handle.size == 0  # the size only matters for a new file
             self._close_fd(handle.fd)  # first: Windows cannot move or delete a file that is open
             if handle.queued:
