@@ -512,6 +512,27 @@ def test_the_uids_read_at_close_go_to_the_store_with_the_file(dataset, tmp_path,
     vfs.shutdown()
 
 
+def test_a_queued_file_cannot_be_changed_through_the_handle_that_queued_it(dataset, tmp_path,
+                                                                        dicom: DicomFactory):
+    """fsync queues the file, and the handle's fd is then the queued bytes (shared with the
+    cache): neither write nor ftruncate may change them; a new open may."""
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    assert vfs.writeback is not None
+    inst = dicom.instance()
+    data = inst.path.read_bytes()
+    fh = vfs.create("/store/a.dcm").fh
+    vfs.write(fh, data, 0)
+    vfs.fsync(fh)
+    assert errno_of(vfs.truncate, "/store/a.dcm", len(data) // 2, fh) == errno.EIO
+    assert errno_of(vfs.write, fh, b"x", 0) == errno.EIO
+    vfs.release(fh)
+    assert vfs.writeback.wait_idle(10)
+    stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+    assert stored.read_bytes() == data
+    assert read(vfs, f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm") == data
+    vfs.shutdown()
+
+
 def test_write_back_fsync_puts_the_queued_file_on_disk_and_close_alone_does_not_wait(
         dataset, tmp_path, dicom: DicomFactory, monkeypatch):
     """cp (no fsync): close() queues the file and the queue fsyncs it in a group moments later;

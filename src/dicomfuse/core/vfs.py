@@ -561,6 +561,9 @@ class Vfs:
                 return
         if isinstance(handle, (WriteHandle, LocalHandle)):
             if isinstance(handle, WriteHandle):
+                if handle.queued:  # its fd is the queued file itself, shared with the cache
+                    raise FsError(errno.EIO, f"truncate: {handle.path} was handed to the upload queue; "
+                                  "open it again to change it", logging.ERROR)
                 if length > 0 and handle.overwrites is not None and not handle.dirty:
                     # An instance opened for writing and cut to a size before anything was written
                     # (truncate -s N): not a rewrite. Cutting to 0 is how WinFsp and macFUSE
