@@ -200,6 +200,27 @@ def test_overwrite_existing_instance(backend: Backend, mount_factory, dicom: Dic
     assert target.read_bytes() == newer.read_bytes()
 
 
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+def test_an_instance_read_then_overwritten_with_as_many_bytes_reads_the_new_ones(
+        backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path, mode: str):
+    """The OS keeps a file's pages while its size and time look unchanged: after an overwrite
+    through another name (cp to the store folder), the instance's own path must not keep
+    serving the old bytes from them."""
+    if not backend.can_delete:
+        pytest.skip("overwrite needs delete on this server")
+    old = dicom.instance(pixel_bytes=1000)
+    backend.seed([old])
+    m = mount_factory(backend, "--uploadMode", mode)
+    target = backend.instance_path(m, old)
+    assert target.read_bytes() == old.path.read_bytes()  # now in the OS's page cache
+    data = old.path.read_bytes()
+    newer = tmp_path / "newer.dcm"
+    newer.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # the last pixel changed, nothing else
+    r = run("cp", newer, m.path / backend.store_name / "again.dcm")
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == newer.read_bytes()
+
+
 def test_rm_deletes_instance(backend: Backend, mount_factory, dicom: DicomFactory):
     keep, gone = dicom.series(2)
     backend.seed([keep, gone])

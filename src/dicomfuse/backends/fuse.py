@@ -101,7 +101,8 @@ class FuseOperations(mfusepy.Operations):
         self.initialized = True
 
     def _invalidate(self, path: str) -> None:
-        """Tell the kernel to drop cached attributes of ``path`` (its size was learnt)."""
+        """Tell the kernel to drop the cached attributes and pages of ``path`` (its size was learnt,
+        or it was written anew); nothing to do if the kernel has never looked it up."""
         if self._fuse:
             try:
                 mfusepy._libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape"))

@@ -1406,6 +1406,9 @@ class Vfs:
         self.listings.note_added(target.parent, target.name, Entry(False, size))
         if evict:
             self.cache.evict(self._key(target))
+        # The OS may hold pages of the instance read before: same size and time, so it would go on
+        # serving them (a flush or release of this file is not an operation the notice waits for).
+        self.notify_changed(str(target))
         if written != target:
             with self._lock:
                 self._aliases[written] = Alias(ident, size, time.monotonic())
