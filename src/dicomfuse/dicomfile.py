@@ -37,6 +37,7 @@ Parsed from the file, pydicom makes a seek system call per element, and at each 
 thread of the mount (a sender, a download) may take the GIL from the callback a program waits
 for: ``close()`` of every file copied in does this check."""
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_LONGEST_HEADER = 12  # tag, VR, 2 reserved bytes, 32-bit length (explicit VR OB, SQ, UT, ...)
 _IMAGE_PIXEL_ATTRIBUTES = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation")
 _OTHER_PIXEL_SOURCES = ("FloatPixelData", "DoubleFloatPixelData", "PixelDataProviderURL")
 
@@ -122,6 +123,9 @@ def _truncation_problem(ds: pydicom.Dataset, size: int, tail_of: Callable[[int],
     tags = sorted(ds.keys())
     if not tags:
         return "no data set after the file meta information (truncated?)"
+    order = _order_problem(ds, tags)
+    if order:
+        return order
     ends = [end for end in map(_element_end, _raw_items(ds, tags)) if end is not None]
     if ends and max(ends) > size:
         return "truncated DICOM file: an element runs past the end of the file"
@@ -131,6 +135,25 @@ def _truncation_problem(ds: pydicom.Dataset, size: int, tail_of: Callable[[int],
     tail = size - max(ends)
     if tail and (tail >= 8 or any(tail_of(tail))):
         return "truncated DICOM file: the last element is incomplete"
+    return None
+
+
+def _order_problem(ds: pydicom.Dataset, tags: list[BaseTag]) -> str | None:
+    """Top-level elements out of ascending tag order, or one repeated. pydicom keeps the last
+    copy of a repeated element and a server may keep the first (Orthanc does): the mount and the
+    server would then disagree on the file's UIDs. In tag order, each element must start after
+    the one before, right after it (a header is 8 or 12 bytes) when that one's end is known;
+    a repeated element leaves a gap there (its other copy) or comes back later in the file."""
+    previous_tell = -1
+    previous_end: int | None = None
+    for elem in _raw_items(ds, tags):
+        if not isinstance(elem, RawDataElement) or elem.value_tell is None:
+            previous_end = None
+            continue
+        if elem.value_tell <= previous_tell or (previous_end is not None
+                                                and elem.value_tell - previous_end > _LONGEST_HEADER):
+            return "DICOM elements out of order or repeated (the file's identity would be ambiguous)"
+        previous_tell, previous_end = elem.value_tell, _element_end(elem)
     return None
 
 

@@ -531,6 +531,36 @@ def test_a_value_that_cannot_be_read_is_a_refusal_not_an_exception(store: LocalS
     assert not outcome.stored and "inconsistent" in (outcome.reason or "")
 
 
+def _sop_element(data: bytes) -> tuple[int, int]:
+    """Start and end of the SOPInstanceUID element of an explicit VR little endian file."""
+    start = data.index(b"\x08\x00\x18\x00UI")
+    return start, start + 8 + int.from_bytes(data[start + 6:start + 8], "little")
+
+
+def _sop(value: str) -> bytes:
+    raw = value.encode() + (b"\0" if len(value) % 2 else b"")
+    return b"\x08\x00\x18\x00UI" + len(raw).to_bytes(2, "little") + raw
+
+
+@pytest.mark.parametrize("layout", ["repeated at the end", "repeated next to it", "moved to the end"])
+def test_store_files_refuses_elements_repeated_or_out_of_order(store: LocalStore, tmp_path: Path, parsed: str,
+                                                               layout: str) -> None:
+    """pydicom keeps the last copy of a repeated element, a server may keep the first: such a
+    file would be stored under UIDs other than those the mount shows. Refused at close."""
+    data = write(tmp_path / "good.dcm").read_bytes()
+    start, end = _sop_element(data)
+    other = _sop(uid("other"))
+    bad = {"repeated at the end": data + other,
+           "repeated next to it": data[:end] + other + data[end:],
+           "moved to the end": data[:start] + data[end:] + data[start:end]}[layout]
+    path = tmp_path / "bad.dcm"
+    path.write_bytes(bad)
+    [outcome] = store.store_files([path])
+    assert not outcome.stored
+    assert outcome.reason == "DICOM elements out of order or repeated (the file's identity would be ambiguous)"
+    assert list(store.studies()) == []
+
+
 def test_store_files_refuses_short_pixel_data(store: LocalStore, tmp_path: Path, parsed: str) -> None:
     ds = samples.make_dataset(STUDY, SERIES, SOP, pixel_bytes=4096)
     ds.PixelData = ds.PixelData[:100]
