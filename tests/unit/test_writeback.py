@@ -488,6 +488,30 @@ def test_a_finished_uploads_record_file_is_reused_for_the_next_record(queues, qd
     assert not any(n.startswith(".free-") for n in os.listdir(qdir))
 
 
+def test_no_free_record_file_is_left_when_stop_returns_before_a_batch_in_flight(queues, qdir, files):
+    """stop() with a sender still busy (a server that hangs): the process may exit before that
+    sender ends, so the free record files go at stop, and the batch finishing later keeps none."""
+    hold = threading.Event()
+    hold.set()
+    sender = FakeSender(hold=hold)
+    q = make_queue(queues, qdir, sender, workers=1, settle=0.0)
+    q.start()
+    for _ in range(2):
+        q.submit("ct", *files.make())
+    assert q.wait_idle(5)
+    assert sum(n.startswith(".free-") for n in os.listdir(qdir)) == 2
+    hold.clear()
+    q.submit("ct", *files.make())  # takes one of them for its record
+    wait_for_status(qdir, lambda st: st.get("in_flight") == 1)
+    q.stop(timeout=0.3)  # returns with the batch still in flight
+    assert not any(n.startswith(".free-") for n in os.listdir(qdir))
+    hold.set()
+    deadline = time.monotonic() + 5
+    while journal(qdir) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert journal(qdir) == [] and not any(n.startswith(".free-") for n in os.listdir(qdir))
+
+
 def test_a_reused_record_file_not_yet_rewritten_is_never_taken_for_the_new_upload(queues, qdir, files):
     """A crash between taking a free record file and writing it: the file still describes the
     finished upload under the new name. Its id does not match: the bytes are kept in failed/,

@@ -352,6 +352,7 @@ class WriteBackQueue:
         self._status_lock = threading.Lock()  # serialises snapshot writes (taken before _cond)
         self._status_wakes_at = float("-inf")  # clock time the status thread sleeps until
         self._free_records: list[Path] = []  # record files of finished uploads, to be reused
+        self._recycling = True  # until stop(): no new record is written after it
         self._free_lock = threading.Lock()
         self._free_names = itertools.count()
         # Uploads submitted without fsync, until the syncer (or sync()) has fsynced them:
@@ -513,6 +514,7 @@ class WriteBackQueue:
         if left:
             log.info("%d write-back upload(s) stay queued in %s; the next mount in write-back mode sends them",
                      left, self.directory)
+        self._drop_free_records()  # also when a sender is still busy: the process may exit first
         if alive:
             log.warning("The write-back queue stopped with %d upload batch(es) still being sent; "
                         "they stay queued until the server confirms them", alive)
@@ -955,10 +957,19 @@ class WriteBackQueue:
         finally:
             os.close(fd)
 
+    def _drop_free_records(self) -> None:
+        """Remove the free record files, and keep none from now on (the queue is stopping)."""
+        with self._free_lock:
+            self._recycling = False
+            free, self._free_records = self._free_records, []
+        for path in free:
+            _unlink(path)
+
     def _recycle_record(self, record: Path) -> None:
         """Keep a finished upload's record file (renamed out of the journal) for a new record."""
         with self._free_lock:
-            name = None if len(self._free_records) >= _FREE_RECORDS_MAX else next(self._free_names)
+            keep = self._recycling and len(self._free_records) < _FREE_RECORDS_MAX
+            name = next(self._free_names) if keep else None
         if name is None:
             _unlink(record)
             return
@@ -1088,16 +1099,13 @@ class WriteBackQueue:
         }
 
     def _release(self) -> None:
-        """The last snapshot (not running), then the free record files and the directory lock go."""
+        """The last snapshot (not running), then the directory lock goes."""
         self._write_status(force=True)
         with self._cond:
             if self._released:
                 return
             self._released = True
             fd, self._lock_fd = self._lock_fd, None
-        with self._free_lock:
-            free, self._free_records = self._free_records, []
-        for path in free:
-            _unlink(path)
+        self._drop_free_records()
         if fd is not None:
             os.close(fd)
