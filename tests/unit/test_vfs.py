@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -530,6 +531,64 @@ def test_a_queued_file_cannot_be_changed_through_the_handle_that_queued_it(datas
     stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
     assert stored.read_bytes() == data
     assert read(vfs, f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm") == data
+    vfs.shutdown()
+
+
+def _held_sends(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """LocalStore.store_files waits for ``release`` (``sending`` is set while it waits)."""
+    from dicomfuse.stores.local import LocalStore
+
+    sending, release = threading.Event(), threading.Event()
+    real = LocalStore.store_files
+
+    def store_files(self, paths, uids=None):  # type: ignore[no-untyped-def]
+        sending.set()
+        assert release.wait(10)
+        return real(self, paths, uids)
+
+    monkeypatch.setattr(LocalStore, "store_files", store_files)
+    return sending, release
+
+
+@pytest.mark.parametrize("newer_queued", [False, True])
+def test_rm_of_a_file_whose_upload_is_being_sent_deletes_it_once_stored(dataset, tmp_path, dicom: DicomFactory,
+                                                                        monkeypatch, newer_queued: bool):
+    """rm succeeds at once; the copy being sent cannot be stopped, so it is deleted from the
+    server when the server confirms it (a newer copy still queued is simply dropped)."""
+    sending, release = _held_sends(monkeypatch)
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    assert vfs.writeback is not None
+    inst = dicom.instance()
+    data = inst.path.read_bytes()
+    upload(vfs, "/store/a.dcm", data)
+    assert sending.wait(10)
+    path = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    if newer_queued:
+        upload(vfs, "/store/again.dcm", data[:-1] + bytes([data[-1] ^ 0xFF]))
+    vfs.unlink(path)
+    assert errno_of(vfs.getattr, path) == errno.ENOENT
+    release.set()
+    assert vfs.writeback.wait_idle(10)
+    stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+    assert not stored.exists()
+    assert errno_of(vfs.getattr, path) == errno.ENOENT
+    vfs.shutdown()
+
+
+def test_a_file_written_again_after_rm_during_its_upload_stays(dataset, tmp_path, dicom: DicomFactory, monkeypatch):
+    sending, release = _held_sends(monkeypatch)
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    assert vfs.writeback is not None
+    inst = dicom.instance()
+    data = inst.path.read_bytes()
+    upload(vfs, "/store/a.dcm", data)
+    assert sending.wait(10)
+    vfs.unlink(f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm")
+    upload(vfs, "/store/b.dcm", data)  # copied in again: it must stay
+    release.set()
+    assert vfs.writeback.wait_idle(10)
+    stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+    assert stored.read_bytes() == data
     vfs.shutdown()
 
 

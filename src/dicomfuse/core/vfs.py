@@ -195,6 +195,9 @@ class Vfs:
         # first: nothing is lost).
         self._replaces: dict[tuple[str, str], DicomUids] = {}
         self._too_large: set[DicomPath] = set()  # instances of unknown size found larger than cacheSize/4
+        # (store, SOP Instance UID) removed (rm) while a write-back copy of it was being sent:
+        # deleted from the server once that upload is confirmed.
+        self._delete_when_stored: set[tuple[str, str]] = set()
 
     # ======================================================================================
     # lifecycle
@@ -431,12 +434,19 @@ class Vfs:
         uid = instance_uid(p.name)
         assert uid is not None  # _resolve only finds instances under their UID names
         # A copy still waiting in the write-back queue is never sent; the server may hold an
-        # older one (an overwrite), which goes like any instance.
+        # older one (an overwrite), which goes like any instance. A copy being sent cannot be
+        # stopped: it is deleted once the server confirms it.
         cancelled = self.writeback.cancel(p.store, uid) if self.writeback is not None else None
+        sending = self.writeback is not None and self.writeback.sending(p.store, uid)
+        if sending:
+            with self._lock:
+                self._delete_when_stored.add((p.store, uid))
         try:
             self._remote(f"delete {p}", self._store(p.store).delete_instance, p.study, p.series, uid)
         except FsError as exc:
-            if cancelled is None or exc.errno != errno.ENOENT:
+            if (cancelled is None and not sending) or exc.errno != errno.ENOENT:
+                with self._lock:
+                    self._delete_when_stored.discard((p.store, uid))
                 raise
         self.listings.note_removed(p.parent, p.name)
         self.cache.evict(self._key(p))
@@ -1302,7 +1312,11 @@ class Vfs:
             previous_kept = item.id in self._previous_kept
             self._previous_kept.discard(item.id)
             replaced = self._replaces.pop((item.store, u.sop_uid), None)
-        if stored:
+            removed = (item.store, u.sop_uid) in self._delete_when_stored
+            self._delete_when_stored.discard((item.store, u.sop_uid))
+        if stored and removed:
+            self._delete_removed(target)
+        elif stored:
             self._note_stored_here(item.store, u.sop_uid)
             if replaced is not None:
                 self._delete_replaced(item.store, replaced)
@@ -1314,6 +1328,18 @@ class Vfs:
             self.listings.note_added(target.parent, target.name, Entry(False))
         else:
             self.listings.note_removed(target.parent, target.name)
+
+    def _delete_removed(self, target: DicomPath) -> None:
+        """An upload confirmed after its file was removed (rm while it was being sent): the
+        instance goes from the server, as the rm said."""
+        try:
+            self._store(target.store).delete_instance(target.study, target.series, instance_uid(target.name))
+        except (StoreError, FsError) as exc:
+            log.error("%s was removed while it was being uploaded, and deleting it from the server afterwards "
+                      "failed (%s): it is on the server", target, exc)
+            return
+        self.cache.evict(self._key(target))
+        log.info("Deleted instance %s: removed while it was being uploaded", target)
 
     def _instance_exists(self, store: Store, ident: DicomUids) -> bool:
         """Whether the server holds the instance. What this mount itself just stored or deleted
@@ -1400,6 +1426,8 @@ class Vfs:
 
     def _note_uploaded(self, written: DicomPath, target: DicomPath, ident: DicomUids, size: int,
                        *, evict: bool = True) -> None:
+        with self._lock:  # written again after an rm: this copy stays, whatever was sent before
+            self._delete_when_stored.discard((target.store, ident.sop_uid))
         store_path = DicomPath((target.store,))
         self.listings.note_added(store_path, ident.study_uid, Entry(True))
         self.listings.note_added(store_path.child(ident.study_uid), ident.series_uid, Entry(True))

@@ -677,6 +677,11 @@ class WriteBackQueue:
                     return item.path
         return None
 
+    def sending(self, store: str, sop_uid: str) -> bool:
+        """Whether a copy of this instance is being sent now (it can no longer be cancelled)."""
+        with self._cond:
+            return any((i.store, i.uids.sop_uid) == (store, sop_uid) for i in self._in_flight.values())
+
     def has_pending(self, store: str, sop_uid: str) -> bool:
         """Whether a copy of this instance is queued and not yet being sent."""
         with self._cond:
