@@ -372,6 +372,25 @@ def test_a_bug_in_the_upload_check_loses_no_bytes_and_no_handle(dataset, tmp_pat
     assert orphan.read_bytes() == data  # not understood, so left where it is: never deleted
 
 
+def test_a_backup_left_by_an_overwrite_the_mount_stopped_in_is_not_kept_as_an_upload(dataset, tmp_path,
+                                                                                     dicom: DicomFactory):
+    """The server's old copy, read before an overwrite, is not the user's file: after a crash it
+    is removed at the next start, while an upload left half-way is kept in failed/."""
+    from dicomfuse.core.uploads import BACKUP_SUFFIX, PART_SUFFIX
+
+    vfs = make_vfs(dataset, tmp_path)
+    vfs.shutdown()
+    data = dicom.instance().path.read_bytes()
+    backup = vfs.spool.directory / f"99999-1-1{BACKUP_SUFFIX}"  # left by a mount that was killed
+    upload_left = vfs.spool.directory / f"99999-1-2{PART_SUFFIX}"
+    backup.write_bytes(data)
+    upload_left.write_bytes(data)
+    after = make_vfs(dataset, tmp_path)
+    assert not backup.exists() and not upload_left.exists()
+    assert [p.read_bytes() for p in after.spool.failed.iterdir() if not p.name.endswith(".json")] == [data]
+    after.shutdown()
+
+
 def test_a_refused_file_is_not_sent_again_unless_it_changes(dataset, tmp_path):
     vfs = make_vfs(dataset, tmp_path)
     fh = vfs.create("/store/notes.dcm").fh

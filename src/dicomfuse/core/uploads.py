@@ -29,6 +29,7 @@ from dicomfuse.dicomfile import DicomUids, check_upload
 log = logging.getLogger(__name__)
 
 PART_SUFFIX = ".part"
+BACKUP_SUFFIX = ".previous"  # the server's copy of an instance being overwritten
 SIDECAR_SUFFIX = ".json"
 ORPHAN_REASON = "the mount stopped (crash or kill) before this file was uploaded"
 # log.warning(ORPHANS_WARNING, len(kept), spool.failed): see orphans_warning()
@@ -142,9 +143,10 @@ class Spool:
         self._prefix = f"{os.getpid()}-{int(time.time())}"
         _OWN_PREFIXES.add(self._prefix)
 
-    def new_file(self) -> tuple[Path, int]:
-        """A new empty 0600 file and a read/write fd on it."""
-        path = self.directory / f"{self._prefix}-{next(_NAMES)}{PART_SUFFIX}"
+    def new_file(self, suffix: str = PART_SUFFIX) -> tuple[Path, int]:
+        """A new empty 0600 file and a read/write fd on it: an upload being written, or with
+        ``BACKUP_SUFFIX`` the copy of an instance an overwrite may have to store back."""
+        path = self.directory / f"{self._prefix}-{next(_NAMES)}{suffix}"
         fd = portable.open_fd(path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
         return path, fd
 
@@ -175,10 +177,11 @@ class Spool:
             log.warning("Cannot write the note beside %s: %s", target, exc.strerror or exc)
         return target
 
-    def orphans(self) -> list[Path]:
-        """Spool files (``<pid>-<time>-<n>.part``) whose writer is gone: its process is dead, or
-        it has this process's pid but was not written by a spool of this process (a restart that
-        reused the pid, as in a container). A live process of another pid keeps its files."""
+    def orphans(self, suffix: str = PART_SUFFIX) -> list[Path]:
+        """Spool files (``<pid>-<time>-<n>.part``, or another ``suffix``) whose writer is gone:
+        its process is dead, or it has this process's pid but was not written by a spool of this
+        process (a restart that reused the pid, as in a container). A live process of another
+        pid keeps its files."""
         try:
             names = sorted(os.listdir(self.directory))
         except OSError:
@@ -186,9 +189,9 @@ class Spool:
         own_pid = os.getpid()
         found = []
         for name in names:
-            if not name.endswith(PART_SUFFIX):
+            if not name.endswith(suffix):
                 continue
-            parts = name[: -len(PART_SUFFIX)].split("-")
+            parts = name[: -len(suffix)].split("-")
             if len(parts) != 3 or not all(p.isdigit() for p in parts):
                 continue
             pid = int(parts[0])
@@ -204,7 +207,15 @@ class Spool:
 
     def rescue_orphans(self) -> list[Path]:
         """Move each non-empty orphan to ``failed/`` (with a sidecar saying why; named by its
-        SOPInstanceUID when it is complete DICOM), delete empty ones; return the kept paths."""
+        SOPInstanceUID when it is complete DICOM), delete empty ones; return the kept paths.
+        Backups left by an overwrite the mount stopped in are deleted: they are the server's old
+        copy, which the user was replacing, and the new bytes are kept (or queued) themselves."""
+        backups = self.orphans(BACKUP_SUFFIX)
+        for path in backups:
+            self.discard(path)
+        if backups:
+            log.info("Removed %d copies of instances being overwritten when a mount stopped (their new "
+                     "bytes are kept in %s, or queued)", len(backups), self.failed)
         kept = []
         for path in self.orphans():
             try:

@@ -35,7 +35,7 @@ from dicomfuse.core.policy import Op, OperationPolicy
 from dicomfuse.core.readahead import ReadAhead
 from dicomfuse.core.sizes import Caller, StatProbePolicy
 from dicomfuse.core.tree import Entry, ListingCache
-from dicomfuse.core.uploads import ORPHANS_WARNING, Spool, inspect_dicom, sidecar_path
+from dicomfuse.core.uploads import BACKUP_SUFFIX, ORPHANS_WARNING, Spool, inspect_dicom, sidecar_path
 from dicomfuse.core.workdirs import WorkDirs
 from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir, record_paths
 from dicomfuse.dicomfile import DicomUids
@@ -1367,7 +1367,7 @@ class Vfs:
         """Overwrite an existing instance with the file ``source`` (written as ``label``):
         delete, then store; if the new bytes are refused, the old instance is stored back.
         Identical bytes change nothing."""
-        backup_path, backup_fd = self.spool.new_file()
+        backup_path, backup_fd = self.spool.new_file(BACKUP_SUFFIX)
         source_fd = portable.open_fd(source, os.O_RDONLY)
         try:
             try:
