@@ -569,11 +569,9 @@ def _held_sends(monkeypatch) -> tuple[threading.Event, threading.Event]:
     return sending, release
 
 
-@pytest.mark.parametrize("newer_queued", [False, True])
-def test_rm_of_a_file_whose_upload_is_being_sent_deletes_it_once_stored(dataset, tmp_path, dicom: DicomFactory,
-                                                                        monkeypatch, newer_queued: bool):
-    """rm succeeds at once; the copy being sent cannot be stopped, so it is deleted from the
-    server when the server confirms it (a newer copy still queued is simply dropped)."""
+def _uploading(dataset, tmp_path, dicom: DicomFactory, monkeypatch):  # type: ignore[no-untyped-def]
+    """A write-back Vfs whose upload of one instance (copied in as /store/a.dcm) is being sent
+    and held there: (vfs, instance, its bytes, the event that lets the send go on)."""
     sending, release = _held_sends(monkeypatch)
     vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
     assert vfs.writeback is not None
@@ -581,6 +579,15 @@ def test_rm_of_a_file_whose_upload_is_being_sent_deletes_it_once_stored(dataset,
     data = inst.path.read_bytes()
     upload(vfs, "/store/a.dcm", data)
     assert sending.wait(10)
+    return vfs, inst, data, release
+
+
+@pytest.mark.parametrize("newer_queued", [False, True])
+def test_rm_of_a_file_whose_upload_is_being_sent_deletes_it_once_stored(dataset, tmp_path, dicom: DicomFactory,
+                                                                        monkeypatch, newer_queued: bool):
+    """rm succeeds at once; the copy being sent cannot be stopped, so it is deleted from the
+    server when the server confirms it (a newer copy still queued is simply dropped)."""
+    vfs, inst, data, release = _uploading(dataset, tmp_path, dicom, monkeypatch)
     path = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
     if newer_queued:
         upload(vfs, "/store/again.dcm", data[:-1] + bytes([data[-1] ^ 0xFF]))
@@ -595,13 +602,7 @@ def test_rm_of_a_file_whose_upload_is_being_sent_deletes_it_once_stored(dataset,
 
 
 def test_a_file_written_again_after_rm_during_its_upload_stays(dataset, tmp_path, dicom: DicomFactory, monkeypatch):
-    sending, release = _held_sends(monkeypatch)
-    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
-    assert vfs.writeback is not None
-    inst = dicom.instance()
-    data = inst.path.read_bytes()
-    upload(vfs, "/store/a.dcm", data)
-    assert sending.wait(10)
+    vfs, inst, data, release = _uploading(dataset, tmp_path, dicom, monkeypatch)
     vfs.unlink(f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm")
     upload(vfs, "/store/b.dcm", data)  # copied in again: it must stay
     release.set()

@@ -89,22 +89,28 @@ def write_sidecar(path: Path, info: FailedInfo) -> None:
     write_json_atomic(sidecar_path(path), data)
 
 
+def write_json(fd: int, data: dict[str, Any], *, durable: bool, private: bool = False) -> None:
+    """Write ``data`` as JSON to the new or emptied file ``fd`` (made 0600 first when
+    ``private``), fsync it when ``durable``, and close it (also on failure)."""
+    try:
+        if private:
+            portable.make_private(fd)
+        view = memoryview(json.dumps(data, indent=1).encode("utf-8"))
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` as JSON, 0600: a temporary file (hidden; fsynced when
     ``durable``), then a rename, so a reader sees the old or the new contents, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_NAMES)}{_TMP_SUFFIX}")
-    payload = json.dumps(data, indent=1).encode("utf-8")
     fd = portable.open_fd(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     try:
-        try:
-            portable.make_private(fd)
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_json(fd, data, durable=durable, private=True)
         os.replace(tmp, path)
     except BaseException:
         Spool.discard(tmp)

@@ -51,7 +51,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from dicomfuse.core import portable
-from dicomfuse.core.uploads import write_json_atomic
+from dicomfuse.core.uploads import write_json, write_json_atomic
 from dicomfuse.core.workdirs import private_dir
 from dicomfuse.dicomfile import DicomUids, check_upload, is_uid
 from dicomfuse.stores.base import StoreError, Unavailable
@@ -952,15 +952,7 @@ class WriteBackQueue:
                 os.replace(free, record)
             except OSError:
                 pass  # gone meanwhile: a new file then
-        payload = memoryview(json.dumps(_record(item), indent=1).encode("utf-8"))
-        fd = portable.open_fd(record, os.O_CREAT | os.O_TRUNC | os.O_WRONLY)
-        try:
-            while payload:
-                payload = payload[os.write(fd, payload):]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_json(portable.open_fd(record, os.O_CREAT | os.O_TRUNC | os.O_WRONLY), _record(item), durable=durable)
 
     def _drop_free_records(self) -> None:
         """Remove the free record files, and keep none from now on (the queue is stopping)."""
