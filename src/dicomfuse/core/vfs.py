@@ -1314,10 +1314,11 @@ class Vfs:
             replaced = self._replaces.pop((item.store, u.sop_uid), None)
             removed = (item.store, u.sop_uid) in self._delete_when_stored
             self._delete_when_stored.discard((item.store, u.sop_uid))
-        if stored and removed:
-            self._delete_removed(target)
-        elif stored:
-            self._note_stored_here(item.store, u.sop_uid)
+        if stored:
+            if removed:
+                self._delete_removed(target)
+            else:
+                self._note_stored_here(item.store, u.sop_uid)
             if replaced is not None:
                 self._delete_replaced(item.store, replaced)
             return
