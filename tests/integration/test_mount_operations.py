@@ -221,6 +221,34 @@ def test_an_instance_read_then_overwritten_with_as_many_bytes_reads_the_new_ones
     assert target.read_bytes() == newer.read_bytes()
 
 
+@pytest.mark.parametrize("read_before", ["whole", "first part"])
+def test_a_same_size_change_made_elsewhere_is_read_whole_once_the_cache_time_has_passed(
+        backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path, read_before: str):
+    """Another mount replaces an instance with as many bytes. Once this mount's --cacheTime has
+    passed, it reads the new bytes: not the old ones the OS kept, and not a mix of both."""
+    if not backend.can_delete:
+        pytest.skip("overwrite needs delete on this server")
+    old = dicom.instance(pixel_bytes=200_000)
+    backend.seed([old])
+    reader = mount_factory(backend, "--cacheTime", "1,1")
+    writer = mount_factory(backend)
+    path = backend.instance_path(reader, old)
+    data = old.path.read_bytes()
+    with open(path, "rb") as f:
+        assert f.read(len(data) if read_before == "whole" else 60_000) == data[:len(data) if read_before == "whole"
+                                                                               else 60_000]
+    changed = bytearray(data)
+    for at in (40_000, len(data) - 1):  # a pixel in the part read, and the last one
+        changed[at] ^= 0xFF
+    newer = tmp_path / "newer.dcm"
+    newer.write_bytes(bytes(changed))
+    r = run("cp", newer, backend.instance_path(writer, old))
+    assert r.returncode == 0, r.stderr
+    assert backend.server_bytes(old) == bytes(changed)
+    wait_for(lambda: path.read_bytes() == bytes(changed), 10, what="the new bytes through the other mount")
+    assert path.read_bytes() == bytes(changed)
+
+
 def test_rm_deletes_instance(backend: Backend, mount_factory, dicom: DicomFactory):
     keep, gone = dicom.series(2)
     backend.seed([keep, gone])

@@ -48,6 +48,7 @@ class CachedInstance:
         self.reserved = 0  # bytes counted for it in the cache's total while it downloads
         self.task: _Task | None = None  # its download, while queued or running
         self.prefetched = False  # fetched ahead of time, not opened yet
+        self.served = False  # a program has read from it: the OS's page cache may hold its bytes
 
     @property
     def size(self) -> int | None:
@@ -251,6 +252,14 @@ class InstanceCache:
             self._pool = None
 
     # -- queries ----------------------------------------------------------------------------
+
+    def fresh(self, key: CacheKey) -> CachedInstance | None:
+        """The entry of ``key`` if it has not expired (complete or still arriving)."""
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None or self._clock() - entry.fetched_at >= self.ttl:
+            return None
+        return entry
 
     def known_size(self, key: CacheKey) -> int | None:
         """The size of the complete, fresh cached copy (an expired one is fetched again at open,

@@ -972,8 +972,12 @@ class Vfs:
                 self.cache.release(cached)
                 raise from_store_error(exc, f"read {p}") from None
             self._learnt_size(p, size)
-        return OpenResult(self._add_handle(handle), direct_io=size_before is None,
-                          keep_cache=size_before is not None, no_flush=True)
+        # The OS keeps its pages of the file only if they came from the cached copy a program
+        # reads now: a copy fetched again (expired, changed on the server or by another mount,
+        # at the same size) must not be served from pages of the old one, in whole or in part.
+        fresh = self.cache.fresh(self._key(p))
+        keep = size_before is not None and fresh is not None and fresh.served
+        return OpenResult(self._add_handle(handle), direct_io=size_before is None, keep_cache=keep, no_flush=True)
 
     def _size_changed(self, handle: ReadHandle, size: int) -> None:
         """The instance downloaded for ``handle`` is not the size it was listed with: it changed
@@ -1008,6 +1012,7 @@ class Vfs:
                 self.cache.release(cached)
                 raise
             handle.entry = cached
+            cached.served = True
         self.readahead.opened(handle.path)
         return cached
 
