@@ -391,6 +391,33 @@ def test_a_backup_left_by_an_overwrite_the_mount_stopped_in_is_not_kept_as_an_up
     after.shutdown()
 
 
+def test_an_overwrite_keeps_the_file_and_its_folders_listed_between_delete_and_store(dataset, tmp_path,
+                                                                                    dicom: DicomFactory,
+                                                                                    monkeypatch):
+    """Overwriting the only instance of a study deletes it first: the server has no such study
+    until the new bytes are stored. A listing refreshed in that gap must still show them."""
+    from dicomfuse.stores.local import LocalStore
+
+    inst = dicom.instance()
+    data = inst.path.read_bytes()
+    assert dataset.open_store("store").store_files([inst.path])[0].stored  # on the server already
+    vfs = make_vfs(dataset, tmp_path, listing_ttl=0.0)  # every look asks the server again
+    path = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    seen: list[object] = []
+    real = LocalStore.store_files
+
+    def store_files(self, paths, uids=None):  # type: ignore[no-untyped-def]
+        assert not (dataset.root / "store" / inst.study_uid).exists()  # in the gap
+        seen.append(vfs.getattr(f"/store/{inst.study_uid}").is_dir)
+        seen.append(vfs.getattr(path).is_dir)
+        return real(self, paths, uids)
+
+    monkeypatch.setattr(LocalStore, "store_files", store_files)
+    upload(vfs, path, data[:-1] + bytes([data[-1] ^ 0xFF]))
+    assert seen == [True, False]
+    vfs.shutdown()
+
+
 def test_a_refused_file_is_not_sent_again_unless_it_changes(dataset, tmp_path):
     vfs = make_vfs(dataset, tmp_path)
     fh = vfs.create("/store/notes.dcm").fh

@@ -1393,6 +1393,9 @@ class Vfs:
                 return
             if not self.config.deletion_enabled:
                 raise FsError(errno.EPERM, f"overwrite of {target} refused: deletion is disabled", logging.ERROR)
+            # Deleting may empty the study on the server until the new bytes are stored: the
+            # file and its folders stay listed meanwhile (an overwrite, not a disappearance).
+            self._keep_listed(target, os.fstat(source_fd).st_size)
             self._remote(f"delete {target} to overwrite it", store.delete_instance,
                          ident.study_uid, ident.series_uid, ident.sop_uid)
             self.cache.evict(self._key(target))
@@ -1434,10 +1437,7 @@ class Vfs:
                        *, evict: bool = True) -> None:
         with self._lock:  # written again after an rm: this copy stays, whatever was sent before
             self._delete_when_stored.discard((target.store, ident.sop_uid))
-        store_path = DicomPath((target.store,))
-        self.listings.note_added(store_path, ident.study_uid, Entry(True))
-        self.listings.note_added(store_path.child(ident.study_uid), ident.series_uid, Entry(True))
-        self.listings.note_added(target.parent, target.name, Entry(False, size))
+        self._keep_listed(target, size)
         if evict:
             self.cache.evict(self._key(target))
         # The OS may hold pages of the instance read before: same size and time, so it would go on
@@ -1446,6 +1446,14 @@ class Vfs:
         if written != target:
             with self._lock:
                 self._aliases[written] = Alias(ident, size, time.monotonic())
+
+    def _keep_listed(self, target: DicomPath, size: int | None) -> None:
+        """Instance ``target`` and its study and series folders are listed whatever the server's
+        listings say meanwhile (the listings' overlay lifetime)."""
+        store_path = DicomPath((target.store,))
+        self.listings.note_added(store_path, target.study, Entry(True))
+        self.listings.note_added(store_path.child(target.study), target.series, Entry(True))
+        self.listings.note_added(target.parent, target.name, Entry(False, size))
 
     def _keep_failed(self, h: WriteHandle, why: str) -> Path:
         if h.spool_path.parent != self.spool.directory:
