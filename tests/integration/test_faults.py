@@ -284,6 +284,28 @@ def test_a_refused_overwrite_puts_the_original_back(orthanc: object, proxy: Faul
     assert "stored back" in (m.log_dir / "error.log").read_text()
 
 
+def test_a_refused_write_back_overwrite_of_as_many_bytes_reads_as_the_original_again(
+        orthanc: object, proxy: FaultProxy, mount_factory, dicom: DicomFactory, tmp_path: Path):
+    """The refused bytes were read back while queued (so the OS holds their pages): once the
+    server refuses them and the original is stored back, the file reads as the original."""
+    backend = dataclasses.replace(_orthanc_backend(orthanc, rest=True), address=proxy.url + "/dicom-web")
+    inst = dicom.instance()
+    backend.seed([inst])
+    data = inst.path.read_bytes()
+    edited = tmp_path / "edited.dcm"
+    edited.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    m = mount_factory(backend, "--uploadMode", "writeback")
+    target = backend.instance_path(m, inst)
+    target.stat()
+    proxy.fail("POST", "/dicom-web/studies", times=1, status=400)
+    assert run("cp", edited, target).returncode == 0  # checked and queued
+    assert target.read_bytes() == edited.read_bytes()
+    error_log = m.log_dir / "error.log"
+    wait_for(lambda: error_log.exists() and "stored back" in error_log.read_text(), 30, what="the refusal")
+    assert backend.server_bytes(inst) == data
+    wait_for(lambda: target.read_bytes() == data, 10, what="the original read back through the mount")
+
+
 def test_a_refused_write_back_overwrite_leaves_the_original_in_its_folder(orthanc: object, proxy: FaultProxy,
                                                                          mount_factory, dicom: DicomFactory):
     """Write-back: the server refuses the new bytes of an overwrite and the original is stored
