@@ -580,6 +580,67 @@ def test_a_queued_file_cannot_be_changed_through_the_handle_that_queued_it(datas
     vfs.shutdown()
 
 
+def test_a_failed_rm_leaves_the_queued_upload_queued(dataset, tmp_path, dicom: DicomFactory, monkeypatch):
+    """rm answers EIO when the server cannot delete: then nothing changed, and the copy waiting
+    in the write-back queue is still sent (it was dropped before the server was asked)."""
+    from dicomfuse.stores.base import Unavailable
+    from dicomfuse.stores.local import LocalStore
+
+    vfs = Vfs(dataset, VfsConfig(upload_mode="writeback"), WorkDirs(tmp_path / "work"))  # not started: nothing sent
+    assert vfs.writeback is not None
+    inst = dicom.instance()
+    data = inst.path.read_bytes()
+    upload(vfs, "/store/a.dcm", data)
+    path = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+
+    def down(self, *args: object) -> None:
+        raise Unavailable("HTTP 503 (injected)")
+
+    monkeypatch.setattr(LocalStore, "delete_instance", down)
+    assert errno_of(vfs.unlink, path) == errno.EIO
+    assert vfs.writeback.has_pending("store", inst.sop_uid)
+    assert read(vfs, path) == data
+    vfs.shutdown()
+
+
+def test_rm_succeeds_when_the_server_has_already_deleted_the_instance(dataset, tmp_path, dicom: DicomFactory,
+                                                                      monkeypatch):
+    """A DELETE whose answer was lost is retried and finds nothing: the instance is gone, which
+    is what rm asked for; it must not say ENOENT and leave the file listed."""
+    from dicomfuse.stores.base import NotFound
+    from dicomfuse.stores.local import LocalStore
+
+    inst = dicom.instance()
+    assert dataset.open_store("store").store_files([inst.path])[0].stored
+    real = LocalStore.delete_instance
+
+    def lost_answer(self, *args: str) -> None:
+        real(self, *args)
+        raise NotFound("HTTP 404 on the retry (injected)")
+
+    monkeypatch.setattr(LocalStore, "delete_instance", lost_answer)
+    vfs = make_vfs(dataset, tmp_path)
+    path = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    vfs.getattr(path)
+    vfs.unlink(path)
+    assert errno_of(vfs.getattr, path) == errno.ENOENT
+    assert f"{inst.sop_uid}.dcm" not in dict(vfs.readdir(f"/store/{inst.study_uid}/{inst.series_uid}"))
+    vfs.shutdown()
+
+
+def test_rm_of_an_instance_drops_the_names_it_was_written_under(dataset, tmp_path, dicom: DicomFactory):
+    """cp B over A.dcm stores B and deletes A; the name A.dcm then stands for B until B goes."""
+    a, b = dicom.series(2)
+    assert dataset.open_store("store").store_files([a.path])[0].stored
+    vfs = make_vfs(dataset, tmp_path)
+    series = f"/store/{a.study_uid}/{a.series_uid}"
+    upload(vfs, f"{series}/{a.sop_uid}.dcm", b.path.read_bytes())
+    assert vfs.getattr(f"{series}/{a.sop_uid}.dcm").size == b.path.stat().st_size
+    vfs.unlink(f"{series}/{b.sop_uid}.dcm")
+    assert errno_of(vfs.getattr, f"{series}/{a.sop_uid}.dcm") == errno.ENOENT
+    vfs.shutdown()
+
+
 def _held_sends(monkeypatch) -> tuple[threading.Event, threading.Event]:
     """LocalStore.store_files waits for ``release`` (``sending`` is set while it waits)."""
     from dicomfuse.stores.local import LocalStore

@@ -433,25 +433,34 @@ class Vfs:
         self.policy.check(Op.UNLINK, p.level, str(p))
         uid = instance_uid(p.name)
         assert uid is not None  # _resolve only finds instances under their UID names
-        # A copy still waiting in the write-back queue is never sent; the server may hold an
-        # older one (an overwrite), which goes like any instance. A copy being sent cannot be
-        # stopped: it is deleted once the server confirms it.
-        cancelled = self.writeback.cancel(p.store, uid) if self.writeback is not None else None
-        sending = self.writeback is not None and self.writeback.sending(p.store, uid)
-        if sending:
+        # The server's copy goes first: if it cannot, nothing changed (a queued copy stays
+        # queued). Then a copy still waiting in the write-back queue is dropped, never sent; a
+        # copy being sent cannot be stopped: it is deleted once the server confirms it.
+        removed = (p.store, uid)
+        if self.writeback is not None and self.writeback.sending(p.store, uid):
             with self._lock:
-                self._delete_when_stored.add((p.store, uid))
+                self._delete_when_stored.add(removed)
         try:
             self._remote(f"delete {p}", self._store(p.store).delete_instance, p.study, p.series, uid)
         except FsError as exc:
-            if (cancelled is None and not sending) or exc.errno != errno.ENOENT:
+            if exc.errno != errno.ENOENT:
                 with self._lock:
-                    self._delete_when_stored.discard((p.store, uid))
+                    self._delete_when_stored.discard(removed)
                 raise
+            # Not on the server: not sent yet, or gone already (another client, or a DELETE
+            # whose answer was lost and whose retry found nothing). Gone is what rm asks for.
+        if self.writeback is not None:
+            self.writeback.cancel(p.store, uid)
+            if self.writeback.sending(p.store, uid):  # one may have started meanwhile
+                with self._lock:
+                    self._delete_when_stored.add(removed)
         self.listings.note_removed(p.parent, p.name)
         self.cache.evict(self._key(p))
         with self._lock:
-            self._stored_here.pop((p.store, uid), None)
+            self._stored_here.pop(removed, None)
+            for name in [name for name, alias in self._aliases.items()
+                         if name.store == p.store and alias.ident.sop_uid == uid]:
+                del self._aliases[name]  # other names written for it (cp B over A.dcm) go too
         log.info("Deleted instance %s", p)
 
     def create(self, path: str) -> OpenResult:
