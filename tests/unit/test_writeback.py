@@ -492,17 +492,18 @@ def test_no_free_record_file_is_left_when_stop_returns_before_a_batch_in_flight(
     """stop() with a sender still busy (a server that hangs): the process may exit before that
     sender ends, so the free record files go at stop, and the batch finishing later keeps none."""
     hold = threading.Event()
-    hold.set()
     sender = FakeSender(hold=hold)
-    q = make_queue(queues, qdir, sender, workers=1, settle=0.0)
+    q = make_queue(queues, qdir, sender, workers=1, settle=0.0, heartbeat=60)
     q.start()
-    for _ in range(2):
+    for _ in range(2):  # both queued before either is sent: two record files
         q.submit("ct", *files.make())
+    hold.set()
     assert q.wait_idle(5)
     assert sum(n.startswith(".free-") for n in os.listdir(qdir)) == 2
     hold.clear()
     q.submit("ct", *files.make())  # takes one of them for its record
-    wait_for_status(qdir, lambda st: st.get("in_flight") == 1)
+    # the snapshot shows it in flight soon (not at the heartbeat): the pick marks it changed
+    assert wait_for_status(qdir, lambda st: st.get("in_flight") == 1).get("in_flight") == 1
     q.stop(timeout=0.3)  # returns with the batch still in flight
     assert not any(n.startswith(".free-") for n in os.listdir(qdir))
     hold.set()

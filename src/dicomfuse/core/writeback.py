@@ -433,7 +433,7 @@ class WriteBackQueue:
                 superseded.extend(dropped)
             superseded_ids = {s.id for s in superseded}
             kept = [item for item in adopted if item.id not in superseded_ids]
-            self._status_dirty = True
+            self._mark_dirty()
             self._cond.notify_all()
             self._work.notify_all()
         for item in superseded:
@@ -577,7 +577,7 @@ class WriteBackQueue:
                 log.info("Upload of %s queued after the queue stopped; the next start sends it", item.display)
                 return item
             superseded = self._add_pending(item, self._clock() + self.settle, newest=True)
-            self._status_dirty = True
+            self._mark_dirty()
             self._work.notify()  # one sender looks (and sets the settle timer); the others sleep on
         if superseded and not durable:
             self._fsync_group([item])  # the newer copy on disk before the older one goes
@@ -658,7 +658,7 @@ class WriteBackQueue:
             if item_id is None:
                 return None
             item = self._pop_pending(item_id).item
-            self._status_dirty = True
+            self._mark_dirty()
             self._cond.notify_all()  # wait_idle: this may have been the last one
         self._remove_files(item)
         log.info("Upload of %s cancelled: the file was removed before it was sent", item.display)
@@ -803,7 +803,7 @@ class WriteBackQueue:
         for item in batch:
             self._pop_pending(item.id)
             self._in_flight[item.id] = item
-        self._status_dirty = True
+        self._mark_dirty()
         return (key, batch), wake
 
     def _next_batch(self) -> tuple[GroupKey, list[QueuedUpload]] | None:
@@ -902,7 +902,7 @@ class WriteBackQueue:
                     self._failed[item.id] = item
             if errors:
                 self._last_error, self._last_error_at = errors[-1], time.time()
-            self._status_dirty = True
+            self._mark_dirty()
             self._cond.notify_all()
             self._work.notify()  # a newer copy of an instance just sent may go now
         for item in superseded:
@@ -1051,15 +1051,18 @@ class WriteBackQueue:
                     self._cond.wait(due - now)
             self._write_status()
 
+    def _mark_dirty(self) -> None:
+        """Under ``_cond``: the snapshot changed. The status thread is woken only if it sleeps
+        past the next write's time (for the heartbeat): not once per file of a ``cp``."""
+        self._status_dirty = True
+        if self._status_wakes_at > max(self._clock(), self._status_written) + self.status_interval:
+            self._cond.notify_all()
+
     def _status_changed(self) -> None:
-        """Write the snapshot now if the rate limit allows, else leave it to the status thread
-        (woken only if it sleeps past the next write's time: not once per file of a ``cp``)."""
+        """Write the snapshot now if the rate limit allows, else leave it to the status thread."""
         with self._cond:
-            self._status_dirty = True
-            now = self._clock()
-            due = self._status_written + self.status_interval <= now
-            if self._status_wakes_at > max(now, self._status_written) + self.status_interval:
-                self._cond.notify_all()
+            self._mark_dirty()
+            due = self._status_written + self.status_interval <= self._clock()
         if due:
             self._write_status()
 
