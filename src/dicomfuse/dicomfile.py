@@ -86,7 +86,7 @@ def check_upload(path: Path) -> DicomUids | str:
         return f"truncated or corrupt DICOM ({type(exc).__name__})"
     try:
         tail_of = (lambda count: _read_tail(path, count)) if data is None else (lambda count: data[size - count:])
-        problem = _truncation_problem(ds, size, tail_of) or _pixel_data_problem(ds)
+        problem = _layout_problem(ds, size, tail_of) or _pixel_data_problem(ds)
         return problem or uids_of(ds)  # reading a value can raise too (an unknown VR, say)
     except Exception as exc:  # malformed image attributes and the like
         log.debug("cannot check an upload", exc_info=True)
@@ -114,46 +114,39 @@ def _element_end(elem: object) -> int | None:
     return None
 
 
-def _truncation_problem(ds: pydicom.Dataset, size: int, tail_of: Callable[[int], bytes]) -> str | None:
-    """An element that runs past the end, or bytes after the last one that are not padding;
-    ``tail_of(n)``: the file's last ``n`` bytes."""
+def _layout_problem(ds: pydicom.Dataset, size: int, tail_of: Callable[[int], bytes]) -> str | None:
+    """Top-level elements out of order or repeated, an element that runs past the end, or bytes
+    after the last one that are not padding; ``tail_of(n)``: the file's last ``n`` bytes.
+
+    Order: pydicom keeps the last copy of a repeated element and a server may keep the first
+    (Orthanc does): the mount and the server would disagree on the file's UIDs. In tag order,
+    each element must start after the one before, right after it (a header is 8 or 12 bytes)
+    when that one's end is known; a repeated element leaves a gap there (its other copy) or
+    comes back later in the file."""
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
     if transfer_syntax is not None and transfer_syntax.is_deflated:
         return None  # offsets refer to the inflated stream; zlib reports truncation itself
     tags = sorted(ds.keys())
     if not tags:
         return "no data set after the file meta information (truncated?)"
-    order = _order_problem(ds, tags)
-    if order:
-        return order
-    ends = [end for end in map(_element_end, _raw_items(ds, tags)) if end is not None]
-    if ends and max(ends) > size:
+    ends: list[int | None] = []  # per element in tag order; None when its end is unknown
+    previous_tell = -1
+    for elem in _raw_items(ds, tags):
+        if isinstance(elem, RawDataElement) and elem.value_tell is not None:
+            previous_end = ends[-1] if ends else None
+            if elem.value_tell <= previous_tell or (previous_end is not None
+                                                    and elem.value_tell - previous_end > _LONGEST_HEADER):
+                return "DICOM elements out of order or repeated (the file's identity would be ambiguous)"
+            previous_tell = elem.value_tell
+        ends.append(_element_end(elem))
+    known = [end for end in ends if end is not None]
+    if known and max(known) > size:
         return "truncated DICOM file: an element runs past the end of the file"
-    last_end = _element_end(ds.get_item(tags[-1], keep_deferred=True))
-    if last_end is None:
+    if ends[-1] is None:
         return None  # an undefined-length last element: pydicom drops it if its delimiter is missing
-    tail = size - max(ends)
+    tail = size - max(known)
     if tail and (tail >= 8 or any(tail_of(tail))):
         return "truncated DICOM file: the last element is incomplete"
-    return None
-
-
-def _order_problem(ds: pydicom.Dataset, tags: list[BaseTag]) -> str | None:
-    """Top-level elements out of ascending tag order, or one repeated. pydicom keeps the last
-    copy of a repeated element and a server may keep the first (Orthanc does): the mount and the
-    server would then disagree on the file's UIDs. In tag order, each element must start after
-    the one before, right after it (a header is 8 or 12 bytes) when that one's end is known;
-    a repeated element leaves a gap there (its other copy) or comes back later in the file."""
-    previous_tell = -1
-    previous_end: int | None = None
-    for elem in _raw_items(ds, tags):
-        if not isinstance(elem, RawDataElement) or elem.value_tell is None:
-            previous_end = None
-            continue
-        if elem.value_tell <= previous_tell or (previous_end is not None
-                                                and elem.value_tell - previous_end > _LONGEST_HEADER):
-            return "DICOM elements out of order or repeated (the file's identity would be ambiguous)"
-        previous_tell, previous_end = elem.value_tell, _element_end(elem)
     return None
 
 
