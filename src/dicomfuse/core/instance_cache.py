@@ -264,11 +264,8 @@ class InstanceCache:
     def known_size(self, key: CacheKey) -> int | None:
         """The size of the complete, fresh cached copy (an expired one is fetched again at open,
         and may have changed on the server since)."""
-        with self._lock:
-            entry = self._entries.get(key)
-        if entry is None or self._clock() - entry.fetched_at >= self.ttl:
-            return None
-        return entry.size
+        entry = self.fresh(key)
+        return None if entry is None else entry.size
 
     @property
     def used_bytes(self) -> int:
