@@ -74,3 +74,20 @@ def test_local_changes_answer_before_the_server_for_the_overlay_lifetime():
     assert cache.local_change(series, "1.3.dcm") is False
     clock.now = 31
     assert cache.local_change(series, "1.3.dcm") is None and not cache.added_below(store)
+
+
+def test_an_entry_the_mount_still_works_on_outlives_the_overlay():
+    """A write-back upload may wait in its queue far longer than the overlay lasts (the server
+    is down): what ``keep`` holds stays shown, the rest expires as before."""
+    clock = Clock()
+    held = {"1.3.dcm"}
+    cache = ListingCache(10, overlay_ttl=30, clock=clock, keep=lambda folder, name: name in held)
+    series = DicomPath.parse("/s/1.1/1.2")
+    cache.note_added(series, "1.3.dcm", Entry(False, 10))
+    cache.note_added(series, "1.4.dcm", Entry(False, 20))
+    clock.now = 1000
+    assert cache.put(series, []) == {"1.3.dcm": Entry(False, 10)}
+    assert cache.local_change(series, "1.3.dcm") == Entry(False, 10)
+    assert cache.local_change(series, "1.4.dcm") is None
+    held.clear()
+    assert cache.get(series) == {} and cache.local_change(series, "1.3.dcm") is None

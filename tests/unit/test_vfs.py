@@ -6,6 +6,7 @@ import errno
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -976,3 +977,56 @@ def test_folders_of_queued_files_list_them_while_the_server_is_down(dataset, tmp
     assert errno_of(vfs.readdir, "/store/1.2.3") == errno.EIO  # nothing local there: the error stands
     monkeypatch.undo()
     vfs.shutdown()
+
+
+def test_a_file_queued_longer_than_the_overlay_lasts_stays_in_its_folders(dataset, tmp_path, dicom: DicomFactory,
+                                                                          monkeypatch):
+    """Write-back: a file copied in stays listed (with its study and series) for as long as its
+    upload is not over, however long that takes (it vanished once the listings' overlay expired,
+    while still queued); once stored, it stays listed while the server's index may lag."""
+    from dicomfuse.stores.local import LocalStore
+
+    vfs, inst, data, release = _uploading(dataset, tmp_path, dicom, monkeypatch)
+    now = [time.monotonic()]
+    monkeypatch.setattr(vfs.listings, "_clock", lambda: now[0])
+    study, series = f"/store/{inst.study_uid}", f"/store/{inst.study_uid}/{inst.series_uid}"
+    name = f"{inst.sop_uid}.dcm"
+
+    def listed() -> bool:
+        return (inst.study_uid in dict(vfs.readdir("/store")) and inst.series_uid in dict(vfs.readdir(study))
+                and name in dict(vfs.readdir(series)))
+
+    vfs.readdir(series)  # the server's listing, cached: it does not have the file yet
+    now[0] += 10 * vfs.listings.overlay_ttl
+    assert listed()
+    assert vfs.getattr(f"{series}/{name}").size == len(data)
+    assert read(vfs, f"{series}/{name}") == data
+    # A lagging index (Google's) does not list it yet when the upload is confirmed.
+    for method in ("studies", "series", "instances"):
+        monkeypatch.setattr(LocalStore, method, lambda *args, **kwargs: iter(()))
+    release.set()
+    assert vfs.writeback is not None and vfs.writeback.wait_idle(10)
+    assert (dataset.root / "store" / inst.study_uid / inst.series_uid / name).exists()
+    now[0] += vfs.listings.overlay_ttl / 2
+    assert listed()
+    vfs.shutdown()
+
+
+def test_uploads_an_earlier_run_left_queued_show_in_their_folders(dataset, tmp_path, dicom: DicomFactory,
+                                                                  monkeypatch):
+    """A mount stopped (or killed) with uploads queued: at the next start they are in their
+    folders again and read back, while they wait to be sent."""
+    vfs, queue, inst = queued_upload(dataset, tmp_path, dicom)
+    queue.stop(drain=False)
+    vfs.shutdown()
+    assert not (dataset.root / "store" / inst.study_uid).exists()
+    sending, release = _held_sends(monkeypatch)
+    again = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    assert sending.wait(10)  # being sent again, held there
+    path = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    assert inst.study_uid in dict(again.readdir("/store"))
+    assert f"{inst.sop_uid}.dcm" in dict(again.readdir(f"/store/{inst.study_uid}/{inst.series_uid}"))
+    assert read(again, path) == inst.path.read_bytes()
+    release.set()
+    assert again.writeback is not None and again.writeback.wait_idle(10)
+    again.shutdown()

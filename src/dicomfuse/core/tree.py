@@ -22,12 +22,17 @@ class Entry:
 
 
 Clock = Callable[[], float]
+# Whether the mount still has work of its own on folder/name (a write-back upload not sent yet):
+# what it added there stays shown past the overlay's lifetime.
+Keep = Callable[[DicomPath, str], bool]
 
 
 class ListingCache:
     """Listings per folder path for ``ttl`` seconds, plus names known to be absent for
     ``negative_ttl`` seconds (bounded), plus an overlay of local changes kept for
-    ``overlay_ttl`` seconds and applied on top of every listing, fresh or cached."""
+    ``overlay_ttl`` seconds and applied on top of every listing, fresh or cached. An added
+    entry for which ``keep`` says yes stays past ``overlay_ttl``; ``keep`` is called with this
+    cache's lock held, so it must never call back into the cache."""
 
     def __init__(
         self,
@@ -37,11 +42,13 @@ class ListingCache:
         overlay_ttl: float | None = None,
         max_negative: int = 10_000,
         clock: Clock = time.monotonic,
+        keep: Keep | None = None,
     ) -> None:
         self.ttl = ttl
         self.negative_ttl = min(negative_ttl, ttl) if ttl > 0 else 0.0
         self.overlay_ttl = max(ttl, 30.0) if overlay_ttl is None else overlay_ttl
         self._clock = clock
+        self.keep = keep
         self._lock = threading.Lock()
         # All fields below are protected by _lock.
         self._listings: dict[DicomPath, tuple[float, dict[str, Entry]]] = {}
@@ -101,7 +108,7 @@ class ListingCache:
     def _local_change(self, folder: DicomPath, name: str, now: float) -> Entry | bool | None:
         """Caller holds _lock."""
         added = self._added.get(folder, {}).get(name)
-        if added and now - added[0] < self.overlay_ttl:
+        if added and self._shown(folder, name, added[0], now):
             return added[1]
         removed = self._removed.get(folder, {}).get(name)
         if removed is not None and now - removed < self.overlay_ttl:
@@ -112,7 +119,7 @@ class ListingCache:
         """Whether the mount added anything in ``folder`` within the overlay's lifetime."""
         now = self._clock()
         with self._lock:
-            return any(now - at < self.overlay_ttl for at, _ in self._added.get(folder, {}).values())
+            return any(self._shown(folder, name, at, now) for name, (at, _) in self._added.get(folder, {}).items())
 
     def removed_below(self, folder: DicomPath) -> bool:
         """Whether the mount removed anything below ``folder`` within the overlay's lifetime."""
@@ -198,7 +205,7 @@ class ListingCache:
         added = self._added.get(folder)
         if added:
             for name, (at, entry) in list(added.items()):
-                if now - at >= self.overlay_ttl:
+                if not self._shown(folder, name, at, now):
                     del added[name]
                 elif name not in result or result[name].size is None:
                     result[name] = entry
@@ -210,3 +217,7 @@ class ListingCache:
                 else:
                     result.pop(name, None)
         return result
+
+    def _shown(self, folder: DicomPath, name: str, added_at: float, now: float) -> bool:
+        """Whether an entry the mount added at ``added_at`` still overlays the server's view."""
+        return now - added_at < self.overlay_ttl or (self.keep is not None and self.keep(folder, name))

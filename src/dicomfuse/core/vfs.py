@@ -157,7 +157,8 @@ class Vfs:
         self.config = config
         self.workdirs = workdirs
         self.policy = OperationPolicy(deletion_enabled=config.deletion_enabled)
-        self.listings = ListingCache(config.listing_ttl)
+        self.writeback: WriteBackQueue | None = None
+        self.listings = ListingCache(config.listing_ttl, keep=self._still_queued)
         self.cache = InstanceCache(
             workdirs.cache, config.cache_bytes, config.instance_ttl, workers=config.download_workers
         )
@@ -226,6 +227,8 @@ class Vfs:
         if left:
             log.info("%d upload(s) left by an earlier run will be sent again (dicomfuse status shows them)",
                      len(left))
+            for item in left:  # they show in their folders, as they did in the run that queued them
+                self._keep_listed(self._queued_target(item), item.size)
         elif self.config.upload_mode != "writeback":
             queue.stop(drain=False)
             return None
@@ -1317,11 +1320,29 @@ class Vfs:
             else:
                 results.append((item, True, None))
 
-    def _upload_done(self, item: QueuedUpload, stored: bool, reason: str | None) -> None:
-        """A queued upload ended. A refused one disappears from its folder again (the queue
-        logged the ERROR line and kept its bytes in its failed folder)."""
+    @staticmethod
+    def _queued_target(item: QueuedUpload) -> DicomPath:
         u = item.uids
-        target = DicomPath((item.store, u.study_uid, u.series_uid, instance_name(u.sop_uid)))
+        return DicomPath((item.store, u.study_uid, u.series_uid, instance_name(u.sop_uid)))
+
+    def _still_queued(self, folder: DicomPath, name: str) -> bool:
+        """Whether a write-back upload not ended yet goes to ``folder/name`` (a study, a series or
+        the instance): what the mount showed there stays shown, however long the server is down."""
+        queue = self.writeback
+        if queue is None or folder.level < Level.STORE:
+            return False
+        p = folder.child(name)
+        if p.level == Level.INSTANCE:
+            uid = instance_uid(name)
+            return uid is not None and queue.holds(p.store, p.study, p.series, uid)
+        return queue.holds(p.store, p.study, p.series if p.level == Level.SERIES else None)
+
+    def _upload_done(self, item: QueuedUpload, stored: bool, reason: str | None) -> None:
+        """A queued upload ended. A stored one stays listed while the server's index may lag
+        behind; a refused one disappears from its folder again (the queue logged the ERROR line
+        and kept its bytes in its failed folder)."""
+        u = item.uids
+        target = self._queued_target(item)
         with self._lock:
             previous_kept = item.id in self._previous_kept
             self._previous_kept.discard(item.id)
@@ -1333,6 +1354,7 @@ class Vfs:
                 self._delete_removed(target)
             else:
                 self._note_stored_here(item.store, u.sop_uid)
+                self._keep_listed(target, item.size)  # it may have waited in the queue past the overlay
             if replaced is not None:
                 self._delete_replaced(item.store, replaced)
             return

@@ -687,6 +687,20 @@ class WriteBackQueue:
         with self._cond:
             return (store, sop_uid) in self._by_sop
 
+    def holds(self, store: str, study: str, series: str | None = None, sop: str | None = None) -> bool:
+        """Whether an upload not ended yet (waiting or being sent) goes to this study, or to
+        this series of it, or is this instance of that series."""
+        with self._cond:
+            if sop is not None:
+                item_id = self._by_sop.get((store, sop))
+                waiting = [self._groups[self._where[item_id]][item_id].item] if item_id is not None else []
+            else:
+                waiting = [e.item for e in self._groups.get((store, study), {}).values()]
+            return any(
+                i.store == store and i.uids.study_uid == study and series in (None, i.uids.series_uid)
+                and sop in (None, i.uids.sop_uid)
+                for i in itertools.chain(waiting, self._in_flight.values()))
+
     def pending(self) -> list[QueuedUpload]:
         """Uploads not yet confirmed nor failed (including those being sent), oldest first."""
         with self._cond:
