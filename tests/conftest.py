@@ -81,7 +81,10 @@ class Backend:
     key_file: Path | None = None  # Cloud Healthcare stand-in only
 
     def seed(self, instances: list[SampleInstance]) -> None:
-        outcomes = self.server.store_files([i.path for i in instances])
+        self.seed_files([i.path for i in instances])
+
+    def seed_files(self, paths: list[Path]) -> None:
+        outcomes = self.server.store_files(paths)
         assert all(o.stored for o in outcomes), outcomes
 
     def server_bytes(self, inst: SampleInstance) -> bytes:

@@ -1706,6 +1706,11 @@ class StoreView:
             )
         return outcomes
 
+    def delete_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> None:
+        """Delete as another client would (DELETE of the instance: the index catches up as usual)."""
+        reply = self._standin._delete_instance(self._store(), (study_uid, series_uid, sop_uid))
+        assert reply.status == 200, reply
+
     def studies(self, study_uid: str | None = None) -> Iterator[str]:
         with self._standin._lock:
             listed = list(self._store().true.study_list())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dicomfuse.samples import write_instance
 from tests.conftest import Backend, DicomFactory, requires_fuse, run
 from tests.mounting import unmount_command, wait_for
 
@@ -247,6 +248,38 @@ def test_a_same_size_change_made_elsewhere_is_read_whole_once_the_cache_time_has
     assert backend.server_bytes(old) == bytes(changed)
     wait_for(lambda: path.read_bytes() == bytes(changed), 10, what="the new bytes through the other mount")
     assert path.read_bytes() == bytes(changed)
+
+
+@pytest.mark.parametrize("change", ["shrunk", "grown"])
+def test_an_instance_replaced_on_the_server_after_it_was_listed_copies_whole(
+        backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path, change: str):
+    """Another client replaces an instance with a smaller or larger one after this mount listed
+    it and before it is read: cp copies the new bytes whole, neither cut at the listed size nor
+    padded with zeros up to it."""
+    if not backend.can_delete or not backend.sizes_known:
+        pytest.skip("the listing gives no size here: the stat below would fetch the instance")
+    small, large = 100_000, 300_000
+    old = dicom.instance(pixel_bytes=large if change == "shrunk" else small)
+    backend.seed([old])
+    m = mount_factory(backend)
+    target = backend.instance_path(m, old)
+    assert os.stat(target).st_size == old.path.stat().st_size  # listed, at its old size
+    newer = tmp_path / "newer.dcm"
+    write_instance(newer, old.study_uid, old.series_uid, old.sop_uid,
+                   pixel_bytes=small if change == "shrunk" else large)
+    backend.server.delete_instance(old.study_uid, old.series_uid, old.sop_uid)
+    backend.seed_files([newer])
+    r = run("cp", target, tmp_path / "copy.dcm")
+    assert r.returncode == 0, r.stderr
+    copied = (tmp_path / "copy.dcm").read_bytes()
+    if change == "grown" and copied != newer.read_bytes():
+        # Known limit: the OS may end the read at the size it was told before the mount learns
+        # the new one. The copy is then the start of the new bytes, and the log says so.
+        assert newer.read_bytes().startswith(copied)
+        wait_for(lambda: "changed on the server since it was listed" in m.log_text(), 5, what="the warning")
+        copied = target.read_bytes()  # read again: whole now
+    assert copied == newer.read_bytes()
+    assert os.stat(target).st_size == newer.stat().st_size
 
 
 def test_rm_deletes_instance(backend: Backend, mount_factory, dicom: DicomFactory):

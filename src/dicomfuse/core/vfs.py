@@ -632,9 +632,13 @@ class Vfs:
             return
         if isinstance(handle, ReadHandle):
             with handle.lock:
-                if handle.entry is not None:
+                entry = handle.entry
+                if entry is not None:
                     self._close_fd(handle.fd)
-                    self.cache.release(handle.entry)
+                    self.cache.release(entry)
+            if (entry is not None and entry.complete and handle.expected_size is not None
+                    and entry.written > handle.expected_size):
+                self._size_changed(handle, entry.written)  # the reader stopped at the old size: say so
             return
         if isinstance(handle, WriteHandle):
             with self._lock:
@@ -997,6 +1001,12 @@ class Vfs:
         it may have stopped at the old one (the OS limits reads to the size it was told), so it
         is said in the log."""
         listed, handle.expected_size = handle.expected_size, size
+        if listed is not None and size < listed:
+            # The OS takes the end of the file from this short read by itself: telling it to
+            # forget the file's size meanwhile would make it fill the rest up to the old size
+            # with zeros instead.
+            self.listings.update_size(handle.path.parent, handle.path.name, size)
+            return
         log.warning("%s changed on the server since it was listed (%s bytes, now %d): a copy made "
                     "just now may be incomplete; copy it again", handle.path, listed, size)
         self._learnt_size(handle.path, size, in_read=True)
