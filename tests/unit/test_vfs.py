@@ -1030,3 +1030,25 @@ def test_uploads_an_earlier_run_left_queued_show_in_their_folders(dataset, tmp_p
     release.set()
     assert again.writeback is not None and again.writeback.wait_idle(10)
     again.shutdown()
+
+
+def test_a_file_queued_by_a_flush_reads_back_before_its_writer_closes_it(dataset, tmp_path, dicom: DicomFactory):
+    """Write-back: a flush (or fsync) queues the file and moves its bytes into the queue while
+    the writer still holds it open; a reader opening it meanwhile gets those bytes, not ENOENT."""
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    assert vfs.writeback is not None
+    vfs.writeback.settle = vfs.writeback.max_settle = 60.0  # held in the queue
+    on_server(dataset, dicom)  # its series exists: the file is written under its own name there
+    inst = dicom.instance()
+    data = inst.path.read_bytes()
+    path = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    fh = vfs.create(path).fh
+    vfs.write(fh, data, 0)
+    vfs.flush(fh)
+    assert vfs.writeback.has_pending("store", inst.sop_uid)
+    assert read(vfs, path) == data
+    vfs.cache.evict(("store", inst.study_uid, inst.series_uid, inst.sop_uid))
+    assert read(vfs, path) == data  # from the queue's copy
+    vfs.release(fh)
+    assert read(vfs, path) == data
+    vfs.shutdown()

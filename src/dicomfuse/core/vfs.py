@@ -516,11 +516,30 @@ class Vfs:
             target = self._alias_target(p, alias)
             return self._open_read(target)
         if pending is not None:
-            fd = portable.open_fd(pending.spool_path, os.O_RDONLY)
-            return OpenResult(self._add_handle(LocalHandle(LocalNode(False, pending.spool_path), fd)),
-                              direct_io=True)
+            opened = self._open_pending(pending)
+            if opened is not None:
+                return opened
         queued = self._open_queued(p)
         return queued if queued is not None else self._open_read(p)
+
+    def _open_pending(self, pending: WriteHandle) -> OpenResult | None:
+        """The bytes of a file still open for writing; None once a write-back flush has handed
+        them to the queue (moved there, while the writer may hold the file open for long): the
+        name then reads as the queued instance, from the cache or the queue."""
+        if not pending.queued:
+            try:
+                fd = portable.open_fd(pending.spool_path, os.O_RDONLY)
+            except FileNotFoundError:
+                with pending.lock:  # being moved into the queue right now: until that is done
+                    pass
+                if not pending.queued:
+                    raise
+            else:
+                return OpenResult(self._add_handle(LocalHandle(LocalNode(False, pending.spool_path), fd)),
+                                  direct_io=True)
+        with self._lock:
+            alias = self._aliases.get(pending.path)
+        return self._open_read(self._alias_target(pending.path, alias)) if alias is not None else None
 
     def _open_queued(self, p: DicomPath) -> OpenResult | None:
         """An instance waiting in the write-back queue whose cached copy is gone (evicted from a
