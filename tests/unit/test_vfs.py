@@ -1052,3 +1052,36 @@ def test_a_file_queued_by_a_flush_reads_back_before_its_writer_closes_it(dataset
     vfs.release(fh)
     assert read(vfs, path) == data
     vfs.shutdown()
+
+
+def test_a_file_removed_while_its_upload_was_sent_stays_removed_after_a_failed_send_and_a_restart(
+        dataset, tmp_path, dicom: DicomFactory, monkeypatch):
+    """rm while the upload is being sent; that send fails and the mount stops before the retry.
+    The next start sends the journaled upload again: it must delete it once stored, not bring
+    the removed file back."""
+    from dicomfuse.stores.base import Unavailable
+    from dicomfuse.stores.local import LocalStore
+
+    sending, release = threading.Event(), threading.Event()
+
+    def failing(self, paths, uids=None):  # type: ignore[no-untyped-def]
+        sending.set()
+        assert release.wait(10)
+        raise Unavailable("connection reset")
+
+    monkeypatch.setattr(LocalStore, "store_files", failing)
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback", drain_timeout=0.5)
+    inst = dicom.instance()
+    upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+    assert sending.wait(10)
+    path = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    vfs.unlink(path)
+    release.set()
+    vfs.shutdown()
+    monkeypatch.undo()
+    again = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    assert errno_of(again.getattr, path) == errno.ENOENT  # not listed while it waits to be sent
+    assert again.writeback is not None and again.writeback.wait_idle(10)
+    assert not (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").exists()
+    assert errno_of(again.getattr, path) == errno.ENOENT
+    again.shutdown()

@@ -419,6 +419,49 @@ def test_stop_without_drain_lets_the_batch_in_flight_finish(queues, qdir, files)
     assert [i.id for i in q2.recover()] == [second.id]
 
 
+def test_an_upload_marked_removed_while_sent_stays_marked_through_a_retry_and_a_restart(queues, qdir, files):
+    """rm of a file whose upload is being sent: the mark is journaled with the upload, so the
+    instance is deleted once stored, also by the next process (it came back, once stored)."""
+    hold = threading.Event()
+    sender = FakeSender(decide=lambda store, item, call: Unavailable("down"), hold=hold)
+    q = make_queue(queues, qdir, sender, workers=1, settle=0.0, backoff_base=60, backoff_max=60)
+    item = q.submit("ct", *files.make(study=1))
+    other = q.submit("ct", *files.make(study=2))
+    q.start()
+    assert sender.started.wait(2)
+    in_flight = sender.calls[0][2][0]
+    assert q.mark_removed("ct", in_flight) and not q.mark_removed("ct", "1.2.3")
+    assert not q.holds("ct", "1.2.826.1" if in_flight == item.uids.sop_uid else "1.2.826.2")
+    hold.set()  # the send fails: retried later, still marked
+    wait_until = time.monotonic() + 5
+    while q.sending("ct", in_flight) and time.monotonic() < wait_until:
+        time.sleep(0.01)
+    q.stop(drain=False)
+    done: list[tuple[str, bool]] = []
+    q2 = make_queue(queues, qdir, FakeSender(),
+                    on_done=lambda i, stored, reason: done.append((i.uids.sop_uid, i.removed)))
+    recovered = {i.uids.sop_uid: i.removed for i in q2.recover()}
+    assert recovered == {item.uids.sop_uid: item.uids.sop_uid == in_flight,
+                         other.uids.sop_uid: other.uids.sop_uid == in_flight}
+    q2.start()
+    assert q2.wait_idle(5)
+    assert sorted(done) == sorted(recovered.items())
+
+
+def test_a_refused_upload_whose_file_was_removed_is_not_kept_as_failed(queues, qdir, files):
+    hold = threading.Event()
+    q = make_queue(queues, qdir, FakeSender(decide=lambda store, item, call: "bad file", hold=hold), settle=0.0)
+    item = q.submit("ct", *files.make(study=1))
+    q.start()
+    wait_until = time.monotonic() + 5
+    while not q.sending("ct", item.uids.sop_uid) and time.monotonic() < wait_until:
+        time.sleep(0.01)
+    q.mark_removed("ct", item.uids.sop_uid)
+    hold.set()
+    assert q.wait_idle(5)
+    assert q.failed() == [] and failed_files(qdir) == [] and journal(qdir) == []
+
+
 def test_uploads_of_another_dataset_are_left_alone(queues, qdir, files):
     q = make_queue(queues, qdir, FakeSender(), dataset="A")
     item = q.submit("ct", *files.make())

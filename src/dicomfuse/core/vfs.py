@@ -196,9 +196,6 @@ class Vfs:
         # first: nothing is lost).
         self._replaces: dict[tuple[str, str], DicomUids] = {}
         self._too_large: set[DicomPath] = set()  # instances of unknown size found larger than cacheSize/4
-        # (store, SOP Instance UID) removed (rm) while a write-back copy of it was being sent:
-        # deleted from the server once that upload is confirmed.
-        self._delete_when_stored: set[tuple[str, str]] = set()
 
     # ======================================================================================
     # lifecycle
@@ -228,7 +225,11 @@ class Vfs:
             log.info("%d upload(s) left by an earlier run will be sent again (dicomfuse status shows them)",
                      len(left))
             for item in left:  # they show in their folders, as they did in the run that queued them
-                self._keep_listed(self._queued_target(item), item.size)
+                target = self._queued_target(item)
+                if item.removed:  # sent again, then deleted: hidden meanwhile, as the rm said
+                    self.listings.note_removed(target.parent, target.name)
+                else:
+                    self._keep_listed(target, item.size)
         elif self.config.upload_mode != "writeback":
             queue.stop(drain=False)
             return None
@@ -439,24 +440,22 @@ class Vfs:
         # The server's copy goes first: if it cannot, nothing changed (a queued copy stays
         # queued). Then a copy still waiting in the write-back queue is dropped, never sent; a
         # copy being sent cannot be stopped: it is deleted once the server confirms it.
+        # The queue journals it, so that a restart does not bring the file back.
         removed = (p.store, uid)
-        if self.writeback is not None and self.writeback.sending(p.store, uid):
-            with self._lock:
-                self._delete_when_stored.add(removed)
+        if self.writeback is not None:
+            self.writeback.mark_removed(p.store, uid)
         try:
             self._remote(f"delete {p}", self._store(p.store).delete_instance, p.study, p.series, uid)
         except FsError as exc:
             if exc.errno != errno.ENOENT:
-                with self._lock:
-                    self._delete_when_stored.discard(removed)
+                if self.writeback is not None:
+                    self.writeback.mark_removed(p.store, uid, False)
                 raise
             # Not on the server: not sent yet, or gone already (another client, or a DELETE
             # whose answer was lost and whose retry found nothing). Gone is what rm asks for.
         if self.writeback is not None:
             self.writeback.cancel(p.store, uid)
-            if self.writeback.sending(p.store, uid):  # one may have started meanwhile
-                with self._lock:
-                    self._delete_when_stored.add(removed)
+            self.writeback.mark_removed(p.store, uid)  # one may have started meanwhile
         self.listings.note_removed(p.parent, p.name)
         self.cache.evict(self._key(p))
         with self._lock:
@@ -1376,10 +1375,8 @@ class Vfs:
             previous_kept = item.id in self._previous_kept
             self._previous_kept.discard(item.id)
             replaced = self._replaces.pop((item.store, u.sop_uid), None)
-            removed = (item.store, u.sop_uid) in self._delete_when_stored
-            self._delete_when_stored.discard((item.store, u.sop_uid))
         if stored:
-            if removed:
+            if item.removed:
                 self._delete_removed(target)
             else:
                 self._note_stored_here(item.store, u.sop_uid)
@@ -1495,8 +1492,8 @@ class Vfs:
 
     def _note_uploaded(self, written: DicomPath, target: DicomPath, ident: DicomUids, size: int,
                        *, evict: bool = True) -> None:
-        with self._lock:  # written again after an rm: this copy stays, whatever was sent before
-            self._delete_when_stored.discard((target.store, ident.sop_uid))
+        if self.writeback is not None:  # written again after an rm: it stays, whatever was sent before
+            self.writeback.mark_removed(target.store, ident.sop_uid, False)
         self._keep_listed(target, size)
         if evict:
             self.cache.evict(self._key(target))

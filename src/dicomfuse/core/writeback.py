@@ -91,6 +91,9 @@ class QueuedUpload:
     queued_at: float
     last_error: str | None
     dataset: str | None = None
+    # Its file was removed (rm) while it was being sent: once the server confirms it, the
+    # instance is deleted there. Journaled, so that a restart does not bring it back.
+    removed: bool = False
 
     @property
     def display(self) -> str:
@@ -131,7 +134,8 @@ def _record(item: QueuedUpload, **extra: Any) -> dict[str, Any]:
     return {
         "version": RECORD_VERSION, "id": item.id, "dataset": item.dataset, "store": item.store,
         "study_uid": u.study_uid, "series_uid": u.series_uid, "sop_uid": u.sop_uid, "size": item.size,
-        "attempts": item.attempts, "queued_at": item.queued_at, "last_error": item.last_error, **extra,
+        "attempts": item.attempts, "queued_at": item.queued_at, "last_error": item.last_error,
+        **({"removed": True} if item.removed else {}), **extra,
     }
 
 
@@ -149,6 +153,7 @@ def read_record(path: Path, *, strict: bool = True) -> QueuedUpload | None:
             queued_at=float(data["queued_at"]),
             last_error=None if data.get("last_error") is None else str(data["last_error"]),
             dataset=None if data.get("dataset") is None else str(data["dataset"]),
+            removed=data.get("removed") is True,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -665,6 +670,21 @@ class WriteBackQueue:
         self._status_changed()
         return item
 
+    def mark_removed(self, store: str, sop_uid: str, removed: bool = True) -> bool:
+        """Say (journaled) that the copy of this instance being sent now was removed in the
+        mount, so the instance is deleted from the server once the server confirms it, also
+        after a restart; ``removed=False`` takes that back (the rm failed, or the file was written
+        again). Returns whether a copy is being sent."""
+        with self._cond:
+            marked = [replace(i, removed=removed) for i in self._in_flight.values()
+                      if (i.store, i.uids.sop_uid) == (store, sop_uid) and i.removed != removed]
+            for item in marked:
+                self._in_flight[item.id] = item
+            sending = any((i.store, i.uids.sop_uid) == (store, sop_uid) for i in self._in_flight.values())
+        for item in marked:
+            self._rewrite_record(item)
+        return sending
+
     def queued_copy(self, store: str, sop_uid: str) -> Path | None:
         """The bytes of the newest copy of this instance still in the queue (waiting or being
         sent), or None."""
@@ -698,7 +718,7 @@ class WriteBackQueue:
                 waiting = [e.item for e in self._groups.get((store, study), {}).values()]
             return any(
                 i.store == store and i.uids.study_uid == study and series in (None, i.uids.series_uid)
-                and sop in (None, i.uids.sop_uid)
+                and sop in (None, i.uids.sop_uid) and not i.removed
                 for i in itertools.chain(waiting, self._in_flight.values()))
 
     def pending(self) -> list[QueuedUpload]:
@@ -871,6 +891,8 @@ class WriteBackQueue:
             log.error("Sending uploads of study %s to store %s raised an unexpected %s; they will be retried",
                       study, store, type(exc).__name__)
             log.debug("send_batch failed", exc_info=True)
+        with self._cond:  # marked removed meanwhile (mark_removed): that goes on with them
+            items = [self._in_flight.get(item.id, item) for item in items]
         retry: list[QueuedUpload] = []
         done: list[tuple[QueuedUpload, bool, str | None]] = []
         errors: list[str] = []
@@ -887,7 +909,12 @@ class WriteBackQueue:
             else:
                 reason = answer[1] or "refused by the server"
                 errors.append(reason)
-                done.append((self._fail(item, reason), False, reason))
+                if item.removed:  # the user removed it: nothing to keep, nothing to report
+                    self._remove_files(item)
+                    log.info("Upload of %s refused (%s); its file had been removed", item.display, reason)
+                    done.append((item, False, reason))
+                else:
+                    done.append((self._fail(item, reason), False, reason))
         requeue: list[QueuedUpload] = []
         for item in retry:
             # A server that cannot be reached at all is waited for, however long it is down (the
@@ -912,7 +939,7 @@ class WriteBackQueue:
             for item in requeue:
                 superseded.extend(self._add_pending(item, now + delay, newest=False, backoff=True))
             for item, stored, _ in done:
-                if not stored:
+                if not stored and not item.removed:
                     self._failed[item.id] = item
             if errors:
                 self._last_error, self._last_error_at = errors[-1], time.time()
