@@ -118,6 +118,28 @@ def test_retry_after_seconds_is_honoured_and_capped(
     assert sleeps.delays == [3.0, 5.0]
 
 
+def test_a_quota_exceeded_is_waited_out_beyond_the_attempts(server: ScriptedServer, client: HttpClient,
+                                                             sleeps: RecordingSleep) -> None:
+    """429 (Google's per-minute quotas): retried with its own growing backoff for up to
+    ``throttled_wait`` seconds of waiting, not given up after the few ``attempts`` (4 here)."""
+    server.script(*[Reply(429)] * 9, Reply(200, b"served"))
+    assert client.request("GET", f"{server.url}/quota").content == b"served"
+    assert len(server.seen) == 10
+    assert sleeps.delays[0] <= 0.01 and sleeps.delays[-1] >= 0.02  # grows (capped at backoff_max)
+
+
+def test_a_quota_never_restored_fails_once_its_wait_is_spent(server: ScriptedServer, sleeps: RecordingSleep) -> None:
+    http = HttpClient(make_session(pool_size=1), timeout=(2, 5), sleep=sleeps,
+                      retry=RetryPolicy(attempts=2, backoff_base=1, backoff_max=4, throttled_wait=10))
+    server.script(Reply(429))
+    with pytest.raises(StoreError):
+        http.request("POST", f"{server.url}/busy", data=b"x")
+    throttled = sleeps.delays[:-1]  # then one ordinary retry (attempts=2)
+    assert sum(throttled) == pytest.approx(10)
+    assert len(server.seen) == len(sleeps.delays) + 1
+    http.close()
+
+
 def test_retry_after_http_date(server: ScriptedServer, client: HttpClient, sleeps: RecordingSleep) -> None:
     server.script(Reply(503, headers={"Retry-After": email.utils.formatdate(0, usegmt=True)}), Reply(200))
     assert client.request("GET", f"{server.url}/busy").status_code == 200

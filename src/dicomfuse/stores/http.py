@@ -70,12 +70,16 @@ def make_session(pool_size: int = 16, ca_bundle: str | os.PathLike[str] | None =
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how long to wait. ``attempts`` counts the first try (1 = no retry)."""
+    """How often and how long to wait. ``attempts`` counts the first try (1 = no retry).
+    ``throttled_wait``: 429 answers (a quota exceeded, counted per minute on Google Cloud) are
+    retried, with their own backoff, until this many seconds were spent waiting for them; they
+    use none of ``attempts``, which would give up within seconds."""
 
     attempts: int = 5
     backoff_base: float = 0.5
     backoff_max: float = 20.0
     retry_after_max: float = 60.0
+    throttled_wait: float = 90.0
 
     def backoff(self, retry_number: int) -> float:
         """Exponential backoff with jitter for the ``retry_number``-th retry (1-based): a random
@@ -367,6 +371,8 @@ class HttpClient:
         reauthorized = False
         silent_before = False
         attempt = 0
+        throttled = 0  # 429 answers so far
+        throttled_waited = 0.0
         while True:
             attempt += 1
             last_try = attempt >= max_attempts
@@ -399,6 +405,17 @@ class HttpClient:
                     attempt -= 1
                     continue
             repeatable = safe_to_repeat or status in NOT_PROCESSED_STATUSES
+            if status == 429 and throttled_waited < self.retry.throttled_wait:
+                throttled += 1
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                response.close()
+                delay = min(self.retry.delay(throttled, retry_after), self.retry.throttled_wait - throttled_waited)
+                throttled_waited += delay
+                logger.info("%s %s: HTTP 429 (too many requests), retry in %.2f s (%.0f of %.0f s waited)",
+                            method, safe_path(url), delay, throttled_waited, self.retry.throttled_wait)
+                self._sleep(delay)
+                attempt -= 1
+                continue
             if status in RETRYABLE_STATUSES and repeatable and not last_try:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 response.close()
