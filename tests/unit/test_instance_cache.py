@@ -165,6 +165,48 @@ def test_ttl_refetches(tmp_path: Path):
     cache.stop()
 
 
+def test_expired_files_leave_the_disk_once_nobody_reads_them(tmp_path: Path):
+    """Patient data stays on disk for the cache time, not until the next open or the unmount."""
+    clock = Clock()
+    cache = InstanceCache(tmp_path, capacity=10_000, ttl=10, clock=clock)
+    cache.start()
+    in_use = cache.open(key(1), lambda sink: sink.write(blob(1)))
+    done = cache.open(key(2), lambda sink: sink.write(blob(2)))
+    in_use.wait_complete()
+    done.wait_complete()
+    cache.release(done)
+    assert cache.expire() == 0
+    clock.now = 11
+    assert cache.expire() == 1
+    assert not done.path.exists() and read_all(cache, in_use) == blob(1)
+    cache.release(in_use)
+    assert not in_use.path.exists()
+    assert list(tmp_path.iterdir()) == [] and cache.used_bytes == 0
+    cache.stop()
+
+
+def test_with_no_cache_time_a_file_leaves_the_disk_when_its_reader_closes(tmp_path: Path):
+    cache = InstanceCache(tmp_path, capacity=10_000, ttl=0)
+    cache.start()
+    entry = cache.open(key(1), lambda sink: sink.write(blob(1)))
+    assert read_all(cache, entry) == blob(1)
+    cache.release(entry)
+    assert list(tmp_path.iterdir()) == []
+    cache.stop()
+
+
+def test_expired_files_are_swept_without_any_further_use_of_the_cache(tmp_path: Path):
+    """A file fetched ahead that nobody opened: no release ever comes for it."""
+    cache = InstanceCache(tmp_path, capacity=10_000, ttl=0.2)
+    cache.start()
+    assert cache.prefetch(key(1), lambda sink: sink.write(blob(1)))
+    wait_for(lambda: cache.used_bytes == 1000)
+    assert len(list(tmp_path.iterdir())) == 1
+    wait_for(lambda: list(tmp_path.iterdir()) == [])
+    assert cache.used_bytes == 0
+    cache.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # Read-ahead: bounded pool, demand first, promotion, cancellation, never over the bound
 

@@ -212,7 +212,8 @@ class _PriorityPool:
 
 class InstanceCache:
     """Bounded by ``capacity`` bytes (largest file ``capacity // 4``); entries older than ``ttl``
-    seconds are fetched again on the next open. Entries in use are never evicted."""
+    seconds are fetched again on the next open, and their files deleted once nobody reads them
+    (patient data stays on disk no longer than asked). Entries in use are never evicted."""
 
     def __init__(
         self,
@@ -230,6 +231,8 @@ class InstanceCache:
         self._clock = clock
         self._workers = workers
         self._pool: _PriorityPool | None = None
+        self._sweeper: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._names = itertools.count()
         self._lock = threading.Lock()
         # Protected by _lock: the index, LRU order, byte total (complete files plus the
@@ -245,11 +248,37 @@ class InstanceCache:
         """Start the download pool (in the filesystem's init, after any fork)."""
         if self._pool is None:
             self._pool = _PriorityPool(self._workers, "download")
+        if self._sweeper is None:
+            self._stopping.clear()
+            self._sweeper = threading.Thread(target=self._sweep, name="cache-expiry", daemon=True)
+            self._sweeper.start()
 
     def stop(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        if self._sweeper is not None:
+            self._stopping.set()
+            self._sweeper.join(5)
+            self._sweeper = None
+
+    def expire(self) -> int:
+        """Delete the files of expired entries nobody reads (those in use go at their release);
+        return how many went."""
+        now = self._clock()
+        with self._lock:
+            expired = [e for e in self._entries.values() if self._expired(e, now) and e.pins <= 0]
+            for entry in expired:
+                self._retire(entry)
+        return len(expired)
+
+    def _sweep(self) -> None:
+        interval = min(max(self.ttl / 2, 1.0), 60.0)
+        while not self._stopping.wait(interval):
+            try:
+                self.expire()
+            except Exception:  # noqa: BLE001 - the next sweep tries again; files go at unmount anyway
+                log.debug("cache expiry sweep failed", exc_info=True)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -363,6 +392,8 @@ class InstanceCache:
             entry.pins -= 1
             if entry.pins <= 0 and entry.retired:
                 self._unlink(entry)
+            elif entry.pins <= 0 and self._expired(entry, self._clock()):
+                self._retire(entry)  # e.g. --cacheTime ...,0: kept while read, not after
             else:
                 self._make_room(0)
 
@@ -450,6 +481,10 @@ class InstanceCache:
                 entry.reserved += extra
                 self._bytes += extra
                 self._make_room(0)
+
+    def _expired(self, entry: CachedInstance, now: float) -> bool:
+        """Caller holds _lock. Complete (or failed) and older than the TTL."""
+        return (entry.complete or entry.error is not None) and now - entry.fetched_at >= self.ttl
 
     def _retire(self, entry: CachedInstance) -> None:
         """Caller holds _lock. Drop from the index; delete the file once nobody reads it."""
