@@ -1085,3 +1085,55 @@ def test_a_file_removed_while_its_upload_was_sent_stays_removed_after_a_failed_s
     assert not (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").exists()
     assert errno_of(again.getattr, path) == errno.ENOENT
     again.shutdown()
+
+
+def test_two_copies_of_one_instance_closed_at_once_leave_the_server_with_the_bytes_the_mount_shows(
+        dataset, tmp_path, dicom: DicomFactory, monkeypatch):
+    """Sync mode, two programs copy different bytes of the same instance at the same time. A
+    server like Orthanc keeps the first copy it gets and answers "stored" to the second. Both
+    uploads found no instance and both sent: the server kept one, the mount showed the other.
+    One instance's uploads go one at a time: the second is an overwrite of the first."""
+    from dicomfuse.stores.base import StowOutcome
+    from dicomfuse.stores.local import LocalStore
+
+    on_server(dataset, dicom)  # the series exists
+    inst = dicom.instance()
+    first = inst.path.read_bytes()
+    second = first[:-1] + bytes([first[-1] ^ 0xFF])
+    both_sending = threading.Barrier(2, timeout=1)
+    real = LocalStore.store_files
+
+    def keeps_the_first(self, paths, uids=None):  # type: ignore[no-untyped-def]
+        data = Path(paths[0]).read_bytes()
+        try:
+            both_sending.wait()
+        except threading.BrokenBarrierError:
+            pass  # one at a time
+        if data == second:
+            time.sleep(0.1)  # the other copy reaches the server first
+        target = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+        if target.exists():
+            return [StowOutcome(Path(paths[0]), True, inst.study_uid, inst.series_uid, inst.sop_uid)]
+        return real(self, paths, uids)
+
+    monkeypatch.setattr(LocalStore, "store_files", keeps_the_first)
+    vfs = make_vfs(dataset, tmp_path)
+    path = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    errors: list[BaseException] = []
+
+    def copy(data: bytes, name: str) -> None:
+        try:
+            upload(vfs, f"/store/{inst.study_uid}/{inst.series_uid}/{name}", data)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=copy, args=(data, name))
+               for data, name in ((first, f"{inst.sop_uid}.dcm"), (second, "other.dcm"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    stored = (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").read_bytes()
+    assert read(vfs, path) == stored
+    vfs.shutdown()

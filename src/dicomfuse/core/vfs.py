@@ -14,7 +14,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -97,6 +98,12 @@ class LocalNode:
     path: Path | None = None  # file content (side files)
     placeholder: bool = False  # a new file closed empty: writing into it uploads it
     mtime: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Slot:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
 
 
 @dataclass
@@ -195,6 +202,7 @@ class Vfs:
         # was written over: deleted once the upload is confirmed (kept if the mount stops
         # first: nothing is lost).
         self._replaces: dict[tuple[str, str], DicomUids] = {}
+        self._upload_slots: dict[tuple[str, str], _Slot] = {}  # (store, SOP UID) being uploaded (sync)
         self._too_large: set[DicomPath] = set()  # instances of unknown size found larger than cacheSize/4
 
     # ======================================================================================
@@ -1230,25 +1238,44 @@ class Vfs:
         target = DicomPath((store_name, ident.study_uid, ident.series_uid, instance_name(ident.sop_uid)))
         store = self._store(store_name)
         replaced = h.overwrites
-        exists = self._instance_exists(store, ident)
-        if exists:
-            self._replace(store, target, ident, h.spool_path, h.path)
-        else:
-            try:
-                self._store_file(store, h.spool_path, target, ident)
-            except _Conflict:
-                # The server holds these UIDs already though its search index did not show
-                # them (Google's lags behind writes): this upload is an overwrite after all.
-                log.info("Upload %s: %s is on the server already; overwriting it", h.path, target)
+        # Two copies of one instance closed at once would both find it absent and both be sent;
+        # a server like Orthanc keeps the first and says "stored" to the second. One at a time,
+        # the second is an overwrite of the first.
+        with self._upload_slot(store_name, ident.sop_uid):
+            if self._instance_exists(store, ident):
                 self._replace(store, target, ident, h.spool_path, h.path)
-        if replaced is not None and replaced.sop_uid != ident.sop_uid:
-            # Another instance written over this one's name (whether or not the server held
-            # the one written already): the name now holds it, the old instance goes.
-            self._delete_replaced(store_name, replaced)
-        self._note_uploaded(h.path, target, ident, size)
-        self._note_stored_here(store_name, ident.sop_uid)
+            else:
+                try:
+                    self._store_file(store, h.spool_path, target, ident)
+                except _Conflict:
+                    # The server holds these UIDs already though its search index did not show
+                    # them (Google's lags behind writes): this upload is an overwrite after all.
+                    log.info("Upload %s: %s is on the server already; overwriting it", h.path, target)
+                    self._replace(store, target, ident, h.spool_path, h.path)
+            if replaced is not None and replaced.sop_uid != ident.sop_uid:
+                # Another instance written over this one's name (whether or not the server held
+                # the one written already): the name now holds it, the old instance goes.
+                self._delete_replaced(store_name, replaced)
+            self._note_uploaded(h.path, target, ident, size)
+            self._note_stored_here(store_name, ident.sop_uid)
         log.info("Uploaded %s as %s", h.path, target)
         return ident
+
+    @contextmanager
+    def _upload_slot(self, store: str, sop_uid: str) -> Iterator[None]:
+        """Held while an instance is uploaded in sync mode: its uploads go one at a time."""
+        key = (store, sop_uid)
+        with self._lock:
+            slot = self._upload_slots.setdefault(key, _Slot())
+            slot.users += 1
+        try:
+            with slot.lock:
+                yield
+        finally:
+            with self._lock:
+                slot.users -= 1
+                if slot.users == 0:
+                    del self._upload_slots[key]
 
     def _note_stored_here(self, store: str, sop_uid: str) -> None:
         now = time.monotonic()
