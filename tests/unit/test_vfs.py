@@ -1137,3 +1137,39 @@ def test_two_copies_of_one_instance_closed_at_once_leave_the_server_with_the_byt
     stored = (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").read_bytes()
     assert read(vfs, path) == stored
     vfs.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+def test_a_copy_made_while_an_rm_of_the_same_instance_runs_is_neither_hidden_nor_lost(
+        dataset, tmp_path, dicom: DicomFactory, monkeypatch, mode: str):
+    """rm's DELETE is done but its answer is slow; meanwhile the file is copied back in. The
+    copy reached the server, yet the rm, ending after it, hid it from the mount (found by a bug
+    hunt). rm and uploads of one instance now go one after the other."""
+    from dicomfuse.stores.local import LocalStore
+
+    inst, path = on_server(dataset, dicom)
+    vfs = make_vfs(dataset, tmp_path, upload_mode=mode)
+    assert vfs.getattr(path).size == inst.path.stat().st_size
+    deleted, answer = threading.Event(), threading.Event()
+    real = LocalStore.delete_instance
+
+    def slow_answer(self, *args):  # type: ignore[no-untyped-def]
+        real(self, *args)
+        deleted.set()
+        assert answer.wait(10)
+
+    monkeypatch.setattr(LocalStore, "delete_instance", slow_answer)
+    rm = threading.Thread(target=vfs.unlink, args=(path,))
+    rm.start()
+    assert deleted.wait(10)
+    cp = threading.Thread(target=upload, args=(vfs, "/store/again.dcm", inst.path.read_bytes()))
+    cp.start()
+    time.sleep(0.2)  # the copy goes as far as it can while the rm waits for its answer
+    answer.set()
+    rm.join(10)
+    cp.join(10)
+    if vfs.writeback is not None:
+        assert vfs.writeback.wait_idle(10)
+    on_disk = (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").exists()
+    assert on_disk and vfs.getattr(path).size == inst.path.stat().st_size
+    vfs.shutdown()

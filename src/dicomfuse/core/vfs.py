@@ -202,7 +202,7 @@ class Vfs:
         # was written over: deleted once the upload is confirmed (kept if the mount stops
         # first: nothing is lost).
         self._replaces: dict[tuple[str, str], DicomUids] = {}
-        self._upload_slots: dict[tuple[str, str], _Slot] = {}  # (store, SOP UID) being uploaded (sync)
+        self._upload_slots: dict[tuple[str, str], _Slot] = {}  # (store, SOP UID) being uploaded or removed
         self._too_large: set[DicomPath] = set()  # instances of unknown size found larger than cacheSize/4
 
     # ======================================================================================
@@ -445,6 +445,11 @@ class Vfs:
         self.policy.check(Op.UNLINK, p.level, str(p))
         uid = instance_uid(p.name)
         assert uid is not None  # _resolve only finds instances under their UID names
+        with self._upload_slot(p.store, uid):  # a copy of it closed meanwhile goes before or after
+            self._remove_instance(p, uid)
+        log.info("Deleted instance %s", p)
+
+    def _remove_instance(self, p: DicomPath, uid: str) -> None:
         # The server's copy goes first: if it cannot, nothing changed (a queued copy stays
         # queued). Then a copy still waiting in the write-back queue is dropped, never sent; a
         # copy being sent cannot be stopped: it is deleted once the server confirms it.
@@ -471,7 +476,6 @@ class Vfs:
             for name in [name for name, alias in self._aliases.items()
                          if name.store == p.store and alias.ident.sop_uid == uid]:
                 del self._aliases[name]  # other names written for it (cp B over A.dcm) go too
-        log.info("Deleted instance %s", p)
 
     def create(self, path: str) -> OpenResult:
         p = DicomPath.parse(path)
@@ -1263,7 +1267,8 @@ class Vfs:
 
     @contextmanager
     def _upload_slot(self, store: str, sop_uid: str) -> Iterator[None]:
-        """Held while an instance is uploaded in sync mode: its uploads go one at a time."""
+        """Held while an instance is uploaded (sync), queued (write-back) or removed: those go
+        one at a time for one instance."""
         key = (store, sop_uid)
         with self._lock:
             slot = self._upload_slots.setdefault(key, _Slot())
@@ -1303,19 +1308,20 @@ class Vfs:
         if replacing:
             with self._lock:  # before it is queued: its upload may be confirmed at once
                 self._replaces[(h.path.store, ident.sop_uid)] = h.overwrites  # type: ignore[assignment]
-        try:
-            item = self.writeback.submit(h.path.store, ident, h.spool_path, durable=durable)
-        except (OSError, RuntimeError) as exc:
-            if replacing:
-                with self._lock:
-                    self._replaces.pop((h.path.store, ident.sop_uid), None)
-            raise FsError(errno.EIO, f"upload {h.path}: could not queue it ({exc})", logging.ERROR) from None
-        h.queued = True
-        try:
-            self.cache.adopt(self._key(target), item.path, link=True)  # the queued bytes, no copy
-        except OSError as exc:
-            log.debug("cannot link the queued %s into the cache: %s", target, exc.strerror or exc)
-        self._note_uploaded(h.path, target, ident, size, evict=False)
+        with self._upload_slot(h.path.store, ident.sop_uid):  # not in the middle of an rm of it
+            try:
+                item = self.writeback.submit(h.path.store, ident, h.spool_path, durable=durable)
+            except (OSError, RuntimeError) as exc:
+                if replacing:
+                    with self._lock:
+                        self._replaces.pop((h.path.store, ident.sop_uid), None)
+                raise FsError(errno.EIO, f"upload {h.path}: could not queue it ({exc})", logging.ERROR) from None
+            h.queued = True
+            try:
+                self.cache.adopt(self._key(target), item.path, link=True)  # the queued bytes, no copy
+            except OSError as exc:
+                log.debug("cannot link the queued %s into the cache: %s", target, exc.strerror or exc)
+            self._note_uploaded(h.path, target, ident, size, evict=False)
         log.info("Queued %s for upload as %s", h.path, target)
         return ident
 
