@@ -419,6 +419,43 @@ def test_rsync_into_store(backend: Backend, mount_factory, dicom: DicomFactory, 
         assert backend.server_bytes(i) == i.path.read_bytes()
 
 
+def test_rsync_delete_after_of_files_named_otherwise_deletes_nothing(backend: Backend, mount_factory,
+                                                                     dicom: DicomFactory, tmp_path: Path):
+    """A series exported as IM0000.dcm... mirrored onto its own series folder: rsync copies the
+    files in under their names (never listed), then removes every <UID>.dcm it did not copy:
+    the very instances. Those removals are refused: rsync says so, and nothing is lost."""
+    if not backend.can_delete:
+        pytest.skip("rm needs delete on this server")
+    insts = dicom.series(3)
+    backend.seed(insts)
+    src = tmp_path / "export"
+    src.mkdir()
+    for n, inst in enumerate(insts):
+        shutil.copy(inst.path, src / f"IM{n:04d}.dcm")
+    m = mount_factory(backend)
+    r = run("rsync", "-a", "--delete-after", f"{src}/", f"{backend.series_path(m, insts[0])}/")
+    assert r.returncode != 0 and "Device or resource busy" in r.stderr, r.stderr
+    for inst in insts:
+        assert backend.has(inst) and backend.server_bytes(inst) == inst.path.read_bytes()
+
+
+def test_an_instance_restored_over_a_name_another_was_copied_to_leaves_the_other_alone(
+        backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path):
+    """cp B.dcm A.dcm (A deleted), then A restored with cp backup/A.dcm series/: B stays, and
+    A.dcm reads A (it answered ENOENT, and B was deleted)."""
+    if not backend.can_delete:
+        pytest.skip("overwrite needs delete on this server")
+    a, b = dicom.series(2)
+    backend.seed([a, b])
+    m = mount_factory(backend)
+    assert run("cp", b.path, backend.instance_path(m, a)).returncode == 0
+    r = run("cp", a.path, f"{backend.series_path(m, a)}/")
+    assert r.returncode == 0, r.stderr
+    assert backend.instance_path(m, a).read_bytes() == a.path.read_bytes()
+    assert backend.has(b) and backend.server_bytes(b) == b.path.read_bytes()
+    assert backend.server_bytes(a) == a.path.read_bytes()
+
+
 def test_sigterm_unmounts_and_wipes_cache(backend: Backend, mount_factory, dicom: DicomFactory):
     inst = dicom.instance()
     backend.seed([inst])

@@ -65,15 +65,17 @@ def test_local_changes_answer_before_the_server_for_the_overlay_lifetime():
     clock = Clock()
     cache = ListingCache(10, overlay_ttl=30, clock=clock)
     series, store = DicomPath.parse("/s/1.1/1.2"), DicomPath.parse("/s")
-    assert cache.local_change(series, "1.3.dcm") is None and not cache.added_below(store)
+    assert cache.local_change(series, "1.3.dcm") is None and not cache.files_added_below(store)
     cache.note_added(store, "1.1", Entry(True))
+    assert not cache.files_added_below(store)  # a folder shown for a file: not content of its own
     cache.note_added(series, "1.3.dcm", Entry(False, 10))
     assert cache.local_change(series, "1.3.dcm") == Entry(False, 10)
-    assert cache.added_below(store)
+    assert cache.files_added_below(store)
     cache.note_removed(series, "1.3.dcm")
-    assert cache.local_change(series, "1.3.dcm") is False
+    assert cache.local_change(series, "1.3.dcm") is False and not cache.files_added_below(store)
+    cache.note_added(series, "1.3.dcm", Entry(False, 10))
     clock.now = 31
-    assert cache.local_change(series, "1.3.dcm") is None and not cache.added_below(store)
+    assert cache.local_change(series, "1.3.dcm") is None and not cache.files_added_below(store)
 
 
 def test_an_entry_the_mount_still_works_on_outlives_the_overlay():

@@ -1173,3 +1173,192 @@ def test_a_copy_made_while_an_rm_of_the_same_instance_runs_is_neither_hidden_nor
     on_disk = (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").exists()
     assert on_disk and vfs.getattr(path).size == inst.path.stat().st_size
     vfs.shutdown()
+
+
+def write_over(vfs: Vfs, path: str, data: bytes, *, truncate: bool = True) -> None:
+    """Open an existing name for writing (as cp over it does) and write ``data``."""
+    fh = vfs.open(path, os.O_WRONLY | (os.O_TRUNC if truncate else 0)).fh
+    try:
+        vfs.write(fh, data, 0)
+        vfs.flush(fh)
+    finally:
+        vfs.release(fh)
+
+
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+def test_an_instance_copied_back_over_its_own_name_gets_it_back_and_the_other_stays(
+        dataset, tmp_path, dicom: DicomFactory, mode):
+    """cp B.dcm A.dcm (A deleted, the name stands for B), then A restored from a backup with
+    cp A.dcm series/: A is stored and reads under its name, and B, never touched, stays."""
+    a, b = dicom.series(2)
+    store = dataset.open_store("store")
+    store.store_files([a.path, b.path])
+    vfs = make_vfs(dataset, tmp_path, upload_mode=mode)
+    name_a = f"/store/{a.study_uid}/{a.series_uid}/{a.sop_uid}.dcm"
+    name_b = f"/store/{a.study_uid}/{a.series_uid}/{b.sop_uid}.dcm"
+    write_over(vfs, name_a, b.path.read_bytes())
+    if vfs.writeback is not None:
+        assert vfs.writeback.wait_idle(10)
+    write_over(vfs, name_a, a.path.read_bytes())
+    if vfs.writeback is not None:
+        assert vfs.writeback.wait_idle(10)
+    assert read(vfs, name_a) == a.path.read_bytes()
+    assert read(vfs, name_b) == b.path.read_bytes()
+    assert {i.sop_uid for i in store.instances(a.study_uid, a.series_uid)} == {a.sop_uid, b.sop_uid}
+    vfs.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+def test_deletion_disabled_refuses_another_instance_written_over_a_name(dataset, tmp_path, dicom: DicomFactory,
+                                                                         mode):
+    """It would delete the instance of that name: EPERM at close, nothing sent, the name keeps
+    reading its own instance (it read the other one, and cp said it copied)."""
+    a, b = dicom.series(2)
+    store = dataset.open_store("store")
+    store.store_files([a.path])
+    vfs = make_vfs(dataset, tmp_path, upload_mode=mode, deletion_enabled=False)
+    name_a = f"/store/{a.study_uid}/{a.series_uid}/{a.sop_uid}.dcm"
+    assert errno_of(write_over, vfs, name_a, b.path.read_bytes()) == errno.EPERM
+    assert read(vfs, name_a) == a.path.read_bytes()
+    vfs.shutdown()
+    assert {i.sop_uid for i in store.instances(a.study_uid, a.series_uid)} == {a.sop_uid}
+    assert len(list(vfs.spool.failed.glob("*.dcm"))) == 1  # the bytes are kept
+
+
+def test_write_back_with_deletion_disabled_refuses_a_changed_instance_at_close(dataset, tmp_path,
+                                                                               dicom: DicomFactory):
+    """Not later in the background, behind the program's back; an unchanged rewrite is fine."""
+    inst, path = on_server(dataset, dicom)
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback", deletion_enabled=False)
+    data = inst.path.read_bytes()
+    assert read(vfs, path) == data
+    write_over(vfs, path, data, truncate=False)  # the same bytes: nothing to delete
+    changed = data[:-1] + bytes([data[-1] ^ 0xFF])
+    assert errno_of(lambda: write_over(vfs, path, changed, truncate=False)) == errno.EPERM
+    assert vfs.writeback is not None and vfs.writeback.wait_idle(10)
+    assert vfs.writeback.failed() == []  # the refused one never reached the queue
+    vfs.shutdown()
+    assert (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").read_bytes() == data
+
+
+@pytest.mark.parametrize("deletion", [True, False])
+def test_rm_of_a_name_a_file_was_copied_in_as_deletes_its_instance(dataset, tmp_path, dicom: DicomFactory,
+                                                                     deletion):
+    """cp x.dcm store/ then rm store/x.dcm: the name stands for the instance (it reads it); rm
+    said it removed it and did nothing. It deletes it (EPERM when deletion is disabled)."""
+    inst = dicom.instance()
+    vfs = make_vfs(dataset, tmp_path, deletion_enabled=deletion)
+    upload(vfs, "/store/x.dcm", inst.path.read_bytes())
+    stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+    assert stored.exists()
+    if not deletion:
+        assert errno_of(vfs.unlink, "/store/x.dcm") == errno.EPERM
+        assert stored.exists() and read(vfs, "/store/x.dcm") == inst.path.read_bytes()
+        return
+    vfs.unlink("/store/x.dcm")
+    assert not stored.exists()
+    assert errno_of(vfs.getattr, "/store/x.dcm") == errno.ENOENT
+    assert errno_of(vfs.getattr, f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm") == errno.ENOENT
+    vfs.shutdown()
+
+
+def test_rm_of_an_instance_just_copied_in_under_another_name_is_refused(dataset, tmp_path, dicom: DicomFactory):
+    """rsync -a --delete-after of files named IM0000.dcm...: the names it wrote are never listed,
+    so it removes every <UID>.dcm it sees as extraneous: the instances it just copied in. Such
+    an rm is EBUSY; rm of the name written deletes the instance."""
+    inst, path = on_server(dataset, dicom)
+    vfs = make_vfs(dataset, tmp_path)
+    series = path.rsplit("/", 1)[0]
+    upload(vfs, f"{series}/IM0000.dcm", inst.path.read_bytes())  # identical: nothing sent
+    assert errno_of(vfs.unlink, path) == errno.EBUSY
+    assert vfs.getattr(path).size == inst.path.stat().st_size
+    vfs.unlink(f"{series}/IM0000.dcm")
+    assert errno_of(vfs.getattr, path) == errno.ENOENT
+    vfs.shutdown()
+
+
+def test_write_back_editor_save_through_a_temporary_name_succeeds(dataset, tmp_path, dicom: DicomFactory):
+    """GIO editors write .goutputstream-XXXX, then rename it over the file: the rename failed
+    with ENOENT in write-back mode although the new bytes were queued."""
+    inst, path = on_server(dataset, dicom)
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    series = path.rsplit("/", 1)[0]
+    data = inst.path.read_bytes()
+    changed = data[:-1] + bytes([data[-1] ^ 0xFF])
+    upload(vfs, f"{series}/.goutputstream-AB12", changed)
+    vfs.rename(f"{series}/.goutputstream-AB12", path)
+    assert read(vfs, path) == changed
+    assert errno_of(vfs.getattr, f"{series}/.goutputstream-AB12") == errno.ENOENT
+    assert vfs.writeback is not None and vfs.writeback.wait_idle(10)
+    assert (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").read_bytes() == changed
+    vfs.shutdown()
+
+
+def test_truncating_an_instance_to_its_own_size_changes_nothing_and_succeeds(dataset, tmp_path,
+                                                                              dicom: DicomFactory):
+    """rsync --inplace of an unchanged file ftruncates it to its size: no error."""
+    inst, path = on_server(dataset, dicom)
+    vfs = make_vfs(dataset, tmp_path)
+    size = inst.path.stat().st_size
+    fh = vfs.open(path, os.O_WRONLY).fh
+    vfs.truncate(path, size, fh)
+    assert errno_of(vfs.truncate, path, size - 1, fh) == errno.EPERM
+    vfs.flush(fh)
+    vfs.release(fh)
+    assert read(vfs, path) == inst.path.read_bytes()
+    vfs.shutdown()
+
+
+def test_a_refused_emptying_shows_the_instance_at_its_size_again_at_once(dataset, tmp_path, dicom: DicomFactory):
+    """truncate -s 0 X.dcm fails at close (an instance cannot be emptied); the name must not
+    go on showing the empty file until its writer is released, and the OS is told."""
+    inst, path = on_server(dataset, dicom)
+    vfs = make_vfs(dataset, tmp_path)
+    told: list[str] = []
+    vfs.notify_changed = told.append
+    fh = vfs.open(path, os.O_WRONLY | os.O_TRUNC).fh
+    assert errno_of(vfs.flush, fh) == errno.EPERM
+    assert vfs.getattr(path).size == inst.path.stat().st_size
+    assert path in told
+    vfs.release(fh)
+    vfs.shutdown()
+
+
+def test_a_stopping_mount_leaves_no_spool_copy_of_an_upload_the_server_confirmed(dataset, tmp_path,
+                                                                                 dicom: DicomFactory):
+    """SIGTERM while a program still holds a file it copied in (stored at its flush): the spool
+    copy was left behind and the next start reported it as a failed upload."""
+    inst = dicom.instance()
+    vfs = make_vfs(dataset, tmp_path)
+    fh = vfs.create("/store/x.dcm").fh
+    vfs.write(fh, inst.path.read_bytes(), 0)
+    vfs.flush(fh)
+    handle = vfs._handles[fh]
+    vfs.shutdown()  # before the release
+    assert not handle.spool_path.exists()
+
+
+def test_a_store_emptied_of_what_this_mount_copied_in_can_be_removed_at_once(dataset, tmp_path,
+                                                                             dicom: DicomFactory):
+    """mkdir scratch, cp a file in, rm it: rmdir scratch waited 15 s then said ENOTEMPTY for
+    a minute, for the study folder the copy had shown."""
+    inst = dicom.instance()
+    vfs = make_vfs(dataset, tmp_path)
+    vfs.mkdir("/scratch")
+    upload(vfs, "/scratch/x.dcm", inst.path.read_bytes())
+    vfs.unlink(f"/scratch/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm")
+    vfs.rmdir("/scratch")
+    assert not (dataset.root / "scratch").exists()
+    vfs.shutdown()
+
+
+def test_a_writer_handle_closed_while_a_stat_runs_gives_its_last_size(dataset, tmp_path, dicom: DicomFactory):
+    """The OS sends release while another thread may stat the file through the same handle."""
+    inst = dicom.instance()
+    vfs = make_vfs(dataset, tmp_path)
+    fh = vfs.create("/store/x.dcm").fh
+    vfs.write(fh, inst.path.read_bytes(), 0)
+    handle = vfs._handles[fh]
+    vfs.release(fh)
+    assert handle.size == inst.path.stat().st_size
+    vfs.shutdown()

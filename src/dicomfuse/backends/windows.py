@@ -40,6 +40,7 @@ NTSTATUS: dict[str, int] = {
     "STATUS_OBJECT_NAME_NOT_FOUND": 0xC0000034,
     "STATUS_OBJECT_NAME_COLLISION": 0xC0000035,
     "STATUS_OBJECT_PATH_NOT_FOUND": 0xC000003A,
+    "STATUS_SHARING_VIOLATION": 0xC0000043,
     "STATUS_NO_EAS_ON_FILE": 0xC0000052,
     "STATUS_DISK_FULL": 0xC000007F,
     "STATUS_INSUFFICIENT_RESOURCES": 0xC000009A,
@@ -66,6 +67,7 @@ _BY_ERRNO_NAME: tuple[tuple[str, str], ...] = (
     ("EPERM", "STATUS_ACCESS_DENIED"),            # Explorer: "You need permission to perform this action"
     ("EACCES", "STATUS_ACCESS_DENIED"),
     ("ENOTEMPTY", "STATUS_DIRECTORY_NOT_EMPTY"),
+    ("EBUSY", "STATUS_SHARING_VIOLATION"),       # Explorer: "the file is open in another program"
     ("ENOTDIR", "STATUS_NOT_A_DIRECTORY"),
     ("EISDIR", "STATUS_FILE_IS_A_DIRECTORY"),
     ("EINVAL", "STATUS_INVALID_PARAMETER"),      # a refused new name: STATUS_OBJECT_NAME_INVALID (see ntstatus_for)

@@ -115,11 +115,17 @@ class ListingCache:
             return False
         return None
 
-    def added_below(self, folder: DicomPath) -> bool:
-        """Whether the mount added anything in ``folder`` within the overlay's lifetime."""
+    def files_added_below(self, folder: DicomPath) -> bool:
+        """Whether the mount added a file anywhere below ``folder`` within the overlay's lifetime
+        (and did not remove it since): folders it added for them do not count on their own."""
         now = self._clock()
+        prefix = folder.parts
         with self._lock:
-            return any(self._shown(folder, name, at, now) for name, (at, _) in self._added.get(folder, {}).items())
+            return any(
+                f.parts[: len(prefix)] == prefix
+                and any(not entry.is_dir and self._shown(f, name, at, now) for name, (at, entry) in names.items())
+                for f, names in self._added.items()
+            )
 
     def removed_below(self, folder: DicomPath) -> bool:
         """Whether the mount removed anything below ``folder`` within the overlay's lifetime."""

@@ -150,9 +150,19 @@ class WriteHandle:
     write_error: int | None = None  # errno of a write that failed (EFBIG, ENOSPC): never sent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    closed_size: int | None = None  # its size when its file was closed
+
     @property
     def size(self) -> int:
-        return os.fstat(self.fd).st_size
+        closed = self.closed_size
+        if closed is not None:
+            return closed
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError:  # closed meanwhile by release() (the OS sends it while a stat may be running)
+            if self.closed_size is None:
+                raise
+            return self.closed_size
 
 
 Handle = ReadHandle | LocalHandle | WriteHandle
@@ -258,6 +268,10 @@ class Vfs:
                     self._close_fd(h.fd)  # first: Windows cannot move a file that is open
                     if h.dirty and not h.queued:
                         self._keep_failed(h, "the mount stopped before the upload")
+                    elif h.uploaded is not None and h.spool_path.parent == self.spool.directory:
+                        # Stored (its program had not closed it yet): the server has these bytes,
+                        # and a copy left in the spool would be taken for a failed upload.
+                        Spool.discard(h.spool_path)
                 finally:
                     if got:
                         h.lock.release()
@@ -432,19 +446,35 @@ class Vfs:
                 if node.path is not None:
                     Spool.discard(node.path)
                 return
-            if self._aliases.pop(p, None) is not None:
-                return
+            alias = self._aliases.get(p)
             pending = self._pending.get(p)
         if pending is not None and pending.uploaded is None and not pending.queued:
             self._drop_unsent(pending)  # e.g. a copy cancelled by deleting the file it was writing
             if pending.overwrites is None:
                 return  # a new file: nothing on the server
+        if alias is not None:
+            # A name a file was copied in as (cp x.dcm store/): it stands for that instance, and
+            # rm of it deletes the instance, as rm of the instance's own name does.
+            target = self._alias_target(p, alias)
+            self.policy.check(Op.UNLINK, Level.INSTANCE, str(p))
+            with self._upload_slot(p.store, alias.ident.sop_uid):
+                self._remove_instance(target, alias.ident.sop_uid)
+            log.info("Deleted instance %s (copied in as %s)", target, p)
+            return
         entry = self._resolve(p)
         if entry.is_dir:
             raise FsError(errno.EISDIR, f"unlink: is a folder: {p}")
         self.policy.check(Op.UNLINK, p.level, str(p))
         uid = instance_uid(p.name)
         assert uid is not None  # _resolve only finds instances under their UID names
+        with self._lock:
+            named = sorted(n.name for n, a in self._aliases.items()
+                           if n.parent == p.parent and a.ident.sop_uid == uid and instance_uid(n.name) is None)
+        if named:
+            # A mirroring tool (rsync --delete-after) copied files in under their own names, which
+            # are never listed, then removes every listed name it did not copy: the very instances.
+            raise FsError(errno.EBUSY, f"rm {p}: this instance was just copied into this folder as "
+                          f"{named[0]}, which stands for it; remove that name to delete it", logging.WARNING)
         with self._upload_slot(p.store, uid):  # a copy of it closed meanwhile goes before or after
             self._remove_instance(p, uid)
         log.info("Deleted instance %s", p)
@@ -616,6 +646,8 @@ class Vfs:
                 if handle.queued:  # its fd is the queued file itself, shared with the cache
                     raise FsError(errno.EIO, f"truncate: {handle.path} was handed to the upload queue; "
                                   "open it again to change it", logging.ERROR)
+                if handle.overwrites is not None and not handle.dirty and length == handle.size and length > 0:
+                    return  # to its own size (rsync --inplace of an unchanged file): changes nothing
                 if length > 0 and handle.overwrites is not None and not handle.dirty:
                     # An instance opened for writing and cut to a size before anything was written
                     # (truncate -s N): not a rewrite. Cutting to 0 is how WinFsp and macFUSE
@@ -683,7 +715,8 @@ class Vfs:
                     log.exception("Upload of %s at release failed unexpectedly", handle.path)
                     handle.dirty = False
                     self._keep_failed(handle, "unexpected error; see the log")
-            empty = handle.new and handle.size == 0  # the size only matters for a new file
+            handle.closed_size = handle.size
+            empty = handle.new and handle.closed_size == 0  # the size only matters for a new file
             self._close_fd(handle.fd)  # first: Windows cannot move or delete a file that is open
             if handle.queued:
                 pass  # the queue owns the bytes; the cache shares them already
@@ -1197,6 +1230,10 @@ class Vfs:
                 # cannot be emptied, and there is nothing worth keeping.
                 h.dirty = False
                 log.warning("%s was emptied and closed: an instance cannot be emptied; it is unchanged", h.path)
+                with self._lock:  # its name shows the instance again, not this empty file
+                    if self._pending.get(h.path) is h:
+                        del self._pending[h.path]
+                self.notify_changed(str(h.path))  # the OS took size 0 from the truncate: it is not
                 raise FsError(errno.EPERM, f"upload {h.path}: an instance cannot be emptied")
             if h.write_error is not None:
                 # The program was told at write() and holds the whole file; the part written is
@@ -1233,15 +1270,17 @@ class Vfs:
             ident = inspect_dicom(h.spool_path)
         except FsError as exc:
             raise FsError(errno.EINVAL, f"upload {h.path} refused: {exc.strerror}", logging.ERROR) from None
+        replaced = self._replaced_by(h, ident)
+        if not self.config.deletion_enabled:
+            self._refuse_deleting(h, ident, replaced)
         if self.writeback is not None and self.config.upload_mode == "writeback":
-            return self._queue(h, ident, size, durable)
+            return self._queue(h, ident, size, durable, replaced)
         store_name = h.path.store
         if h.path.level == Level.INSTANCE and (ident.study_uid, ident.series_uid) != (h.path.study, h.path.series):
             log.info("Upload %s: the file belongs to study %s series %s, filed there by its UIDs",
                      h.path, ident.study_uid, ident.series_uid)
         target = DicomPath((store_name, ident.study_uid, ident.series_uid, instance_name(ident.sop_uid)))
         store = self._store(store_name)
-        replaced = h.overwrites
         # Two copies of one instance closed at once would both find it absent and both be sent;
         # a server like Orthanc keeps the first and says "stored" to the second. One at a time,
         # the second is an overwrite of the first.
@@ -1256,7 +1295,7 @@ class Vfs:
                     # them (Google's lags behind writes): this upload is an overwrite after all.
                     log.info("Upload %s: %s is on the server already; overwriting it", h.path, target)
                     self._replace(store, target, ident, h.spool_path, h.path)
-            if replaced is not None and replaced.sop_uid != ident.sop_uid:
+            if replaced is not None:
                 # Another instance written over this one's name (whether or not the server held
                 # the one written already): the name now holds it, the old instance goes.
                 self._delete_replaced(store_name, replaced)
@@ -1298,16 +1337,54 @@ class Vfs:
             at = self._stored_here.get((store, sop_uid))
         return at is not None and time.monotonic() - at < self.listings.overlay_ttl
 
-    def _queue(self, h: WriteHandle, ident: DicomUids, size: int, durable: bool) -> DicomUids:
+    @staticmethod
+    def _replaced_by(h: WriteHandle, ident: DicomUids) -> DicomUids | None:
+        """The other instance whose name ``h`` was written over (cp B.dcm A.dcm): it goes once
+        this one is stored. None when the file is the instance its name says, also when that
+        name stood for another instance until now (A copied back over A.dcm gets its name back,
+        and the other instance stays)."""
+        old = h.overwrites
+        if old is None or old.sop_uid == ident.sop_uid or instance_uid(h.path.name) == ident.sop_uid:
+            return None
+        return old
+
+    def _refuse_deleting(self, h: WriteHandle, ident: DicomUids, replaced: DicomUids | None) -> None:
+        """Deletion disabled: refuse at close what would delete an instance, before anything is
+        sent or queued (a write-back upload would otherwise be refused later, behind the
+        program's back). Sync mode refuses an overwrite of the same instance when it finds the
+        stored bytes differ (:meth:`_replace`)."""
+        if replaced is not None:
+            raise FsError(errno.EPERM, f"upload {h.path}: instance {ident.sop_uid} written over the name of "
+                          f"instance {replaced.sop_uid} would delete that one; deletion is disabled", logging.ERROR)
+        if (self.config.upload_mode == "writeback" and h.overwrites is not None
+                and h.overwrites.sop_uid == ident.sop_uid and not self._same_as_cached(ident, h.path.store, h.fd)):
+            raise FsError(errno.EPERM, f"overwrite of {h.path} refused: deletion is disabled", logging.ERROR)
+
+    def _same_as_cached(self, ident: DicomUids, store: str, fd: int) -> bool:
+        """Whether the fresh cached copy of the instance holds the bytes of ``fd``."""
+        entry = self.cache.fresh((store, ident.study_uid, ident.series_uid, ident.sop_uid))
+        if entry is None or not entry.complete:
+            return False
+        try:
+            cached = portable.open_fd(entry.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            return _same_content(cached, fd)
+        finally:
+            self._close_fd(cached)
+
+    def _queue(self, h: WriteHandle, ident: DicomUids, size: int, durable: bool,
+               replaced: DicomUids | None) -> DicomUids:
         """Write-back: hand the checked file to the durable queue; it shows in its folder and
         reads back from the cache at once, and is uploaded in the background."""
         assert self.writeback is not None
         target = DicomPath((h.path.store, ident.study_uid, ident.series_uid, instance_name(ident.sop_uid)))
         self._store(h.path.store)  # an unknown store fails the copy now, not in the background
-        replacing = h.overwrites is not None and h.overwrites.sop_uid != ident.sop_uid
+        replacing = replaced is not None
         if replacing:
             with self._lock:  # before it is queued: its upload may be confirmed at once
-                self._replaces[(h.path.store, ident.sop_uid)] = h.overwrites  # type: ignore[assignment]
+                self._replaces[(h.path.store, ident.sop_uid)] = replaced  # type: ignore[assignment]
         with self._upload_slot(h.path.store, ident.sop_uid):  # not in the middle of an rm of it
             try:
                 item = self.writeback.submit(h.path.store, ident, h.spool_path, durable=durable)
@@ -1533,9 +1610,11 @@ class Vfs:
         # The OS may hold pages of the instance read before: same size and time, so it would go on
         # serving them (a flush or release of this file is not an operation the notice waits for).
         self.notify_changed(str(target))
-        if written != target:
-            with self._lock:
+        with self._lock:
+            if written != target:
                 self._aliases[written] = Alias(ident, size, time.monotonic())
+            else:
+                self._aliases.pop(written, None)  # the name stood for another instance: its own again
 
     def _keep_listed(self, target: DicomPath, size: int | None) -> None:
         """Instance ``target`` and its study and series folders are listed whatever the server's
@@ -1601,7 +1680,7 @@ class Vfs:
         """ENOTEMPTY unless store ``p`` holds no study, asked of the server right now and of
         this mount's own recent uploads (which a lagging search index may not show yet)."""
         store = self._store(p.name)
-        found = self.listings.added_below(p) or self._remote(
+        found = self.listings.files_added_below(p) or self._remote(
             f"check store {p.name} is empty", lambda: next(iter(store.studies()), None) is not None)
         if found:
             raise FsError(errno.ENOTEMPTY, f"{doing}: store {p.name} holds studies; only an empty "
@@ -1634,14 +1713,26 @@ class Vfs:
         self.policy.check(Op.UPLOAD, pn.level, str(pn))
         assert node.path is not None
         fd = portable.open_fd(node.path, os.O_RDWR)
-        handle = WriteHandle(pn, node.path, fd, dirty=True)
+        handle = WriteHandle(pn, node.path, fd, overwrites=self._instance_named(pn), dirty=True)
         try:
             ident = self._send(handle)
         finally:
             self._close_fd(fd)
         with self._lock:
             self._local.pop(po, None)
-        self.cache.adopt((pn.store, ident.study_uid, ident.series_uid, ident.sop_uid), node.path)
+        if not handle.queued:  # write-back: the queue has the bytes, and the cache a link to them
+            self.cache.adopt((pn.store, ident.study_uid, ident.series_uid, ident.sop_uid), node.path)
+
+    def _instance_named(self, p: DicomPath) -> DicomUids | None:
+        """The instance the name ``p`` stands for now, if any (a rename over it replaces it)."""
+        with self._lock:
+            alias = self._aliases.get(p)
+        if alias is not None:
+            return alias.ident
+        uid = instance_uid(p.name) if p.level == Level.INSTANCE else None
+        if uid is None or not self._exists(p):
+            return None
+        return DicomUids(p.study, p.series, uid)
 
     def _rename_alias(self, po: DicomPath, pn: DicomPath, alias: Alias) -> None:
         if pn.parent != po.parent:
