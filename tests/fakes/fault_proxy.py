@@ -12,7 +12,8 @@ scripted with :meth:`FaultProxy.fail` matches it first::
 
 The script may be changed from the test thread at any time (thread-safe). Faults:
 
-- ``status``: answer that status (small JSON body, optional ``Retry-After``) instead of forwarding;
+- ``status``: answer that status (small JSON body, or ``body`` with ``content_type``; optional
+  ``Retry-After``) instead of forwarding;
 - ``drop_before``: close the connection without forwarding or answering;
 - ``drop_mid_body``: forward, send the headers with the full ``Content-Length`` and half the body, close;
 - ``drop_response``: forward, read the answer, close without sending any of it;
@@ -53,6 +54,8 @@ class Fault:
     truncate_multipart: bool = False
     stall: bool = False
     drop_response: bool = False
+    body: bytes | None = None  # a status fault's body (None: a small JSON one)
+    content_type: str = "application/json"  # of ``body``; "" sends none (as Orthanc does)
 
     def matches(self, method: str, path: str) -> bool:
         return ((self.method is None or self.method.upper() == method)
@@ -133,11 +136,11 @@ class FaultProxy:
     def fail(self, method: str | None = None, path_contains: str | None = None, times: int | None = 1, *,
              status: int | None = None, retry_after: int | None = None, drop_before: bool = False,
              drop_mid_body: bool = False, truncate_multipart: bool = False, stall: bool = False,
-             drop_response: bool = False) -> None:
+             drop_response: bool = False, body: bytes | None = None, content_type: str = "application/json") -> None:
         """Apply one fault to the next ``times`` matching requests (None: all, until :meth:`clear`).
         Faults apply in the order they were added."""
         fault = Fault(method, path_contains, times, status, retry_after, drop_before, drop_mid_body,
-                      truncate_multipart, stall, drop_response)
+                      truncate_multipart, stall, drop_response, body, content_type)
         if fault.describe() == "none":
             raise ValueError("no fault given")
         with self._lock:
@@ -282,9 +285,12 @@ class FaultProxy:
                     upstream.close()
 
             def _answer_status(self, fault: Fault) -> None:
-                body = json.dumps({"error": f"injected HTTP {fault.status}"}).encode()
+                body = fault.body
+                if body is None:
+                    body = json.dumps({"error": f"injected HTTP {fault.status}"}).encode()
                 self.send_response(fault.status or 500)
-                self.send_header("Content-Type", "application/json")
+                if fault.content_type:
+                    self.send_header("Content-Type", fault.content_type)
                 self.send_header("Content-Length", str(len(body)))
                 if fault.retry_after is not None:
                     self.send_header("Retry-After", str(fault.retry_after))

@@ -14,6 +14,7 @@ from dicomfuse.dicomfile import DicomUids
 from dicomfuse.samples import SampleInstance, make_uid, write_instance, write_samples
 from dicomfuse.stores.base import Dataset, NotFound, Store, Unavailable, Unsupported
 from dicomfuse.stores.dicomweb import DicomwebDataset, DicomwebStore, store_name_from_url
+from tests.conftest import PATIENT_NAME
 from tests.fakes.http_server import LoopbackServer, Reply, Seen
 from tests.orthanc_server import OrthancServer
 
@@ -425,25 +426,34 @@ def test_truncated_multipart_raises(fake: FakeDicomweb) -> None:
         fake_store(fake).retrieve("1", "2", "3", io.BytesIO())
 
 
-def stow_json(stored: list[str], failed: list[tuple[str, int]]) -> bytes:
+def stow_json(stored: list[str], failed: list[tuple[str, int]], detail: str | None = None) -> bytes:
+    """A STOW answer; ``detail``: Google's FailureDetailJSON (0009,1097) on each refused item."""
     def item(uid: str, **extra: object) -> dict[str, object]:
         entry: dict[str, object] = {"00081155": {"vr": "UI", "Value": [uid]}}
         entry.update(extra)
         return entry
+
+    words = {} if detail is None else {"00090010": {"vr": "LO", "Value": ["GOOGLE"]},
+                                       "00091097": {"vr": "LT", "Value": [detail]}}
 
     return json.dumps(
         {
             "00081199": {"vr": "SQ", "Value": [item(u) for u in stored]},
             "00081198": {
                 "vr": "SQ",
-                "Value": [item(u, **{"00081197": {"vr": "US", "Value": [code]}}) for u, code in failed],
+                "Value": [item(u, **{"00081197": {"vr": "US", "Value": [code]}}, **words) for u, code in failed],
             },
         }
     ).encode()
 
 
-def stow_xml(stored: list[str], failed: list[tuple[str, int]]) -> bytes:
+def stow_xml(stored: list[str], failed: list[tuple[str, int]], detail: str | None = None) -> bytes:
+    """A STOW answer; ``detail``: Google's FailureDetail (0009,0097) on each refused item."""
     ns = 'xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM"'
+    words = "" if detail is None else (
+        f'<DicomAttribute tag="00090097" vr="LT" privateCreator="GOOGLE"><Value number="1">{detail}</Value>'
+        "</DicomAttribute>"
+    )
     ok = "".join(
         f'<Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{u}</Value></DicomAttribute></Item>'
         for u in stored
@@ -451,7 +461,7 @@ def stow_xml(stored: list[str], failed: list[tuple[str, int]]) -> bytes:
     bad = "".join(
         f'<Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{u}</Value>'
         f'</DicomAttribute><DicomAttribute tag="00081197" vr="US"><Value number="1">{code}</Value>'
-        "</DicomAttribute></Item>"
+        f"</DicomAttribute>{words}</Item>"
         for u, code in failed
     )
     return (
@@ -495,9 +505,55 @@ def test_stow_outcomes_map_back_to_paths(
     assert all(s.path.read_bytes() in sent[0] for s in samples)  # streamed body holds each file
 
 
-def test_stow_400_without_outcomes_refuses_with_the_server_message(fake: FakeDicomweb, tmp_path: Path) -> None:
+ECHOED = f"Cannot store: PatientName '{PATIENT_NAME}' does not match PatientID 123"
+"""A server's words quoting the instance it refused."""
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"Message": "Unsupported media type", "HttpStatus": 415}, "HTTP 415"),
+        ({"Message": ECHOED, "Details": ECHOED, "HttpStatus": 415, "OrthancStatus": 15},
+         "HTTP 415: Orthanc error 15 (bad file format)"),
+        ({"error": {"code": 415, "message": ECHOED, "status": "INVALID_ARGUMENT"}}, "HTTP 415: INVALID_ARGUMENT"),
+    ],
+)
+def test_stow_4xx_without_outcomes_refuses_with_the_status_and_code_not_the_servers_words(
+        fake: FakeDicomweb, tmp_path: Path, body: dict[str, object], reason: str) -> None:
     samples = write_samples(tmp_path, studies=1, series_per_study=1, instances_per_series=1)
-    fake.route = lambda *_: (415, {}, b'{"Message": "Unsupported media type", "HttpStatus": 415}')
+    fake.route = lambda *_: (415, {}, json.dumps(body).encode())
     [outcome] = fake_store(fake).store_files([samples[0].path])
     assert not outcome.stored
-    assert outcome.reason == "HTTP 415: Unsupported media type"
+    assert outcome.reason == reason
+
+
+@pytest.mark.parametrize(("content_type", "render"), [("application/dicom+json", stow_json),
+                                                       ("application/dicom+xml", stow_xml)])
+def test_stow_failure_detail_is_never_kept(fake: FakeDicomweb, tmp_path: Path, content_type: str,
+                                           render: Callable[..., bytes]) -> None:
+    """Google adds its own words to a refused instance (FailureDetail); they may quote the
+    instance's attributes: the reason is the FailureReason code only."""
+    [sample] = write_samples(tmp_path, studies=1, series_per_study=1, instances_per_series=1)
+    fake.route = lambda *_: (409, {"Content-Type": content_type}, render([], [(sample.sop_uid, 0x0110)], ECHOED))
+    [outcome] = fake_store(fake).store_files([sample.path])
+    assert not outcome.stored and outcome.conflict
+    assert outcome.reason == "failure reason 0x0110 (processing failure)"
+
+
+def test_a_failed_orthanc_lookup_logs_no_server_words(fake: FakeDicomweb, caplog: pytest.LogCaptureFixture) -> None:
+    """Orthanc's /tools/find refuses with an error quoting patient data: the lookup falls back
+    to QIDO and the DEBUG line that says so names the status and code, not the server's words."""
+    from dicomfuse.stores.http import RetryPolicy
+
+    def route(method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        if path.startswith("/tools/find"):
+            return 400, {}, json.dumps({"Details": ECHOED, "Message": ECHOED, "OrthancStatus": 8}).encode()
+        return 200, {"Content-Type": "application/dicom+json"}, dicom_json("1.2")
+
+    fake.route = route
+    ds = DicomwebDataset(fake.url, orthanc_rest_url=fake.base_url, retry=RetryPolicy(attempts=1))
+    fake.datasets.append(ds)
+    with caplog.at_level("DEBUG"):
+        assert list(ds.store.studies("1.2")) == ["1.2"]
+    assert "POST /tools/find: HTTP 400 Bad Request: Orthanc error 8 (bad request)" in caplog.text
+    assert PATIENT_NAME not in caplog.text and "PatientID" not in caplog.text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Backend, DicomFactory, _orthanc_backend, requires_fuse, run
+from tests.conftest import PATIENT_NAME, Backend, DicomFactory, _orthanc_backend, requires_fuse, run
 from tests.fakes.fault_proxy import FaultProxy
 from tests.mounting import wait_for
 
@@ -261,6 +262,52 @@ def test_upload_answer_lost_never_duplicates_or_loses(fault: str, via_proxy: Bac
     assert sop_count(orthanc, inst.sop_uid) == 1
     assert via_proxy.server_bytes(inst) == inst.path.read_bytes()
     assert r.returncode == 0, r.stderr
+
+
+ECHOED = f"Cannot store: PatientName '{PATIENT_NAME}' does not match PatientID 123"
+"""A server's refusal quoting the instance it was sent, as servers do."""
+
+
+def _holds_patient_name(text: str) -> bool:
+    return PATIENT_NAME in text or PATIENT_NAME.split("^")[0] in text
+
+
+@pytest.mark.parametrize(
+    ("mode", "body", "content_type", "code"),
+    [
+        ("sync", json.dumps({"HttpStatus": 400, "Message": ECHOED, "Details": ECHOED, "OrthancStatus": 15}), "",
+         "Orthanc error 15 (bad file format)"),
+        ("writeback", ECHOED, "text/plain", None),
+    ],
+    ids=["sync-orthanc-json", "writeback-text"],
+)
+def test_a_refusal_quoting_the_patient_reaches_no_log_record_or_status(
+        mode: str, body: str, content_type: str, code: str | None, via_proxy: Backend, proxy: FaultProxy,
+        mount_factory, dicom: DicomFactory):
+    """The server refuses a STOW with a body that quotes the patient's name: the upload fails
+    with the status (and the server's error code) as its reason, and the name reaches no log
+    file, terminal output, record kept on disk or ``dicomfuse status``."""
+    m = mount_factory(via_proxy, *NO_CACHE, "--uploadMode", mode)
+    inst = dicom.instance(name="scan.dcm")
+    proxy.fail("POST", "/studies", times=None, status=400, body=body.encode(), content_type=content_type)
+    r = run("cp", inst.path, m.path / via_proxy.store_name)
+    assert (r.returncode != 0) == (mode == "sync"), r.stderr
+    assert not _holds_patient_name(r.stderr)
+
+    def status() -> str:
+        done = run(sys.executable, "-m", "dicomfuse", "status", "--cacheDir", m.cache_dir)
+        return done.stdout + done.stderr
+
+    wait_for(lambda: "Failed uploads: 1" in status(), 30, what="the refusal in status")
+    assert not _holds_patient_name(status())
+    error_log = (m.log_dir / "error.log").read_text()
+    assert "HTTP 400" in error_log and (code is None or code in error_log), error_log
+    assert not _holds_patient_name(m.log_text())  # every log file and the terminal output
+    for path in m.cache_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if data[128:132] != b"DICM":  # the kept upload itself holds the name, as it should
+                assert PATIENT_NAME.split("^")[0].encode() not in data, path
 
 
 def test_a_refused_overwrite_puts_the_original_back(orthanc: object, proxy: FaultProxy, mount_factory,

@@ -21,11 +21,13 @@ from dicomfuse.stores.base import (
 from dicomfuse.stores.http import (
     HttpClient,
     RetryPolicy,
+    error_for_response,
     make_session,
     never_sent,
     parse_retry_after,
     server_error_detail,
 )
+from tests.conftest import PATIENT_NAME
 from tests.fakes.http_server import LoopbackServer, Reply, Seen
 
 
@@ -260,8 +262,10 @@ def test_status_mapping(server: ScriptedServer, client: HttpClient, status: int,
 
 
 def test_400_is_invalid_dicom_only_when_the_caller_says_so(server: ScriptedServer, client: HttpClient) -> None:
-    server.script(Reply(400, b'{"Message": "Bad file format"}', {"Content-Type": "application/json"}))
-    with pytest.raises(InvalidDicom, match="Bad file format"):
+    orthanc = {"HttpStatus": 400, "Message": "Bad file format", "OrthancError": "Bad file format", "OrthancStatus": 15}
+    server.script(Reply(400, json.dumps(orthanc).encode(), {"Content-Type": "application/json"}))
+    expected = r"^POST /studies: HTTP 400 Bad Request: Orthanc error 15 \(bad file format\)$"
+    with pytest.raises(InvalidDicom, match=expected):
         client.request("POST", f"{server.url}/studies", data=b"x", bad_request=InvalidDicom)
 
 
@@ -281,14 +285,57 @@ def test_messages_hide_query_host_auth_and_bodies(server: ScriptedServer, client
         assert leak not in message
 
 
-def test_server_json_detail_is_quoted_and_truncated(server: ScriptedServer, client: HttpClient) -> None:
-    # Orthanc sends its JSON error bodies without a Content-Type.
-    server.script(Reply(404, json.dumps({"Details": "x" * 500, "HttpStatus": 404}).encode()))
-    with pytest.raises(NotFound) as caught:
-        client.request("GET", f"{server.url}/instances/1")
-    detail = str(caught.value).split(": ", 2)[-1]
-    assert detail.startswith("xxx")
-    assert len(detail) <= 200
+ECHOED = f"Cannot store: PatientName '{PATIENT_NAME}' does not match PatientID 123"
+"""A server's error text quoting the DICOM content it was sent."""
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (json.dumps({"Message": ECHOED}), "application/json"),
+        (json.dumps({"Details": ECHOED, "HttpStatus": 400, "Message": ECHOED, "OrthancError": ECHOED}), ""),
+        (json.dumps({"error": {"code": 400, "message": ECHOED, "status": "INVALID_ARGUMENT"}}), "application/json"),
+        (json.dumps([{"error": {"code": 400, "message": ECHOED, "status": PATIENT_NAME}}]), "application/json"),
+        (json.dumps({"message": ECHOED, "detail": ECHOED, "error_description": ECHOED}), "application/problem+json"),
+        (json.dumps({"error": ECHOED}), "application/json"),
+        (ECHOED, "text/plain"),
+        (ECHOED, ""),
+        (f"<html>{ECHOED}</html>", "text/html"),
+        (json.dumps({"00081198": {"vr": "SQ", "Value": [{"00091097": {"vr": "LT", "Value": [ECHOED]}}]}}),
+         "application/dicom+json"),
+    ],
+    ids=["json-message", "orthanc", "google", "google-odd-status", "problem-json", "json-error", "text",
+         "no-content-type", "html", "dicom-json"],
+)
+def test_server_error_text_is_never_quoted(server: ScriptedServer, client: HttpClient, body: str,
+                                           content_type: str) -> None:
+    """Servers echo what they were sent in their error messages: a 4xx body's text reaches no
+    exception message, at any length or in any shape; only the status and error codes do."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    server.script(Reply(400, body.encode(), headers))
+    with pytest.raises(InvalidDicom) as caught:
+        client.request("POST", f"{server.url}/studies", data=b"x", bad_request=InvalidDicom)
+    message = str(caught.value)
+    assert message.startswith("POST /studies: HTTP 400 Bad Request")
+    for leak in (PATIENT_NAME, *PATIENT_NAME.split("^"), "Cannot store", "PatientID"):
+        assert leak not in message
+
+
+def test_the_servers_reason_phrase_is_not_quoted() -> None:
+    """A status line is server text too: the standard phrase is shown instead of the server's."""
+    import io
+
+    import requests
+
+    response = requests.Response()
+    response.status_code, response.reason = 409, f"Conflict with {PATIENT_NAME}"
+    response.raw = io.BytesIO(b"")
+    message = str(error_for_response("POST", "http://h/studies", response))
+    assert message == "POST /studies: HTTP 409 Conflict"
+    response = requests.Response()
+    response.status_code, response.reason = 499, PATIENT_NAME
+    response.raw = io.BytesIO(b"")
+    assert str(error_for_response("GET", "http://h/x", response)) == "GET /x: HTTP 499"
 
 
 def test_server_errors_never_quote_5xx_bodies(server: ScriptedServer, client: HttpClient) -> None:
@@ -299,17 +346,28 @@ def test_server_errors_never_quote_5xx_bodies(server: ScriptedServer, client: Ht
     assert len(server.seen) == 4
 
 
-def test_text_detail_and_google_shape(server: ScriptedServer) -> None:
+def test_only_error_codes_are_kept_from_error_bodies(server: ScriptedServer) -> None:
     import requests
 
-    def answer(status: int, body: bytes, content_type: str) -> requests.Response:
-        server.script(Reply(status, body, {"Content-Type": content_type}))
+    def answer(status: int, body: bytes, content_type: str = "application/json") -> requests.Response:
+        server.script(Reply(status, body, {"Content-Type": content_type} if content_type else {}))
         return requests.get(f"{server.url}/x", timeout=5)
 
     google = json.dumps({"error": {"code": 409, "message": "instance exists", "status": "ALREADY_EXISTS"}})
-    assert server_error_detail(answer(409, google.encode(), "application/json")) == "instance exists"
-    assert server_error_detail(answer(400, b"bad  request\nline", "text/plain")) == "bad request line"
+    assert server_error_detail(answer(409, google.encode())) == "ALREADY_EXISTS"
+    assert server_error_detail(answer(409, f"[{google}]".encode())) == "ALREADY_EXISTS"  # Google's list form
+    odd = json.dumps({"error": {"code": 400, "message": "m", "status": "NOT_A_GOOGLE_CODE"}})
+    assert server_error_detail(answer(400, odd.encode())) is None
+    # Orthanc: its error code, in our words, never its Message/Details/OrthancError text.
+    orthanc = {"HttpStatus": 404, "Message": "m", "OrthancError": "Unknown resource", "OrthancStatus": 17}
+    assert server_error_detail(answer(404, json.dumps(orthanc).encode(), "")) == "Orthanc error 17 (unknown resource)"
+    orthanc["OrthancStatus"] = 4711
+    assert server_error_detail(answer(404, json.dumps(orthanc).encode(), "")) == "Orthanc error 4711"
+    orthanc["OrthancStatus"] = "17"
+    assert server_error_detail(answer(404, json.dumps(orthanc).encode(), "")) is None
+    assert server_error_detail(answer(400, b"bad request", "text/plain")) is None
     assert server_error_detail(answer(400, b'{"00081198": {}}', "application/dicom+json")) is None
+    assert server_error_detail(answer(503, google.encode())) is None  # 5xx bodies are not read
 
 
 def test_make_session_pools_and_ca_bundle(tmp_path: object) -> None:

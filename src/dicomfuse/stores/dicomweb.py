@@ -38,7 +38,6 @@ from dicomfuse.stores.base import (
 )
 from dicomfuse.stores.http import (
     DEFAULT_TIMEOUT,
-    ERROR_DETAIL_CHARS,
     HttpClient,
     MultipartReader,
     ResumingSink,
@@ -63,8 +62,8 @@ FAILURE_REASON_TAG = "00081197"
 FAILED_SOP_SEQUENCE_TAG = "00081198"
 REFERENCED_SOP_SEQUENCE_TAG = "00081199"
 REFERENCED_SOP_UID_TAG = "00081155"
-GOOGLE_FAILURE_DETAIL_TAG = "00090097"  # Google's private FailureDetail (creator "GOOGLE"), in XML answers
-GOOGLE_FAILURE_DETAIL_JSON_TAG = "00091097"  # FailureDetailJSON: the same text in DICOM JSON answers
+# Google adds its own words to a refused instance (FailureDetail 0009,0097 in XML, FailureDetailJSON
+# 0009,1097 in JSON). They are never read: a server's text may quote the instance's attributes.
 
 DICOM_JSON = "application/dicom+json"
 WALK_INCLUDE_FIELDS = f"includefield={STUDY_UID_TAG}&includefield={SERIES_UID_TAG}"
@@ -413,7 +412,9 @@ class StowResult:
     stored: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
 
-    def add_failure(self, sop_uid: str | None, code: object, detail: object = None) -> None:
+    def add_failure(self, sop_uid: str | None, code: object) -> None:
+        """A refused instance; its reason is the FailureReason code, in our words (the server's
+        free text, which may quote the instance's attributes, is never kept)."""
         if not sop_uid:
             return
         try:
@@ -422,9 +423,6 @@ class StowResult:
             reason = "refused by the server"
         else:
             reason = failure_reason_text(number)
-        if isinstance(detail, str) and detail.strip():
-            text = " ".join(detail.split())
-            reason += f": {text[:ERROR_DETAIL_CHARS]}"
         self.failed[sop_uid] = reason
 
 
@@ -438,8 +436,7 @@ def parse_stow_json(document: object) -> StowResult:
         if uid:
             result.stored.add(uid)
     for item in _sequence_items(document, FAILED_SOP_SEQUENCE_TAG):
-        detail = _first_value(item, GOOGLE_FAILURE_DETAIL_JSON_TAG) or _first_value(item, GOOGLE_FAILURE_DETAIL_TAG)
-        result.add_failure(_uid_of(item, REFERENCED_SOP_UID_TAG), _first_value(item, FAILURE_REASON_TAG), detail)
+        result.add_failure(_uid_of(item, REFERENCED_SOP_UID_TAG), _first_value(item, FAILURE_REASON_TAG))
     return result
 
 
@@ -474,8 +471,7 @@ def parse_stow_xml(text: bytes) -> StowResult:
         if uid:
             result.stored.add(uid)
     for item in items(FAILED_SOP_SEQUENCE_TAG):
-        result.add_failure(first_value(item, REFERENCED_SOP_UID_TAG), first_value(item, FAILURE_REASON_TAG),
-                           first_value(item, GOOGLE_FAILURE_DETAIL_TAG))
+        result.add_failure(first_value(item, REFERENCED_SOP_UID_TAG), first_value(item, FAILURE_REASON_TAG))
     return result
 
 

@@ -3,8 +3,10 @@ bounded retries with backoff, one mapping from HTTP failures to :class:`StoreErr
 streaming ``multipart/related`` reader.
 
 Error messages name the method, the URL path (never the query, the host's credentials or an
-``Authorization`` header) and the status; a short server message is added only for 4xx bodies that
-are JSON or plain text, truncated, because a response body may hold patient data.
+``Authorization`` header), the status with its standard phrase and, for a 4xx, the error *code* its
+body gives (Google's ``error.status``, Orthanc's ``OrthancStatus``). A server's own words are never
+quoted: servers echo what they were sent (a refused instance's PatientName, a query's values) in
+their messages, so the text of an error body reaches no exception, log line or file at any level.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, BinaryIO, TypeAlias
 from urllib.parse import urlsplit
 
@@ -48,7 +51,6 @@ RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 NOT_PROCESSED_STATUSES = frozenset({429})
 """Answers that say the server did nothing with the request, so even a POST may be sent again."""
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "PUT"})
-ERROR_DETAIL_CHARS = 200
 _ERROR_BODY_READ_LIMIT = 16 * 1024
 
 
@@ -133,53 +135,97 @@ def _read_error_body(response: requests.Response) -> bytes:
         return b""
 
 
-def _message_from_json(document: object) -> str | None:
-    """The human message of a JSON error body: Orthanc's ``Details``/``Message``, Google's
-    ``error.message``, or a plain ``message``/``detail``. Never the whole body."""
+GOOGLE_ERROR_STATUSES = frozenset({
+    "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+})
+"""The canonical codes Google puts in ``error.status``: the only part of its error body shown."""
+
+ORTHANC_ERRORS = {
+    -1: "internal error",
+    1: "plugin error",
+    2: "not implemented",
+    3: "parameter out of range",
+    4: "not enough memory",
+    5: "bad parameter type",
+    6: "bad sequence of calls",
+    7: "inexistent item",
+    8: "bad request",
+    9: "network protocol error",
+    10: "system command error",
+    11: "database error",
+    12: "bad URI syntax",
+    13: "inexistent file",
+    14: "cannot write file",
+    15: "bad file format",
+    16: "timeout",
+    17: "unknown resource",
+    18: "incompatible database version",
+    19: "storage full",
+    20: "corrupted file",
+    21: "inexistent tag",
+    22: "read-only",
+    23: "incompatible image format",
+    24: "incompatible image size",
+    25: "shared library error",
+    26: "unknown plugin service",
+    27: "unknown DICOM tag",
+    28: "bad JSON",
+    29: "unauthorized",
+}
+"""Orthanc's error codes (``OrthancStatus``) in our words; its ``Message``/``Details`` are never read."""
+
+
+def _error_code_of(document: object) -> str | None:
+    """The error code of a JSON error body, in our words: Google's ``error.status`` when it is
+    one of the canonical codes, or Orthanc's ``OrthancStatus`` number (named when known).
+    Every free-text field (``message``, ``Details``, ``Message``, ``OrthancError``…) is ignored."""
     if isinstance(document, list) and document:
         document = document[0]
     if not isinstance(document, dict):
         return None
     nested = document.get("error")
-    if isinstance(nested, dict) and isinstance(nested.get("message"), str):
-        return str(nested["message"])
-    for key in ("Details", "Message", "message", "detail", "error_description", "error"):
-        value = document.get(key)
-        if isinstance(value, str) and value:
-            return value
+    if isinstance(nested, dict) and nested.get("status") in GOOGLE_ERROR_STATUSES:
+        return str(nested["status"])
+    code = document.get("OrthancStatus")
+    if isinstance(code, int) and not isinstance(code, bool):
+        meaning = ORTHANC_ERRORS.get(code)
+        return f"Orthanc error {code}" + (f" ({meaning})" if meaning else "")
     return None
 
 
 def server_error_detail(response: requests.Response) -> str | None:
-    """A short, safe server message for a 4xx answer whose body is JSON or plain text.
+    """The error code a 4xx answer's JSON body gives, in words that cannot hold patient data
+    (see :func:`_error_code_of`), or None.
 
-    Orthanc sends its JSON error bodies without a Content-Type, so a body that parses as JSON
-    counts as JSON. HTML, DICOM and anything else is never quoted."""
+    A server's error text is untrusted: Orthanc, Google and others quote what they were sent
+    (the refused instance's PatientName, a query's values) in their messages. So no message,
+    plain-text, HTML or DICOM body is ever quoted, whatever its length. Orthanc sends its JSON
+    error bodies without a Content-Type, so a body without one is tried as JSON."""
     if not 400 <= response.status_code < 500:
         return None
     media_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    if (
-        media_type
-        and media_type not in ("application/json", "text/plain")
-        and not (media_type.endswith("+json") and "dicom" not in media_type)
+    if media_type and media_type != "application/json" and not (
+        media_type.endswith("+json") and "dicom" not in media_type
     ):
         return None
     body = _read_error_body(response)
-    if not body:
+    if not body.strip():
         return None
-    text = body.decode("utf-8", errors="replace").strip()
-    if media_type != "text/plain":
-        try:
-            message = _message_from_json(json.loads(text))
-        except ValueError:
-            message = text if media_type == "" and not text.startswith("<") else None
-        text = message or ""
-    text = " ".join(text.split())
-    if not text:
+    try:
+        return _error_code_of(json.loads(body))
+    except ValueError:
         return None
-    if len(text) > ERROR_DETAIL_CHARS:
-        text = text[: ERROR_DETAIL_CHARS - 1] + "…"
-    return text
+
+
+def status_text(status: int) -> str:
+    """``HTTP 404 Not Found``: the status with its standard phrase, never the server's own
+    reason phrase (a status line is server text too)."""
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def error_for_response(
@@ -194,8 +240,7 @@ def error_for_response(
     ``bad_request`` is the class for 400 (e.g. :class:`InvalidDicom` where the caller knows a
     400 means the server refused the DICOM content)."""
     status = response.status_code
-    reason = response.reason or ""
-    head = f"{_describe(method, url)}: HTTP {status}" + (f" {reason}" if reason else "")
+    head = f"{_describe(method, url)}: {status_text(status)}"
     detail = server_error_detail(response)
     message = f"{head}: {detail}" if detail else head
     error_class: type[StoreError]
