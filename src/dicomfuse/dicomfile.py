@@ -18,12 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
-from pydicom.tag import BaseTag
+from pydicom.tag import BaseTag, Tag
+
+from dicomfuse.tracebacks import describe
 
 # pydicom's validation warnings quote element values, and a value can be a patient's name: never
-# let them reach a log line or the terminal. Our own checks say what is wrong with a file.
+# let them reach a log line or the terminal. Our own checks say what is wrong with a file. So do
+# its exceptions and int()'s: an error is logged by type and place (the element), never message.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 log = logging.getLogger(__name__)
@@ -54,11 +58,42 @@ class DicomUids:
     sop_uid: str
 
 
+class UnusableElement(ValueError):
+    """An element whose value cannot be read, or is not what the check needs. Its message names
+    the element and the problem, never the value (which may be a patient's name)."""
+
+    def __init__(self, keyword: str, problem: str) -> None:
+        tag = tag_for_keyword(keyword)
+        super().__init__(f"{keyword} {Tag(tag)}: {problem}" if tag is not None else f"{keyword}: {problem}")
+        self.keyword = keyword
+
+
+def _value(ds: pydicom.Dataset, keyword: str) -> object:
+    """``ds.get(keyword)``; a value pydicom cannot convert raises :class:`UnusableElement`."""
+    try:
+        return ds.get(keyword)
+    except Exception as exc:  # an unknown VR, a bad encoding...: the value must not be quoted
+        raise UnusableElement(keyword, f"cannot be read ({type(exc).__name__})") from None
+
+
+def _number(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int:
+    """The element's value as an integer (``default`` when absent or empty, if given)."""
+    value = _value(ds, keyword)
+    if value is None or value == "":
+        if default is None:
+            raise UnusableElement(keyword, "missing")
+        return default
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise UnusableElement(keyword, "not a number") from None
+
+
 def uids_of(ds: pydicom.Dataset) -> DicomUids | str:
     """The three UIDs, or the reason they are unusable."""
     values = []
     for keyword in UID_KEYWORDS:
-        value = ds.get(keyword)
+        value = _value(ds, keyword)
         if value is None or value == "":
             return f"no {keyword}"
         if not is_uid(value):
@@ -81,15 +116,18 @@ def check_upload(path: Path) -> DicomUids | str:
         return f"cannot read the file ({exc.strerror or type(exc).__name__})"
     except InvalidDicomError:
         return "not a DICOM Part-10 file (no 'DICM' preamble or file meta information)"
-    except Exception as exc:  # pydicom raises many types on garbage
-        log.debug("cannot parse an upload", exc_info=True)
+    except Exception as exc:  # pydicom raises many types on garbage; their messages quote bytes
+        log.debug("cannot parse an upload: %s", describe(exc))
         return f"truncated or corrupt DICOM ({type(exc).__name__})"
     try:
         tail_of = (lambda count: _read_tail(path, count)) if data is None else (lambda count: data[size - count:])
         problem = _layout_problem(ds, size, tail_of) or _pixel_data_problem(ds)
         return problem or uids_of(ds)  # reading a value can raise too (an unknown VR, say)
-    except Exception as exc:  # malformed image attributes and the like
-        log.debug("cannot check an upload", exc_info=True)
+    except UnusableElement as exc:  # names the element, not its value
+        log.debug("cannot check an upload: %s", exc)
+        return f"inconsistent DICOM attributes ({exc})"
+    except Exception as exc:  # anything else: its type and where, never its message
+        log.debug("cannot check an upload: %s", describe(exc))
         return f"inconsistent DICOM attributes ({type(exc).__name__})"
 
 
@@ -181,17 +219,17 @@ def _missing_pixel_data_problem(ds: pydicom.Dataset) -> str | None:
         return None
     if any(keyword in ds for keyword in _IMAGE_PIXEL_ATTRIBUTES):
         return "image attributes but no pixel data (truncated?)"
-    sop_class = ds.get("SOPClassUID")
+    sop_class = _value(ds, "SOPClassUID")
     if "Image Storage" in str(getattr(sop_class, "name", "")):
         return "an image SOP class but no pixel data (truncated?)"
     return None
 
 
 def _expected_pixel_bytes(ds: pydicom.Dataset) -> int:
-    samples = int(ds.get("SamplesPerPixel") or 1)
-    frames = int(ds.get("NumberOfFrames") or 1)
-    bits = int(ds.BitsAllocated) * int(ds.Rows) * int(ds.Columns) * samples * frames
+    samples = _number(ds, "SamplesPerPixel", 1) or 1
+    frames = _number(ds, "NumberOfFrames", 1) or 1
+    bits = _number(ds, "BitsAllocated") * _number(ds, "Rows") * _number(ds, "Columns") * samples * frames
     expected = -(-bits // 8)
-    if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+    if _value(ds, "PhotometricInterpretation") == "YBR_FULL_422":
         expected = expected * 2 // 3  # chroma subsampled in native data
     return expected

@@ -16,7 +16,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from dicomfuse.samples import make_dataset
-from tests.conftest import Backend, DicomFactory, _local_backend, requires_fuse, run
+from tests.conftest import PATIENT_NAME, Backend, DicomFactory, _local_backend, requires_fuse, run
 from tests.fakes.http_server import LoopbackServer, Reply
 
 pytestmark = [requires_fuse, pytest.mark.mount]
@@ -51,6 +51,27 @@ def test_dicom_without_file_meta_or_without_uids_fails_the_copy(local: Backend, 
     assert not list(local.server.studies())
     assert len(kept_bytes(m.cache_dir)) == 2
     assert "ERROR" in (m.log_dir / "error.log").read_text()
+
+
+def test_a_bad_value_holding_the_patient_name_is_refused_without_quoting_it(local: Backend, mount_factory,
+                                                                              dicom: DicomFactory, tmp_path: Path):
+    """An image attribute that should be a number holds text (part of the patient's name): the
+    copy fails with a reason naming the attribute, and no log file, DEBUG included, quotes the
+    value (the traceback of int() would: "invalid literal for int() with base 10: '...'")."""
+    inst = dicom.instance()
+    ds = pydicom.dcmread(inst.path)
+    placeholder = "9" * len(PATIENT_NAME)
+    ds.NumberOfFrames = placeholder
+    bad = tmp_path / "bad-frames.dcm"
+    ds.save_as(bad)
+    bad.write_bytes(bad.read_bytes().replace(placeholder.encode(), PATIENT_NAME.encode()))
+    m = mount_factory(local)
+    r = run("cp", bad, m.path / local.store_name)
+    assert r.returncode != 0 and "Invalid argument" in r.stderr, r.stderr
+    assert not list(local.server.studies())
+    assert "NumberOfFrames (0028,0008): not a number" in (m.log_dir / "error.log").read_text()
+    assert (m.log_dir / "debug.log").exists()
+    assert PATIENT_NAME not in m.log_text() and PATIENT_NAME.split("^")[0] not in m.log_text()
 
 
 def test_a_file_larger_than_a_quarter_of_the_cache_is_efbig(local: Backend, mount_factory, dicom: DicomFactory):

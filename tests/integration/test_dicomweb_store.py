@@ -557,3 +557,21 @@ def test_a_failed_orthanc_lookup_logs_no_server_words(fake: FakeDicomweb, caplog
         assert list(ds.store.studies("1.2")) == ["1.2"]
     assert "POST /tools/find: HTTP 400 Bad Request: Orthanc error 8 (bad request)" in caplog.text
     assert PATIENT_NAME not in caplog.text and "PatientID" not in caplog.text
+
+
+def test_a_file_pydicom_cannot_read_is_refused_without_quoting_its_error(
+        fake: FakeDicomweb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """pydicom's errors quote the bytes or values they failed on: the DEBUG line names the
+    exception and where, never its message."""
+    import pydicom
+
+    def quoting(*args: object, **kwargs: object) -> None:
+        raise ValueError(f"invalid literal for int() with base 10: '{PATIENT_NAME}'")
+
+    [sample] = write_samples(tmp_path, studies=1, series_per_study=1, instances_per_series=1)
+    monkeypatch.setattr(pydicom, "dcmread", quoting)
+    with caplog.at_level("DEBUG"):
+        [outcome] = fake_store(fake).store_files([sample.path])
+    assert not outcome.stored and outcome.reason == "not a DICOM file"
+    assert "pydicom cannot read it (ValueError at test_dicomweb_store.py" in caplog.text
+    assert PATIENT_NAME not in caplog.text

@@ -28,6 +28,7 @@ from dicomfuse.stores.base import (
     Store,
 )
 from dicomfuse.stores.local import LocalDataset, LocalStore
+from tests.conftest import PATIENT_NAME
 
 STUDY, SERIES, SOP = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3"
 
@@ -526,9 +527,32 @@ def test_a_value_that_cannot_be_read_is_a_refusal_not_an_exception(store: LocalS
     from dicomfuse.dicomfile import check_upload
 
     bad = unknown_vr_file(tmp_path)
-    assert check_upload(bad) == "inconsistent DICOM attributes (NotImplementedError)"
+    reason = "inconsistent DICOM attributes (SOPInstanceUID (0008,0018): cannot be read (NotImplementedError))"
+    assert check_upload(bad) == reason
     [outcome] = store.store_files([bad])
     assert not outcome.stored and "inconsistent" in (outcome.reason or "")
+
+
+def test_a_value_that_is_not_a_number_is_named_never_quoted(store: LocalStore, tmp_path: Path, parsed: str,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """An image attribute holding text (here the patient's name) is refused with a reason naming
+    the attribute; the DEBUG line says where it failed, without int()'s message, which would
+    quote the value ("invalid literal for int() with base 10: '...'")."""
+    from dicomfuse.dicomfile import check_upload
+
+    ds = pydicom.dcmread(write(tmp_path / "good.dcm", patient_name="Anonymous"))
+    placeholder = "9" * len(PATIENT_NAME)
+    ds.NumberOfFrames = placeholder
+    bad = tmp_path / "bad.dcm"
+    ds.save_as(bad)
+    bad.write_bytes(bad.read_bytes().replace(placeholder.encode(), PATIENT_NAME.encode()))
+    with caplog.at_level("DEBUG"):
+        reason = check_upload(bad)
+        [outcome] = store.store_files([bad])
+    assert reason == "inconsistent DICOM attributes (NumberOfFrames (0028,0008): not a number)"
+    assert not outcome.stored and outcome.reason == reason
+    assert "NumberOfFrames (0028,0008)" in caplog.text
+    assert PATIENT_NAME not in caplog.text and PATIENT_NAME.split("^")[0] not in caplog.text
 
 
 def _sop_element(data: bytes) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from dicomfuse.core.uploads import (
     sidecar_path,
 )
 from dicomfuse.samples import make_uid, write_instance
+from tests.conftest import PATIENT_NAME
 
 
 @pytest.fixture
@@ -117,3 +118,19 @@ def test_rescue_orphans_keeps_bytes_with_a_reason_and_drops_empty_ones(spool, tm
         f"2 file(s) left by a mount that stopped before uploading them are kept in {spool.failed}; "
         "send them with 'dicomfuse retry'"
     )
+
+
+def test_an_orphan_the_check_fails_on_is_logged_without_the_message(spool, monkeypatch, caplog):
+    """A leftover file the upload check raises on is left in place, and the error names the
+    exception and where, not its message (reading DICOM, it may quote a value)."""
+    from dicomfuse.core import uploads
+
+    def broken(path: Path) -> None:
+        int(PATIENT_NAME)
+
+    orphan = part(spool, dead_pid(), b"x")
+    monkeypatch.setattr(uploads, "check_upload", broken)
+    assert spool.rescue_orphans() == []
+    assert orphan.exists()
+    assert "ValueError at test_spool.py" in caplog.text and "in broken" in caplog.text
+    assert PATIENT_NAME not in caplog.text

@@ -325,13 +325,32 @@ def test_refusal_fails_at_once_and_keeps_the_bytes(queues, qdir, files, caplog):
     assert journal(qdir) == []
 
 
-def test_an_unexpected_exception_is_retried_not_lost(queues, qdir, files):
-    sender = FakeSender(lambda store, item, call: RuntimeError("bug") if call == 0 else True)
+def test_an_unexpected_exception_is_retried_not_lost(queues, qdir, files, caplog):
+    """...and logged by type and place (with its stack at DEBUG), never by message: sending
+    reads DICOM files, and a message can quote a value, the patient's name say."""
+    quoting = RuntimeError(f"invalid literal for int() with base 10: '{PATIENT_NAME}'")
+    sender = FakeSender(lambda store, item, call: quoting if call == 0 else True)
     q = make_queue(queues, qdir, sender)
     q.submit("ct", *files.make())
-    q.start()
-    assert q.wait_idle(5)
+    with caplog.at_level(logging.DEBUG):
+        q.start()
+        assert q.wait_idle(5)
     assert len(sender.calls) == 2 and len(sender.sent) == 1
+    assert "unexpected RuntimeError" in caplog.text and "in __call__" in caplog.text
+    assert PATIENT_NAME not in caplog.text
+
+
+def test_a_failing_completion_callback_is_logged_without_its_message(queues, qdir, files, caplog):
+    def on_done(item: QueuedUpload, stored: bool, reason: str | None) -> None:
+        raise ValueError(f"invalid literal for int() with base 10: '{PATIENT_NAME}'")
+
+    q = make_queue(queues, qdir, FakeSender(), on_done=on_done)
+    q.submit("ct", *files.make())
+    with caplog.at_level(logging.DEBUG):
+        q.start()
+        assert q.wait_idle(5)
+    assert "completion callback failed" in caplog.text and "ValueError at test_writeback.py" in caplog.text
+    assert PATIENT_NAME not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 from dicomfuse.core import portable
 from dicomfuse.core.errors import FsError
 from dicomfuse.dicomfile import DicomUids, check_upload
+from dicomfuse.tracebacks import describe
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +236,9 @@ class Spool:
                 continue  # another mount starting at the same time took it
             except OSError as exc:
                 log.error("Cannot keep the spool file %s left by a mount that stopped: %s", path, exc.strerror or exc)
-            except Exception:  # never stop a mount from starting over one file
-                log.exception("Cannot look at the spool file %s left by a mount that stopped", path)
+            except Exception as exc:  # never stop a mount from starting over one file
+                # Its type and place only: reading a DICOM file, a message may quote its values.
+                log.error("Cannot look at the spool file %s left by a mount that stopped (%s)", path, describe(exc))
         return kept
 
     @staticmethod

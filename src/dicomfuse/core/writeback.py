@@ -55,6 +55,7 @@ from dicomfuse.core.uploads import write_json, write_json_atomic
 from dicomfuse.core.workdirs import private_dir
 from dicomfuse.dicomfile import DicomUids, check_upload, is_uid
 from dicomfuse.stores.base import StoreError, Unavailable
+from dicomfuse.tracebacks import describe, format_without_messages
 
 log = logging.getLogger(__name__)
 
@@ -889,8 +890,9 @@ class WriteBackQueue:
         except Exception as exc:  # a bug in send_batch: retried like a transient failure, never lost
             error = f"unexpected {type(exc).__name__}"
             log.error("Sending uploads of study %s to store %s raised an unexpected %s; they will be retried",
-                      study, store, type(exc).__name__)
-            log.debug("send_batch failed", exc_info=True)
+                      study, store, describe(exc))
+            # The stack without messages: sending reads DICOM files, and a message may quote a value.
+            log.debug("send_batch failed:\n%s", format_without_messages(exc))
         with self._cond:  # marked removed meanwhile (mark_removed): that goes on with them
             items = [self._in_flight.get(item.id, item) for item in items]
         retry: list[QueuedUpload] = []
@@ -960,9 +962,9 @@ class WriteBackQueue:
             return
         try:
             self._on_done(item, stored, reason)
-        except Exception:
-            log.error("The write-back completion callback failed for %s", item.display)
-            log.debug("on_done failed", exc_info=True)
+        except Exception as exc:  # it may store the original back: a message may quote a DICOM value
+            log.error("The write-back completion callback failed for %s (%s)", item.display, describe(exc))
+            log.debug("on_done failed:\n%s", format_without_messages(exc))
 
     # ======================================================================================
     # internals: files

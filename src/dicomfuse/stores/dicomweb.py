@@ -52,6 +52,7 @@ from dicomfuse.stores.http import (
     server_error_detail,
     write_all,
 )
+from dicomfuse.tracebacks import describe
 
 logger = logging.getLogger(__name__)
 
@@ -299,8 +300,8 @@ def _inspect_stow_file(index: int, path: Path, known: DicomUids | None = None) -
     except OSError as exc:
         reason = f"cannot read the file ({exc.strerror or type(exc).__name__})"
         return StowOutcome(path, stored=False, reason=reason)
-    except Exception:  # pydicom raises many kinds of errors on non-DICOM bytes
-        logger.debug("%s: pydicom cannot read it", path.name, exc_info=True)
+    except Exception as exc:  # pydicom raises many kinds of errors on non-DICOM bytes; they quote values
+        logger.debug("%s: pydicom cannot read it (%s)", path.name, describe(exc))
         return StowOutcome(path, stored=False, reason="not a DICOM file")
     meta = getattr(dataset, "file_meta", None)
     sop_uid = str(
