@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dicomfuse.cli.logs import RotatingLog, setup_logging
+from tests.conftest import PATIENT_NAME
 
 
 @pytest.fixture
@@ -97,3 +99,36 @@ def test_debug_log_keeps_our_lines_without_mfusepy_repeating_them(tmp_path: Path
     assert "getattr: no such entry: /s/x.dcm" in debug
     assert "FUSE operation" not in debug
     assert "mfusepy's warnings still count" in debug
+
+
+def _raise_quoting(value: str) -> None:
+    try:
+        int(value)  # ValueError: invalid literal for int() with base 10: '<value>'
+    except ValueError as exc:
+        raise RuntimeError(f"could not check {value}") from exc
+
+
+def test_tracebacks_are_logged_without_messages(tmp_path: Path, root_logging: None,
+                                                capsys: pytest.CaptureFixture[str]):
+    """An exception's message can quote the value that raised it (a patient's name): tracebacks
+    in every log file and on the terminal keep their frames and types, never the messages, even
+    when another formatter cached its rendering on the record first."""
+    folder = setup_logging(tmp_path / "logs")
+    log = logging.getLogger("dicomfuse.test")
+    try:
+        _raise_quoting(PATIENT_NAME)
+    except RuntimeError:
+        log.exception("Unexpected error in release; answering EIO")
+        log.debug("the same at DEBUG", exc_info=True)
+        cached = logging.LogRecord("dicomfuse.test", logging.ERROR, __file__, 1, "cached", None, sys.exc_info())
+        logging.Formatter().format(cached)  # caches a rendering with the messages on the record
+        assert PATIENT_NAME in (cached.exc_text or "")
+        logging.getLogger().handle(cached)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    terminal = capsys.readouterr().err
+    for text in ((folder / "debug.log").read_text(), (folder / "error.log").read_text(), terminal):
+        assert "Unexpected error in release" in text and "cached" in text
+        assert "in _raise_quoting" in text and "ValueError" in text and "RuntimeError" in text
+        assert "direct cause" in text
+        assert PATIENT_NAME not in text and PATIENT_NAME.split("^")[0] not in text

@@ -1,4 +1,7 @@
-"""Logging: INFO and ERROR on the terminal; DEBUG, INFO and ERROR files, rotated."""
+"""Logging: INFO and ERROR on the terminal; DEBUG, INFO and ERROR files, rotated.
+
+Tracebacks are written without exception messages (:class:`MessageFreeFormatter`): a message can
+quote the data that raised it, and that can be a patient's name."""
 
 from __future__ import annotations
 
@@ -7,6 +10,9 @@ import logging.handlers
 import os
 import sys
 from pathlib import Path
+from types import TracebackType
+
+from dicomfuse.tracebacks import format_without_messages
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FILES = (("debug.log", logging.DEBUG), ("info.log", logging.INFO), ("error.log", logging.ERROR))
@@ -49,6 +55,26 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
         return text
 
 
+class MessageFreeFormatter(logging.Formatter):
+    """Formats a record's traceback (``log.exception``, ``exc_info=True``) with its frames and
+    exception types but not their messages: ``int()``, pydicom and others quote the values that
+    failed, and one can be a patient's name. Every handler of the mount uses it, at every level."""
+
+    def formatException(  # noqa: N802 - logging's name
+        self, ei: tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+    ) -> str:
+        exc = ei[1]
+        return "" if exc is None else format_without_messages(exc)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # Another formatter may have cached its own rendering (with messages) on the record.
+        cached, record.exc_text = record.exc_text, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = cached
+
+
 def default_log_dir() -> Path:
     import platformdirs
 
@@ -66,12 +92,12 @@ def setup_logging(log_dir: Path | None, *, console_level: int = logging.INFO) ->
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(console_level)
-    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    console.setFormatter(MessageFreeFormatter("%(levelname)s %(message)s"))
     root.addHandler(console)
     for name, level in FILES:
         handler = RotatingLog(folder / name, max_bytes=MAX_BYTES, backup_count=BACKUPS)
         handler.setLevel(level)
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(MessageFreeFormatter(FORMAT))
         root.addHandler(handler)
     # Libraries' request traces would repeat ours; they never carry headers, but keep them quiet.
     for noisy in ("urllib3", "pydicom"):
