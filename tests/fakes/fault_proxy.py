@@ -19,7 +19,8 @@ The script may be changed from the test thread at any time (thread-safe). Faults
 - ``drop_response``: forward, read the answer, close without sending any of it;
 - ``truncate_multipart``: forward, re-send a multipart answer without its closing ``--boundary--``
   (``Content-Length`` matches what is sent);
-- ``stall``: answer nothing until :meth:`release`, :meth:`stop` or ``STALL_BOUND`` seconds, then close.
+- ``stall``: answer nothing until :meth:`release`, :meth:`clear`, :meth:`stop` or ``STALL_BOUND`` seconds,
+  then close. A release frees the requests stalled so far; a stall fault met afterwards stalls again.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ class FaultProxy:
         self.seen: list[Seen] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
+        # Set to free the requests stalled so far, then replaced by a fresh one (protected by _lock).
         self._release = threading.Event()
         self._connections: set[socket.socket] = set()
         self._httpd: ThreadingHTTPServer | None = None
@@ -153,7 +155,15 @@ class FaultProxy:
         self.release()
 
     def release(self) -> None:
-        self._release.set()
+        """Free the requests stalled so far (they are closed); later stalls wait for the next release."""
+        with self._lock:
+            released, self._release = self._release, threading.Event()
+        released.set()
+
+    def _stall_event(self) -> threading.Event:
+        """What a request arriving now waits on should it stall: the next :meth:`release` sets it."""
+        with self._lock:
+            return self._release
 
     def requests(self, method: str | None = None, path_contains: str = "") -> list[Seen]:
         with self._lock:
@@ -213,7 +223,7 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._stopped = True
-        self._release.set()
+        self.release()
         self._close_listener()
 
     def __enter__(self) -> FaultProxy:
@@ -256,6 +266,7 @@ class FaultProxy:
                     pass
 
             def _handle(self) -> None:
+                released = proxy._stall_event()  # taken first: a release from now on frees this request
                 fault = proxy._take(self.command, self.path)
                 if fault is not None and fault.drop_before:
                     self._drop()
@@ -264,7 +275,8 @@ class FaultProxy:
                     for _ in _read_body(self.rfile, self.headers):
                         pass
                     if fault.stall:
-                        proxy._release.wait(STALL_BOUND)
+                        if not proxy._stopped:
+                            released.wait(STALL_BOUND)
                         self._drop()
                         return
                     self._answer_status(fault)
