@@ -12,7 +12,7 @@ import pytest
 
 from dicomfuse.dicomfile import DicomUids
 from dicomfuse.samples import SampleInstance, make_uid, write_instance, write_samples
-from dicomfuse.stores.base import Dataset, NotFound, Store, Unavailable, Unsupported
+from dicomfuse.stores.base import Dataset, NotFound, Store, StoreError, Unavailable, Unsupported
 from dicomfuse.stores.dicomweb import DicomwebDataset, DicomwebStore, store_name_from_url
 from tests.conftest import PATIENT_NAME
 from tests.fakes.http_server import LoopbackServer, Reply, Seen
@@ -575,3 +575,13 @@ def test_a_file_pydicom_cannot_read_is_refused_without_quoting_its_error(
     assert not outcome.stored and outcome.reason == "not a DICOM file"
     assert "pydicom cannot read it (ValueError at test_dicomweb_store.py" in caplog.text
     assert PATIENT_NAME not in caplog.text
+
+
+@pytest.mark.parametrize(("content_type", "named"), [("text/html; charset=utf-8", "text/html"),
+                                                     (f"application/{PATIENT_NAME}", "of another kind")])
+def test_an_unexpected_content_type_is_named_only_when_it_is_a_known_one(fake: FakeDicomweb, content_type: str,
+                                                                         named: str) -> None:
+    fake.route = lambda *_: (200, {"Content-Type": content_type}, b"<html>login</html>")
+    with pytest.raises(StoreError) as caught:
+        fake_store(fake).retrieve("1", "2", "3", io.BytesIO())
+    assert str(caught.value) == f"GET /dicom-web/studies/1/series/2/instances/3: unexpected Content-Type {named}"

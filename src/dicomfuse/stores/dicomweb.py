@@ -1025,6 +1025,14 @@ def _stow_outcome(item: _StowFile, result: StowResult, refusal: str | None, conf
     )
 
 
+_NAMED_MEDIA_TYPES = frozenset({
+    "text/html", "text/plain", "text/xml", "application/json", "application/xml", "application/dicom+json",
+    "application/dicom+xml", "application/zip", "image/jpeg", "image/png",
+})
+"""Unexpected Content-Types an error names (an HTML login page, say); any other header value is
+server text, and is not quoted."""
+
+
 def _copy_instance(url: str, response: requests.Response, sink: BinaryIO) -> int:
     """Stream a WADO-RS answer into ``sink``: the first part of a multipart body, or a
     single-part body; raise if it is cut short."""
@@ -1034,7 +1042,8 @@ def _copy_instance(url: str, response: requests.Response, sink: BinaryIO) -> int
             return _copy_first_part(url, response, params.get("boundary", ""), sink)
         if media_type in ("application/dicom", "application/octet-stream", ""):
             return _copy_single_part(url, response, sink)
-    raise StoreError(f"GET {safe_path(url)}: unexpected Content-Type {media_type}")
+    shown = media_type if media_type in _NAMED_MEDIA_TYPES else "of another kind"
+    raise StoreError(f"GET {safe_path(url)}: unexpected Content-Type {shown}")
 
 
 def _copy_first_part(url: str, response: requests.Response, boundary: str, sink: BinaryIO) -> int:
