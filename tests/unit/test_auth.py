@@ -152,6 +152,29 @@ def test_refresh_errors_become_store_errors_without_the_token() -> None:
     assert not isinstance(raised.value, Forbidden)
 
 
+def test_a_metadata_server_that_does_not_answer_is_unreachable_not_a_refusal() -> None:
+    """On a VM, google-auth wraps the metadata server's transport error in a RefreshError: an
+    outage (EIO, write-back waits), not refused credentials (EACCES)."""
+    import requests
+
+    tokens, creds, _ = source()
+    dropped = requests.ConnectionError("Connection aborted.")
+    transport = google.auth.exceptions.TransportError(dropped)
+    transport.__cause__ = dropped
+    creds.error = google.auth.exceptions.RefreshError(transport)
+    creds.error.__cause__ = transport
+    with pytest.raises(Unavailable, match="could not reach Google's token service") as raised:
+        tokens.token()
+    assert raised.value.unreachable and not isinstance(raised.value, Forbidden)
+    # the metadata server answered, with an error: unavailable, but it was reached
+    answered = google.auth.exceptions.TransportError("Failed to retrieve token. Response status: 500")
+    creds.error = google.auth.exceptions.RefreshError(answered)
+    creds.error.__cause__ = answered
+    with pytest.raises(Unavailable, match="token service is unavailable") as raised:
+        tokens.token()
+    assert not raised.value.unreachable and not isinstance(raised.value, Forbidden)
+
+
 def test_failed_background_refresh_keeps_the_old_token_and_tries_again(caplog: pytest.LogCaptureFixture) -> None:
     tokens, creds, clock = source()
     tokens.token()

@@ -5,6 +5,8 @@ errors) for each Store/Dataset call."""
 from __future__ import annotations
 
 import io
+import json
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from dicomfuse.samples import make_uid, write_instance
 from dicomfuse.stores.auth import TokenSource, load_credentials
-from dicomfuse.stores.base import AlreadyExists, Forbidden, InvalidName, NotEmpty, NotFound
+from dicomfuse.stores.base import AlreadyExists, Forbidden, InvalidName, NotEmpty, NotFound, Unavailable
 from dicomfuse.stores.healthcare import HealthcareDataset
 from dicomfuse.stores.http import RetryPolicy
 from tests.fakes.healthcare import HealthcareStandIn
@@ -203,3 +205,50 @@ def test_a_server_that_lowers_the_limit_is_still_listed_to_the_end(standin: Heal
     made = set(standin.add_synthetic_studies(dataset.dataset_id, "store-a", 1_200))  # type: ignore[attr-defined]
     listed = list(dataset.open_store("store-a").studies())
     assert len(listed) == len(set(listed)) == 1_200 and set(listed) == made
+
+
+@pytest.fixture
+def quick_token_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """google-auth retries a 5xx of the token service after 1 and 2 s: at once here."""
+    import types
+
+    from google.auth import _exponential_backoff
+
+    monkeypatch.setattr(_exponential_backoff, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_token_service_that_does_not_answer_is_unreachable_like_the_server(
+    standin: HealthcareStandIn, dataset: HealthcareDataset, tmp_path: Path, quick_token_retries: None
+) -> None:
+    """Write-back waits for an unreachable server however long it is down, and gives up after its
+    attempts on error answers: a network outage that hits the token renewal first (the token
+    service is down like everything else) must read as unreachable too, not as an error answer."""
+    store = dataset.open_store("store-a")
+    standin.inject(drop=True, times=100, path_contains="/token")  # the network is down
+    with pytest.raises(Unavailable, match="could not reach Google's token service") as raised:
+        list(store.studies())
+    assert raised.value.unreachable
+    standin.clear_faults()
+    standin.inject(status=500, times=100, path_contains="/token")  # it answers, with an error
+    with pytest.raises(Unavailable, match="token service is unavailable") as raised:
+        list(store.studies())
+    assert not raised.value.unreachable
+    standin.clear_faults()
+    # a refused connection (nothing listens where the token service should be)
+    key = json.loads(standin.write_key_file(tmp_path / "refused.json").read_text())
+    key["token_uri"] = f"http://127.0.0.1:{closed_port()}/token"
+    (tmp_path / "refused.json").write_text(json.dumps(key))
+    refused = HealthcareDataset(dataset.url, TokenSource(load_credentials(tmp_path / "refused.json")),
+                                retry=FAST_RETRY)
+    try:
+        with pytest.raises(Unavailable, match="could not reach Google's token service") as raised:
+            list(refused.open_store("store-a").studies())
+        assert raised.value.unreachable
+    finally:
+        refused.close()

@@ -26,6 +26,7 @@ import requests
 import requests.auth
 
 from dicomfuse.stores.base import Forbidden, StoreError, Unavailable
+from dicomfuse.stores.http import exception_chain, is_timeout, no_answer
 
 logger = logging.getLogger(__name__)
 
@@ -223,15 +224,9 @@ class TokenSource:
 
         try:
             self._refresh_call()
-        except google.auth.exceptions.RefreshError as exc:
-            if getattr(exc, "retryable", False):
-                # A 5xx or 429 of the token service, already retried by google-auth: an outage
-                # (EIO at the mount), not a refusal of the credentials (EACCES).
-                error: StoreError = Unavailable(f"Google's token service is unavailable: {_first_line(exc)}")
-            else:
-                error = TokenRefused(f"could not get a Google access token: {_first_line(exc)}")
-        except (google.auth.exceptions.TransportError, requests.RequestException) as exc:
-            error = Unavailable(f"could not reach Google's token service ({type(exc).__name__})")
+        except (google.auth.exceptions.RefreshError, google.auth.exceptions.TransportError,
+                requests.RequestException) as exc:
+            error = _refresh_error(exc)
         else:
             remaining = self._remaining()
             with self._cond:
@@ -241,6 +236,30 @@ class TokenSource:
                          "ever" if remaining is None else f"{remaining:.0f}")
             return
         raise error
+
+
+def _refresh_error(exc: BaseException) -> StoreError:
+    """The store error for a failed refresh. No answer at all (the network or the token service is
+    down: refused or dropped connection, unknown host, timeout) is ``unreachable``, like the same
+    failure of the Healthcare API itself, so that write-back waits for the network to return. The
+    metadata server's errors arrive as a RefreshError wrapping a TransportError: looked through."""
+    import google.auth.exceptions
+
+    cause = no_answer(exc)
+    if cause is not None:
+        timed_out = is_timeout(exc)
+        what = "timed out" if timed_out else "connection failed"
+        error = Unavailable(f"could not reach Google's token service: {what} ({type(cause).__name__})")
+        error.unreachable = True
+        error.timed_out = timed_out
+        return error
+    if getattr(exc, "retryable", False) or any(
+        isinstance(e, google.auth.exceptions.TransportError) for e in exception_chain(exc)
+    ):
+        # A 5xx or 429 of the token service, already retried by google-auth: an outage
+        # (EIO at the mount), not a refusal of the credentials (EACCES).
+        return Unavailable(f"Google's token service is unavailable: {_first_line(exc)}")
+    return TokenRefused(f"could not get a Google access token: {_first_line(exc)}")
 
 
 class BearerAuth(requests.auth.AuthBase):

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -261,7 +262,7 @@ def error_for_response(
     return error_class(message)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """An exception, its arguments, causes and contexts, and urllib3's ``reason``s."""
     stack: list[BaseException] = [exc]
     seen: set[int] = set()
@@ -276,10 +277,21 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         stack.extend(item for item in nested if isinstance(item, BaseException))
 
 
+def no_answer(exc: BaseException) -> BaseException | None:
+    """The transport failure an error is or wraps (google-auth's ``TransportError`` wraps one):
+    no answer came at all (refused or dropped connection, unknown host, timeout), as opposed to
+    an error answer; None when there is none. Such failures are what :func:`_transport_error`
+    marks ``unreachable``."""
+    return next((e for e in exception_chain(exc) if isinstance(e, _NO_ANSWER)), None)
+
+
+_NO_ANSWER = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, socket.gaierror)
+
+
 def never_sent(exc: BaseException) -> bool:
     """True when the request failed before any byte went out (no connection was made), so even a
     non-idempotent request may be sent again."""
-    return any(isinstance(e, urllib3.exceptions.ConnectTimeoutError) for e in _chain(exc))
+    return any(isinstance(e, urllib3.exceptions.ConnectTimeoutError) for e in exception_chain(exc))
 
 
 def is_timeout(exc: BaseException) -> bool:
@@ -288,7 +300,7 @@ def is_timeout(exc: BaseException) -> bool:
     return any(
         isinstance(e, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError)
         and not isinstance(e, urllib3.exceptions.NewConnectionError)
-        for e in _chain(exc)
+        for e in exception_chain(exc)
     )
 
 
