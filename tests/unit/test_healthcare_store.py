@@ -8,6 +8,7 @@ import io
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -252,3 +253,27 @@ def test_a_token_service_that_does_not_answer_is_unreachable_like_the_server(
         assert raised.value.unreachable
     finally:
         refused.close()
+
+
+def test_a_stalled_token_service_is_given_up_after_the_http_timeout(standin: HealthcareStandIn,
+                                                                     dataset: HealthcareDataset,
+                                                                     tmp_path: Path) -> None:
+    """README: 'Nothing hangs … Input/output error after about twice the timeout'. A file
+    operation waiting for a new access token waits for the token service at most --httpTimeout
+    too, not google-auth's own 120 s."""
+    from dicomfuse.stores.open import open_dataset
+
+    key = standin.write_key_file(tmp_path / "key.json")
+    key.chmod(0o600)
+    opened = open_dataset(dataset.url, key_file=key, timeout=1.0)
+    try:
+        store = opened.open_store("store-a")
+        standin.inject(stall=True, times=1, path_contains="/token")  # answered only when the stand-in stops
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="token service: timed out") as raised:
+            list(store.studies())
+        assert time.monotonic() - started < 10, "bounded by the 1 s timeout, not 120 s"
+        assert raised.value.timed_out and raised.value.unreachable
+        assert list(store.studies()) == [], "the next token request is answered"
+    finally:
+        opened.close()

@@ -13,6 +13,7 @@ Tokens never reach a log line or an exception message.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import requests
 import requests.auth
 
 from dicomfuse.stores.base import Forbidden, StoreError, Unavailable
-from dicomfuse.stores.http import exception_chain, is_timeout, no_answer
+from dicomfuse.stores.http import DEFAULT_TIMEOUT, Timeout, exception_chain, is_timeout, no_answer
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,35 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines() or [type(exc).__name__])[0][:200]
 
 
+def _shorter(asked: Timeout | None, bound: Timeout) -> Timeout:
+    """The shorter of two ``requests`` timeouts, each part by itself (None: no bound asked)."""
+    if asked is None:
+        return bound
+    asked_pair = asked if isinstance(asked, tuple) else (asked, asked)
+    bound_pair = bound if isinstance(bound, tuple) else (bound, bound)
+    return (min(asked_pair[0], bound_pair[0]), min(asked_pair[1], bound_pair[1]))
+
+
+@functools.cache
+def _bounded_request_class() -> type:
+    """google-auth's ``requests`` transport whose every call waits at most ``timeout``: its own
+    default is 120 s, and a file operation may be waiting for the token (made lazily: google-auth
+    is imported on first use)."""
+    import google.auth.transport.requests
+
+    class BoundedRequest(google.auth.transport.requests.Request):  # type: ignore[misc]
+        def __init__(self, session: requests.Session, timeout: Timeout) -> None:
+            super().__init__(session)
+            self.timeout = timeout
+
+        def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
+                     timeout: Timeout | None = None, **kwargs: Any) -> Any:
+            return super().__call__(url, method=method, body=body, headers=headers,
+                                    timeout=_shorter(timeout, self.timeout), **kwargs)
+
+    return BoundedRequest
+
+
 def _utcnow() -> datetime.datetime:
     # google-auth keeps ``expiry`` as a naive UTC datetime.
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
@@ -120,8 +150,10 @@ class TokenSource:
     ``credentials.refresh(Request())`` unless a test gives another)."""
 
     def __init__(self, credentials: Any, *, refresh: Callable[[], None] | None = None,
-                 now: Callable[[], datetime.datetime] = _utcnow) -> None:
+                 now: Callable[[], datetime.datetime] = _utcnow, timeout: Timeout = DEFAULT_TIMEOUT) -> None:
         self.credentials = credentials
+        self.timeout = timeout
+        """Bounds every request to the token service as ``--httpTimeout`` bounds the others."""
         self._refresh_call = refresh or self._default_refresh
         self._now = now
         self._cond = threading.Condition()
@@ -130,14 +162,12 @@ class TokenSource:
         self._lifetime: float | None = None  # seconds the current token had when it arrived
         self._failure: StoreError | None = None  # the last background refresh's failure
         self.refreshes = 0
-        self._token_session: requests.Session | None = None
+        self._token_request: Any = None  # made on first use (one refresh at a time uses it)
 
     def _default_refresh(self) -> None:
-        import google.auth.transport.requests
-
-        if self._token_session is None:
-            self._token_session = requests.Session()
-        self.credentials.refresh(google.auth.transport.requests.Request(self._token_session))
+        if self._token_request is None:
+            self._token_request = _bounded_request_class()(requests.Session(), self.timeout)
+        self.credentials.refresh(self._token_request)
 
     # -- state -------------------------------------------------------------------------------
 

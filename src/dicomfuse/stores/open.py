@@ -146,7 +146,8 @@ def _healthcare_dataset(
     from dicomfuse.stores.auth import TokenSource, load_credentials  # lazy: google-auth
     from dicomfuse.stores.healthcare import HealthcareDataset
 
-    tokens = TokenSource(load_credentials(key_file))
+    credentials = load_credentials(key_file)
+    tokens = TokenSource(credentials) if timeout is None else TokenSource(credentials, timeout=timeout)
     dataset_url = (
         f"{address.api_root}/{address.version}/projects/{address.project}"
         f"/locations/{address.location}/datasets/{address.dataset}"
