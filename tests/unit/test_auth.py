@@ -139,7 +139,8 @@ def test_invalidate_drops_only_the_token_that_was_refused() -> None:
 
 def test_refresh_errors_become_store_errors_without_the_token() -> None:
     tokens, creds, _ = source()
-    creds.error = google.auth.exceptions.RefreshError("invalid_grant: Invalid JWT Signature.", {"error": "x"})
+    answer = {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}
+    creds.error = google.auth.exceptions.RefreshError("invalid_grant: Invalid JWT Signature.", answer)
     with pytest.raises(Forbidden, match="invalid_grant"):
         tokens.token()
     creds.error = google.auth.exceptions.TransportError("connection refused")
@@ -173,6 +174,29 @@ def test_a_metadata_server_that_does_not_answer_is_unreachable_not_a_refusal() -
     with pytest.raises(Unavailable, match="token service is unavailable") as raised:
         tokens.token()
     assert not raised.value.unreachable and not isinstance(raised.value, Forbidden)
+
+
+@pytest.mark.parametrize(("args", "retryable", "message"), [
+    # google-auth's error for a Google API error body: "{'code': 500, …}: None" and the answer
+    (("{'code': 500, 'message': 'Internal error encountered.', 'status': 'INTERNAL'}: None",
+      {"error": {"code": 500, "message": "Internal error encountered.", "status": "INTERNAL"}}), True,
+     "Google's token service is unavailable: Internal error encountered."),
+    (("invalid_grant: None", {"error": "invalid_grant"}), False,
+     "could not get a Google access token: invalid_grant"),
+    (("<!DOCTYPE html>\n<html><body>502 Bad Gateway</body></html>",), True,
+     "Google's token service is unavailable (RefreshError)"),
+    # an answer without "error": google-auth dumps all of it
+    (('{"access_token": "ya29.secret", "weird": 1}', {"access_token": "ya29.secret", "weird": 1}), False,
+     "could not get a Google access token (RefreshError)"),
+    (("No access token in response.", {"id_token": "eyJ.secret"}), False,
+     "could not get a Google access token: No access token in response."),
+])
+def test_refresh_errors_read_as_one_clean_line(args: tuple[object, ...], retryable: bool, message: str) -> None:
+    tokens, creds, _ = source()
+    creds.error = google.auth.exceptions.RefreshError(*args, retryable=retryable)
+    with pytest.raises(Unavailable if retryable else Forbidden) as raised:
+        tokens.token()
+    assert str(raised.value) == message
 
 
 def test_failed_background_refresh_keeps_the_old_token_and_tries_again(caplog: pytest.LogCaptureFixture) -> None:

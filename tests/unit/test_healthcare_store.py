@@ -277,3 +277,14 @@ def test_a_stalled_token_service_is_given_up_after_the_http_timeout(standin: Hea
         assert list(store.studies()) == [], "the next token request is answered"
     finally:
         opened.close()
+
+
+def test_an_error_answer_of_the_token_service_reads_as_one_clean_line(standin: HealthcareStandIn,
+                                                                      dataset: HealthcareDataset,
+                                                                      quick_token_retries: None) -> None:
+    """google-auth turns a Google API error body into "{'code': 500, …}: None": the message says
+    the status and Google's message instead."""
+    standin.inject(status=500, times=100, path_contains="/token")
+    with pytest.raises(Unavailable) as raised:
+        list(dataset.open_store("store-a").studies())
+    assert str(raised.value) == "Google's token service is unavailable (HTTP 500): Internal error encountered."

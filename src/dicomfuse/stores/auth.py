@@ -129,11 +129,14 @@ def _bounded_request_class() -> type:
         def __init__(self, session: requests.Session, timeout: Timeout) -> None:
             super().__init__(session)
             self.timeout = timeout
+            self.last_status: int | None = None  # of the last answer: google-auth's errors lack it
 
         def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
                      timeout: Timeout | None = None, **kwargs: Any) -> Any:
-            return super().__call__(url, method=method, body=body, headers=headers,
-                                    timeout=_shorter(timeout, self.timeout), **kwargs)
+            response = super().__call__(url, method=method, body=body, headers=headers,
+                                        timeout=_shorter(timeout, self.timeout), **kwargs)
+            self.last_status = response.status
+            return response
 
     return BoundedRequest
 
@@ -167,7 +170,12 @@ class TokenSource:
     def _default_refresh(self) -> None:
         if self._token_request is None:
             self._token_request = _bounded_request_class()(requests.Session(), self.timeout)
+        self._token_request.last_status = None
         self.credentials.refresh(self._token_request)
+
+    def _last_status(self) -> int | None:
+        """The HTTP status of the token service's last answer to the default refresh."""
+        return getattr(self._token_request, "last_status", None)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -256,7 +264,7 @@ class TokenSource:
             self._refresh_call()
         except (google.auth.exceptions.RefreshError, google.auth.exceptions.TransportError,
                 requests.RequestException) as exc:
-            error = _refresh_error(exc)
+            error = _refresh_error(exc, self._last_status())
         else:
             remaining = self._remaining()
             with self._cond:
@@ -268,7 +276,7 @@ class TokenSource:
         raise error
 
 
-def _refresh_error(exc: BaseException) -> StoreError:
+def _refresh_error(exc: BaseException, status: int | None = None) -> StoreError:
     """The store error for a failed refresh. No answer at all (the network or the token service is
     down: refused or dropped connection, unknown host, timeout) is ``unreachable``, like the same
     failure of the Healthcare API itself, so that write-back waits for the network to return. The
@@ -288,8 +296,40 @@ def _refresh_error(exc: BaseException) -> StoreError:
     ):
         # A 5xx or 429 of the token service, already retried by google-auth: an outage
         # (EIO at the mount), not a refusal of the credentials (EACCES).
-        return Unavailable(f"Google's token service is unavailable: {_first_line(exc)}")
-    return TokenRefused(f"could not get a Google access token: {_first_line(exc)}")
+        return Unavailable(_with_detail("Google's token service is unavailable", exc, status))
+    return TokenRefused(_with_detail("could not get a Google access token", exc, None))
+
+
+def _with_detail(head: str, exc: BaseException, status: int | None) -> str:
+    """``head (HTTP status): detail``, leaving out what is unknown; the error's type when all is."""
+    if status is not None and status >= 400:
+        head = f"{head} (HTTP {status})"
+    detail = _refresh_detail(exc)
+    if detail:
+        return f"{head}: {detail}"
+    return head if status is not None and status >= 400 else f"{head} ({type(exc).__name__})"
+
+
+def _refresh_detail(exc: BaseException) -> str:
+    """One line saying why a refresh failed, from google-auth's error: the OAuth ``error:
+    error_description``, the ``message`` of a Google API error body, else google-auth's own text
+    (not an HTML page, not a dump of a whole answer); "" when there is none. No token or key is
+    ever in it: google-auth puts the answer's JSON in its errors, so only those fields are read."""
+    answer = next((arg for arg in exc.args if isinstance(arg, dict)), None)
+    text = ""
+    if answer is not None:
+        error = answer.get("error")
+        if isinstance(error, dict):  # {"error": {"code": 500, "message": "…", "status": "INTERNAL"}}
+            text = next((str(error[k]) for k in ("message", "status") if isinstance(error.get(k), str)), "")
+        elif isinstance(error, str):  # OAuth 2.0: {"error": "invalid_grant", "error_description": "…"}
+            description = answer.get("error_description")
+            text = f"{error}: {description}" if isinstance(description, str) and description else error
+    if not text and exc.args and not isinstance(exc.args[0], dict):
+        first = exc.args[0]
+        text = _first_line(first) if isinstance(first, BaseException) else str(first)
+        if text.lstrip().startswith(("{", "[", "<")):  # an answer's JSON dumped whole, or an HTML page
+            text = ""
+    return (text.strip().splitlines() or [""])[0].strip()[:200]
 
 
 class BearerAuth(requests.auth.AuthBase):
