@@ -257,3 +257,49 @@ def test_a_key_file_others_can_read_is_warned_about(tmp_path, caplog: pytest.Log
     load_credentials(key)
     assert "readable by other users" in caplog.text and "chmod 600" in caplog.text
     assert "PRIVATE KEY" not in caplog.text
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "names {path}, which does not exist"),
+    ("{not json", "file {path} is not a JSON key file"),
+    ("[1, 2]", "file {path} is not a JSON key file"),
+    ("folder", "names {path}, which cannot be read"),
+    ('{"type": "service_account", "client_email": "x@y"}', "file {path} is not a usable key: .*missing fields"),
+    # google-auth quotes a value it cannot convert: here the private key's lines
+    ('{"type": "service_account", "client_email": "x@y", "token_uri": "https://t", '
+     '"private_key": ["-----BEGIN PRIVATE KEY-----", "SECRETKEYMATERIAL"]}',
+     "file {path} is not a usable key: Failed to load service account credentials"),
+])
+def test_a_bad_google_application_credentials_file_is_named(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                             content: str | None, expected: str) -> None:  # type: ignore[no-untyped-def]
+    """google-auth's 'File … was not found.' was dropped for 'no Google credentials found: run gcloud
+    auth application-default login …', which sends the user the wrong way."""
+    import re
+
+    from dicomfuse.stores.auth import CredentialsError, load_credentials
+
+    path = tmp_path / "typo-key.json"
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    with pytest.raises(CredentialsError) as raised:
+        load_credentials()
+    message = str(raised.value)
+    assert re.search("GOOGLE_APPLICATION_CREDENTIALS " + expected.format(path=re.escape(str(path))), message), message
+    assert "gcloud auth application-default login" not in message
+    assert "SECRET" not in message and "PRIVATE KEY" not in message and "\n" not in message
+
+
+def test_a_good_google_application_credentials_file_is_loaded(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from dicomfuse.stores.auth import load_credentials
+    from tests.fakes.healthcare import HealthcareStandIn
+
+    with HealthcareStandIn() as standin:
+        key = standin.write_key_file(tmp_path / "key.json")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    assert load_credentials().service_account_email == "dicomfuse-test@test-project.iam.gserviceaccount.com"

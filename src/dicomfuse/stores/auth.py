@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,10 @@ ADC_HELP = (
     "run 'gcloud auth application-default login', set GOOGLE_APPLICATION_CREDENTIALS to a "
     "service-account key file, or pass --keyFile KEY.json"
 )
+
+
+ADC_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
+ADC_FIX = "fix or unset it, or pass --keyFile KEY.json"
 
 
 class CredentialsError(Exception):
@@ -95,13 +99,67 @@ def load_credentials(key_file: str | os.PathLike[str] | None = None) -> Any:
             raise CredentialsError(f"key file {path} is not a valid service-account key "
                                    f"({type(exc).__name__}: {_first_line(exc)})") from None
         return credentials
+    named = os.environ.get(ADC_ENV) or None
+    info = _read_named_key_file(named) if named else None
     try:
         credentials, _ = google.auth.default(scopes=list(SCOPES))
-    except google.auth.exceptions.DefaultCredentialsError:
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        if named:
+            raise CredentialsError(f"{ADC_ENV} file {named} is not a usable key: {_safe_reason(exc, info)}") from None
         raise CredentialsError(f"no Google credentials found: {ADC_HELP}") from None
     except google.auth.exceptions.GoogleAuthError as exc:
         raise CredentialsError(f"Google credentials could not be loaded: {_first_line(exc)}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        if not named:
+            raise
+        raise CredentialsError(f"{ADC_ENV} file {named} is not a usable key ({type(exc).__name__})") from None
     return credentials
+
+
+def _read_named_key_file(name: str) -> dict[str, Any]:
+    """The JSON object in the file GOOGLE_APPLICATION_CREDENTIALS names. google-auth's own errors
+    for a missing or broken file ("File … was not found.") read as if no credentials were set, and a
+    JSON list or a folder escapes as AttributeError or IsADirectoryError. Never says what is in it."""
+    try:
+        text = Path(name).read_text(encoding="utf-8")  # as google-auth reads it: no ~ expansion
+    except FileNotFoundError:
+        raise CredentialsError(f"{ADC_ENV} names {name}, which does not exist: {ADC_FIX}") from None
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise CredentialsError(f"{ADC_ENV} names {name}, which cannot be read ({why}): {ADC_FIX}") from None
+    try:
+        info = json.loads(text)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise CredentialsError(f"{ADC_ENV} file {name} is not a JSON key file: {ADC_FIX}")
+    return info
+
+
+def _safe_reason(exc: BaseException, info: dict[str, Any] | None) -> str:
+    """Why google-auth refused a key file, in one line: the underlying error's text (e.g. "missing
+    fields token_uri") or else google-auth's own; left out if it quotes any value from the file
+    (google-auth quotes a value it cannot convert, which may be the private key)."""
+    secrets = {value for value in _strings(info) if len(value) >= 6}
+    for candidate in (exc.__cause__, exc):
+        if candidate is None:
+            continue
+        text = _first_line(candidate)
+        if text and not any(secret in text for secret in secrets):
+            return text
+    return type(exc.__cause__ or exc).__name__
+
+
+def _strings(value: Any, key: str | None = None) -> Iterator[str]:
+    """Every text in a JSON document but the key type (to recognise them in error messages)."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _strings(item, str(name))
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item, key)
+    elif key != "type" and value is not None:
+        yield str(value)
 
 
 def _first_line(exc: BaseException) -> str:
