@@ -288,3 +288,24 @@ def test_an_error_answer_of_the_token_service_reads_as_one_clean_line(standin: H
     with pytest.raises(Unavailable) as raised:
         list(dataset.open_store("store-a").studies())
     assert str(raised.value) == "Google's token service is unavailable (HTTP 500): Internal error encountered."
+
+
+def test_denied_store_management_names_the_store_administrator_role(standin: HealthcareStandIn,
+                                                                    dataset: HealthcareDataset) -> None:
+    """The DICOM Editor hint fits instance reads and writes, not a denied store create or delete."""
+    dataset.create_store("empty")
+    try:
+        for permission, call in [("healthcare.dicomStores.create", lambda: dataset.create_store("new")),
+                                 ("healthcare.dicomStores.delete", lambda: dataset.delete_store("empty"))]:
+            standin.deny(permission)
+            with pytest.raises(Forbidden, match="403") as raised:
+                call()
+            assert "Healthcare DICOM Store Administrator role (roles/healthcare.dicomStoreAdmin)" in str(raised.value)
+            assert "DICOM Editor" not in str(raised.value)
+            standin.deny(None)
+        standin.deny("healthcare.dicomStores.dicomWebRead")
+        with pytest.raises(Forbidden) as raised:  # delete_store first checks the store is empty: an instance read
+            dataset.delete_store("empty")
+        assert "DICOM Editor role" in str(raised.value)
+    finally:
+        standin.deny(None)

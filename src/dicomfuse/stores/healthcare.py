@@ -54,6 +54,11 @@ RETRIEVE_ACCEPTS = (
 """Both ask for the stored transfer syntax; the single-part form is Google's convenience."""
 
 ROLE_HINT = "the identity needs the Healthcare DICOM Editor role (roles/healthcare.dicomEditor) on the dataset"
+STORE_ADMIN_HINT = (
+    "creating and deleting stores needs healthcare.dicomStores.create and .delete: grant the identity the "
+    "Healthcare DICOM Store Administrator role (roles/healthcare.dicomStoreAdmin) on the dataset"
+)
+"""For a 403 to a store's creation or deletion, where the DICOM Editor role is not the answer."""
 
 
 class HealthcareDataset:
@@ -150,6 +155,7 @@ class HealthcareDataset:
                     headers={"Content-Type": "application/json"},
                     idempotent=False,
                     bad_request=InvalidName,
+                    forbidden_hint=STORE_ADMIN_HINT,
                 )
             except AlreadyExists:
                 if attempt > 1 and self._store_exists(store_id):
@@ -178,7 +184,7 @@ class HealthcareDataset:
         store = self.open_store(store_id)
         if store.has_studies():
             raise NotEmpty(f"store {store_id} holds studies; only an empty store is deleted")
-        response = self.client.request("DELETE", self._store_url(store_id))
+        response = self.client.request("DELETE", self._store_url(store_id), forbidden_hint=STORE_ADMIN_HINT)
         response.close()
         with self._lock:
             self._stores.pop(store_id, None)

@@ -411,6 +411,7 @@ class HttpClient:
         bad_request: type[StoreError] = StoreError,
         attempts: int | None = None,
         timeout: Timeout | None = None,
+        forbidden_hint: str | None = None,
     ) -> requests.Response:
         """Send a request and return a successful (2xx) response, or one whose status is in
         ``passthrough``; raise the mapped :class:`StoreError` otherwise.
@@ -421,7 +422,7 @@ class HttpClient:
         ``attempts`` overrides the policy's count. A server silent past the timeout is asked
         once more, not for every attempt: a call never waits much longer than twice the timeout
         for a hung server. A 401 is sent once more when ``on_unauthorized`` says a new token may
-        help."""
+        help. ``forbidden_hint`` replaces the client's hint for a 403 to this request."""
         method = method.upper()
         safe_to_repeat = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
         max_attempts = max(1, attempts if attempts is not None else self.retry.attempts)
@@ -480,8 +481,9 @@ class HttpClient:
                 continue
             try:
                 error = error_for_response(method, url, response, bad_request=bad_request)
-                if status == 403 and self.forbidden_hint:
-                    error = type(error)(f"{error} ({self.forbidden_hint})")
+                hint = forbidden_hint or self.forbidden_hint
+                if status == 403 and hint:
+                    error = type(error)(f"{error} ({hint})")
                 raise error
             finally:
                 response.close()
