@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -132,3 +133,37 @@ def test_tracebacks_are_logged_without_messages(tmp_path: Path, root_logging: No
         assert "in _raise_quoting" in text and "ValueError" in text and "RuntimeError" in text
         assert "direct cause" in text
         assert PATIENT_NAME not in text and PATIENT_NAME.split("^")[0] not in text
+
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="no mode bits on Windows")
+
+
+@posix_only
+def test_an_existing_log_folder_keeps_its_mode(tmp_path: Path, root_logging: None):
+    """--logDir may be a shared folder: it is never chmodded (it used to be made 0700)."""
+    shared = tmp_path / "shared-logs"
+    shared.mkdir()
+    os.chmod(shared, 0o755)
+    setup_logging(shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+
+
+@posix_only
+def test_a_log_folder_it_creates_is_private(tmp_path: Path, root_logging: None):
+    old = os.umask(0o022)
+    try:
+        folder = setup_logging(tmp_path / "new" / "logs")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_an_unusable_log_folder_is_one_line_and_leaves_logging_alone(tmp_path: Path, root_logging: None):
+    from dicomfuse.core.workdirs import FolderError
+
+    (tmp_path / "afile").write_text("x")
+    before = list(logging.getLogger().handlers)
+    with pytest.raises(FolderError) as exc:
+        setup_logging(tmp_path / "afile" / "logs")
+    assert str(exc.value) == f"{tmp_path / 'afile' / 'logs'} is not a folder ({tmp_path / 'afile'} is a file)"
+    assert logging.getLogger().handlers == before

@@ -82,10 +82,22 @@ def default_log_dir() -> Path:
 
 
 def setup_logging(log_dir: Path | None, *, console_level: int = logging.INFO) -> Path:
-    """Configure the root logger; return the folder of the log files."""
+    """Configure the root logger; return the folder of the log files. An existing folder is used
+    as it is (it may be shared: its mode is never changed); a missing one is created 0700. Raises
+    :class:`~dicomfuse.core.workdirs.FolderError` (one line) when the folder or its files cannot
+    be used, before the root logger is touched."""
+    from dicomfuse.core.workdirs import FolderError, folder_problem, user_dir
+
     folder = log_dir or default_log_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
+    files: list[tuple[RotatingLog, int]] = []
+    try:
+        user_dir(folder)
+        for name, level in FILES:
+            files.append((RotatingLog(folder / name, max_bytes=MAX_BYTES, backup_count=BACKUPS), level))
+    except OSError as exc:
+        for handler, _ in files:
+            handler.close()
+        raise FolderError(folder_problem(folder, exc)) from None
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -94,8 +106,7 @@ def setup_logging(log_dir: Path | None, *, console_level: int = logging.INFO) ->
     console.setLevel(console_level)
     console.setFormatter(MessageFreeFormatter("%(levelname)s %(message)s"))
     root.addHandler(console)
-    for name, level in FILES:
-        handler = RotatingLog(folder / name, max_bytes=MAX_BYTES, backup_count=BACKUPS)
+    for handler, level in files:
         handler.setLevel(level)
         handler.setFormatter(MessageFreeFormatter(FORMAT))
         root.addHandler(handler)

@@ -157,7 +157,7 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     ``on_mounted`` runs on its own thread once the mount is up."""
     from dicomfuse.backends import adapter_name, options
     from dicomfuse.core.vfs import Vfs, VfsConfig
-    from dicomfuse.core.workdirs import WorkDirs
+    from dicomfuse.core.workdirs import FolderError, WorkDirs, folder_problem
     from dicomfuse.core.writeback import QueueBusy, dataset_label
     from dicomfuse.stores.auth import CredentialsError
     from dicomfuse.stores.base import Forbidden, NotFound, StoreError, lists_sizes
@@ -190,7 +190,13 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         dataset.close()
         return EXIT_FAILURE
     log.info("Dataset %s has %d store(s)", dataset.name, len(stores))
-    workdirs = WorkDirs(settings.cacheDir or default_cache_dir())
+    cache_root = settings.cacheDir or default_cache_dir()
+    try:
+        workdirs = WorkDirs(cache_root)
+    except (FolderError, OSError) as exc:
+        dataset.close()
+        why = str(exc) if isinstance(exc, FolderError) else folder_problem(cache_root, exc)
+        raise UsageError(f"--cacheDir: {why}") from None
     config = VfsConfig(
         listing_ttl=settings.cacheTime[0],
         instance_ttl=settings.cacheTime[1],
@@ -208,6 +214,10 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         workdirs.wipe()
         raise UsageError(f"--uploadMode writeback: another mount in write-back mode uses the cache folder "
                          f"{workdirs.root}; give this one its own --cacheDir") from None
+    except FolderError as exc:  # the write-back queue's folders (spool/writeback) are checked too
+        dataset.close()
+        workdirs.wipe()
+        raise UsageError(f"--cacheDir: {exc}") from None
     mount_options = options.merge(
         options.default_options(volume_name=dataset.name, sizes_listed=lists_sizes(dataset)),
         options.parse_extra(settings.extraMountOptions),
@@ -314,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] in ("prefetch", "status", "retry"):
-            from dicomfuse.cli.logs import setup_logging
-
-            setup_logging(_peek_log_dir(args[1:]))
+            _setup_logging(_peek_log_dir(args[1:]))
             if args[0] == "retry":
                 from dicomfuse.cli.retry import run_retry
 
@@ -334,15 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args and args[0] == "demo":
             settings_argv = args[1:]
-            log_dir = _peek_log_dir(settings_argv)
-            from dicomfuse.cli.logs import setup_logging
-
-            setup_logging(log_dir)
+            _setup_logging(_peek_log_dir(settings_argv))
             return run_demo(settings_argv)
         settings = parse_settings(args)
-        from dicomfuse.cli.logs import setup_logging
-
-        folder = setup_logging(settings.logDir)
+        folder = _setup_logging(settings.logDir)
         log.debug("Log files in %s", folder)
         return mount(settings)
     except UsageError as exc:
@@ -350,6 +353,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def _setup_logging(log_dir: Path | None) -> Path:
+    """Logging to ``log_dir`` (default: the user log folder); a folder that cannot be used is a
+    usage error of --logDir (one line), not a traceback."""
+    from dicomfuse.cli.logs import setup_logging
+    from dicomfuse.core.workdirs import FolderError
+
+    try:
+        return setup_logging(log_dir)
+    except FolderError as exc:
+        raise UsageError(f"--logDir: {exc}") from None
 
 
 def _peek_log_dir(argv: list[str]) -> Path | None:

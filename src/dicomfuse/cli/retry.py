@@ -71,6 +71,11 @@ def run_retry(argv: list[str]) -> int:
     from dicomfuse.cli.main import default_cache_dir
 
     root: Path = ns.cacheDir or default_cache_dir()
+    if ns.cacheDir is not None and not root.is_dir():
+        # A mistyped folder must not read as "nothing to retry" (as for dicomfuse status).
+        print(f"dicomfuse retry: error: --cacheDir: {root} is not a folder (give the mount's --cacheDir)",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         return _retry(root, ns)
     except _Usage as exc:

@@ -2,13 +2,21 @@
 at the next start after a crash) and the upload spool (kept across crashes: it may hold the
 only copy of a file the server never confirmed). Everything is 0700 / 0600: instances are
 patient data.
+
+The cache root (``--cacheDir``) is the user's folder: it may be shared (``/tmp``, a team's
+folder), so its mode is never changed; it is made private only when this program creates it.
+What it holds, ``mounts/`` and ``spool/``, are this program's own folders, always 0700 and
+checked: one that is a symbolic link or belongs to another user (made by someone else in a
+shared root, to read what the mount puts there) is refused with :class:`FolderError`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -19,19 +27,93 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "mount.lock"
 
 
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) and make it 0700, whatever the umask."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+class FolderError(Exception):
+    """A cache or log folder that cannot be used, or not safely; the message names the folder
+    and says why, in one line (the CLI prefixes the option: ``--cacheDir: ...``)."""
+
+
+def folder_problem(path: Path, exc: OSError) -> str:
+    """One line saying why the folder ``path`` could not be created or used (``exc``)."""
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        for candidate in (path, *path.parents):
+            if candidate.exists() and not candidate.is_dir():
+                what = "it is a file" if candidate == path else f"{candidate} is a file"
+                return f"{path} is not a folder ({what})"
+        return f"{path} is not a folder ({exc.strerror or exc})"
+    where = f": {exc.filename}" if exc.filename and Path(exc.filename) != path else ""
+    return f"{path} cannot be used ({exc.strerror or exc}{where})"
+
+
+def user_dir(path: Path) -> Path:
+    """The folder the user gave (or the default one): used as it is when it exists, whatever
+    its mode (it may be shared); created 0700 (and missing parents as ``mkdir -p`` would) when
+    it does not. Raises OSError when it cannot be (a file, no permission)."""
+    if path.is_dir():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return path  # made meanwhile by another process: not ours to change
+    os.chmod(path, 0o700)  # ours: private whatever the umask
     return path
+
+
+def private_dir(path: Path, *, windows: bool = portable.WINDOWS) -> Path:
+    """This program's own folder ``path``, 0700: created so (missing parents as ``mkdir -p``
+    would), or, when it exists, checked to be a real folder of this user and made 0700. Raises
+    FolderError for a symbolic link, something that is not a folder, or a folder of another user:
+    in a shared parent someone else may have made it, to read what would be put in it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    _check_own_dir(path, windows=windows)
+    return path
+
+
+def _check_own_dir(path: Path, *, windows: bool) -> None:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise FolderError(f"{path} is a symbolic link; the cache's private folders must be real folders "
+                          "(remove the link, or use another cache folder)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise FolderError(f"{path} is not a folder (remove it, or use another cache folder)")
+    if windows:
+        return  # no owner or mode bits: the folder's ACL (inherited from the user's profile) decides
+    if st.st_uid != os.geteuid():
+        raise FolderError(f"{path} belongs to another user (uid {st.st_uid}), who could read what is kept "
+                          "there; remove it, or use another cache folder")
+    # Through a descriptor that cannot follow a link swapped in since the lstat: the chmod can
+    # only reach the folder just checked.
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise FolderError(f"{path} was replaced while it was being checked; try again") from None
+        raise
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise FolderError(f"{path} was replaced while it was being checked; try again")
+        if stat.S_IMODE(now.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 class WorkDirs:
     """``root/mounts/<id>/cache`` for this mount (held by an flock while it lives) and
-    ``root/spool`` shared by mounts of this user."""
+    ``root/spool`` shared by mounts of this user. ``root`` itself holds nothing else and is left
+    as it is when it exists (see :func:`user_dir`). Raises FolderError or OSError when a folder
+    cannot be used."""
 
     def __init__(self, root: Path) -> None:
-        self.root = private_dir(root)
+        self.root = user_dir(root)
         self.mounts = private_dir(root / "mounts")
         self.spool = private_dir(root / "spool")
         self.failed = private_dir(self.spool / "failed")
