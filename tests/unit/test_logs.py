@@ -149,13 +149,21 @@ def test_an_existing_log_folder_keeps_its_mode(tmp_path: Path, root_logging: Non
 
 
 @posix_only
-def test_a_log_folder_it_creates_is_private(tmp_path: Path, root_logging: None):
+def test_a_log_folder_it_creates_is_private_and_log_files_are_0600(tmp_path: Path, root_logging: None):
     old = os.umask(0o022)
     try:
         folder = setup_logging(tmp_path / "new" / "logs")
+        handler = RotatingLog(folder / "x.log", max_bytes=30, backup_count=1)
+        try:
+            for n in range(3):
+                handler.handle(record(f"record {n} " + "." * 20))  # rotates: a new file each time
+        finally:
+            handler.close()
     finally:
         os.umask(old)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for name in ("debug.log", "info.log", "error.log", "x.log", "x.log.1"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600, name
 
 
 def test_an_unusable_log_folder_is_one_line_and_leaves_logging_alone(tmp_path: Path, root_logging: None):

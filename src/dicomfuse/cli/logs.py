@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 from dicomfuse.tracebacks import format_without_messages
 
@@ -28,7 +29,8 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
     a write-back copy. This one learns the size when it opens the file and adds what it writes,
     so a file may pass ``maxBytes`` by one record (or by what another process wrote to it). A
     log that is not a regular file (a pipe, a terminal, /dev/null) is never rotated. A message
-    that UTF-8 cannot encode (a file name in another encoding) is written with escapes."""
+    that UTF-8 cannot encode (a file name in another encoding) is written with escapes. A file it
+    creates is 0600 whatever the umask: log lines name paths and UIDs, not for other users."""
 
     def __init__(self, filename: Path, max_bytes: int, backup_count: int) -> None:
         super().__init__(filename, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8",
@@ -43,6 +45,13 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
             self._regular = os.path.isfile(self.baseFilename)
             self._size = self.stream.seek(0, os.SEEK_END) if self._regular else 0
         return self._regular and 0 < self.maxBytes <= self._size
+
+    def _open(self) -> TextIO:
+        # FileHandler keeps a reference to the built-in open (usable while the interpreter exits)
+        builtin_open = getattr(self, "_builtin_open", open)
+        stream: TextIO = builtin_open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                                      opener=_private)
+        return stream
 
     def doRollover(self) -> None:  # noqa: N802
         super().doRollover()
@@ -73,6 +82,11 @@ class MessageFreeFormatter(logging.Formatter):
             return super().format(record)
         finally:
             record.exc_text = cached
+
+
+def _private(path: str, flags: int) -> int:
+    """``open``'s opener: a file created 0600, not with the umask's mode."""
+    return os.open(path, flags, 0o600)
 
 
 def default_log_dir() -> Path:
