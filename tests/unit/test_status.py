@@ -150,3 +150,44 @@ def test_a_cache_folder_that_does_not_exist_is_an_error_not_all_clear(tmp_path, 
     """A mistyped --cacheDir must not read as 'nothing waiting, nothing failed' (exit 0)."""
     assert run_status(["--cacheDir", str(tmp_path / "typo")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_uploads_left_unconfirmed_by_a_sync_mount_that_stopped(cache, capsys):
+    """kill -9 of a sync-mode mount during an upload leaves its bytes in spool/*.part: the server
+    may not have them, so status must not say all clear (they are not sent by themselves)."""
+    import subprocess
+    import sys
+
+    from dicomfuse.core.uploads import Spool
+
+    spool_dir = cache / "spool"
+    spool_dir.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a mount that is gone
+    orphan = spool_dir / f"{proc.pid}-{int(time.time())}-0.part"
+    orphan.write_bytes(b"o" * 3000)
+    (spool_dir / f"{proc.pid}-{int(time.time())}-1.part").write_bytes(b"")  # opened, never written
+    (spool_dir / f"{proc.pid}-{int(time.time())}-2.previous").write_bytes(b"p")  # the server's old copy
+    live = spool_dir / f"{os.getppid()}-{int(time.time())}-0.part"  # a running mount's upload in progress
+    live.write_bytes(b"l")
+    own, fd = Spool(spool_dir, spool_dir / "failed").new_file()  # and this process's own
+    os.write(fd, b"w")
+    os.close(fd)
+    text, code = status_report(cache)
+    assert code == EXIT_FAILED
+    assert "Unconfirmed uploads left by a mount that stopped: 1." in text
+    assert f"moves them to {spool_dir / 'failed'}" in text
+    assert f"  {orphan}  2.9 KiB  (not confirmed uploaded; the next mount moves it to failed/)\n" in text
+    assert str(live) not in text and str(own) not in text and ".previous" not in text
+    assert "Failed uploads: none." in text and "nothing waiting" in text
+    assert run_status(["--cacheDir", str(cache)]) == EXIT_FAILED
+    assert str(orphan) in capsys.readouterr().out
+    orphan.unlink()
+    assert status_report(cache)[1] == EXIT_CLEAN  # what a live mount writes is no reason to worry
+
+
+def test_status_help_gives_the_exit_codes(capsys):
+    assert run_status(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 some uploads failed or were left unconfirmed by a mount that stopped" in out
+    assert "3 uploads pending" in out

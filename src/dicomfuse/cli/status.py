@@ -3,10 +3,12 @@ folder without touching it, so it works while a mount runs, after it stopped and
 
 Sources: the write-back queue's records (``spool/writeback``; see
 :mod:`dicomfuse.core.writeback`), its ``status.json`` snapshot (is a live mount sending them?),
-and the failed uploads of both modes (``spool/writeback/failed`` with reasons, ``spool/failed``
+the failed uploads of both modes (``spool/writeback/failed`` with reasons, ``spool/failed``
 for synchronous uploads, with a sidecar ``<file>.json`` giving the store and reason; older ones
-have none and their reason is in the error log). Files are named by UIDs, generated IDs or the
-user's file names, so nothing here is patient data.
+have none and their reason is in the error log), and the spool files a mount that stopped (a
+crash, ``kill -9``) left in ``spool``: synchronous uploads the server never confirmed, which the
+next mount moves to ``spool/failed`` (a running mount's own spool files are not listed). Files are
+named by UIDs, generated IDs or the user's file names, so nothing here is patient data.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicomfuse.core.uploads import files_in, is_sidecar, pid_alive, read_sidecar
+from dicomfuse.core.uploads import files_in, is_sidecar, orphan_files, pid_alive, read_sidecar
 from dicomfuse.core.writeback import (
     DATA_SUFFIX,
     FAILED_DIR,
@@ -34,6 +36,10 @@ EXIT_CLEAN = 0
 EXIT_FAILED = 1
 EXIT_PENDING = 3
 SYNC_FAILED_DIR = ("spool", "failed")
+SPOOL_DIR = "spool"
+ORPHAN_NOTE = "not confirmed uploaded; the next mount moves it to failed/"
+HELP_EXIT_CODES = ("Exit code: 0 nothing pending or failed; 1 some uploads failed or were left unconfirmed by a "
+                   "mount that stopped; 3 uploads pending (none failed).")
 STALE_GRACE = 5.0  # seconds beyond three missed heartbeats before a mount counts as gone
 
 
@@ -47,11 +53,13 @@ class FailedFile:
 
 def status_report(cache_root: Path) -> tuple[str, int]:
     """The report on ``cache_root`` as plain text, and the exit code: 0 nothing pending or
-    failed, 1 something failed, 3 uploads pending (none failed)."""
+    failed, 1 something failed or was left unconfirmed by a mount that stopped (it needs the
+    user: it is never sent by itself), 3 uploads pending (none failed)."""
     now = time.time()
     queue = queue_dir(cache_root)
     pending = _pending(queue)
     failed = _failed_writeback(queue / FAILED_DIR) + _failed_sync(cache_root.joinpath(*SYNC_FAILED_DIR))
+    orphans = _orphans(cache_root / SPOOL_DIR)
     lines = [f"DICOMFuse uploads in {cache_root}", ""]
     if pending:
         lines.extend(_pending_lines(pending, read_status(queue), now))
@@ -62,7 +70,10 @@ def status_report(cache_root: Path) -> tuple[str, int]:
         lines.extend(_failed_lines(failed))
     else:
         lines.append("Failed uploads: none.")
-    code = EXIT_FAILED if failed else EXIT_PENDING if pending else EXIT_CLEAN
+    if orphans:
+        lines.append("")
+        lines.extend(_orphan_lines(orphans, cache_root.joinpath(*SYNC_FAILED_DIR)))
+    code = EXIT_FAILED if failed or orphans else EXIT_PENDING if pending else EXIT_CLEAN
     return "\n".join(lines) + "\n", code
 
 
@@ -72,8 +83,8 @@ def run_status(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="dicomfuse status",
-        description="Show uploads waiting in the write-back queue and uploads that failed. "
-                    "Exit code: 0 nothing pending or failed, 1 something failed, 3 uploads pending.",
+        description="Show uploads waiting in the write-back queue, uploads that failed, and uploads a mount "
+                    "that stopped (a crash, kill -9) left unconfirmed. " + HELP_EXIT_CODES,
     )
     parser.add_argument("--cacheDir", metavar="DIR", type=Path, default=None,
                         help="The mount's --cacheDir (default: the user cache folder).")
@@ -129,6 +140,17 @@ def _failed_sync(folder: Path) -> list[FailedFile]:
             continue
         name = f"{path.name} (store {info.store})" if info.store else f"{path.name} (store unknown)"
         out.append(FailedFile(name, _size(path), path, info.reason))
+    return out
+
+
+def _orphans(spool: Path) -> list[FailedFile]:
+    """Spool files of mounts that stopped before the server confirmed them (empty ones are no
+    upload: the next mount deletes them)."""
+    out = []
+    for path in orphan_files(spool):
+        size = _size(path)
+        if size > 0:
+            out.append(FailedFile(path.name, size, path, ORPHAN_NOTE))
     return out
 
 
@@ -190,6 +212,15 @@ def _failed_lines(failed: list[FailedFile]) -> list[str]:
         reason = f.reason or "reason in the error log"
         lines.append(f"  {f.name}  {_bytes(f.size)}  ({reason})")
         lines.append(f"    {f.path}")
+    return lines
+
+
+def _orphan_lines(orphans: list[FailedFile], failed_dir: Path) -> list[str]:
+    lines = [f"Unconfirmed uploads left by a mount that stopped: {len(orphans)}. The server may not have "
+             f"them; the next mount of any dataset with this --cacheDir moves them to {failed_dir}, where "
+             "'dicomfuse retry -a ADDRESS --store NAME' sends them. Keep your copies until then."]
+    for f in orphans:
+        lines.append(f"  {f.path}  {_bytes(f.size)}  ({f.reason})")
     return lines
 
 

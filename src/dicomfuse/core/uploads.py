@@ -130,6 +130,36 @@ def files_in(folder: Path) -> list[Path]:
 pid_alive = portable.pid_alive  # re-exported: status and retry use it from here
 
 
+def orphan_files(directory: Path, suffix: str = PART_SUFFIX) -> list[Path]:
+    """Spool files of ``directory`` (``<pid>-<time>-<n>.part``, or another ``suffix``) whose
+    writer is gone: its process is dead, or it has this process's pid but was not written by a
+    spool of this process (a restart that reused the pid, as in a container). A live process of
+    another pid keeps its files: a running mount's uploads in progress are never orphans. Reads
+    only (``dicomfuse status`` uses it on a mount's folder)."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    own_pid = os.getpid()
+    found = []
+    for name in names:
+        if not name.endswith(suffix):
+            continue
+        parts = name[: -len(suffix)].split("-")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            continue
+        pid = int(parts[0])
+        if pid == own_pid:
+            if f"{parts[0]}-{parts[1]}" in _OWN_PREFIXES:
+                continue
+        elif pid_alive(pid):
+            continue
+        path = directory / name
+        if path.is_file():
+            found.append(path)
+    return found
+
+
 def inspect_dicom(path: Path) -> DicomUids:
     """The UIDs of a complete Part-10 file; FsError(EINVAL) saying why it is not one."""
     if path.stat().st_size == 0:
@@ -186,31 +216,8 @@ class Spool:
 
     def orphans(self, suffix: str = PART_SUFFIX) -> list[Path]:
         """Spool files (``<pid>-<time>-<n>.part``, or another ``suffix``) whose writer is gone:
-        its process is dead, or it has this process's pid but was not written by a spool of this
-        process (a restart that reused the pid, as in a container). A live process of another
-        pid keeps its files."""
-        try:
-            names = sorted(os.listdir(self.directory))
-        except OSError:
-            return []
-        own_pid = os.getpid()
-        found = []
-        for name in names:
-            if not name.endswith(suffix):
-                continue
-            parts = name[: -len(suffix)].split("-")
-            if len(parts) != 3 or not all(p.isdigit() for p in parts):
-                continue
-            pid = int(parts[0])
-            if pid == own_pid:
-                if f"{parts[0]}-{parts[1]}" in _OWN_PREFIXES:
-                    continue
-            elif pid_alive(pid):
-                continue
-            path = self.directory / name
-            if path.is_file():
-                found.append(path)
-        return found
+        see :func:`orphan_files`."""
+        return orphan_files(self.directory, suffix)
 
     def rescue_orphans(self) -> list[Path]:
         """Move each non-empty orphan to ``failed/`` (with a sidecar saying why; named by its
