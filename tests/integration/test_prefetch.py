@@ -54,3 +54,35 @@ def test_prefetch_mounting_first_with_the_same_flags(backend: Backend, dicom: Di
         assert backend.instance_path(m, insts[-1]).read_bytes() == insts[-1].path.read_bytes()
     finally:
         m.stop()
+
+
+def test_a_folder_that_cannot_be_listed_is_named_and_fails_the_prefetch(healthcare, mount_factory, tmp_path: Path,
+                                                                          dicom: DicomFactory):
+    """A study whose listing keeps failing must not be skipped silently ("6/6 files ... done", exit
+    0 while three of them were never read): each such folder is named, and the exit code is 1."""
+    from tests.conftest import google_backend
+
+    backend = google_backend(healthcare, tmp_path)
+    good, bad = dicom.series(3, study=0), dicom.series(3, study=1)
+    backend.seed(good + bad)
+    m = mount_factory(backend, "--readAhead", "0")
+    store = m.path / backend.store_name
+    wait_for(lambda: len(list(store.iterdir())) == 2, 30, what="both studies to be listed")
+    broken = store / bad[0].study_uid
+    # every search below the second study fails, more often than the mount retries
+    for fragment in (f"studies/{bad[0].study_uid}/series", f"studies/{bad[0].study_uid}/instances",
+                     "dicomWeb/instances"):
+        healthcare.inject(status=500, times=1000, method="GET", path_contains=fragment)
+    try:
+        r = run(sys.executable, "-m", "dicomfuse", "prefetch", store, "--threads", "4", "--logDir", m.log_dir)
+        assert r.returncode == 1, r.stderr
+        assert f"dicomfuse prefetch: cannot list {broken}: Input/output error\n" in r.stderr
+        assert "3/3 files" in r.stderr
+        assert r.stderr.rstrip().endswith(f"1 folder below {store} could not be listed; their instances were not "
+                                          "prefetched")
+        # the folder itself: said so, not "no instances below"
+        r = run(sys.executable, "-m", "dicomfuse", "prefetch", broken, "--logDir", m.log_dir)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip() == f"dicomfuse prefetch: cannot list {broken}: Input/output error"
+    finally:
+        healthcare.clear_faults()

@@ -112,10 +112,17 @@ def read_file(path: Path, count: Callable[[int], None]) -> None:
             count(len(chunk))
 
 
-def instance_files(root: Path) -> list[Path]:
-    """Every ``*.dcm`` below ``root`` (the mount lists the folders; side files are skipped)."""
+def instance_files(root: Path, unlisted: list[OSError] | None = None) -> list[Path]:
+    """Every ``*.dcm`` below ``root`` (the mount lists the folders; side files are skipped). A
+    folder that cannot be listed (``root`` itself included) is skipped and its error, naming it,
+    added to ``unlisted``."""
     found: list[Path] = []
-    for folder, dirs, names in os.walk(root):
+
+    def cannot_list(exc: OSError) -> None:
+        if unlisted is not None:
+            unlisted.append(exc)
+
+    for folder, dirs, names in os.walk(root, onerror=cannot_list):
         dirs.sort()
         found += [Path(folder) / n for n in sorted(names) if n.lower().endswith(".dcm") and not n.startswith(".")]
     return found
@@ -151,13 +158,30 @@ def prefetch_running_mount(path: Path, threads: int, out: TextIO = sys.stderr) -
         print(f"dicomfuse prefetch: {path} is not on a DICOMFuse mount (it is on {kind}); give a store, study "
               "or series folder of a running mount, or -a ADDRESS -p MOUNTPATH to mount first", file=out)
         return 2
-    files = instance_files(path)
+    unlisted: list[OSError] = []
+    files = instance_files(path, unlisted)
+    for exc in unlisted:
+        print(f"dicomfuse prefetch: cannot list {exc.filename or path}: {exc.strerror or exc}", file=out)
+    if any(exc.filename is None or Path(exc.filename) == path for exc in unlisted):
+        return 1  # the folder itself: nothing was looked at (said above, not "no instances")
+    if files:
+        progress = Progress(len(files), out)
+        warm(files, threads, progress, read_file)
+        failed = progress.failed
+    else:
+        failed = 0
+    if unlisted:
+        print(f"dicomfuse prefetch: {_folders(len(unlisted))} below {path} could not be listed; "
+              "their instances were not prefetched", file=out)
+        return 1
     if not files:
         print(f"dicomfuse prefetch: no instances below {path}", file=out)
         return 0
-    progress = Progress(len(files), out)
-    warm(files, threads, progress, read_file)
-    return 1 if progress.failed else 0
+    return 1 if failed else 0
+
+
+def _folders(n: int) -> str:
+    return "1 folder" if n == 1 else f"{n} folders"
 
 
 def run_prefetch(argv: list[str]) -> int:
@@ -168,7 +192,9 @@ def run_prefetch(argv: list[str]) -> int:
         prog="dicomfuse prefetch",
         description="Warm the cache of a running mount: read every instance below PATH once, in parallel. "
                     "With -a ADDRESS -p MOUNTPATH (and any mount option) it mounts first and warms the "
-                    "folder given relative to the mount.")
+                    "folder given relative to the mount. Exit code: 0 every instance was read; 1 some could "
+                    "not be read, or a folder could not be listed (each is named); 2 PATH is not a folder "
+                    "of a mount.")
     parser.add_argument("path", type=Path, help="a store, study or series folder of a running mount")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="parallel reads (default 8)")
     parser.add_argument("--logDir", type=Path, help="folder of the log files (as for the mount)")
