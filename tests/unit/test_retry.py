@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomfuse.cli.retry import EXIT_DONE, EXIT_REMAINING, EXIT_USAGE, run_retry
+from dicomfuse.cli.retry import EXIT_DONE, EXIT_REMAINING, EXIT_USAGE, EXIT_WOULD_SEND, run_retry
 from dicomfuse.cli.status import status_report
 from dicomfuse.core.uploads import Spool, read_sidecar, sidecar_path
 from dicomfuse.core.writeback import QueuedUpload, WriteBackQueue, queue_dir
@@ -143,6 +143,30 @@ def test_dry_run_changes_nothing(env, capsys):
     assert sidecar_path(kept_junk).read_bytes() == junk_note
     assert env.on_server("ct", uids) is None
     assert not (env.cache / "spool" / ".retry.lock").exists()
+
+
+def test_a_dry_run_never_exits_0_while_files_wait_to_be_sent(env, capsys):
+    """Its help says 0 means all sent: a script must not take a dry run for a retry that sent them."""
+    src, uids = env.dicom()
+    kept = env.failed_sync(src, "a.dcm", "ct")
+    assert env.run("--dry-run") == EXIT_WOULD_SEND == 3
+    assert "1 would be sent, 0 already on the server, 0 kept." in capsys.readouterr().out
+    assert kept.exists() and env.on_server("ct", uids) is None
+    same = env.tmp / "same.dcm"  # the server gets an identical copy: nothing needs sending any more
+    same.write_bytes(kept.read_bytes())
+    open_dataset(str(env.dataset)).open_store("ct").store_files([same])
+    assert env.run("--dry-run") == EXIT_DONE
+    assert "0 would be sent, 1 already on the server, 0 kept." in capsys.readouterr().out
+    assert kept.exists()  # a dry run deletes nothing
+    assert env.run() == EXIT_DONE and not kept.exists()
+    assert env.run("--dry-run") == EXIT_DONE and "Nothing to retry" in capsys.readouterr().out
+
+
+def test_retry_help_gives_the_dry_run_exit_codes(capsys):
+    assert run_retry(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "0 all sent (nothing left to send), 1 some remain, 2 usage error" in out
+    assert "With --dry-run: 0 nothing needs sending" in out and "3 they would all be sent (nothing was)" in out
 
 
 def test_store_option_for_files_without_a_store(env, capsys):

@@ -38,6 +38,7 @@ from dicomfuse.stores.base import Dataset, Store, StoreError
 EXIT_DONE = 0
 EXIT_REMAINING = 1
 EXIT_USAGE = 2
+EXIT_WOULD_SEND = 3  # --dry-run only: files would be sent (none would remain); nothing was
 BATCH_FILES = 50
 LOCK_NAME = ".retry.lock"
 OTHER_VERSION = "the server holds another version"
@@ -63,7 +64,10 @@ class _Usage(Exception):
 
 
 def run_retry(argv: list[str]) -> int:
-    """``dicomfuse retry -a ADDRESS [...]``: 0 all sent, 1 some remain, 2 usage error."""
+    """``dicomfuse retry -a ADDRESS [...]``: 0 all sent (nothing left to send), 1 some remain, 2
+    usage error; ``--dry-run``: 0 nothing needs sending, 3 the files would all be sent, 1 some would
+    remain. A dry run never exits 0 while files are waiting to be sent: a script must not take it
+    for a retry that sent them."""
     try:
         ns = _parse(argv)
     except _Usage as exc:
@@ -89,7 +93,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         description="Send the failed uploads kept in the cache folder again. A file is deleted once the "
                     "server confirmed it; a file the server already holds identically counts as sent; a "
                     "different version on the server is never overwritten. "
-                    "Exit code: 0 all sent, 1 some remain, 2 usage error.",
+                    "Exit code: 0 all sent (nothing left to send), 1 some remain, 2 usage error. "
+                    "With --dry-run: 0 nothing needs sending (none, or all already on the server), "
+                    "3 they would all be sent (nothing was), 1 some would remain.",
     )
     parser.add_argument("-a", "--datasetAddr", metavar="ADDRESS", required=True,
                         help="The dataset to send them to (as for the mount).")
@@ -307,7 +313,9 @@ class _Sender:
         print(f"{c['stored']} {verb}, {c['already']} already on the server, {c['kept']} kept.")
         if c["kept"] and not self.dry_run:
             print("Kept files stay in the cache folder; 'dicomfuse status' lists them.")
-        return EXIT_REMAINING if c["kept"] else EXIT_DONE
+        if c["kept"]:
+            return EXIT_REMAINING
+        return EXIT_WOULD_SEND if self.dry_run and c["stored"] else EXIT_DONE
 
 
 def _newest_per_instance(items: list[Failed]) -> tuple[list[Failed], list[Failed]]:
