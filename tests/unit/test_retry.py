@@ -261,3 +261,33 @@ def test_a_second_kept_version_identical_to_the_one_sent_is_done(env, capsys):
     out = capsys.readouterr().out
     assert "1 stored, 1 already on the server, 0 kept." in out
     assert not first.exists() and not second.exists()
+
+
+@pytest.mark.parametrize("written,given", [("v1beta1", "v1"), ("v1", "v1beta1")])
+def test_a_healthcare_dataset_is_the_same_under_v1_and_v1beta1(env, capsys, written, given):
+    """The README accepts v1beta1 URLs for the same dataset: a write-back record queued under one
+    spelling (verbatim, as earlier versions wrote it) is sent by a retry given the other."""
+    from tests.fakes.healthcare import HealthcareStandIn
+
+    with HealthcareStandIn() as standin:
+        standin.create_dataset("ds")
+        standin.create_store("ds", "ct")
+        key = standin.write_key_file(env.tmp / "key.json")
+        key.chmod(0o600)
+        src, uids = env.dicom()
+        q = WriteBackQueue(queue_dir(env.cache), refuse, settle=0.0, dataset=standin.create_dataset("ds", written))
+        q.start()
+        item = q.submit("ct", uids, src)
+        assert q.wait_idle(5)
+        q.stop()
+        record = queue_dir(env.cache) / "failed" / f"{item.id}.json"
+        data = json.loads(record.read_text())
+        data["dataset"] = standin.create_dataset("ds", written)
+        record.write_text(json.dumps(data))
+        rc = run_retry(["-a", standin.create_dataset("ds", given), "--keyFile", str(key),
+                        "--cacheDir", str(env.cache)])
+        out = capsys.readouterr().out
+        assert rc == EXIT_DONE, out
+        assert "another dataset" not in out and "1 stored, 0 already on the server, 0 kept." in out
+        assert any(True for _ in standin.store_view("ds", "ct").instances(uids.study_uid, uids.series_uid,
+                                                                          uids.sop_uid))

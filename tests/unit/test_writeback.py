@@ -1096,3 +1096,52 @@ def test_the_dataset_label_is_the_same_however_the_address_is_written() -> None:
     assert dataset_label("http://H:8042/dicom-web/") == dataset_label("http://h:8042/dicom-web")
     assert dataset_label("http://user:pw@h/dicom-web") == "http://h/dicom-web"
     assert dataset_label("/data/ds/") == dataset_label("/data/ds")
+
+
+HC = "https://healthcare.googleapis.com/{}/projects/p/locations/l/datasets/d"
+
+
+def test_v1beta1_and_v1_spellings_of_a_healthcare_dataset_are_one_dataset() -> None:
+    from dicomfuse.core.writeback import dataset_label, same_dataset
+
+    assert dataset_label(HC.format("v1beta1")) == dataset_label(HC.format("v1")) == HC.format("v1")
+    assert dataset_label(HC.format("v1beta1").replace("healthcare", "HEALTHCARE") + "/") == HC.format("v1")
+    # the same path on another host (a private endpoint) is a Healthcare dataset too
+    private = "http://10.0.0.1:8080/{}/projects/p/locations/l/datasets/d"
+    assert dataset_label(private.format("v1beta1")) == private.format("v1")
+    # other paths are not touched
+    assert dataset_label("https://pacs/v1beta1/dicom-web") == "https://pacs/v1beta1/dicom-web"
+    assert dataset_label(HC.format("v1beta1") + "/dicomStores/s") == HC.format("v1beta1") + "/dicomStores/s"
+    # a record written with either spelling, before or after this label existed, is recognised
+    assert same_dataset(HC.format("v1beta1"), HC.format("v1")) and same_dataset(HC.format("v1"), HC.format("v1beta1"))
+    assert same_dataset(None, None) and not same_dataset(None, HC.format("v1"))
+    assert not same_dataset(HC.format("v1").replace("/d", "/e"), HC.format("v1"))
+
+
+@pytest.mark.parametrize("written,mounted", [("v1beta1", "v1"), ("v1", "v1beta1")])
+def test_records_of_either_spelling_are_adopted(queues, qdir, files, written, mounted):
+    """Records written before the label was normalised hold the address as it was typed: they
+    belong to the dataset whichever version the next mount is given."""
+    q = make_queue(queues, qdir, FakeSender(), dataset=HC.format(mounted))
+    item = q.submit("ct", *files.make())
+    q.stop(drain=False)
+    record = qdir / f"{item.id}.json"
+    data = json.loads(record.read_text())
+    data["dataset"] = HC.format(written)  # as an earlier version wrote it, verbatim
+    record.write_text(json.dumps(data))
+    again = make_queue(queues, qdir, FakeSender(), dataset=HC.format(mounted))
+    assert [i.id for i in again.recover()] == [item.id]
+
+
+def test_the_warning_about_another_datasets_uploads_says_either_mode(queues, qdir, files, caplog):
+    """A sync-mode mount sends what an earlier write-back run left (Vfs._open_queue): the warning
+    must not say write-back mode is needed."""
+    q = make_queue(queues, qdir, FakeSender(), dataset="A")
+    q.submit("ct", *files.make())
+    q.stop(drain=False)
+    q_b = make_queue(queues, qdir, FakeSender(), dataset="B")
+    with caplog.at_level(logging.WARNING, logger="dicomfuse.core.writeback"):
+        assert q_b.recover() == []
+    text = caplog.text
+    assert "belong to another dataset" in text and "in either upload mode" in text
+    assert "in write-back mode" not in text

@@ -31,7 +31,15 @@ from dicomfuse.core.uploads import (
     write_json_atomic,
     write_sidecar,
 )
-from dicomfuse.core.writeback import DATA_SUFFIX, FAILED_DIR, RECORD_SUFFIX, dataset_label, queue_dir, read_record
+from dicomfuse.core.writeback import (
+    DATA_SUFFIX,
+    FAILED_DIR,
+    RECORD_SUFFIX,
+    dataset_label,
+    queue_dir,
+    read_record,
+    same_dataset,
+)
 from dicomfuse.dicomfile import DicomUids, check_upload
 from dicomfuse.stores.base import Dataset, Store, StoreError
 
@@ -221,7 +229,7 @@ class _Sender:
         if store is None:
             self._kept(item, "no store known for this file: give --store NAME")
             return None
-        if item.writeback and item.dataset and self.label and item.dataset.rstrip("/") != self.label.rstrip("/"):
+        if item.writeback and item.dataset and self.label and not same_dataset(item.dataset, self.label):
             self._kept(item, f"it was written to another dataset ({item.dataset})")
             return None
         if store not in self.stores:

@@ -26,6 +26,7 @@ from dicomfuse.core.writeback import (
     DATA_SUFFIX,
     FAILED_DIR,
     QueuedUpload,
+    dataset_label,
     queue_dir,
     read_record,
     read_status,
@@ -172,7 +173,7 @@ def _pending_lines(pending: list[QueuedUpload], snapshot: dict[str, Any] | None,
              f"oldest queued {_age(now - oldest)} ago"]
     per_store: dict[tuple[str | None, str], list[QueuedUpload]] = defaultdict(list)
     for item in pending:
-        per_store[(item.dataset, item.store)].append(item)
+        per_store[(dataset_label(item.dataset), item.store)].append(item)  # one dataset however spelt
     for (dataset, store), items in sorted(per_store.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         where = f"store {store}" + (f" of {dataset}" if dataset else "")
         lines.append(f"  {where}: {_count(len(items), 'upload')}, {_bytes(sum(i.size for i in items))}")
@@ -198,7 +199,8 @@ def _liveness(snapshot: dict[str, Any] | None, now: float) -> str:
     age = max(0.0, now - updated)
     if age > 3 * heartbeat + STALE_GRACE:
         return (f"  The mount (pid {pid}) has not reported for {_age(age)}; it may be stuck. If it is "
-                "gone, the uploads are sent when the dataset is mounted again in write-back mode.")
+                "gone, the uploads are sent when the dataset is mounted again with the same --cacheDir "
+                "(in either upload mode).")
     in_flight = int(snapshot.get("in_flight") or 0)
     return (f"  A running mount (pid {pid}) is sending them: {in_flight} being sent now; "
             f"status updated {_age(age)} ago.")

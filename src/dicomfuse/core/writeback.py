@@ -68,6 +68,9 @@ RECORD_SUFFIX = ".json"
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _TMP_SUFFIX = ".tmp"
 _UNKNOWN = "unknown"
+# A Cloud Healthcare dataset's path, under either API version (stores/open.py accepts both: the
+# same dataset, so the same label).
+_HEALTHCARE_PATH_RE = re.compile(r"/(?:v1|v1beta1)(/projects/[^/]+/locations/[^/]+/datasets/[^/]+)")
 
 GroupKey = tuple[str, str]  # (store, StudyInstanceUID)
 
@@ -118,16 +121,29 @@ class QueueBusy(Exception):
 
 
 def dataset_label(address: str | None) -> str | None:
-    """A dataset address as stored in records: credentials in a URL are dropped."""
+    """A dataset address as stored in records: credentials in a URL are dropped, and the same
+    dataset however it is written gets the same label (no trailing slash, host in lower case, a
+    Cloud Healthcare dataset under ``v1`` whether given as ``v1`` or ``v1beta1``). Records are
+    compared by the label of what they hold (:func:`same_dataset`), so a record written before a
+    spelling was normalised here is still recognised."""
     if address is None:
         return None
     parts = urlsplit(address.strip())
     if parts.scheme and "@" in parts.netloc:
         parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
     if parts.scheme in ("http", "https"):
-        # The same dataset however it is written: no trailing slash, host in lower case.
-        return urlunsplit(parts._replace(netloc=parts.netloc.lower(), path=parts.path.rstrip("/")))
+        path = parts.path.rstrip("/")
+        healthcare = _HEALTHCARE_PATH_RE.fullmatch(path)
+        if healthcare is not None and not parts.query:
+            path = "/v1" + healthcare.group(1)
+        return urlunsplit(parts._replace(netloc=parts.netloc.lower(), path=path))
     return address.strip().rstrip("/") or address
+
+
+def same_dataset(recorded: str | None, label: str | None) -> bool:
+    """Whether a record's ``dataset`` (as written, by this or an earlier version) names the
+    dataset labelled ``label``."""
+    return dataset_label(recorded) == dataset_label(label)
 
 
 def _record(item: QueuedUpload, **extra: Any) -> dict[str, Any]:
@@ -405,7 +421,7 @@ class WriteBackQueue:
                 log.info("Removed the write-back record %s: its bytes are not in the queue", item_id)
                 _unlink(record)
                 continue
-            if item.dataset != self.dataset:
+            if not same_dataset(item.dataset, self.dataset):
                 other += 1
                 continue
             try:
@@ -429,7 +445,8 @@ class WriteBackQueue:
                 self._keep_unreadable(stem, self.directory / name, "its queue record was lost")
         if other:
             log.warning("%d write-back upload(s) in %s belong to another dataset; they are kept and sent "
-                        "when that dataset is mounted in write-back mode", other, self.directory)
+                        "when that dataset is mounted with this cache folder (in either upload mode)", other,
+                        self.directory)
         kept: list[QueuedUpload] = []
         superseded: list[QueuedUpload] = []
         now = self._clock()
@@ -518,8 +535,8 @@ class WriteBackQueue:
         with self._cond:
             left = len(self._where) + len(self._in_flight)
         if left:
-            log.info("%d write-back upload(s) stay queued in %s; the next mount in write-back mode sends them",
-                     left, self.directory)
+            log.info("%d write-back upload(s) stay queued in %s; the next mount of this dataset with this cache "
+                     "folder sends them (in either upload mode)", left, self.directory)
         self._drop_free_records()  # also when a sender is still busy: the process may exit first
         if alive:
             log.warning("The write-back queue stopped with %d upload batch(es) still being sent; "
