@@ -12,7 +12,6 @@ shared root, to read what the mount puts there) is refused with :class:`FolderEr
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -92,8 +91,8 @@ def _check_own_dir(path: Path, *, windows: bool) -> None:
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+    except OSError:
+        if os.path.islink(path) or not os.path.isdir(path):
             raise FolderError(f"{path} was replaced while it was being checked; try again") from None
         raise
     try:
