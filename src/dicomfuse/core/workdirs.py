@@ -82,7 +82,7 @@ def _check_own_dir(path: Path, *, windows: bool) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise FolderError(f"{path} is not a folder (remove it, or use another cache folder)")
     if windows:
-        return  # no owner or mode bits: the folder's ACL (inherited from the user's profile) decides
+        return  # no owner or mode bits to check or set: the folder's ACL decides, as it always did
     if st.st_uid != os.geteuid():
         raise FolderError(f"{path} belongs to another user (uid {st.st_uid}), who could read what is kept "
                           "there; remove it, or use another cache folder")
