@@ -303,3 +303,38 @@ def test_a_good_google_application_credentials_file_is_loaded(tmp_path, monkeypa
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
     assert load_credentials().service_account_email == "dicomfuse-test@test-project.iam.gserviceaccount.com"
+
+
+
+class _RecordingCredentials:
+    """Credentials whose refresh notes the TLS trust of the session it is given."""
+
+    def __init__(self, seen: list[object]) -> None:
+        self.seen = seen
+        self.token: str | None = None
+        self.expiry: datetime.datetime | None = None
+
+    def refresh(self, request) -> None:  # type: ignore[no-untyped-def]
+        self.seen.append(request.session.verify)
+        self.token = "tok"
+        self.expiry = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) + datetime.timedelta(hours=1)
+
+
+def test_the_token_service_is_trusted_through_the_ca_bundle_as_the_api_is(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Behind a TLS-inspecting proxy with a private CA, --caBundle must reach the token request
+    too: the API was trusted through it, the token service was not, and nothing mounted."""
+    import dicomfuse.stores.auth as auth
+    from dicomfuse.stores.open import open_dataset
+
+    seen: list[object] = []
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    monkeypatch.setattr(auth, "load_credentials", lambda key_file: _RecordingCredentials(seen))
+    dataset = open_dataset("https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d",
+                           ca_bundle=bundle)
+    try:
+        dataset.client.session.auth.tokens.token()  # type: ignore[attr-defined]
+    finally:
+        dataset.close()
+    TokenSource(_RecordingCredentials(seen)).token()
+    assert seen == [str(bundle), True]

@@ -211,8 +211,11 @@ class TokenSource:
     ``credentials.refresh(Request())`` unless a test gives another)."""
 
     def __init__(self, credentials: Any, *, refresh: Callable[[], None] | None = None,
-                 now: Callable[[], datetime.datetime] = _utcnow, timeout: Timeout = DEFAULT_TIMEOUT) -> None:
+                 now: Callable[[], datetime.datetime] = _utcnow, timeout: Timeout = DEFAULT_TIMEOUT,
+                 ca_bundle: str | os.PathLike[str] | None = None) -> None:
         self.credentials = credentials
+        self.ca_bundle = ca_bundle
+        """PEM file of the CAs to trust for the token service (``--caBundle``), as for the API."""
         self.timeout = timeout
         """Bounds every request to the token service as ``--httpTimeout`` bounds the others."""
         self._refresh_call = refresh or self._default_refresh
@@ -227,7 +230,10 @@ class TokenSource:
 
     def _default_refresh(self) -> None:
         if self._token_request is None:
-            self._token_request = _bounded_request_class()(requests.Session(), self.timeout)
+            session = requests.Session()
+            if self.ca_bundle is not None:
+                session.verify = str(self.ca_bundle)
+            self._token_request = _bounded_request_class()(session, self.timeout)
         self._token_request.last_status = None
         self.credentials.refresh(self._token_request)
 

@@ -147,7 +147,10 @@ def _healthcare_dataset(
     from dicomfuse.stores.healthcare import HealthcareDataset
 
     credentials = load_credentials(key_file)
-    tokens = TokenSource(credentials) if timeout is None else TokenSource(credentials, timeout=timeout)
+    # The token service is reached through the same TLS trust: behind an inspecting proxy with
+    # a private CA, it is intercepted like the API.
+    tokens = (TokenSource(credentials, ca_bundle=ca_bundle) if timeout is None
+              else TokenSource(credentials, timeout=timeout, ca_bundle=ca_bundle))
     dataset_url = (
         f"{address.api_root}/{address.version}/projects/{address.project}"
         f"/locations/{address.location}/datasets/{address.dataset}"
