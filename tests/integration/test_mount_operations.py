@@ -456,6 +456,32 @@ def test_an_instance_restored_over_a_name_another_was_copied_to_leaves_the_other
     assert backend.server_bytes(a) == a.path.read_bytes()
 
 
+def test_times_kept_by_cp_p_rsync_and_touch_make_a_second_rsync_send_nothing(
+        backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path):
+    """Every file showed the mount's start time and touch changed nothing: rsync -a sent every
+    file again on each run, and cp -u / rsync -u compared against the wrong time."""
+    src = tmp_path / "src"
+    src.mkdir()
+    insts = [dicom.instance(name=f"img{i}.dcm") for i in range(3)]
+    for n, inst in enumerate(insts):
+        shutil.copy(inst.path, src / inst.path.name)
+        os.utime(src / inst.path.name, (1_500_000_000 + n, 1_500_000_000 + n))
+    m = mount_factory(backend)
+    series = backend.series_path(m, insts[0])
+    r = run("cp", "-p", src / insts[0].path.name, f"{m.path / backend.store_name}/")
+    assert r.returncode == 0, r.stderr
+    assert os.stat(backend.instance_path(m, insts[0])).st_mtime == 1_500_000_000
+    r = run("rsync", "-a", f"{src}/", f"{series}/")
+    assert r.returncode == 0, r.stderr
+    assert [os.stat(backend.instance_path(m, i)).st_mtime for i in insts] == [1_500_000_000 + n for n in range(3)]
+    r = run("rsync", "-a", "--stats", f"{src}/", f"{series}/")
+    assert r.returncode == 0, r.stderr
+    assert "Number of regular files transferred: 0" in r.stdout, r.stdout
+    assert run("touch", "-m", "-d", "@1600000000", backend.instance_path(m, insts[1])).returncode == 0
+    assert run("touch", "-a", backend.instance_path(m, insts[1])).returncode == 0
+    assert os.stat(backend.instance_path(m, insts[1])).st_mtime == 1_600_000_000
+
+
 def test_sigterm_unmounts_and_wipes_cache(backend: Backend, mount_factory, dicom: DicomFactory):
     inst = dicom.instance()
     backend.seed([inst])

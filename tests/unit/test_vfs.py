@@ -1362,3 +1362,39 @@ def test_a_writer_handle_closed_while_a_stat_runs_gives_its_last_size(dataset, t
     vfs.release(fh)
     assert handle.size == inst.path.stat().st_size
     vfs.shutdown()
+
+
+def test_times_given_to_files_are_shown_while_mounted(dataset, tmp_path, dicom: DicomFactory):
+    """cp -p and rsync -a set the source's time on what they wrote (rsync on its temporary
+    name, then renames it): the instance shows it, so the next rsync -a sees it unchanged.
+    A file copied in without one shows when it was copied; the others, the mount's start."""
+    vfs = make_vfs(dataset, tmp_path)
+    stored, stored_path = on_server(dataset, dicom)
+    assert vfs.getattr(stored_path).mtime == vfs.mounted_at
+    a, b, c = dicom.instance(), dicom.instance(), dicom.instance()
+
+    def name(inst) -> str:  # type: ignore[no-untyped-def]
+        return f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+
+    fh = vfs.create("/store/a.dcm").fh  # cp -p: the time is set on the open file, before close
+    vfs.write(fh, a.path.read_bytes(), 0)
+    vfs.set_times("/store/a.dcm", 1_000_000_000.0)
+    vfs.flush(fh)
+    vfs.release(fh)
+    assert vfs.getattr(name(a)).mtime == 1_000_000_000.0
+    assert vfs.getattr("/store/a.dcm").mtime == 1_000_000_000.0
+    upload(vfs, f"{stored_path.rsplit('/', 1)[0]}/.b.dcm.Xy12", b.path.read_bytes())  # rsync's temporary name
+    vfs.set_times(f"{stored_path.rsplit('/', 1)[0]}/.b.dcm.Xy12", 1_100_000_000.0)
+    vfs.rename(f"{stored_path.rsplit('/', 1)[0]}/.b.dcm.Xy12", f"{stored_path.rsplit('/', 1)[0]}/b.dcm")
+    assert vfs.getattr(name(b)).mtime == 1_100_000_000.0
+    before = time.time()
+    upload(vfs, "/store/c.dcm", c.path.read_bytes())
+    assert vfs.getattr(name(c)).mtime >= before
+    vfs.set_times(stored_path, 1_200_000_000.0)  # touch -d
+    vfs.set_times(stored_path, None)  # touch -a: the modification time is left alone
+    listed = dict(vfs.readdir(stored_path.rsplit("/", 1)[0]))
+    assert listed[stored_path.rsplit("/", 1)[1]].mtime == 1_200_000_000.0
+    vfs.unlink(stored_path)
+    upload(vfs, "/store/again.dcm", stored.path.read_bytes())
+    assert vfs.getattr(stored_path).mtime >= before  # copied in anew: not the removed file's time
+    vfs.shutdown()

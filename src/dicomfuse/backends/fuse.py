@@ -15,6 +15,7 @@ import os
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -31,6 +32,9 @@ from dicomfuse.core.errors import FsError
 from dicomfuse.core.vfs import Attr, OpenResult, Vfs
 
 log = logging.getLogger(__name__)
+
+_UTIME_NOW = (1 << 30) - 1  # tv_nsec values of utimensat (tv_sec 0), as nanoseconds
+_UTIME_OMIT = (1 << 30) - 2
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -190,7 +194,15 @@ class FuseOperations(mfusepy.Operations):
 
     @translate
     def utimens(self, path: str, times: Any = None) -> int:
-        self.vfs.setattr_noop(path)
+        # libfuse passes utimensat's UTIME_NOW / UTIME_OMIT as tv_sec 0 and those tv_nsec values.
+        mtime_ns = None if times is None else times[1]
+        if mtime_ns is None or mtime_ns == _UTIME_NOW:
+            mtime: float | None = time.time()
+        elif mtime_ns == _UTIME_OMIT:
+            mtime = None
+        else:
+            mtime = mtime_ns / 1e9
+        self.vfs.set_times(path, mtime)
         return 0
 
     @translate

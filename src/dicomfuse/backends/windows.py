@@ -183,6 +183,11 @@ def filetime(seconds: float) -> int:
     return EPOCH_AS_FILETIME + int(seconds * 10_000_000)
 
 
+def seconds(filetime_value: int) -> float:
+    """The inverse of :func:`filetime`: seconds since 1970 of a FILETIME."""
+    return (filetime_value - EPOCH_AS_FILETIME) / 10_000_000
+
+
 def file_info(attr: Attr, name: str = "") -> dict[str, int]:
     """The dict winfspy's ``ll_get_file_info`` and ``read_directory`` read (operations.py:
     file_attributes, allocation_size, file_size, creation_time, last_access_time,

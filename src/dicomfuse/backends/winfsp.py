@@ -283,8 +283,10 @@ class WinFspOperations(BaseFileSystemOperations):
     def set_basic_info(self, file_context: OpenFile, file_attributes: int, creation_time: int,
                        last_access_time: int, last_write_time: int, change_time: int,
                        file_info: Any) -> dict[str, Any]:
-        """Attributes and times: accepted, no effect (so copies that keep times succeed)."""
-        self.vfs.setattr_noop(file_context.path)
+        """Attributes: accepted, no effect. The last-write time (0: unchanged) is what the file
+        shows from now on while mounted, so copies that keep times keep them here too."""
+        changed = 0 < last_write_time < 1 << 63  # 0: unchanged (and -1: "stop updating it")
+        self.vfs.set_times(file_context.path, windows.seconds(last_write_time) if changed else None)
         return windows.file_info(self._attr(file_context), _name(file_context.path))
 
     # -- folders, delete, rename -------------------------------------------------------------

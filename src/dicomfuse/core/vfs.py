@@ -200,6 +200,10 @@ class Vfs:
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._xattrs: dict[DicomPath, dict[str, bytes]] = {}
+        # Modification times (seconds) of files written or given a time (cp -p, rsync -a, touch)
+        # through this mount, by path: kept in memory while mounted, like extended attributes.
+        # The rest show the mount's start.
+        self._times: dict[DicomPath, float] = {}
         self._walking: dict[str, _Walk] = {}  # store -> its walk in progress
         self._side_names = 0
         # (store, SOP Instance UID) -> when this mount saw the server confirm it stored it: a
@@ -299,11 +303,11 @@ class Vfs:
         handle = self._handle(fh, required=False) if fh is not None else None
         if isinstance(handle, ReadHandle):
             if handle.entry is not None and handle.entry.complete:
-                return self._file_attr(handle.entry.written)
+                return self._file_attr(handle.entry.written, handle.path)
             if path is None and handle.expected_size is not None:
-                return self._file_attr(handle.expected_size)
+                return self._file_attr(handle.expected_size, handle.path)
         if isinstance(handle, WriteHandle):
-            return self._file_attr(handle.size)
+            return self._file_attr(handle.size, handle.path)
         if isinstance(handle, LocalHandle) and path is None:
             return self._file_attr(os.fstat(handle.fd).st_size)
         if path is None:
@@ -320,7 +324,7 @@ class Vfs:
         size = self._size_of(p, entry)
         if size is None and p not in self._too_large and self.stat_probes.should_fetch(caller, p):
             size = self._fetch_size(p)
-        return self._file_attr(size)
+        return self._file_attr(size, p)
 
     def _size_of(self, p: DicomPath, entry: Entry) -> int | None:
         """The size to show: that of the cached copy when there is one (reads come from it; the
@@ -346,16 +350,16 @@ class Vfs:
             if entry.is_dir:
                 out[name] = folder_attr
             else:
-                out[name] = self._file_attr(self._size_of(p.child(name), entry))
+                out[name] = self._file_attr(self._size_of(p.child(name), entry), p.child(name))
         with self._lock:
             if self._local:
                 for lp, node in self._local.items():
                     if lp.parent == p:
-                        out[lp.name] = self._local_node_attr(node)
+                        out[lp.name] = self._local_node_attr(node, lp)
             if self._pending and p.level == Level.SERIES:
                 for wp, wh in self._pending.items():
                     if wp.parent == p:
-                        out.setdefault(wp.name, self._file_attr(wh.size))
+                        out.setdefault(wp.name, self._file_attr(wh.size, wp))
         return sorted(out.items())
 
     def statfs(self) -> dict[str, int]:
@@ -443,6 +447,7 @@ class Vfs:
             if node is not None and not node.is_dir:
                 del self._local[p]
                 self._xattrs.pop(p, None)
+                self._times.pop(p, None)
                 if node.path is not None:
                     Spool.discard(node.path)
                 return
@@ -506,6 +511,7 @@ class Vfs:
             for name in [name for name, alias in self._aliases.items()
                          if name.store == p.store and alias.ident.sop_uid == uid]:
                 del self._aliases[name]  # other names written for it (cp B over A.dcm) go too
+            self._times.pop(p, None)
 
     def create(self, path: str) -> OpenResult:
         p = DicomPath.parse(path)
@@ -777,6 +783,17 @@ class Vfs:
 
     # -- attributes that change nothing ----------------------------------------------------
 
+    def set_times(self, path: str, mtime: float | None) -> None:
+        """utimens, touch, cp -p, rsync -a: the file shows ``mtime`` (seconds) from now on, while
+        mounted (None: unchanged). Nothing reaches the server; a folder's time stays as it is."""
+        attr = self.getattr(path)
+        if mtime is None or attr.is_dir:
+            return
+        p = DicomPath.parse(path)
+        with self._lock:
+            alias = self._aliases.get(p)
+            self._times[self._alias_target(p, alias) if alias is not None else p] = mtime
+
     def setattr_noop(self, path: str) -> None:
         """chmod, chown, utimens: accepted without effect so ``cp -a``/``rsync -a`` succeed."""
         self.getattr(path)
@@ -823,14 +840,16 @@ class Vfs:
     # ======================================================================================
     # internals: resolution
 
-    def _file_attr(self, size: int | None) -> Attr:
-        return Attr(False, size or 0, self.mounted_at, size_known=size is not None)
+    def _file_attr(self, size: int | None, p: DicomPath | None = None) -> Attr:
+        mtime = self._times.get(p, self.mounted_at) if p is not None else self.mounted_at
+        return Attr(False, size or 0, mtime, size_known=size is not None)
 
-    def _local_node_attr(self, node: LocalNode) -> Attr:
+    def _local_node_attr(self, node: LocalNode, p: DicomPath) -> Attr:
+        mtime = self._times.get(p, node.mtime)
         if node.is_dir:
-            return Attr(True, mtime=node.mtime)
+            return Attr(True, mtime=mtime)
         size = node.path.stat().st_size if node.path is not None else 0
-        return Attr(False, size, node.mtime)
+        return Attr(False, size, mtime)
 
     def _local_attr(self, p: DicomPath) -> Attr | None:
         with self._lock:
@@ -838,11 +857,11 @@ class Vfs:
             alias = self._aliases.get(p)
             pending = self._pending.get(p)
         if node is not None:
-            return self._local_node_attr(node)
+            return self._local_node_attr(node, p)
         if pending is not None:
-            return self._file_attr(pending.size)
+            return self._file_attr(pending.size, p)
         if alias is not None:
-            return self._file_attr(alias.size)
+            return self._file_attr(alias.size, self._alias_target(p, alias))
         return None
 
     def _exists(self, p: DicomPath) -> bool:
@@ -1615,6 +1634,8 @@ class Vfs:
                 self._aliases[written] = Alias(ident, size, time.monotonic())
             else:
                 self._aliases.pop(written, None)  # the name stood for another instance: its own again
+            given = self._times.pop(written, None)  # cp -p / rsync set it on the file they wrote
+            self._times[target] = given if given is not None else time.time()
 
     def _keep_listed(self, target: DicomPath, size: int | None) -> None:
         """Instance ``target`` and its study and series folders are listed whatever the server's
@@ -1706,6 +1727,7 @@ class Vfs:
             self._require_dir(pn.parent)
             with self._lock:
                 self._local[pn] = self._local.pop(po)
+                self._move_time(po, pn)
             return
         if pn.parent != po.parent:
             raise FsError(errno.EPERM, f"rename: {po} to another folder")
@@ -1714,14 +1736,26 @@ class Vfs:
         assert node.path is not None
         fd = portable.open_fd(node.path, os.O_RDWR)
         handle = WriteHandle(pn, node.path, fd, overwrites=self._instance_named(pn), dirty=True)
+        with self._lock:
+            self._move_time(po, pn)  # rsync sets the time on its temporary file
         try:
             ident = self._send(handle)
+        except BaseException:
+            with self._lock:
+                self._move_time(pn, po)
+            raise
         finally:
             self._close_fd(fd)
         with self._lock:
             self._local.pop(po, None)
         if not handle.queued:  # write-back: the queue has the bytes, and the cache a link to them
             self.cache.adopt((pn.store, ident.study_uid, ident.series_uid, ident.sop_uid), node.path)
+
+    def _move_time(self, old: DicomPath, new: DicomPath) -> None:
+        """Caller holds _lock. A time given to ``old`` goes with its file to ``new``."""
+        given = self._times.pop(old, None)
+        if given is not None:
+            self._times[new] = given
 
     def _instance_named(self, p: DicomPath) -> DicomUids | None:
         """The instance the name ``p`` stands for now, if any (a rename over it replaces it)."""
