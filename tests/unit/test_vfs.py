@@ -1265,7 +1265,8 @@ def test_rm_of_a_name_a_file_was_copied_in_as_deletes_its_instance(dataset, tmp_
 def test_rm_of_an_instance_just_copied_in_under_another_name_is_refused(dataset, tmp_path, dicom: DicomFactory):
     """rsync -a --delete-after of files named IM0000.dcm...: the names it wrote are never listed,
     so it removes every <UID>.dcm it sees as extraneous: the instances it just copied in. Such
-    an rm is EBUSY; rm of the name written deletes the instance."""
+    an rm is EBUSY. rm of the name written undoes the copy: it stored nothing new (the instance
+    was there), so the name goes and the instance stays; then the instance can be removed."""
     inst, path = on_server(dataset, dicom)
     vfs = make_vfs(dataset, tmp_path)
     series = path.rsplit("/", 1)[0]
@@ -1273,6 +1274,9 @@ def test_rm_of_an_instance_just_copied_in_under_another_name_is_refused(dataset,
     assert errno_of(vfs.unlink, path) == errno.EBUSY
     assert vfs.getattr(path).size == inst.path.stat().st_size
     vfs.unlink(f"{series}/IM0000.dcm")
+    assert errno_of(vfs.getattr, f"{series}/IM0000.dcm") == errno.ENOENT
+    assert vfs.getattr(path).size == inst.path.stat().st_size
+    vfs.unlink(path)
     assert errno_of(vfs.getattr, path) == errno.ENOENT
     vfs.shutdown()
 
@@ -1398,3 +1402,99 @@ def test_times_given_to_files_are_shown_while_mounted(dataset, tmp_path, dicom: 
     upload(vfs, "/store/again.dcm", stored.path.read_bytes())
     assert vfs.getattr(stored_path).mtime >= before  # copied in anew: not the removed file's time
     vfs.shutdown()
+
+
+def _same_uids_other_bytes(inst, tmp_path: Path, pixel_bytes: int = 9000) -> bytes:  # type: ignore[no-untyped-def]
+    from dicomfuse.samples import write_instance
+
+    path = tmp_path / f"other-{inst.sop_uid}.dcm"
+    write_instance(path, inst.study_uid, inst.series_uid, inst.sop_uid, pixel_bytes=pixel_bytes)
+    return path.read_bytes()
+
+
+def test_write_back_a_name_given_back_is_not_deleted_by_the_copy_it_replaced(dataset, tmp_path,
+                                                                            dicom: DicomFactory):
+    """cp B.dcm A.dcm, then A back over A.dcm, both still queued: when B was confirmed, A was
+    deleted as "replaced by B", though it had been written again since."""
+    a, b = dicom.series(2)
+    store = dataset.open_store("store")
+    store.store_files([a.path])
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    assert vfs.writeback is not None
+    vfs.writeback.settle = vfs.writeback.max_settle = 60.0  # both wait for the drain
+    name_a = f"/store/{a.study_uid}/{a.series_uid}/{a.sop_uid}.dcm"
+    write_over(vfs, name_a, b.path.read_bytes())
+    write_over(vfs, name_a, a.path.read_bytes())
+    vfs.shutdown()
+    assert {i.sop_uid for i in store.instances(a.study_uid, a.series_uid)} == {a.sop_uid, b.sop_uid}
+
+
+def test_write_back_a_removed_copy_over_a_name_replaces_nothing_later(dataset, tmp_path, dicom: DicomFactory):
+    """cp B.dcm A.dcm then rm A.dcm (B dropped from the queue); a later, unrelated copy of B
+    deleted A when it was confirmed."""
+    a, b = dicom.series(2)
+    store = dataset.open_store("store")
+    store.store_files([a.path])
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    assert vfs.writeback is not None
+    vfs.writeback.settle = vfs.writeback.max_settle = 60.0
+    name_a = f"/store/{a.study_uid}/{a.series_uid}/{a.sop_uid}.dcm"
+    write_over(vfs, name_a, b.path.read_bytes())
+    vfs.unlink(name_a)
+    upload(vfs, "/store/b.dcm", b.path.read_bytes())
+    vfs.shutdown()
+    assert b.sop_uid in {i.sop_uid for i in store.instances(a.study_uid, a.series_uid)}
+    assert a.sop_uid in {i.sop_uid for i in store.instances(a.study_uid, a.series_uid)}
+
+
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+def test_rm_of_a_name_whose_copy_stored_nothing_new_leaves_the_instance(dataset, tmp_path, dicom: DicomFactory,
+                                                                         mode):
+    """cp series/X.dcm store/keep.dcm; rm store/keep.dcm deleted X. So did rsync removing its
+    temporary name after an identical re-send was interrupted, or after a refused rename."""
+    inst, path = on_server(dataset, dicom)
+    vfs = make_vfs(dataset, tmp_path, upload_mode=mode)
+    assert read(vfs, path) == inst.path.read_bytes()
+    upload(vfs, "/store/keep.dcm", inst.path.read_bytes())
+    if vfs.writeback is not None:
+        assert vfs.writeback.wait_idle(10)
+    vfs.unlink("/store/keep.dcm")
+    assert errno_of(vfs.getattr, "/store/keep.dcm") == errno.ENOENT
+    assert vfs.getattr(path).size == inst.path.stat().st_size
+    vfs.shutdown()
+    assert (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").exists()
+
+
+def test_a_name_copied_in_shows_its_instance_as_it_is_now(dataset, tmp_path, dicom: DicomFactory):
+    """cp X store/scan.dcm, then X overwritten (bigger) through its own name: scan.dcm kept the
+    old size, and reads through it were cut at it with no error. Gone on the server: ENOENT."""
+    inst = dicom.instance()
+    vfs = make_vfs(dataset, tmp_path)
+    upload(vfs, "/store/scan.dcm", inst.path.read_bytes())
+    path = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    bigger = _same_uids_other_bytes(inst, tmp_path, pixel_bytes=inst.path.stat().st_size * 3)
+    write_over(vfs, path, bigger)
+    assert vfs.getattr("/store/scan.dcm").size == len(bigger)
+    assert read(vfs, "/store/scan.dcm") == bigger
+    dataset.open_store("store").delete_instance(inst.study_uid, inst.series_uid, inst.sop_uid)  # another client
+    vfs.cache.evict(("store", inst.study_uid, inst.series_uid, inst.sop_uid))
+    vfs.listings = type(vfs.listings)(0.0, keep=vfs.listings.keep)  # its listings have expired
+    assert errno_of(vfs.getattr, "/store/scan.dcm") == errno.ENOENT
+    vfs.shutdown()
+
+
+def test_write_back_with_deletion_disabled_compares_with_the_server_not_only_the_cache(
+        dataset, tmp_path, dicom: DicomFactory):
+    """The same bytes copied over an instance never read are accepted (they were EPERM); other
+    bytes of it under any name are EPERM at close (a new name was accepted, then refused later)."""
+    inst, path = on_server(dataset, dicom)
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback", deletion_enabled=False)
+    write_over(vfs, path, inst.path.read_bytes())  # not read before: nothing cached
+    changed = _same_uids_other_bytes(inst, tmp_path)
+    assert errno_of(lambda: upload(vfs, "/store/changed.dcm", changed)) == errno.EPERM
+    assert errno_of(lambda: upload(vfs, f"{path.rsplit('/', 1)[0]}/IM0001.dcm", changed)) == errno.EPERM
+    assert vfs.writeback is not None and vfs.writeback.wait_idle(10)
+    assert vfs.writeback.failed() == []
+    vfs.shutdown()
+    assert (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").read_bytes() == \
+        inst.path.read_bytes()

@@ -114,6 +114,10 @@ class Alias:
     ident: DicomUids
     size: int
     at: float
+    # The copy stored a new instance (not one the server held already): rm of this name deletes
+    # it; otherwise rm only forgets the name (rsync cleaning up its temporary name after an
+    # identical re-send must not delete what was there before).
+    created: bool = True
 
 
 @dataclass
@@ -457,9 +461,19 @@ class Vfs:
             self._drop_unsent(pending)  # e.g. a copy cancelled by deleting the file it was writing
             if pending.overwrites is None:
                 return  # a new file: nothing on the server
+        if alias is not None and not alias.created:
+            # The copy stored nothing new (the server held the instance already): rm undoes the
+            # copy, the name goes and the instance stays.
+            with self._lock:
+                if self._aliases.get(p) is alias:
+                    del self._aliases[p]
+                self._times.pop(p, None)
+            log.info("Removed the name %s; %s was on the server before it was copied in, and stays",
+                     p, self._alias_target(p, alias))
+            return
         if alias is not None:
-            # A name a file was copied in as (cp x.dcm store/): it stands for that instance, and
-            # rm of it deletes the instance, as rm of the instance's own name does.
+            # A name a file was copied in as (cp x.dcm store/) that stored a new instance: rm of
+            # it deletes the instance, as rm of the instance's own name does.
             target = self._alias_target(p, alias)
             self.policy.check(Op.UNLINK, Level.INSTANCE, str(p))
             with self._upload_slot(p.store, alias.ident.sop_uid):
@@ -473,8 +487,10 @@ class Vfs:
         uid = instance_uid(p.name)
         assert uid is not None  # _resolve only finds instances under their UID names
         with self._lock:
+            recent = time.monotonic() - _ALIAS_GUARD
             named = sorted(n.name for n, a in self._aliases.items()
-                           if n.parent == p.parent and a.ident.sop_uid == uid and instance_uid(n.name) is None)
+                           if n.parent == p.parent and a.ident.sop_uid == uid and instance_uid(n.name) is None
+                           and a.at > recent)
         if named:
             # A mirroring tool (rsync --delete-after) copied files in under their own names, which
             # are never listed, then removes every listed name it did not copy: the very instances.
@@ -512,6 +528,7 @@ class Vfs:
                          if name.store == p.store and alias.ident.sop_uid == uid]:
                 del self._aliases[name]  # other names written for it (cp B over A.dcm) go too
             self._times.pop(p, None)
+            self._replaces.pop((p.store, uid), None)  # its queued copy was dropped: it replaces nothing
 
     def create(self, path: str) -> OpenResult:
         p = DicomPath.parse(path)
@@ -861,7 +878,16 @@ class Vfs:
         if pending is not None:
             return self._file_attr(pending.size, p)
         if alias is not None:
-            return self._file_attr(alias.size, self._alias_target(p, alias))
+            # What the instance is now (overwritten since, or removed by another client), not what
+            # was copied: a size kept with the name would cut a larger instance's reads short.
+            try:
+                return self.getattr(str(self._alias_target(p, alias)))
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                with self._lock:
+                    if self._aliases.get(p) is alias:
+                        del self._aliases[p]
         return None
 
     def _exists(self, p: DicomPath) -> bool:
@@ -1304,7 +1330,8 @@ class Vfs:
         # a server like Orthanc keeps the first and says "stored" to the second. One at a time,
         # the second is an overwrite of the first.
         with self._upload_slot(store_name, ident.sop_uid):
-            if self._instance_exists(store, ident):
+            existed = self._instance_exists(store, ident)
+            if existed:
                 self._replace(store, target, ident, h.spool_path, h.path)
             else:
                 try:
@@ -1313,12 +1340,13 @@ class Vfs:
                     # The server holds these UIDs already though its search index did not show
                     # them (Google's lags behind writes): this upload is an overwrite after all.
                     log.info("Upload %s: %s is on the server already; overwriting it", h.path, target)
+                    existed = True
                     self._replace(store, target, ident, h.spool_path, h.path)
             if replaced is not None:
                 # Another instance written over this one's name (whether or not the server held
                 # the one written already): the name now holds it, the old instance goes.
                 self._delete_replaced(store_name, replaced)
-            self._note_uploaded(h.path, target, ident, size)
+            self._note_uploaded(h.path, target, ident, size, created=not existed)
             self._note_stored_here(store_name, ident.sop_uid)
         log.info("Uploaded %s as %s", h.path, target)
         return ident
@@ -1375,9 +1403,29 @@ class Vfs:
         if replaced is not None:
             raise FsError(errno.EPERM, f"upload {h.path}: instance {ident.sop_uid} written over the name of "
                           f"instance {replaced.sop_uid} would delete that one; deletion is disabled", logging.ERROR)
-        if (self.config.upload_mode == "writeback" and h.overwrites is not None
-                and h.overwrites.sop_uid == ident.sop_uid and not self._same_as_cached(ident, h.path.store, h.fd)):
-            raise FsError(errno.EPERM, f"overwrite of {h.path} refused: deletion is disabled", logging.ERROR)
+        if self.config.upload_mode == "writeback" and self._differs_from_stored(h, ident):
+            raise FsError(errno.EPERM, f"upload {h.path}: overwriting instance {ident.sop_uid} with other bytes "
+                          "is refused: deletion is disabled", logging.ERROR)
+
+    def _differs_from_stored(self, h: WriteHandle, ident: DicomUids) -> bool:
+        """Whether the server holds this instance with other bytes than ``h`` (a fresh cached
+        copy answers without asking it again)."""
+        store = self._store(h.path.store)
+        if not self._instance_exists(store, ident) or self._same_as_cached(ident, h.path.store, h.fd):
+            return False
+        path, fd = self.spool.new_file(BACKUP_SUFFIX)
+        try:
+            with open(fd, "wb", closefd=False) as sink:
+                self._remote(f"read instance {ident.sop_uid} to compare", store.retrieve,
+                             ident.study_uid, ident.series_uid, ident.sop_uid, sink)
+            return not _same_content(fd, h.fd)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return False  # listed, but gone meanwhile
+            raise
+        finally:
+            self._close_fd(fd)
+            Spool.discard(path)
 
     def _same_as_cached(self, ident: DicomUids, store: str, fd: int) -> bool:
         """Whether the fresh cached copy of the instance holds the bytes of ``fd``."""
@@ -1401,9 +1449,17 @@ class Vfs:
         target = DicomPath((h.path.store, ident.study_uid, ident.series_uid, instance_name(ident.sop_uid)))
         self._store(h.path.store)  # an unknown store fails the copy now, not in the background
         replacing = replaced is not None
-        if replacing:
-            with self._lock:  # before it is queued: its upload may be confirmed at once
+        existed = self._known_locally(target)
+        with self._lock:  # before it is queued: its upload may be confirmed at once
+            if replacing:
                 self._replaces[(h.path.store, ident.sop_uid)] = replaced  # type: ignore[assignment]
+            else:
+                self._replaces.pop((h.path.store, ident.sop_uid), None)  # an older copy's, no longer meant
+            # This instance is written again: an earlier copy of another one over its name no
+            # longer replaces it (cp B.dcm A.dcm, then A back over A.dcm).
+            for key in [k for k, old in self._replaces.items()
+                        if k[0] == h.path.store and old.sop_uid == ident.sop_uid]:
+                del self._replaces[key]
         with self._upload_slot(h.path.store, ident.sop_uid):  # not in the middle of an rm of it
             try:
                 item = self.writeback.submit(h.path.store, ident, h.spool_path, durable=durable)
@@ -1417,7 +1473,7 @@ class Vfs:
                 self.cache.adopt(self._key(target), item.path, link=True)  # the queued bytes, no copy
             except OSError as exc:
                 log.debug("cannot link the queued %s into the cache: %s", target, exc.strerror or exc)
-            self._note_uploaded(h.path, target, ident, size, evict=False)
+            self._note_uploaded(h.path, target, ident, size, evict=False, created=not existed)
         log.info("Queued %s for upload as %s", h.path, target)
         return ident
 
@@ -1619,8 +1675,13 @@ class Vfs:
         self.listings.note_removed(path.parent, path.name)
         self.cache.evict(self._key(path))
 
+    def _known_locally(self, target: DicomPath) -> bool:
+        """Whether this mount knows instance ``target`` is on the server, without asking it."""
+        return (isinstance(self.listings.lookup(target.parent, target.name), Entry)
+                or self.cache.known_size(self._key(target)) is not None)
+
     def _note_uploaded(self, written: DicomPath, target: DicomPath, ident: DicomUids, size: int,
-                       *, evict: bool = True) -> None:
+                       *, evict: bool = True, created: bool = True) -> None:
         if self.writeback is not None:  # written again after an rm: it stays, whatever was sent before
             self.writeback.mark_removed(target.store, ident.sop_uid, False)
         self._keep_listed(target, size)
@@ -1631,7 +1692,7 @@ class Vfs:
         self.notify_changed(str(target))
         with self._lock:
             if written != target:
-                self._aliases[written] = Alias(ident, size, time.monotonic())
+                self._aliases[written] = Alias(ident, size, time.monotonic(), created)
             else:
                 self._aliases.pop(written, None)  # the name stood for another instance: its own again
             given = self._times.pop(written, None)  # cp -p / rsync set it on the file they wrote
@@ -1818,6 +1879,10 @@ STORE_EMPTY_WAIT = 15.0
 deletions (Google: "a few seconds")."""
 
 _STORED_HERE_MAX = 100_000
+_ALIAS_GUARD = 600.0
+"""Seconds an instance's own name is refused to rm (EBUSY) after a file was copied into its folder
+under another name that stands for it: a mirroring tool's --delete-after pass comes right after its
+copies; later, rm is the user's."""
 """Instances remembered as stored by this mount (each ~200 bytes), newest kept."""
 
 
