@@ -1498,3 +1498,21 @@ def test_write_back_with_deletion_disabled_compares_with_the_server_not_only_the
     vfs.shutdown()
     assert (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").read_bytes() == \
         inst.path.read_bytes()
+
+
+def test_the_alias_table_keeps_each_instances_names_in_step():
+    from dicomfuse.core.paths import DicomPath
+    from dicomfuse.core.vfs import Alias, _AliasTable
+    from dicomfuse.dicomfile import DicomUids
+
+    table = _AliasTable()
+    a, b = DicomUids("1.1", "1.2", "1.3"), DicomUids("1.1", "1.2", "1.4")
+    x, y = DicomPath.parse("/s/x.dcm"), DicomPath.parse("/s/y.dcm")
+    table[x] = Alias(a, 1, 0.0)
+    table[y] = Alias(a, 1, 0.0)
+    assert table.names_of("s", "1.3") == [x, y]
+    table[x] = Alias(b, 1, 0.0)  # the name now stands for another instance
+    assert table.names_of("s", "1.3") == [y] and table.names_of("s", "1.4") == [x]
+    del table[y]
+    assert table.pop(x, None) is not None and table.pop(x, None) is None
+    assert table.names_of("s", "1.3") == [] and table.names_of("s", "1.4") == [] and not table._names

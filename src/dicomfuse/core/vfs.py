@@ -120,6 +120,37 @@ class Alias:
     created: bool = True
 
 
+class _AliasTable(dict[DicomPath, Alias]):
+    """Names written -> the instance each stands for, and the names of each instance: rm of an
+    instance finds its names without going through every name (an rsync of thousands of files
+    named otherwise leaves thousands). Use the dict operations below only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._names: dict[tuple[str, str], set[DicomPath]] = {}
+
+    def __setitem__(self, name: DicomPath, alias: Alias) -> None:
+        self.pop(name, None)
+        super().__setitem__(name, alias)
+        self._names.setdefault((name.store, alias.ident.sop_uid), set()).add(name)
+
+    def __delitem__(self, name: DicomPath) -> None:
+        self.pop(name)
+
+    def pop(self, name: DicomPath, *default: Alias | None) -> Alias | None:  # type: ignore[override]
+        alias = super().pop(name, *default)
+        if alias is not None:
+            names = self._names.get((name.store, alias.ident.sop_uid))
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del self._names[(name.store, alias.ident.sop_uid)]
+        return alias
+
+    def names_of(self, store: str, sop_uid: str) -> list[DicomPath]:
+        return sorted(self._names.get((store, sop_uid), ()), key=str)
+
+
 @dataclass
 class ReadHandle:
     """An instance opened for reading. Its download starts at the first read, not at open:
@@ -199,7 +230,7 @@ class Vfs:
         # Protected by _lock:
         self._stores: dict[str, Store] = {}
         self._local: dict[DicomPath, LocalNode] = {}
-        self._aliases: dict[DicomPath, Alias] = {}
+        self._aliases = _AliasTable()
         self._pending: dict[DicomPath, WriteHandle] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -488,9 +519,8 @@ class Vfs:
         assert uid is not None  # _resolve only finds instances under their UID names
         with self._lock:
             recent = time.monotonic() - _ALIAS_GUARD
-            named = sorted(n.name for n, a in self._aliases.items()
-                           if n.parent == p.parent and a.ident.sop_uid == uid and instance_uid(n.name) is None
-                           and a.at > recent)
+            named = [n.name for n in self._aliases.names_of(p.store, uid)
+                     if n.parent == p.parent and instance_uid(n.name) is None and self._aliases[n].at > recent]
         if named:
             # A mirroring tool (rsync --delete-after) copied files in under their own names, which
             # are never listed, then removes every listed name it did not copy: the very instances.
@@ -524,8 +554,7 @@ class Vfs:
         self.cache.evict(self._key(p))
         with self._lock:
             self._stored_here.pop(removed, None)
-            for name in [name for name, alias in self._aliases.items()
-                         if name.store == p.store and alias.ident.sop_uid == uid]:
+            for name in self._aliases.names_of(p.store, uid):
                 del self._aliases[name]  # other names written for it (cp B over A.dcm) go too
             self._times.pop(p, None)
             self._replaces.pop((p.store, uid), None)  # its queued copy was dropped: it replaces nothing
@@ -1415,9 +1444,7 @@ class Vfs:
             return False
         path, fd = self.spool.new_file(BACKUP_SUFFIX)
         try:
-            with open(fd, "wb", closefd=False) as sink:
-                self._remote(f"read instance {ident.sop_uid} to compare", store.retrieve,
-                             ident.study_uid, ident.series_uid, ident.sop_uid, sink)
+            self._read_stored(store, ident, fd, f"read instance {ident.sop_uid} to compare")
             return not _same_content(fd, h.fd)
         except FsError as exc:
             if exc.errno == errno.ENOENT:
@@ -1426,6 +1453,12 @@ class Vfs:
         finally:
             self._close_fd(fd)
             Spool.discard(path)
+
+    def _read_stored(self, store: Store, ident: DicomUids, fd: int, doing: str) -> None:
+        """The server's bytes of the instance into the empty spool file ``fd`` (FsError ENOENT
+        when it is gone)."""
+        with open(fd, "wb", closefd=False) as sink:
+            self._remote(doing, store.retrieve, ident.study_uid, ident.series_uid, ident.sop_uid, sink)
 
     def _same_as_cached(self, ident: DicomUids, store: str, fd: int) -> bool:
         """Whether the fresh cached copy of the instance holds the bytes of ``fd``."""
@@ -1621,9 +1654,7 @@ class Vfs:
             try:
                 # From the server, never the cache: in write-back mode the cache already holds the
                 # queued new bytes, and a backup made of them would make the overwrite a no-op.
-                with open(backup_fd, "wb", closefd=False) as sink:
-                    self._remote(f"read {target} before overwriting it", store.retrieve,
-                                 ident.study_uid, ident.series_uid, ident.sop_uid, sink)
+                self._read_stored(store, ident, backup_fd, f"read {target} before overwriting it")
             except FsError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
