@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import signal
@@ -105,6 +106,14 @@ def test_unknown_sizes_read_completely_and_show_after_first_read(orthanc_norest:
     with tarfile.open(tmp_path / "y.tar") as tar:
         for name in names:
             assert tar.extractfile(f"./{name}").read() == want[name]  # type: ignore[union-attr]
+    # Programs that map a file (numpy.memmap, Java's MappedByteBuffer) map it shared, read-only.
+    # This process scans the folder first, as a file manager does: the file to map has size 0.
+    m4 = mount_factory(backend)
+    series4 = backend.series_path(m4, insts[0])
+    assert [os.stat(series4 / name).st_size for name in names][1:] == [0, 0, 0]
+    with open(series4 / names[3], "rb") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            assert mapped[:] == want[names[3]]
 
 
 def test_an_instance_of_unknown_size_too_large_for_the_cache_stats_and_reads_efbig(orthanc_norest: Backend,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import sys
@@ -1516,3 +1517,27 @@ def test_the_alias_table_keeps_each_instances_names_in_step():
     del table[y]
     assert table.pop(x, None) is not None and table.pop(x, None) is None
     assert table.names_of("s", "1.3") == [] and table.names_of("s", "1.4") == [] and not table._names
+
+
+@pytest.mark.parametrize("told", [True, False])
+def test_an_instance_listed_without_size_bypasses_the_page_cache_only_if_the_os_keeps_size_0(
+        dataset, tmp_path, dicom: DicomFactory, monkeypatch, told: bool):
+    """A server that lists no sizes: the OS took size 0 from a stat. The open learns the true
+    size; once the OS is told, its page cache serves the reads (and programs can map the file:
+    mmap of a direct_io file fails with ENODEV). Only if it cannot be told must reads bypass it,
+    or they would stop at 0."""
+    inst, path = on_server(dataset, dicom)
+    store_class = type(dataset.open_store("store"))
+    listed = store_class.instances
+    monkeypatch.setattr(store_class, "instances", lambda self, *args: iter(
+        [dataclasses.replace(info, size=None) for info in listed(self, *args)]))
+    vfs = make_vfs(dataset, tmp_path)
+    told_paths: list[str] = []
+    vfs.notify_changed = lambda p: told_paths.append(p) is None and told
+    assert vfs.readdir(os.path.dirname(path))  # listed without a size
+    opened = vfs.open(path, os.O_RDONLY)
+    assert path in told_paths
+    assert opened.direct_io is not told
+    assert vfs.read(opened.fh, 1 << 20, 0) == inst.path.read_bytes()
+    vfs.release(opened.fh)
+    vfs.shutdown()

@@ -99,19 +99,22 @@ class FuseOperations(mfusepy.Operations):
         try:
             self._fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
             mfusepy._libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            mfusepy._libfuse.fuse_invalidate_path.restype = ctypes.c_int
         except (AttributeError, ValueError):
             self._fuse = None
         self.vfs.start()
         self.initialized = True
 
-    def _invalidate(self, path: str) -> None:
+    def _invalidate(self, path: str) -> bool:
         """Tell the kernel to drop the cached attributes and pages of ``path`` (its size was learnt,
-        or it was written anew); nothing to do if the kernel has never looked it up."""
+        or it was written anew); nothing to do if the kernel has never looked it up. True when
+        the kernel was told."""
         if self._fuse:
             try:
-                mfusepy._libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape"))
+                return mfusepy._libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape")) == 0
             except Exception:  # noqa: BLE001 - best effort: attributes also expire by timeout
                 log.debug("fuse_invalidate_path failed for %s", path, exc_info=True)
+        return False
 
     # -- attributes --------------------------------------------------------------------------
 

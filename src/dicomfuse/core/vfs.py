@@ -225,7 +225,7 @@ class Vfs:
         self.stat_probes = StatProbePolicy()
         self.mounted_at = time.time()
         # Called with a mount path whose attributes changed behind the OS's back (size learnt).
-        self.notify_changed: Callable[[str], None] = lambda path: None
+        self.notify_changed: Callable[[str], bool] = lambda path: False
         self._lock = threading.Lock()
         # Protected by _lock:
         self._stores: dict[str, Store] = {}
@@ -1124,13 +1124,17 @@ class Vfs:
                 self._close_fd(handle.fd)
                 self.cache.release(cached)
                 raise from_store_error(exc, f"read {p}") from None
-            self._learnt_size(p, size)
+            # Told the true size, the OS reads through its page cache (and a program can map the
+            # file); if it could not be told, it would stop at size 0 unless reads bypass that.
+            unsized = not self._learnt_size(p, size)
+        else:
+            unsized = False
         # The OS keeps its pages of the file only if they came from the cached copy a program
         # reads now: a copy fetched again (expired, changed on the server or by another mount,
         # at the same size) must not be served from pages of the old one, in whole or in part.
         fresh = self.cache.fresh(self._key(p))
         keep = size_before is not None and fresh is not None and fresh.served
-        return OpenResult(self._add_handle(handle), direct_io=size_before is None, keep_cache=keep, no_flush=True)
+        return OpenResult(self._add_handle(handle), direct_io=unsized, keep_cache=keep, no_flush=True)
 
     def _size_changed(self, handle: ReadHandle, size: int) -> None:
         """The instance downloaded for ``handle`` is not the size it was listed with: it changed
@@ -1148,15 +1152,15 @@ class Vfs:
                     "just now may be incomplete; copy it again", handle.path, listed, size)
         self._learnt_size(handle.path, size, in_read=True)
 
-    def _learnt_size(self, p: DicomPath, size: int, *, in_read: bool = False) -> None:
+    def _learnt_size(self, p: DicomPath, size: int, *, in_read: bool = False) -> bool:
         """Listings show ``size`` for instance ``p`` from now on, and the OS is told to forget
-        the size it holds. ``in_read``: called while the OS holds the pages being read, which
-        its invalidation would wait for: told from another thread."""
+        the size it holds; True when it was told. ``in_read``: called while the OS holds the
+        pages being read, which its invalidation would wait for: told from another thread."""
         self.listings.update_size(p.parent, p.name, size)
         if in_read:
             threading.Thread(target=self.notify_changed, args=(str(p),), daemon=True).start()
-        else:
-            self.notify_changed(str(p))
+            return False
+        return bool(self.notify_changed(str(p)))
 
     def _start_reading(self, handle: ReadHandle) -> CachedInstance:
         """The first read of ``handle``: pin its cache entry (downloading it if needed) and
