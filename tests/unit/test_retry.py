@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +186,35 @@ def test_store_option_for_files_without_a_store(env, capsys):
     assert env.run("--store", "mr") == EXIT_DONE
     assert env.on_server("mr", uids) is not None and env.on_server("mr", uids2) is not None
     assert not kept.exists() and not legacy.exists()
+
+
+def stopped_mount_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_uploads_a_stopped_sync_mount_left_unconfirmed_are_sent(env, capsys):
+    """kill -9 of a sync mount during a copy leaves the file in spool/*.part; retry takes it
+    (its store is not known: --store), not only the next mount. A running mount's own file in
+    progress is left alone."""
+    src, uids = env.dicom()
+    pid = stopped_mount_pid()
+    left = env.cache / "spool" / f"{pid}-{int(time.time())}-0.part"
+    left.write_bytes(src.read_bytes())
+    (env.cache / "spool" / f"{pid}-{int(time.time())}-1.part").write_bytes(b"")  # opened, never written
+    live = env.cache / "spool" / f"{os.getppid()}-{int(time.time())}-0.part"
+    live.write_bytes(b"in progress")
+    assert env.run("--dry-run", "--store", "ct") == EXIT_WOULD_SEND
+    assert left.exists() and env.on_server("ct", uids) is None
+    assert env.run() == EXIT_REMAINING  # no store known: kept, now in spool/failed with its note
+    assert "kept: no store known for this file: give --store NAME" in capsys.readouterr().out
+    text = status_report(env.cache)[0]
+    assert not left.exists() and f"{uids.sop_uid}.dcm" in text and "Unconfirmed uploads" not in text
+    assert env.run("--store", "ct") == EXIT_DONE
+    assert env.on_server("ct", uids) == src.read_bytes()
+    assert live.read_bytes() == b"in progress"
+    assert [p.name for p in (env.cache / "spool" / "failed").iterdir()] == []
 
 
 def test_usage_errors(env, capsys):

@@ -176,8 +176,9 @@ def test_uploads_left_unconfirmed_by_a_sync_mount_that_stopped(cache, capsys):
     text, code = status_report(cache)
     assert code == EXIT_FAILED
     assert "Unconfirmed uploads left by a mount that stopped: 1." in text
+    assert "'dicomfuse retry -a ADDRESS --store NAME' sends them" in text
     assert f"moves them to {spool_dir / 'failed'}" in text
-    assert f"  {orphan}  2.9 KiB  (not confirmed uploaded; the next mount moves it to failed/)\n" in text
+    assert f"  {orphan}  2.9 KiB  (not confirmed uploaded; dicomfuse retry sends it)\n" in text
     assert str(live) not in text and str(own) not in text and ".previous" not in text
     assert "Failed uploads: none." in text and "nothing waiting" in text
     assert run_status(["--cacheDir", str(cache)]) == EXIT_FAILED

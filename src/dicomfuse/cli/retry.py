@@ -1,7 +1,9 @@
 """``dicomfuse retry``: send the failed uploads kept in the cache folder again.
 
-Sources: ``spool/failed`` (synchronous uploads; the sidecar ``<file>.json`` names the store) and
-the write-back queue's ``failed/`` folder (records name the store and UIDs). Each file is checked
+Sources: ``spool/failed`` (synchronous uploads; the sidecar ``<file>.json`` names the store), the
+spool files a synchronous mount that stopped (crash, kill) left unconfirmed (moved to
+``spool/failed`` first, as the next mount would; their store is not known: ``--store``) and the
+write-back queue's ``failed/`` folder (records name the store and UIDs). Each file is checked
 (complete Part-10 DICOM), compared with what the server already holds under its SOP Instance UID
 (identical bytes: done; other bytes: never overwritten), then sent per store. A file is deleted
 only once the server confirmed it; a refused one stays with the new reason in its sidecar or
@@ -24,8 +26,10 @@ from typing import BinaryIO
 from dicomfuse.core import portable
 from dicomfuse.core.uploads import (
     FailedInfo,
+    Spool,
     files_in,
     is_sidecar,
+    orphan_files,
     read_sidecar,
     sidecar_path,
     write_json_atomic,
@@ -65,6 +69,7 @@ class Failed:
     writeback: bool
     dataset: str | None = None
     uids: DicomUids | None = None
+    orphan: bool = False  # a spool file a stopped mount left; moved to spool/failed before it is sent
 
 
 class _Usage(Exception):
@@ -158,6 +163,12 @@ def _retry(root: Path, ns: argparse.Namespace) -> int:
             if lock_fd < 0:
                 print("dicomfuse retry: another 'dicomfuse retry' is running on this cache folder", file=sys.stderr)
                 return EXIT_REMAINING
+            if any(item.orphan for item in items):
+                # As the next mount would: kept in spool/failed with a note, so that a file that
+                # stays (no --store, refused) is listed and retried like any failed upload.
+                (root / "spool" / "failed").mkdir(mode=0o700, exist_ok=True)
+                Spool(root / "spool", root / "spool" / "failed").rescue_orphans()
+                items = gather(root)
         sender = _Sender(dataset, stores, ns.store, dataset_label(ns.datasetAddr), ns.dry_run, root / "spool")
         sender.run(items)
     finally:
@@ -170,6 +181,13 @@ def _retry(root: Path, ns: argparse.Namespace) -> int:
 def gather(root: Path) -> list[Failed]:
     """The failed uploads kept under a cache root (reads only; creates nothing)."""
     items: list[Failed] = []
+    for path in orphan_files(root / "spool"):
+        try:
+            empty = path.stat().st_size == 0  # opened and never written: nothing to send
+        except OSError:
+            continue  # a mount starting now took it
+        if not empty:
+            items.append(Failed(path, path.name, None, None, writeback=False, orphan=True))
     sync = root / "spool" / "failed"
     for path in files_in(sync):
         if is_sidecar(path):

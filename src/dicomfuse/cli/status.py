@@ -38,7 +38,7 @@ EXIT_FAILED = 1
 EXIT_PENDING = 3
 SYNC_FAILED_DIR = ("spool", "failed")
 SPOOL_DIR = "spool"
-ORPHAN_NOTE = "not confirmed uploaded; the next mount moves it to failed/"
+ORPHAN_NOTE = "not confirmed uploaded; dicomfuse retry sends it"
 HELP_EXIT_CODES = ("Exit code: 0 nothing pending or failed; 1 some uploads failed or were left unconfirmed by a "
                    "mount that stopped; 3 uploads pending (none failed).")
 STALE_GRACE = 5.0  # seconds beyond three missed heartbeats before a mount counts as gone
@@ -219,8 +219,8 @@ def _failed_lines(failed: list[FailedFile]) -> list[str]:
 
 def _orphan_lines(orphans: list[FailedFile], failed_dir: Path) -> list[str]:
     lines = [f"Unconfirmed uploads left by a mount that stopped: {len(orphans)}. The server may not have "
-             f"them; the next mount of any dataset with this --cacheDir moves them to {failed_dir}, where "
-             "'dicomfuse retry -a ADDRESS --store NAME' sends them. Keep your copies until then."]
+             "them; 'dicomfuse retry -a ADDRESS --store NAME' sends them (the next mount of any dataset with "
+             f"this --cacheDir moves them to {failed_dir} for it). Keep your copies until then."]
     for f in orphans:
         lines.append(f"  {f.path}  {_bytes(f.size)}  ({f.reason})")
     return lines
