@@ -213,6 +213,57 @@ def test_delete_then_second_delete_is_not_found(store: DicomwebStore, samples: l
         store.delete_instance(gone.study_uid, gone.series_uid, gone.sop_uid)
 
 
+def _orthanc_post(orthanc: OrthancServer, path: Path) -> None:
+    """Store a file through Orthanc's own API, as another client would."""
+    import requests
+
+    requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=30).raise_for_status()
+
+
+@pytest.mark.orthanc
+def test_a_series_of_several_patient_ids_is_listed_whole(orthanc: OrthancServer, store: DicomwebStore,
+                                                          tmp_path: Path) -> None:
+    """Orthanc files a series under its patient: instances of one series with different
+    PatientIDs (an ID corrected by an overwrite) are in two Orthanc series. A listing, a
+    lookup and a walk must show them all, not those of the first."""
+    study, series = make_uid("pid", 1), make_uid("pid", 1, 1)
+    paths = [write_instance(tmp_path / f"{n}.dcm", study, series, make_uid("pid", 1, 1, n), patient_id=pid)
+             for n, pid in ((1, "P1"), (2, "P1"), (3, "P2"))]
+    for path in paths:
+        _orthanc_post(orthanc, path)
+    want = {make_uid("pid", 1, 1, n): path.stat().st_size for n, path in zip((1, 2, 3), paths, strict=True)}
+    assert {i.sop_uid: i.size for i in store.instances(study, series)} == want
+    assert {i.sop_uid: i.size for i in store.walk() if i.series_uid == series} == want
+    assert list(store.series(study)) == [series]
+    for sop_uid, path in zip(want, paths, strict=True):
+        sink = io.BytesIO()
+        store.retrieve(study, series, sop_uid, sink)
+        assert sink.getvalue() == path.read_bytes()
+
+
+@pytest.mark.orthanc
+def test_an_instance_orthanc_keeps_under_two_patients_reads_as_listed_and_is_deleted_whole(
+        orthanc: OrthancServer, store: DicomwebStore, tmp_path: Path) -> None:
+    """Another client stored one SOPInstanceUID twice with different PatientIDs: Orthanc keeps
+    both. The size listed is that of the bytes read, and rm deletes both (else it comes back)."""
+    study, series, sop = make_uid("twin", 1), make_uid("twin", 1, 1), make_uid("twin", 1, 1, 1)
+    a = write_instance(tmp_path / "a.dcm", study, series, sop, patient_id="P1")
+    b = write_instance(tmp_path / "b.dcm", study, series, sop, patient_id="P2-LONGER-ID")
+    for path in (a, b):
+        _orthanc_post(orthanc, path)
+    for listing in (list(store.instances(study, series)), list(store.instances(study, series, sop)),
+                    [i for i in store.walk() if i.sop_uid == sop]):
+        [info] = listing
+        sink = io.BytesIO()
+        store.retrieve(study, series, sop, sink)
+        assert sink.getvalue() in (a.read_bytes(), b.read_bytes())
+        assert info.size == len(sink.getvalue())
+    store.delete_instance(study, series, sop)
+    assert list(store.instances(study, series)) == []
+    with pytest.raises(NotFound):
+        store.delete_instance(study, series, sop)
+
+
 @pytest.mark.orthanc
 def test_delete_with_the_wrong_series_is_not_found(store: DicomwebStore, samples: list[SampleInstance]) -> None:
     stored(store, samples[:1])

@@ -219,23 +219,35 @@ class OrthancRest:
 
     def series_instances(self, study_uid: str, series_uid: str) -> list[tuple[str, int | None, str]]:
         """(SOPInstanceUID, stored size, Orthanc ID) of every instance of a series, from the
-        index in two requests (an absent series: one, and an empty list)."""
+        index in two requests (an absent series: one, and an empty list).
+
+        Orthanc files a series under its patient too: instances of one SeriesInstanceUID with
+        different PatientIDs (a corrected ID, a merge) are in as many Orthanc series, all listed
+        here. Two Orthanc instances of one SOPInstanceUID (stored by another client with
+        different PatientIDs) are one file: the one :func:`chosen` picks, everywhere."""
         found = self.find("Series", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
-        if not found:
-            return []
-        out: list[tuple[str, int | None, str]] = []
-        for entry in self._get_json(f"/series/{quote(str(found[0]), safe='')}/instances"):
-            sop_uid = entry.get("MainDicomTags", {}).get("SOPInstanceUID") if isinstance(entry, dict) else None
-            if isinstance(sop_uid, str) and isinstance(entry.get("ID"), str):
-                size = entry.get("FileSize")
-                out.append((sop_uid, size if isinstance(size, int) else None, entry["ID"]))
-        return out
+        by_sop: dict[str, tuple[str, int | None, str]] = {}
+        for series_id in sorted(str(f) for f in found):
+            for entry in self._get_json(f"/series/{quote(series_id, safe='')}/instances"):
+                sop_uid = entry.get("MainDicomTags", {}).get("SOPInstanceUID") if isinstance(entry, dict) else None
+                if isinstance(sop_uid, str) and isinstance(entry.get("ID"), str):
+                    size = entry.get("FileSize")
+                    listed = (sop_uid, size if isinstance(size, int) else None, entry["ID"])
+                    if sop_uid not in by_sop or chosen(by_sop[sop_uid][2], listed[2]) == listed[2]:
+                        by_sop[sop_uid] = listed
+        return list(by_sop.values())
+
+    def find_instances(self, study_uid: str, series_uid: str, sop_uid: str) -> list[dict[str, Any]]:
+        """Every expanded instance resource (``ID``, ``FileSize``…) of ``sop_uid``: one, or
+        more when Orthanc keeps it under several patients."""
+        query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid}
+        return [r for r in self.find("Instance", query, expand=True) if isinstance(r, dict) and "ID" in r]
 
     def find_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> dict[str, Any] | None:
-        """The expanded instance resource (``ID``, ``FileSize``…), or None if absent."""
-        query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid}
-        found = [r for r in self.find("Instance", query, expand=True) if isinstance(r, dict) and "ID" in r]
-        return found[0] if found else None
+        """The expanded instance resource the mount shows for ``sop_uid`` (:func:`chosen`), or
+        None if absent."""
+        found = self.find_instances(study_uid, series_uid, sop_uid)
+        return min(found, key=lambda r: str(r["ID"])) if found else None
 
     def present(self, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> set[str]:
         """The subset of ``sop_uids`` in the series, from the index: one find per
@@ -257,11 +269,23 @@ class OrthancRest:
             return _json(response)
 
     def delete_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> None:
-        """Delete one instance (its DICOMweb plugin answers 405 to DELETE). NotFound if absent."""
-        found = self.find_instance(study_uid, series_uid, sop_uid)
-        if found is None:
+        """Delete an instance (its DICOMweb plugin answers 405 to DELETE), every copy Orthanc
+        keeps of it under other patients included: else the file would come back. NotFound if
+        absent."""
+        found = self.find_instances(study_uid, series_uid, sop_uid)
+        if not found:
             raise NotFound(f"instance {sop_uid} is not in series {series_uid}")
-        self.client.request("DELETE", f"{self.url}/instances/{quote(str(found['ID']), safe='')}").close()
+        for resource in found:
+            try:
+                self.client.request("DELETE", f"{self.url}/instances/{quote(str(resource['ID']), safe='')}").close()
+            except NotFound:
+                continue  # deleted meanwhile by someone else
+
+
+def chosen(a: str, b: str) -> str:
+    """Of two Orthanc IDs of one SOPInstanceUID, the one the mount lists and reads: the same
+    in every listing, lookup and walk, so that a size shown is that of the bytes read."""
+    return min(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -749,17 +773,18 @@ class DicomwebStore:
             parent = studies.get(r.get("ParentStudy"))
             if isinstance(uid, str) and parent is not None and "ID" in r:
                 series[r["ID"]] = (parent, sys.intern(uid))
-        out: list[InstanceInfo] = []
-        ids: dict[str, str] = {}
+        out: dict[tuple[str, str, str], tuple[InstanceInfo, str]] = {}
         for r in orthanc.find_all("Instance"):
             sop = r.get("MainDicomTags", {}).get("SOPInstanceUID")
             parents = series.get(r.get("ParentSeries"))
             if isinstance(sop, str) and parents is not None:
                 size = r.get("FileSize")
-                out.append(InstanceInfo(parents[0], parents[1], sop, size if isinstance(size, int) else None))
-                ids[sop] = str(r["ID"])
-        self._remember_ids(ids)
-        return out
+                key, instance_id = (parents[0], parents[1], sop), str(r["ID"])
+                if key in out and chosen(out[key][1], instance_id) != instance_id:
+                    continue  # a copy under another patient: see OrthancRest.series_instances
+                out[key] = (InstanceInfo(*key, size if isinstance(size, int) else None), instance_id)
+        self._remember_ids({key[2]: instance_id for key, (_, instance_id) in out.items()})
+        return [info for info, _ in out.values()]
 
     def _search(
         self, url: str, uid_tag: str, filters: dict[str, str], wanted: str | None, page_size: int
