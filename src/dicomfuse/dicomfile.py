@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,11 @@ from dicomfuse.tracebacks import describe
 # let them reach a log line or the terminal. Our own checks say what is wrong with a file. So do
 # its exceptions and int()'s: an error is logged by type and place (the element), never message.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+# Its reading warnings ("End of file reached before delimiter…") go to the terminal as Python
+# warnings with a line of its source, and to our log files through its logger: our own reason
+# ("truncated DICOM file…") is the one line the user needs.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +167,11 @@ def _layout_problem(ds: pydicom.Dataset, size: int, tail_of: Callable[[int], byt
     each element must start after the one before, right after it (a header is 8 or 12 bytes)
     when that one's end is known; a repeated element leaves a gap there (its other copy) or
     comes back later in the file."""
-    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
-    if transfer_syntax is not None and transfer_syntax.is_deflated:
+    if _syntax_is(ds, "is_deflated"):
         return None  # offsets refer to the inflated stream; zlib reports truncation itself
     tags = sorted(ds.keys())
     if not tags:
-        return "no data set after the file meta information (truncated?)"
+        return "no readable data set after the file meta information (truncated?)"
     ends: list[int | None] = []  # per element in tag order; None when its end is unknown
     previous_tell = -1
     for elem in _raw_items(ds, tags):
@@ -188,6 +193,21 @@ def _layout_problem(ds: pydicom.Dataset, size: int, tail_of: Callable[[int], byt
     return None
 
 
+def _syntax_is(ds: pydicom.Dataset, prop: str) -> bool | None:
+    """Whether the file's transfer syntax is deflated or encapsulated (``prop``: pydicom's
+    ``is_deflated``, ``is_encapsulated``). None when the file has none, or pydicom does not know
+    it: a newer one (JPEG XL, Deflated Image Frame Compression) or a private one. pydicom reads
+    those as explicit VR little endian, as the standard has every transfer syntax after the
+    first three; the server decides whether it takes them."""
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
+    if transfer_syntax is None:
+        return None
+    try:
+        return bool(getattr(transfer_syntax, prop))
+    except ValueError:  # "UID is not a transfer syntax"
+        return None
+
+
 def _raw_items(ds: pydicom.Dataset, tags: list[BaseTag]) -> Iterator[object]:
     return (ds.get_item(tag, keep_deferred=True) for tag in tags)
 
@@ -204,10 +224,9 @@ def _pixel_data_problem(ds: pydicom.Dataset) -> str | None:
     for images this is what tells it apart."""
     if "PixelData" not in ds:
         return _missing_pixel_data_problem(ds)
-    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
     raw = ds.get_item("PixelData", keep_deferred=True)
-    if transfer_syntax is None or transfer_syntax.is_encapsulated or raw is None:
-        return None
+    if _syntax_is(ds, "is_encapsulated") is not False or raw is None:
+        return None  # compressed, or a transfer syntax not known here: its length tells nothing
     length = raw.length if isinstance(raw, RawDataElement) else len(raw.value or b"")
     if length != _UNDEFINED_LENGTH and length < _expected_pixel_bytes(ds):
         return "pixel data is shorter than the image attributes say"

@@ -125,8 +125,7 @@ def setup_logging(log_dir: Path | None, *, console_level: int = logging.INFO) ->
         handler.setFormatter(MessageFreeFormatter(FORMAT))
         root.addHandler(handler)
     # Libraries' request traces would repeat ours; they never carry headers, but keep them quiet.
-    for noisy in ("urllib3", "pydicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # (pydicom's: see dicomfile)
     # google-auth warns about each credential source it tried; our one line says what failed.
     logging.getLogger("google.auth").setLevel(logging.ERROR)
     # mfusepy logs as "fuse": a DEBUG line with the ctypes arguments for every refused call (each
