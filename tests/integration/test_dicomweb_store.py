@@ -420,6 +420,24 @@ def dicom_json(*uids: str, tag: str = "0020000D") -> bytes:
     return json.dumps([{tag: {"vr": "UI", "Value": [uid]}} for uid in uids]).encode()
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["still-there", "gone"])
+def test_a_404_to_delete_is_gone_only_if_the_instance_is(fake: FakeDicomweb, held: bool) -> None:
+    """A server without an instance DELETE route answers 404 (dcm4chee deletes only rejected
+    studies): taken for 'already gone', rm said it deleted and nothing was; a new version
+    copied later counted as a new file, which the server ignored."""
+    def route(method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        if method == "DELETE":
+            return 404, {}, b""
+        if "/instances" in path and held:
+            return 200, {"Content-Type": "application/dicom+json"}, dicom_json("1.2.3", tag="00080018")
+        return 204, {}, b""
+
+    fake.route = route
+    store = fake_store(fake)
+    with pytest.raises(Unsupported if held else NotFound):
+        store.delete_instance("1.1", "1.2", "1.2.3")
+
+
 @pytest.mark.parametrize("page_size", [2, 3, 10])
 def test_server_that_ignores_limit_and_offset(fake: FakeDicomweb, page_size: int) -> None:
     fake.route = lambda *_: (200, {"Content-Type": "application/dicom+json"}, dicom_json("1.1", "1.2", "1.3"))

@@ -1026,7 +1026,16 @@ class DicomwebStore:
                 self._orthanc_ids.pop(sop_uid, None)
             return
         url = f"{self._series_url(study_uid, series_uid)}/instances/{_segment(sop_uid)}"
-        response = self.client.request("DELETE", url, passthrough=(405, 501))
+        try:
+            response = self.client.request("DELETE", url, passthrough=(405, 501))
+        except NotFound:
+            # 404: the instance is gone, or the server has no such route (dcm4chee deletes only
+            # rejected studies): taking the second for the first would make rm a silent no-op,
+            # and a later copy of a new version would count as new, ignored by the server.
+            if next(iter(self.instances(study_uid, series_uid, sop_uid)), None) is None:
+                raise
+            raise Unsupported(f"DELETE {safe_path(url)}: HTTP 404 while the instance is there, "
+                              "the server does not delete instances") from None
         with response:
             if response.status_code in (405, 501):
                 raise Unsupported(f"DELETE {safe_path(url)}: HTTP {response.status_code}, the server does not delete")
