@@ -574,6 +574,21 @@ def test_stow_outcomes_map_back_to_paths(
     assert all(s.path.read_bytes() in sent[0] for s in samples)  # streamed body holds each file
 
 
+@pytest.mark.parametrize(("code", "conflict"), [(0x0110, True), (0x0111, True), (0xA900, False), (0xC000, False),
+                                              (None, True)])
+def test_a_409_is_a_conflict_with_a_stored_instance_only_for_a_reason_that_can_mean_it(
+        fake: FakeDicomweb, tmp_path: Path, code: int | None, conflict: bool) -> None:
+    """Google answers 409 (FailureReason 0x0110) for an instance it holds with other bytes: the
+    mount then overwrites it. dcm4chee answers 409 whenever every file of a request failed,
+    e.g. 0xA900 for a data set that does not match its SOP class: a plain refusal (the mount
+    looked the instance up and sent it again, and logged that it was overwriting it)."""
+    [sample] = write_samples(tmp_path, studies=1, series_per_study=1, instances_per_series=1)
+    body = stow_json([], [] if code is None else [(sample.sop_uid, code)])
+    fake.route = lambda *_: (409, {"Content-Type": "application/dicom+json"}, body)
+    [outcome] = fake_store(fake).store_files([sample.path])
+    assert not outcome.stored and outcome.conflict is conflict
+
+
 ECHOED = f"Cannot store: PatientName '{PATIENT_NAME}' does not match PatientID 123"
 """A server's words quoting the instance it refused."""
 

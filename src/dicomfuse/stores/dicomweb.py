@@ -399,6 +399,12 @@ def _read_exactly(path: Path, size: int) -> Iterator[bytes]:
         raise StoreError(f"{path.name} changed size while being sent")
 
 
+CONFLICT_REASONS = (0x0110, 0x0111, 0x0119)
+"""FailureReasons a 409 may give for an instance held with other bytes: Google's processing
+failure (the only one it sends), a duplicate, a class-instance conflict. A 409 with another
+(dcm4chee's 409 when every file of a request failed: 0xA900, 0xC000…) is a plain refusal:
+looking the instance up and sending it again would only repeat it."""
+
 FAILURE_REASONS = {
     0x0110: "processing failure",
     0x0111: "duplicate SOP instance",
@@ -436,6 +442,7 @@ class StowResult:
 
     stored: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
+    codes: dict[str, int] = field(default_factory=dict)  # the FailureReason of a refused one, when given
 
     def add_failure(self, sop_uid: str | None, code: object) -> None:
         """A refused instance; its reason is the FailureReason code, in our words (the server's
@@ -448,6 +455,7 @@ class StowResult:
             reason = "refused by the server"
         else:
             reason = failure_reason_text(number)
+            self.codes[sop_uid] = number
         self.failed[sop_uid] = reason
 
 
@@ -1055,7 +1063,7 @@ def _stow_outcome(item: _StowFile, result: StowResult, refusal: str | None, conf
         series_uid=item.series_uid,
         sop_uid=item.sop_uid,
         reason=reason,
-        conflict=conflict and not stored,
+        conflict=conflict and not stored and result.codes.get(item.sop_uid, CONFLICT_REASONS[0]) in CONFLICT_REASONS,
     )
 
 
