@@ -589,6 +589,31 @@ def test_a_409_is_a_conflict_with_a_stored_instance_only_for_a_reason_that_can_m
     assert not outcome.stored and outcome.conflict is conflict
 
 
+@pytest.mark.parametrize("render", ["json", "xml"])
+def test_an_instance_stored_with_a_warning_reason_is_stored_altered(fake: FakeDicomweb, tmp_path: Path,
+                                                                      render: str) -> None:
+    """dcm4chee coerces attributes on store and says so with WarningReason 0xB000 in the
+    Referenced SOP item (202): the instance is stored, but not byte for byte as sent."""
+    coerced, plain = write_samples(tmp_path, studies=1, series_per_study=1, instances_per_series=2)
+    warning = {"00081196": {"vr": "US", "Value": [0xB000]}}
+    if render == "json":
+        body = json.dumps({"00081199": {"vr": "SQ", "Value": [
+            {"00081155": {"vr": "UI", "Value": [coerced.sop_uid]}, **warning},
+            {"00081155": {"vr": "UI", "Value": [plain.sop_uid]}}]}}).encode()
+        content_type = "application/dicom+json"
+    else:
+        item = '<Item number="{n}"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{uid}</Value>' \
+               '</DicomAttribute>{extra}</Item>'
+        extra = '<DicomAttribute tag="00081196" vr="US"><Value number="1">45056</Value></DicomAttribute>'
+        body = ('<?xml version="1.0"?><NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">'
+                '<DicomAttribute tag="00081199" vr="SQ">' + item.format(n=1, uid=coerced.sop_uid, extra=extra)
+                + item.format(n=2, uid=plain.sop_uid, extra="") + "</DicomAttribute></NativeDicomModel>").encode()
+        content_type = "application/dicom+xml"
+    fake.route = lambda *_: (202, {"Content-Type": content_type}, body)
+    outcomes = fake_store(fake).store_files([coerced.path, plain.path])
+    assert [(o.stored, o.altered) for o in outcomes] == [(True, True), (True, False)]
+
+
 ECHOED = f"Cannot store: PatientName '{PATIENT_NAME}' does not match PatientID 123"
 """A server's words quoting the instance it refused."""
 

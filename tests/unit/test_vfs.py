@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import io
 import os
 import sys
 import threading
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from dicomfuse.core.errors import ENOATTR, FsError
@@ -1541,3 +1543,49 @@ def test_an_instance_listed_without_size_bypasses_the_page_cache_only_if_the_os_
     assert vfs.read(opened.fh, 1 << 20, 0) == inst.path.read_bytes()
     vfs.release(opened.fh)
     vfs.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
+def test_an_upload_the_server_stores_altered_reads_as_the_server_keeps_it(
+        dataset, tmp_path, dicom: DicomFactory, monkeypatch, mode: str, existing: bool):
+    """A server may change an instance it stores and say so (STOW WarningReason 0xB000, as
+    dcm4chee's attribute coercion): reads must give its copy, not the bytes sent, which the
+    mount kept as the cached copy."""
+    inst, path = on_server(dataset, dicom) if existing else (dicom.instance(), None)
+    store_class = type(dataset.open_store("store"))
+    stored = store_class.store_files
+
+    def coercing(self, paths, uids=None):  # type: ignore[no-untyped-def]
+        coerced = []
+        for source in paths:
+            ds = pydicom.dcmread(source)
+            ds.InstitutionName = "CHANGED BY THE SERVER"
+            ds.save_as(tmp_path / "coerced.dcm", enforce_file_format=True)
+            coerced.append(tmp_path / "coerced.dcm")
+        return [dataclasses.replace(outcome, path=source, altered=outcome.stored)
+                for source, outcome in zip(paths, stored(self, coerced), strict=True)]
+
+    monkeypatch.setattr(store_class, "store_files", coercing)
+    vfs = make_vfs(dataset, tmp_path, upload_mode=mode)
+    target = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    if existing:
+        assert read(vfs, target) == inst.path.read_bytes()  # cached, as a copy out leaves it
+    new = inst.path.read_bytes() if not existing else _changed(inst.path, tmp_path)
+    upload(vfs, target if existing else "/store/new.dcm", new)
+    if vfs.writeback is not None:
+        assert vfs.writeback.wait_idle(10)
+    on_disk = dataset.open_store("store")
+    server_copy = io.BytesIO()
+    on_disk.retrieve(inst.study_uid, inst.series_uid, inst.sop_uid, server_copy)
+    assert b"CHANGED BY THE SERVER" in server_copy.getvalue()
+    assert read(vfs, target) == server_copy.getvalue()
+    assert vfs.getattr(target).size == len(server_copy.getvalue())
+    vfs.shutdown()
+
+
+def _changed(path: Path, tmp_path: Path) -> bytes:
+    ds = pydicom.dcmread(path)
+    ds.StudyDescription = "edited"
+    ds.save_as(tmp_path / "edited.dcm", enforce_file_format=True)
+    return (tmp_path / "edited.dcm").read_bytes()

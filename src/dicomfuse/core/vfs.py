@@ -179,6 +179,7 @@ class WriteHandle:
     overwrites: DicomUids | None = None  # the instance opened for writing, if any
     dirty: bool = False
     uploaded: DicomUids | None = None
+    altered: bool = False  # the server stored other bytes than these (a STOW WarningReason): not cached
     queued: bool = False  # handed to the write-back queue: its bytes are the queue's now
     discarded: bool = False  # its name was removed before it was sent: never sent
     new: bool = False  # created by this mount: closed empty, it stays a local placeholder
@@ -247,6 +248,7 @@ class Vfs:
         # Write-back uploads whose overwrite was refused with the previous instance still on
         # the server (it stays in its folder).
         self._previous_kept: set[str] = set()
+        self._altered: set[str] = set()  # write-back uploads the server stored altered (ids)
         # (store, SOP Instance UID) queued for write-back -> the other instance whose name it
         # was written over: deleted once the upload is confirmed (kept if the mount stops
         # first: nothing is lost).
@@ -774,13 +776,13 @@ class Vfs:
                 pass  # the queue owns the bytes; the cache shares them already
             elif empty and not handle.discarded and handle.uploaded is None and not handle.dirty:
                 self._keep_placeholder(handle)
-            elif handle.uploaded is not None and not handle.dirty:
+            elif handle.uploaded is not None and not handle.dirty and not handle.altered:
                 ident = handle.uploaded
                 self.cache.adopt((handle.path.store, ident.study_uid, ident.series_uid, ident.sop_uid),
                                  handle.spool_path)
                 Spool.discard(handle.spool_path)
             elif handle.spool_path.parent == self.spool.directory:
-                Spool.discard(handle.spool_path)  # opened for writing, never written: nothing to keep
+                Spool.discard(handle.spool_path)  # never written, or stored as the server changed it
             return
         self._close_fd(handle.fd)
 
@@ -1365,21 +1367,21 @@ class Vfs:
         with self._upload_slot(store_name, ident.sop_uid):
             existed = self._instance_exists(store, ident)
             if existed:
-                self._replace(store, target, ident, h.spool_path, h.path)
+                h.altered = self._replace(store, target, ident, h.spool_path, h.path)
             else:
                 try:
-                    self._store_file(store, h.spool_path, target, ident)
+                    h.altered = self._store_file(store, h.spool_path, target, ident)
                 except _Conflict:
                     # The server holds these UIDs already though its search index did not show
                     # them (Google's lags behind writes): this upload is an overwrite after all.
                     log.info("Upload %s: %s is on the server already; overwriting it", h.path, target)
                     existed = True
-                    self._replace(store, target, ident, h.spool_path, h.path)
+                    h.altered = self._replace(store, target, ident, h.spool_path, h.path)
             if replaced is not None:
                 # Another instance written over this one's name (whether or not the server held
                 # the one written already): the name now holds it, the old instance goes.
                 self._delete_replaced(store_name, replaced)
-            self._note_uploaded(h.path, target, ident, size, created=not existed)
+            self._note_uploaded(h.path, target, ident, size, created=not existed, altered=h.altered)
             self._note_stored_here(store_name, ident.sop_uid)
         log.info("Uploaded %s as %s", h.path, target)
         return ident
@@ -1550,6 +1552,8 @@ class Vfs:
             for item, outcome in zip(fresh, store.store_files([i.path for i in fresh], [i.uids for i in fresh]),
                                      strict=True):
                 if outcome.stored:
+                    if outcome.altered:
+                        self._stored_altered(item)
                     results.append((item, True, None))
                 elif outcome.conflict:
                     existing.append(item)
@@ -1559,7 +1563,7 @@ class Vfs:
             u = item.uids
             target = DicomPath((store_name, u.study_uid, u.series_uid, instance_name(u.sop_uid)))
             try:
-                self._replace(store, target, u, item.path, target)
+                altered = self._replace(store, target, u, item.path, target)
             except FsError as exc:
                 if exc.errno == errno.EIO:
                     raise Unavailable(exc.strerror or str(exc)) from None
@@ -1568,7 +1572,15 @@ class Vfs:
                         self._previous_kept.add(item.id)
                 results.append((item, False, exc.strerror or str(exc)))
             else:
+                if altered:
+                    self._stored_altered(item)
                 results.append((item, True, None))
+
+    def _stored_altered(self, item: QueuedUpload) -> None:
+        """The server stored ``item`` with changes of its own: when the upload ends, its cached
+        copy (the queued bytes) goes, and the listing forgets its size."""
+        with self._lock:
+            self._altered.add(item.id)
 
     @staticmethod
     def _queued_target(item: QueuedUpload) -> DicomPath:
@@ -1596,13 +1608,19 @@ class Vfs:
         with self._lock:
             previous_kept = item.id in self._previous_kept
             self._previous_kept.discard(item.id)
+            altered = item.id in self._altered
+            self._altered.discard(item.id)
             replaced = self._replaces.pop((item.store, u.sop_uid), None)
         if stored:
             if item.removed:
                 self._delete_removed(target)
             else:
                 self._note_stored_here(item.store, u.sop_uid)
-                self._keep_listed(target, item.size)  # it may have waited in the queue past the overlay
+                # it may have waited in the queue past the overlay
+                self._keep_listed(target, None if altered else item.size)
+                if altered and not (self.writeback is not None and self.writeback.has_pending(item.store, u.sop_uid)):
+                    self.cache.evict(self._key(target))  # the queued bytes, not the server's
+                    self.notify_changed(str(target))
             if replaced is not None:
                 self._delete_replaced(item.store, replaced)
             return
@@ -1639,19 +1657,23 @@ class Vfs:
         )
         return found is not None
 
-    def _store_file(self, store: Store, path: Path, target: DicomPath, ident: DicomUids) -> None:
-        """Store one checked file (``ident``: its UIDs, read when it was checked)."""
+    def _store_file(self, store: Store, path: Path, target: DicomPath, ident: DicomUids) -> bool:
+        """Store one checked file (``ident``: its UIDs, read when it was checked). True when the
+        server said it stored the instance altered (coerced): the file is not its copy."""
         outcomes = self._remote(f"upload {target}", store.store_files, [path], [ident])
         outcome = outcomes[0] if outcomes else None
         if outcome is None or not outcome.stored:
             reason = outcome.reason if outcome is not None else "no answer for the file"
             kind = _Conflict if outcome is not None and outcome.conflict else FsError
             raise kind(errno.EINVAL, f"the server refused {target}: {reason}", logging.ERROR)
+        if outcome.altered:
+            log.info("%s: the server stored it with changes of its own; reads show its copy", target)
+        return outcome.altered
 
-    def _replace(self, store: Store, target: DicomPath, ident: DicomUids, source: Path, label: DicomPath) -> None:
+    def _replace(self, store: Store, target: DicomPath, ident: DicomUids, source: Path, label: DicomPath) -> bool:
         """Overwrite an existing instance with the file ``source`` (written as ``label``):
         delete, then store; if the new bytes are refused, the old instance is stored back.
-        Identical bytes change nothing."""
+        Identical bytes change nothing. True when the server stored the new bytes altered."""
         backup_path, backup_fd = self.spool.new_file(BACKUP_SUFFIX)
         source_fd = portable.open_fd(source, os.O_RDONLY)
         try:
@@ -1663,11 +1685,10 @@ class Vfs:
                 if exc.errno != errno.ENOENT:
                     raise
                 # Listed but gone (a lagging search index, or deleted meanwhile): a new file.
-                self._store_file(store, source, target, ident)
-                return
+                return self._store_file(store, source, target, ident)
             if _same_content(backup_fd, source_fd):
                 log.info("Upload %s: identical to the stored instance, nothing to do", label)
-                return
+                return False
             if not self.config.deletion_enabled:
                 raise FsError(errno.EPERM, f"overwrite of {target} refused: deletion is disabled", logging.ERROR)
             # Deleting may empty the study on the server until the new bytes are stored: the
@@ -1677,7 +1698,7 @@ class Vfs:
                          ident.study_uid, ident.series_uid, ident.sop_uid)
             self.cache.evict(self._key(target))
             try:
-                self._store_file(store, source, target, ident)
+                return self._store_file(store, source, target, ident)
             except FsError as refused:
                 try:
                     self._store_file(store, backup_path, target, ident)
@@ -1716,10 +1737,11 @@ class Vfs:
                 or self.cache.known_size(self._key(target)) is not None)
 
     def _note_uploaded(self, written: DicomPath, target: DicomPath, ident: DicomUids, size: int,
-                       *, evict: bool = True, created: bool = True) -> None:
+                       *, evict: bool = True, created: bool = True, altered: bool = False) -> None:
+        """``altered``: the server stored other bytes (their size is not known here)."""
         if self.writeback is not None:  # written again after an rm: it stays, whatever was sent before
             self.writeback.mark_removed(target.store, ident.sop_uid, False)
-        self._keep_listed(target, size)
+        self._keep_listed(target, None if altered else size)
         if evict:
             self.cache.evict(self._key(target))
         # The OS may hold pages of the instance read before: same size and time, so it would go on

@@ -64,6 +64,9 @@ class StowOutcome:
     # Refused with HTTP 409: how Google refuses other bytes under UIDs it holds (it also uses
     # 409 for files it cannot parse, so a caller that cares checks what the server holds).
     conflict: bool = False
+    # Stored with a WarningReason (0xB000 coercion, 0xB006 elements discarded): the server keeps
+    # other bytes than those sent, so the sent file must not stand for the stored one.
+    altered: bool = False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ STUDY_UID_TAG = "0020000D"
 SERIES_UID_TAG = "0020000E"
 SOP_UID_TAG = "00080018"
 FAILURE_REASON_TAG = "00081197"
+WARNING_REASON_TAG = "00081196"  # in a Referenced SOP item: stored, but not as sent (0xB000 coercion…)
 FAILED_SOP_SEQUENCE_TAG = "00081198"
 REFERENCED_SOP_SEQUENCE_TAG = "00081199"
 REFERENCED_SOP_UID_TAG = "00081155"
@@ -443,6 +444,7 @@ class StowResult:
     stored: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
     codes: dict[str, int] = field(default_factory=dict)  # the FailureReason of a refused one, when given
+    altered: set[str] = field(default_factory=set)  # stored with a WarningReason: not byte for byte as sent
 
     def add_failure(self, sop_uid: str | None, code: object) -> None:
         """A refused instance; its reason is the FailureReason code, in our words (the server's
@@ -468,6 +470,8 @@ def parse_stow_json(document: object) -> StowResult:
         uid = _uid_of(item, REFERENCED_SOP_UID_TAG)
         if uid:
             result.stored.add(uid)
+            if _first_value(item, WARNING_REASON_TAG) is not None:
+                result.altered.add(uid)
     for item in _sequence_items(document, FAILED_SOP_SEQUENCE_TAG):
         result.add_failure(_uid_of(item, REFERENCED_SOP_UID_TAG), _first_value(item, FAILURE_REASON_TAG))
     return result
@@ -503,6 +507,8 @@ def parse_stow_xml(text: bytes) -> StowResult:
         uid = first_value(item, REFERENCED_SOP_UID_TAG)
         if uid:
             result.stored.add(uid)
+            if first_value(item, WARNING_REASON_TAG) is not None:
+                result.altered.add(uid)
     for item in items(FAILED_SOP_SEQUENCE_TAG):
         result.add_failure(first_value(item, REFERENCED_SOP_UID_TAG), first_value(item, FAILURE_REASON_TAG))
     return result
@@ -1064,6 +1070,7 @@ def _stow_outcome(item: _StowFile, result: StowResult, refusal: str | None, conf
         sop_uid=item.sop_uid,
         reason=reason,
         conflict=conflict and not stored and result.codes.get(item.sop_uid, CONFLICT_REASONS[0]) in CONFLICT_REASONS,
+        altered=stored and item.sop_uid in result.altered,
     )
 
 
