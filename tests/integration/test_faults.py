@@ -329,6 +329,10 @@ def test_a_refused_overwrite_puts_the_original_back(orthanc: object, proxy: Faul
     assert backend.server_bytes(inst) == inst.path.read_bytes(), "the original is back on the server"
     assert sop_count(orthanc, inst.sop_uid) == 1
     assert "stored back" in (m.log_dir / "error.log").read_text()
+    # It shows as the original at once: tar would archive the refused file's size, and warn.
+    assert backend.instance_path(m, inst).stat().st_size == inst.path.stat().st_size
+    assert backend.instance_path(m, inst).read_bytes() == inst.path.read_bytes()
+    assert "changed on the server" not in (m.log_dir / "info.log").read_text()
 
 
 def test_a_refused_write_back_overwrite_of_as_many_bytes_reads_as_the_original_again(

@@ -1703,6 +1703,8 @@ class Vfs:
                 try:
                     self._store_file(store, backup_path, target, ident)
                     log.error("Overwrite of %s refused; the previous instance was stored back", target)
+                    self._keep_listed(target, os.fstat(backup_fd).st_size)  # not the refused file's size
+                    self.notify_changed(str(target))
                 except FsError as exc:
                     kept = self.spool.keep_failed(backup_path, "previous-" + target.name, store=target.store,
                                                   reason=f"previous version of {target}, not stored back")
