@@ -58,6 +58,8 @@ def stored(store: Store, samples: list[SampleInstance]) -> None:
         ("https://user:pw@pacs.example.org:443/", "pacs.example.org"),
         ("http://[::1]:8042/dicomweb", "--1"),
         ("http://h/wado-rs/QIDO-RS", "h"),
+        ("https://ws-svc.dicom.azurehealthcareapis.com/v1", "ws-svc.dicom.azurehealthcareapis.com"),
+        ("https://ws-svc.dicom.azurehealthcareapis.com/v2/partitions/north", "north"),
     ],
 )
 def test_store_name_from_url(url: str, name: str) -> None:

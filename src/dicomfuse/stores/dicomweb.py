@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -79,6 +80,7 @@ RETRIEVE_ACCEPTS = (
 """WADO-RS Accept headers, best first. Orthanc answers 400 to ``application/dicom``."""
 
 GENERIC_PATH_SEGMENTS = frozenset({"dicom-web", "dicomweb", "rs", "wado", "wado-rs", "qido-rs", "stow-rs"})
+_API_VERSION = re.compile(r"v\d+(\.\d+)*(beta\d*)?", re.IGNORECASE)
 _FORBIDDEN_NAME_CHARACTERS = '<>:"/\\|?*'
 
 DEFAULT_PAGE_SIZE = 1000
@@ -118,7 +120,8 @@ def store_name_from_url(url: str) -> str:
     ``http://h:8080/dcm4chee-arc/aets/DCM4CHEE/rs`` → ``DCM4CHEE``."""
     segments = [unquote(s) for s in urlsplit(url).path.split("/") if s]
     for segment in reversed(segments):
-        if segment.lower() not in GENERIC_PATH_SEGMENTS:
+        # An API version (Microsoft's DICOM service: /v1, /v2) names no store either.
+        if segment.lower() not in GENERIC_PATH_SEGMENTS and not _API_VERSION.fullmatch(segment):
             return _folder_safe(segment)
     return host_name(url)
 
