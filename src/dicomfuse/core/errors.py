@@ -36,6 +36,7 @@ STORE_ERRNO: tuple[tuple[type[base.StoreError], int, int], ...] = (
     (base.Unsupported, errno.EPERM, logging.WARNING),
     (base.TooLarge, errno.EFBIG, logging.ERROR),
     (base.Unavailable, errno.EIO, logging.ERROR),
+    (base.Transcoded, errno.EIO, logging.ERROR),
 )
 
 

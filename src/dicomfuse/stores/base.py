@@ -109,6 +109,11 @@ class TooLarge(StoreError):
     """The server refused a request body as too large (413)."""
 
 
+class Transcoded(StoreError):
+    """The server sent an instance in another transfer syntax than the one it stores it in: not
+    the stored bytes. The message names the instance and both transfer syntax UIDs."""
+
+
 class Unavailable(StoreError):
     """Server error, quota, timeout or dropped connection, after the retries were spent."""
 

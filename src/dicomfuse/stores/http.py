@@ -575,11 +575,19 @@ class MultipartReader:
     MAX_HEADER_BYTES = 64 * 1024
     MAX_PADDING_BYTES = 1024
 
-    def __init__(self, boundary: str, sink: BinaryIO) -> None:
+    def __init__(
+        self,
+        boundary: str,
+        sink: BinaryIO,
+        on_first_part: Callable[[Mapping[str, str]], None] | None = None,
+    ) -> None:
+        """``on_first_part`` gets the first part's headers before any of its body is written; an
+        exception it raises comes out of :meth:`feed`."""
         if not boundary or len(boundary) > 200:
             raise StoreError("multipart response with an invalid boundary")
         self._delimiter = b"\r\n--" + boundary.encode("latin-1")
         self._sink = sink
+        self._on_first_part = on_first_part
         self._buffer = bytearray(b"\r\n")
         self._state = self._PREAMBLE
         self._part_index = -1
@@ -683,6 +691,8 @@ class MultipartReader:
         self._part_index += 1
         if self._part_index == 0:
             self._part_headers = _parse_part_headers(header_bytes)
+            if self._on_first_part is not None:
+                self._on_first_part(self._part_headers)
         del self._buffer[:end]
         self._state = self._BODY
         return True
