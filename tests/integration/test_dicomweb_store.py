@@ -12,7 +12,7 @@ import pytest
 
 from dicomfuse.dicomfile import DicomUids
 from dicomfuse.samples import SampleInstance, make_uid, write_instance, write_samples
-from dicomfuse.stores.base import Dataset, NotFound, Store, StoreError, Unavailable, Unsupported
+from dicomfuse.stores.base import Dataset, NotFound, Store, StoreError, Transcoded, Unavailable, Unsupported
 from dicomfuse.stores.dicomweb import DicomwebDataset, DicomwebStore, store_name_from_url
 from tests.conftest import PATIENT_NAME
 from tests.fakes.http_server import LoopbackServer, Reply, Seen
@@ -474,10 +474,199 @@ def test_single_part_retrieve_and_accept_fallback(fake: FakeDicomweb) -> None:
     assert store.retrieve("1", "2", "3", sink) == len(payload)
     assert sink.getvalue() == payload
     assert [r[2]["Accept"] for r in fake.requests][-1] == "application/dicom"
-    assert len(fake.requests) == 3
+    # transfer-syntax=*, the search for the stored transfer syntax (refused too), then the others
+    assert len(fake.requests) == 4
+    assert fake.requests[1][1].startswith("/dicom-web/studies/1/series/2/instances?includefield=00083002")
     fake.clear()
     store.retrieve("1", "2", "3", io.BytesIO())
     assert len(fake.requests) == 1  # the Accept that worked is tried first from now on
+
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+WILDCARD_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def transcoded(data: bytes) -> bytes:
+    """``data`` as a server transcodes it when asked for no transfer syntax: Explicit VR LE."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=False, little_endian=True)
+    return out.getvalue()
+
+
+class Archive:
+    """A dcm4chee-like server for one series of Implicit VR instances: ``transfer-syntax=*`` is
+    refused (for the SOP UIDs in ``refuses_wildcard``; all by default), its own transfer syntax
+    asked by UID is answered when ``exact``, no transfer syntax gets Explicit VR Little Endian;
+    searches name the stored syntax (AvailableTransferSyntaxUID) when ``available``; multipart
+    answers are refused unless ``multipart``.
+    ``declares`` replaces the transfer syntax its answers declare (a server that says one thing
+    and sends another)."""
+
+    def __init__(self, tmp_path: Path, count: int = 3) -> None:
+        self.study, self.series = make_uid("ts", "study"), make_uid("ts", "series")
+        self.files: dict[str, bytes] = {}
+        for i in range(count):
+            sop = make_uid("ts", "instance", i)
+            path = write_instance(tmp_path / f"{i}.dcm", self.study, self.series, sop, transfer_syntax=IMPLICIT_LE)
+            self.files[sop] = path.read_bytes()
+        self.sops = list(self.files)
+        self.syntaxes = dict.fromkeys(self.sops, IMPLICIT_LE)  # what each is stored in
+        self.refuses_wildcard: set[str] = set(self.sops)
+        self.exact = True
+        self.available = True
+        self.declares: str | None = None
+        self.multipart = True  # False: multipart Accepts are refused
+
+    def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        from urllib.parse import parse_qs, urlsplit
+
+        from dicomfuse.stores.transfer_syntax import transfer_syntax_of
+
+        parts = urlsplit(path)
+        if parts.path.endswith("/instances"):
+            wanted = parse_qs(parts.query).get("SOPInstanceUID")
+            entries = []
+            for sop in self.sops:
+                if wanted is None or sop in wanted:
+                    entry = {"00080018": {"vr": "UI", "Value": [sop]}}
+                    if self.available:
+                        entry["00083002"] = {"vr": "UI", "Value": [self.syntaxes[sop]]}
+                    entries.append(entry)
+            return 200, {"Content-Type": "application/dicom+json"}, json.dumps(entries).encode()
+        sop = parts.path.rsplit("/", 1)[-1]
+        accept = headers.get("Accept", "")
+        asked = transfer_syntax_of(accept)
+        if accept.startswith("multipart/") and not self.multipart:
+            return 406, {}, b""
+        stored = self.syntaxes[sop]
+        if asked == "*" and sop not in self.refuses_wildcard or asked == stored and self.exact:
+            data, syntax = self.files[sop], stored
+        elif asked is None:
+            data, syntax = self.files[sop] if stored == EXPLICIT_LE else transcoded(self.files[sop]), EXPLICIT_LE
+        else:
+            return 406, {}, b""
+        syntax = self.declares or syntax
+        if not accept.startswith("multipart/"):
+            return 200, {"Content-Type": f"application/dicom; transfer-syntax={syntax}"}, data
+        head = f"--b\r\nContent-Type: application/dicom; transfer-syntax={syntax}\r\n\r\n".encode()
+        multipart = 'multipart/related; type="application/dicom"; boundary=b'
+        return 200, {"Content-Type": multipart}, head + data + b"\r\n--b--"
+
+    def retrieve(self, store: DicomwebStore, sop: str) -> bytes:
+        sink = io.BytesIO()
+        store.retrieve(self.study, self.series, sop, sink)
+        return sink.getvalue()
+
+
+@pytest.fixture
+def archive(fake: FakeDicomweb, tmp_path: Path) -> Archive:
+    archive = Archive(tmp_path)
+    fake.route = archive.route
+    return archive
+
+
+def test_a_server_refusing_the_wildcard_is_asked_for_the_stored_transfer_syntax(
+        fake: FakeDicomweb, archive: Archive, caplog: pytest.LogCaptureFixture) -> None:
+    """A server that refuses transfer-syntax=* and transcodes when asked for none: the stored
+    syntax comes from one search per series, and each instance is asked for in it by UID."""
+    store = fake_store(fake)
+    with caplog.at_level("WARNING"):
+        assert [archive.retrieve(store, sop) for sop in archive.sops] == list(archive.files.values())
+    accepts = [r[2]["Accept"] for r in fake.requests]
+    exact = f'multipart/related; type="application/dicom"; transfer-syntax={IMPLICIT_LE}'
+    assert accepts == [WILDCARD_ACCEPT, "application/dicom+json", exact, exact, exact]
+    assert "includefield=00083002" in fake.requests[1][1]
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("single_part", [False, True])
+def test_a_transcoded_answer_is_refused(fake: FakeDicomweb, archive: Archive, single_part: bool) -> None:
+    """The stored transfer syntax is known but the server only answers in another one: an error
+    naming the instance and both syntaxes, and no byte written."""
+    archive.exact = False
+    archive.multipart = not single_part
+    sink = io.BytesIO()
+    with pytest.raises(Transcoded) as caught:
+        fake_store(fake).retrieve(archive.study, archive.series, archive.sops[0], sink)
+    assert sink.getvalue() == b""
+    assert archive.sops[0] in str(caught.value)
+    assert f"transfer syntax {EXPLICIT_LE} (its {'Content-Type' if single_part else 'part header'})" in str(
+        caught.value)
+    assert f"stores {IMPLICIT_LE}" in str(caught.value)
+
+
+def test_bytes_whose_file_meta_contradicts_the_declared_transfer_syntax_are_refused(
+        fake: FakeDicomweb, archive: Archive) -> None:
+    archive.exact = False
+    archive.declares = IMPLICIT_LE  # what the header says; the bytes are Explicit VR LE
+    sink = io.BytesIO()
+    with pytest.raises(Transcoded, match=f"{EXPLICIT_LE} \\(its file meta information\\)"):
+        fake_store(fake).retrieve(archive.study, archive.series, archive.sops[0], sink)
+    assert sink.getvalue() == b""
+
+
+def test_an_instance_stored_again_in_another_transfer_syntax_is_searched_again(
+        fake: FakeDicomweb, archive: Archive) -> None:
+    store = fake_store(fake)
+    first, replaced, _ = archive.sops
+    assert archive.retrieve(store, first) == archive.files[first]  # the series' syntaxes are remembered
+    archive.files[replaced] = transcoded(archive.files[replaced])
+    archive.syntaxes[replaced] = EXPLICIT_LE
+    assert archive.retrieve(store, replaced) == archive.files[replaced]
+
+
+def test_a_server_that_does_not_say_what_it_stores_is_read_with_one_warning(
+        fake: FakeDicomweb, archive: Archive, caplog: pytest.LogCaptureFixture) -> None:
+    archive.available = False
+    store = fake_store(fake)
+    with caplog.at_level("WARNING"):
+        assert [archive.retrieve(store, sop) for sop in archive.sops] == [
+            transcoded(data) for data in archive.files.values()]
+    [warning] = caplog.records
+    assert warning.levelname == "WARNING"
+    assert "may be transcoded" in warning.getMessage()
+    assert 'Accept: multipart/related; type="application/dicom")' in warning.getMessage()
+    # the search is not repeated for a server whose searches name no transfer syntax
+    assert [r[2]["Accept"] for r in fake.requests][1:] == ["application/dicom+json"] + [
+        'multipart/related; type="application/dicom"'] * 3
+
+
+def test_a_wildcard_refused_for_one_instance_is_still_asked_for_the_others(
+        fake: FakeDicomweb, archive: Archive) -> None:
+    """One instance refused transfer-syntax=* (on a server that does not say what it stores)
+    does not make every later read skip it."""
+    archive.available = False
+    first, refused, last = archive.sops
+    archive.refuses_wildcard = {refused}
+    store = fake_store(fake)
+    assert archive.retrieve(store, first) == archive.files[first]
+    assert archive.retrieve(store, refused) == transcoded(archive.files[refused])
+    fake.clear()
+    assert archive.retrieve(store, last) == archive.files[last]
+    assert [r[2]["Accept"] for r in fake.requests] == [WILDCARD_ACCEPT]
+
+
+def test_a_server_accepting_the_wildcard_costs_one_request_per_instance(
+        fake: FakeDicomweb, archive: Archive) -> None:
+    archive.refuses_wildcard = set()
+    store = fake_store(fake)
+    assert [archive.retrieve(store, sop) for sop in archive.sops] == list(archive.files.values())
+    assert [r[2]["Accept"] for r in fake.requests] == [WILDCARD_ACCEPT] * 3
+
+
+def test_concurrent_reads_of_a_series_search_its_transfer_syntaxes_once(fake: FakeDicomweb, tmp_path: Path) -> None:
+    archive = Archive(tmp_path, count=8)
+    fake.route = archive.route
+    store = fake_store(fake)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda sop: archive.retrieve(store, sop), archive.sops))
+    assert got == list(archive.files.values())
+    assert sum("includefield=00083002" in r[1] for r in fake.requests) == 1
 
 
 def test_truncated_single_part_raises(fake: FakeDicomweb) -> None:

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -33,6 +33,7 @@ from dicomfuse.stores.base import (
     NotFound,
     StoreError,
     StowOutcome,
+    Transcoded,
     Unavailable,
     Unsupported,
     listed_present,
@@ -53,6 +54,13 @@ from dicomfuse.stores.http import (
     server_error_detail,
     write_all,
 )
+from dicomfuse.stores.transfer_syntax import (
+    WILDCARD,
+    StoredSyntaxCheck,
+    is_uid,
+    transfer_syntax_of,
+    with_transfer_syntax,
+)
 from dicomfuse.tracebacks import describe
 
 logger = logging.getLogger(__name__)
@@ -65,6 +73,7 @@ WARNING_REASON_TAG = "00081196"  # in a Referenced SOP item: stored, but not as 
 FAILED_SOP_SEQUENCE_TAG = "00081198"
 REFERENCED_SOP_SEQUENCE_TAG = "00081199"
 REFERENCED_SOP_UID_TAG = "00081155"
+AVAILABLE_SYNTAX_TAG = "00083002"  # AvailableTransferSyntaxUID: what dcm4chee stores an instance in
 # Google adds its own words to a refused instance (FailureDetail 0009,0097 in XML, FailureDetailJSON
 # 0009,1097 in JSON). They are never read: a server's text may quote the instance's attributes.
 
@@ -93,6 +102,8 @@ ORTHANC_ID_CACHE = 100_000  # SOP UID -> Orthanc ID entries remembered per store
 STUDY_IDS_REUSE_S = 10.0  # a walk reuses the study listing of the last few seconds (find lists the store first)
 ORTHANC_LIST_MATCH = 50  # SOP UIDs per /tools/find when asking which of them a series holds
 ORTHANC_FIND_PAGE = 10_000  # resources per /tools/find page when walking Orthanc's index
+SYNTAX_CACHE_ENTRIES = 100_000  # instances whose stored transfer syntax is remembered per store
+WILDCARD_PROBE_EVERY = 50  # a server that refuses transfer-syntax=* is asked for it again every so many reads
 
 OrthancSetting = str | None
 """Orthanc's REST root URL, ``"auto"`` (detect it), or None (never use it)."""
@@ -146,6 +157,20 @@ def _first_value(entry: object, tag: str) -> Any:
 def _uid_of(entry: object, tag: str) -> str | None:
     value = _first_value(entry, tag)
     return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _stored_syntax_of(entry: object) -> str | None:
+    """The one transfer syntax UID a search entry's AvailableTransferSyntaxUID (0008,3002) gives,
+    or None (absent, not a UID, or several: then which is stored is not said)."""
+    element = entry.get(AVAILABLE_SYNTAX_TAG) if isinstance(entry, dict) else None
+    values = element.get("Value") if isinstance(element, dict) else None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        return None
+    uids = {v.strip() for v in values}
+    if len(uids) != 1:
+        return None
+    uid = uids.pop()
+    return sys.intern(uid) if is_uid(uid) else None
 
 
 def _sequence_items(dataset: object, tag: str) -> list[object]:
@@ -579,7 +604,23 @@ class DicomwebStore:
         if orthanc_rest_url not in (None, "auto"):
             self._orthanc = OrthancRest(client, str(orthanc_rest_url))
             self._orthanc_known = True
-        self._accept_start = 0  # index in RETRIEVE_ACCEPTS of the first Accept to try
+        # Accepts that ask for the stored bytes (transfer-syntax=*), and the others (which let
+        # the server choose, so transcode: PS3.18 lets it send Explicit VR Little Endian).
+        self._wildcard_accepts = tuple(a for a in self.retrieve_accepts if transfer_syntax_of(a) == WILDCARD)
+        self._plain_accepts = tuple(a for a in self.retrieve_accepts if transfer_syntax_of(a) is None)
+        self._accept_lock = threading.Lock()  # protects the fields down to _transcode_warned
+        self._accept_starts: dict[str, int] = {}  # Accept group -> index of the one that answered last
+        self._wildcard_refused = False  # the server's last answer to transfer-syntax=* was a refusal
+        self._wildcard_accepted = False  # it accepted transfer-syntax=* at least once
+        self._wildcard_skips = 0  # retrieves that did not ask for it since it was last asked for
+        self._transcode_warned = False
+        self._syntax_lock = threading.Lock()  # protects the fields down to _syntaxes_unlisted
+        # (study, series) -> {SOP UID: the stored transfer syntax, None if unknown}, least recently
+        # used first, bounded by SYNTAX_CACHE_ENTRIES instances in all.
+        self._syntaxes: OrderedDict[tuple[str, str], dict[str, str | None]] = OrderedDict()
+        self._syntax_entries = 0
+        self._syntax_searches: dict[tuple[str, str], threading.Event] = {}  # series being searched
+        self._syntaxes_unlisted = False  # the server's searches give no AvailableTransferSyntaxUID
         self._ids_lock = threading.Lock()
         self._orthanc_ids: OrderedDict[str, str] = OrderedDict()  # SOP UID -> Orthanc ID (bounded)
         self._study_ids: tuple[float, dict[str, str]] = (float("-inf"), {})  # (listed at, Orthanc ID -> UID)
@@ -895,37 +936,202 @@ class DicomwebStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _retrieve_once(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
+        """One download: Orthanc's REST file when there is one, else WADO-RS.
+
+        WADO-RS asks for ``transfer-syntax=*`` (the stored bytes) first. A server that refuses it
+        is asked for the instance's stored transfer syntax by its UID, learnt from a QIDO search
+        of its series (AvailableTransferSyntaxUID, one search per series), and what it sends is
+        checked against that syntax. Only when the server does not say what it stores are the
+        Accepts that let it transcode used, with a warning (once per store)."""
         orthanc = self.orthanc()
         if orthanc is not None:
             written = self._retrieve_from_orthanc(orthanc, study_uid, series_uid, sop_uid, sink)
             if written is not None:
                 return written
+        try:
+            return self._retrieve_wado(study_uid, series_uid, sop_uid, sink)
+        except Transcoded:
+            # Nothing was written. The syntax remembered may be stale (the instance was replaced
+            # since): searched again, once.
+            if not self._forget_syntax(study_uid, series_uid, sop_uid):
+                raise
+            logger.debug("%s: %s came in another transfer syntax than remembered; searching again", self.name, sop_uid)
+            return self._retrieve_wado(study_uid, series_uid, sop_uid, sink)
+
+    def _retrieve_wado(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
         url = f"{self._series_url(study_uid, series_uid)}/instances/{_segment(sop_uid)}"
-        accepts = self.retrieve_accepts
-        start = self._accept_start
-        for index in range(start, len(accepts)):
-            last = index == len(accepts) - 1
-            response = self.client.request(
-                "GET",
-                url,
-                headers={"Accept": accepts[index], "Accept-Encoding": "identity"},
-                stream=True,
-                passthrough=() if last else (400, 406),
-            )
+        refusal: StoreError | None = None
+        known = self._known_syntax(study_uid, series_uid, sop_uid)
+        if self._wildcard_accepts and self._ask_wildcard(known):
+            outcome = self._retrieve_with(url, "wildcard", self._wildcard_accepts, sop_uid, known, sink)
+            with self._accept_lock:
+                self._wildcard_refused = isinstance(outcome, StoreError)
+                self._wildcard_accepted = self._wildcard_accepted or not self._wildcard_refused
+            if not isinstance(outcome, StoreError):
+                return outcome
+            refusal = outcome
+        stored = known if known is not None else self._stored_syntax(study_uid, series_uid, sop_uid)
+        if stored is not None:
+            exact = tuple(dict.fromkeys(with_transfer_syntax(a, stored) for a in self.retrieve_accepts))
+            outcome = self._retrieve_with(url, "exact", exact, sop_uid, stored, sink)
+            if not isinstance(outcome, StoreError):
+                return outcome
+            refusal = outcome
+        if self._plain_accepts:
+            # Verified against the stored syntax when known; else possibly transcoded.
+            outcome = self._retrieve_with(url, "plain", self._plain_accepts, sop_uid, stored, sink)
+            if not isinstance(outcome, StoreError):
+                if stored is None:
+                    self._warn_transcoding()
+                return outcome
+            refusal = outcome
+        assert refusal is not None
+        raise refusal
+
+    def _retrieve_with(
+        self, url: str, group: str, accepts: Sequence[str], sop_uid: str, stored: str | None, sink: BinaryIO
+    ) -> int | StoreError:
+        """Ask with each of ``accepts`` (the one of the ``group`` that answered last first) until
+        one is not refused (400, 406); the bytes written, or the error of the last refusal. With
+        ``stored``, an answer in another transfer syntax raises :class:`Transcoded`."""
+        with self._accept_lock:
+            first = min(self._accept_starts.get(group, 0), len(accepts) - 1)
+        order = [first, *(i for i in range(len(accepts)) if i != first)]
+        refusal: StoreError | None = None
+        for index in order:
+            headers = {"Accept": accepts[index], "Accept-Encoding": "identity"}
+            response = self.client.request("GET", url, headers=headers, stream=True, passthrough=(400, 406))
             with response:
                 if response.status_code in (400, 406):
-                    logger.debug(
-                        "%s: HTTP %d to Accept %s, trying the next",
-                        self.name,
-                        response.status_code,
-                        accepts[index],
-                    )
+                    logger.debug("%s: HTTP %d to Accept %s", self.name, response.status_code, accepts[index])
+                    refusal = error_for_response("GET", url, response)
                     continue
-                written = _copy_instance(url, response, sink)
-            if index != start:
-                self._accept_start = index
+                check = None if stored is None else StoredSyntaxCheck(sink, sop_uid, stored)
+                written = _copy_instance(url, response, sink, check)
+            if index != first:
+                with self._accept_lock:
+                    self._accept_starts[group] = index
             return written
-        raise AssertionError("unreachable")  # pragma: no cover
+        assert refusal is not None
+        return refusal
+
+    def _ask_wildcard(self, known: str | None) -> bool:
+        """Whether to ask for ``transfer-syntax=*``: yes unless the server refused it last time
+        and either the stored syntax is known already (asking for it is as good, and one request)
+        or the server never accepted it (then every ``WILDCARD_PROBE_EVERY``-th retrieve still
+        asks, to find a server that refuses it for some instances only). A server that accepted
+        it before is asked first whenever the stored syntax is unknown: it may accept it again."""
+        with self._accept_lock:
+            if not self._wildcard_refused:
+                return True
+            if known is not None:
+                return False
+            if self._wildcard_accepted:
+                return True
+            self._wildcard_skips += 1
+            if self._wildcard_skips >= WILDCARD_PROBE_EVERY:
+                self._wildcard_skips = 0
+                return True
+            return False
+
+    def _warn_transcoding(self) -> None:
+        with self._accept_lock:
+            if self._transcode_warned:
+                return
+            self._transcode_warned = True
+            accept = self._plain_accepts[self._accept_starts.get("plain", 0)]
+        logger.warning(
+            "%s: the server refuses transfer-syntax=* and does not say in which transfer syntax it stores "
+            "instances (AvailableTransferSyntaxUID): files read may be transcoded by the server, not the stored "
+            "bytes (Accept: %s)",
+            self.name,
+            accept,
+        )
+
+    # -- stored transfer syntaxes -------------------------------------------------------------
+
+    def _known_syntax(self, study_uid: str, series_uid: str, sop_uid: str) -> str | None:
+        """The stored transfer syntax of an instance if a search told it already (no request)."""
+        with self._syntax_lock:
+            listed = self._syntaxes.get((study_uid, series_uid))
+            return None if listed is None else listed.get(sop_uid)
+
+    def _forget_syntax(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        """Drop an instance's remembered transfer syntax; whether one was remembered."""
+        with self._syntax_lock:
+            listed = self._syntaxes.get((study_uid, series_uid))
+            if listed is None or listed.get(sop_uid) is None:
+                return False
+            del listed[sop_uid]
+            self._syntax_entries -= 1
+            return True
+
+    def _stored_syntax(self, study_uid: str, series_uid: str, sop_uid: str) -> str | None:
+        """The transfer syntax the server stores an instance in, from its AvailableTransferSyntaxUID
+        (0008,3002): searched for the whole series once (concurrent callers wait for one search),
+        then for the instance alone if the series' search did not list it. None when the server
+        does not say (or says several)."""
+        key = (study_uid, series_uid)
+        while True:
+            with self._syntax_lock:
+                if self._syntaxes_unlisted:
+                    return None
+                listed = self._syntaxes.get(key)
+                if listed is not None:
+                    self._syntaxes.move_to_end(key)
+                    if sop_uid in listed:
+                        return listed[sop_uid]
+                    break
+                searching = self._syntax_searches.get(key)
+                mine = searching is None
+                if searching is None:
+                    searching = self._syntax_searches[key] = threading.Event()
+            if not mine:
+                searching.wait()
+                continue
+            try:
+                found = self._search_syntaxes(study_uid, series_uid, {})
+                self._remember_syntaxes(key, found)
+            finally:
+                with self._syntax_lock:
+                    del self._syntax_searches[key]
+                searching.set()
+        found = self._search_syntaxes(study_uid, series_uid, {"SOPInstanceUID": sop_uid})
+        self._remember_syntaxes(key, {sop_uid: found.get(sop_uid)})
+        return found.get(sop_uid)
+
+    def _search_syntaxes(self, study_uid: str, series_uid: str, filters: dict[str, str]) -> dict[str, str | None]:
+        """SOP UID -> stored transfer syntax (None: not said) of a series' instances. A server
+        that cannot answer (other than by being unavailable) or names no transfer syntax for any
+        instance is not asked again."""
+        url = f"{self._series_url(study_uid, series_uid)}/instances?includefield={AVAILABLE_SYNTAX_TAG}"
+        try:
+            entries = dict(self._search_entries(url, SOP_UID_TAG, filters, self.instance_page_size, lookup=True))
+        except Unavailable:
+            raise
+        except StoreError as exc:
+            logger.debug("%s: cannot search stored transfer syntaxes (%s)", self.name, exc)
+            entries, unlisted = {}, True
+        else:
+            unlisted = False
+        found = {uid: _stored_syntax_of(entry) for uid, entry in entries.items()}
+        if found and all(syntax is None for syntax in found.values()):
+            logger.debug("%s: the server's searches name no one stored transfer syntax", self.name)
+            unlisted = True
+        if unlisted:
+            with self._syntax_lock:
+                self._syntaxes_unlisted = True
+        return found
+
+    def _remember_syntaxes(self, key: tuple[str, str], found: dict[str, str | None]) -> None:
+        with self._syntax_lock:
+            listed = self._syntaxes.setdefault(key, {})
+            self._syntaxes.move_to_end(key)
+            self._syntax_entries += len(found.keys() - listed.keys())
+            listed.update(found)
+            while self._syntax_entries > SYNTAX_CACHE_ENTRIES and len(self._syntaxes) > 1:
+                _, dropped = self._syntaxes.popitem(last=False)
+                self._syntax_entries -= len(dropped)
 
     def _retrieve_from_orthanc(
         self, orthanc: OrthancRest, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO
@@ -1085,23 +1291,42 @@ _NAMED_MEDIA_TYPES = frozenset({
 server text, and is not quoted."""
 
 
-def _copy_instance(url: str, response: requests.Response, sink: BinaryIO) -> int:
+def _copy_instance(
+    url: str, response: requests.Response, sink: BinaryIO, check: StoredSyntaxCheck | None = None
+) -> int:
     """Stream a WADO-RS answer into ``sink``: the first part of a multipart body, or a
-    single-part body; raise if it is cut short."""
+    single-part body; raise if it is cut short. With ``check``, an answer in another transfer
+    syntax than the stored one raises :class:`Transcoded` before any byte reaches ``sink``."""
     media_type, params = parse_content_type(response.headers.get("Content-Type"))
+    target: BinaryIO = sink if check is None else check  # type: ignore[assignment]
     with body_errors("GET", url):
         if media_type.startswith("multipart/"):
-            return _copy_first_part(url, response, params.get("boundary", ""), sink)
-        if media_type in ("application/dicom", "application/octet-stream", ""):
-            return _copy_single_part(url, response, sink)
-    shown = media_type if media_type in _NAMED_MEDIA_TYPES else "of another kind"
-    raise StoreError(f"GET {safe_path(url)}: unexpected Content-Type {shown}")
+            if check is not None:
+                check.declared(params.get("transfer-syntax"), "its Content-Type")
+            on_first_part = None if check is None else check.part_headers
+            written = _copy_first_part(url, response, params.get("boundary", ""), target, on_first_part)
+        elif media_type in ("application/dicom", "application/octet-stream", ""):
+            if check is not None:
+                check.declared(params.get("transfer-syntax"), "its Content-Type")
+            written = _copy_single_part(url, response, target)
+        else:
+            shown = media_type if media_type in _NAMED_MEDIA_TYPES else "of another kind"
+            raise StoreError(f"GET {safe_path(url)}: unexpected Content-Type {shown}")
+    if check is not None:
+        check.finish()
+    return written
 
 
-def _copy_first_part(url: str, response: requests.Response, boundary: str, sink: BinaryIO) -> int:
+def _copy_first_part(
+    url: str,
+    response: requests.Response,
+    boundary: str,
+    sink: BinaryIO,
+    on_first_part: Callable[[Mapping[str, str]], None] | None = None,
+) -> int:
     if not boundary:
         raise StoreError(f"GET {safe_path(url)}: multipart answer without a boundary")
-    reader = MultipartReader(boundary, sink)
+    reader = MultipartReader(boundary, sink, on_first_part)
     epilogue = 0
     for chunk in response.iter_content(DOWNLOAD_CHUNK_BYTES):
         if reader.done:
