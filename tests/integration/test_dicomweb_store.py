@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -450,6 +451,69 @@ def test_server_that_ignores_limit_and_offset(fake: FakeDicomweb, page_size: int
     assert list(store.studies("1.2")) == ["1.2"]  # the filter is ignored too
     assert list(store.studies("9.9")) == []
     assert len(fake.requests) <= 3
+
+
+def capped_search(uids: list[str], cap: int | None, *, status: int = 200, warning: str | None = None,
+                  tag: str = "0020000D") -> Callable[[str, str, dict[str, str], bytes], Answer]:
+    """A search over ``uids`` (of ``tag``) that answers at most ``cap`` results per page whatever
+    the ``limit``; a page it cut has ``status`` and the ``Warning`` header ``warning``."""
+    def route(method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        query = parse_qs(urlsplit(path).query)
+        offset, limit = int(query["offset"][0]), int(query["limit"][0])
+        size = limit if cap is None else min(limit, cap)
+        page = uids[offset:offset + size]
+        cut = size < limit and offset + size < len(uids)
+        answer_headers = {"Content-Type": "application/dicom+json"}
+        if cut and warning is not None:
+            answer_headers["Warning"] = warning
+        return (status if cut else 200), answer_headers, dicom_json(*page, tag=tag)
+
+    return route
+
+
+def offsets(fake: FakeDicomweb) -> list[int]:
+    return [int(parse_qs(urlsplit(path).query)["offset"][0]) for _, path, _ in fake.requests]
+
+
+@pytest.mark.parametrize("cap", [3, 150])
+def test_a_server_that_cuts_pages_silently_is_listed_to_the_end(fake: FakeDicomweb, cap: int) -> None:
+    """A server whose own maximum is below our limit (dcm4chee's qidoMaxNumberOfResults) and
+    that says nothing of it: a short page that may be that maximum is followed by the next."""
+    studies = [f"1.{n}" for n in range(2 * cap + cap // 2)]
+    fake.route = capped_search(studies, cap)
+    store = fake_store(fake)
+    assert list(store.studies()) == studies
+    assert offsets(fake) == [0, cap, 2 * cap]  # the last page is shorter than the cut ones: the end
+
+
+def test_a_short_page_costs_a_request_more_only_while_it_may_be_a_cut(fake: FakeDicomweb) -> None:
+    studies = [f"1.{n}" for n in range(25)]
+    fake.route = capped_search(studies, None)
+    store = fake_store(fake, page_size=10)
+    assert list(store.studies()) == studies
+    assert offsets(fake) == [0, 10, 20]  # a full page: the server does not cut below our limit
+    fake.clear()
+    fake.route = capped_search(studies[:4], None)
+    assert list(store.studies()) == studies[:4]
+    assert offsets(fake) == [0]
+    other = fake_store(fake, page_size=10)  # knows nothing of the server yet
+    fake.clear()
+    assert list(other.studies()) == studies[:4]
+    assert offsets(fake) == [0, 4]  # 4 may be its maximum: one request more, empty
+    fake.clear()
+    fake.route = capped_search(studies[:3], None)
+    assert list(other.studies()) == studies[:3]
+    assert offsets(fake) == [0]  # shorter than a page it answered before: not a cut
+
+
+def test_orthanc_found_through_its_rest_api_is_not_asked_past_a_short_page(fake: FakeDicomweb) -> None:
+    """Orthanc does not cut a search below its limit: its series listings cost what they did."""
+    series = [f"1.2.{n}" for n in range(4)]
+    fake.route = capped_search(series, None, tag="0020000E")
+    ds = DicomwebDataset(fake.url, orthanc_rest_url=fake.base_url)
+    fake.datasets.append(ds)
+    assert list(ds.store.series("1.2")) == series
+    assert offsets(fake) == [0]
 
 
 def test_qido_404_and_204_are_empty_below_studies(fake: FakeDicomweb) -> None:

@@ -93,6 +93,7 @@ _API_VERSION = re.compile(r"v\d+(\.\d+)*(beta\d*)?", re.IGNORECASE)
 _FORBIDDEN_NAME_CHARACTERS = '<>:"/\\|?*'
 
 DEFAULT_PAGE_SIZE = 1000
+ROUND_PAGE = 100  # a short page of a multiple of this many entries may be a server's maximum (1,000 or 5,000)
 DOWNLOAD_CHUNK_BYTES = 256 * 1024  # small enough that a first read waits for little more than its bytes
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_EPILOGUE_BYTES = 64 * 1024
@@ -581,10 +582,13 @@ class DicomwebStore:
         retrieve_accepts: Sequence[str] = RETRIEVE_ACCEPTS,
         stow_batch_files: int = STOW_BATCH_FILES,
         stow_batch_bytes: int = STOW_BATCH_BYTES,
+        silent_caps: bool = True,
     ) -> None:
         """``page_size`` is the QIDO ``limit`` for studies and series, ``instance_page_size``
         (default: the same) for instances; ``retrieve_accepts`` the WADO-RS Accept headers to
-        try, best first (a 400/406 moves on to the next)."""
+        try, best first (a 400/406 moves on to the next). ``silent_caps``: whether the server may
+        answer fewer results than ``limit`` before the end without saying so (False for Google,
+        whose maxima the page sizes respect and which says when more results remain)."""
         instance_page_size = page_size if instance_page_size is None else instance_page_size
         if min(page_size, instance_page_size) < 1:
             raise ValueError("page sizes must be at least 1")
@@ -598,6 +602,9 @@ class DicomwebStore:
         self.retrieve_accepts = tuple(retrieve_accepts)
         self.stow_batch_files = max(1, stow_batch_files)
         self.stow_batch_bytes = max(1, stow_batch_bytes)
+        self.silent_caps = silent_caps
+        self._paging_lock = threading.Lock()  # protects _longest_page
+        self._longest_page: dict[str, int] = {}  # UID tag of a search level -> most entries one page of it held
         self._orthanc_lock = threading.Lock()  # protects _orthanc and _orthanc_known
         self._orthanc: OrthancRest | None = None
         self._orthanc_known = orthanc_rest_url is None
@@ -860,14 +867,13 @@ class DicomwebStore:
         self, url: str, uid_tag: str, filters: dict[str, str], page_size: int, *, lookup: bool
     ) -> Iterator[tuple[str, object]]:
         """Each entry of a QIDO-RS search with its UID (``uid_tag``), once per UID, paged with
-        limit/offset until a short or empty page.
+        limit/offset until a short page that is the end, or an empty one.
 
         A short page is not the end when the server says more results can be requested (PS3.18's
-        ``Warning: 299``), or when its length is a round number (a server that lowers ``limit``
-        to its own maximum, 1,000 or 5,000, would otherwise have its listing cut there without
-        a word): then the next page is asked for. A page that brings no new UID ends the
-        search too: a server that ignores limit/offset answers everything every time, and must
-        not make this loop forever."""
+        ``Warning: 299``), or when it may be the server's own maximum (:meth:`_may_be_cut`):
+        then the next page is asked for (offset + the entries received). A page that brings no
+        new UID ends the search too: a server that ignores limit/offset answers everything every
+        time, and must not make this loop forever."""
         seen: set[str] = set()
         offset = 0
         while True:
@@ -883,9 +889,33 @@ class DicomwebStore:
                 yield uid, entry
             if fresh == 0:
                 return
-            if len(page) < page_size and not more and len(page) % 100:
+            may_be_cut = self._may_be_cut(uid_tag, len(page))
+            if len(page) < page_size and not more and not may_be_cut:
                 return
             offset += len(page)
+
+    def _may_be_cut(self, level: str, count: int) -> bool:
+        """Whether a page of ``count`` entries at ``level`` (a UID tag), if shorter than the
+        ``limit`` asked and without a word from the server, may have been cut at the server's own
+        maximum rather than be the end; records ``count`` for the pages to come.
+
+        A server that lowers ``limit`` to its maximum answers exactly that many entries on every
+        page it cuts, and never more on any page: a page shorter than the longest this level has
+        answered is the end. Any other may be the cap (dcm4chee's ``qidoMaxNumberOfResults``,
+        say), and costs one request more: the next page, empty at the end. So a level's first
+        listing costs one more, later ones only when their last page is as long as any before
+        (a store of fewer studies than ``limit``: each listing of it), none once a page of the
+        full ``limit`` came back. A server that says when it cuts (Google, ``silent_caps``
+        False) or does not cut (Orthanc, found through its REST API) is taken at its word, but
+        for a round-numbered page: a maximum of 1,000 or 5,000 met without a warning."""
+        with self._paging_lock:
+            longest = self._longest_page.get(level, 0)
+            self._longest_page[level] = max(longest, count)
+        with self._orthanc_lock:
+            orthanc = self._orthanc_known and self._orthanc is not None
+        if not self.silent_caps or orthanc:
+            return count % ROUND_PAGE == 0
+        return count >= longest
 
     def _search_page(self, url: str, params: dict[str, str | int], *, lookup: bool) -> tuple[list[object], bool]:
         """One QIDO-RS page, and whether the server said more results can be requested. 204

@@ -134,6 +134,7 @@ class HealthcareDataset:
                     page_size=self.study_page_size,
                     instance_page_size=self.instance_page_size,
                     retrieve_accepts=RETRIEVE_ACCEPTS,
+                    silent_caps=False,  # its documented maxima bound the page sizes; it warns when it cuts
                 )
                 self._stores[store_id] = store
         return store
