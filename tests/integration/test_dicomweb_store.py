@@ -506,6 +506,23 @@ def test_a_short_page_costs_a_request_more_only_while_it_may_be_a_cut(fake: Fake
     assert offsets(fake) == [0]  # shorter than a page it answered before: not a cut
 
 
+@pytest.mark.parametrize(("status", "warning"), [
+    (206, None),  # dcm4chee-arc-light: Partial Content, no warning
+    (200, '299 dicomweb: "Result set truncated; use offset to page"'),
+    (200, '299 {+SERVICE}: "The number of results exceeded the maximum supported by the server. '
+          'Additional results can be requested."'),
+], ids=["206", "299-other-words", "299-ps3.18"])
+def test_a_server_that_says_it_cut_the_page_is_asked_for_the_rest(fake: FakeDicomweb, status: int,
+                                                                  warning: str | None) -> None:
+    """Even where a short page is otherwise the end (a server that says when it cuts)."""
+    studies = [f"1.{n}" for n in range(7)]
+    fake.route = capped_search(studies, 3, status=status, warning=warning)
+    store = fake_store(fake, page_size=10)
+    store.silent_caps = False
+    assert list(store.studies()) == studies
+    assert offsets(fake) == [0, 3, 6]
+
+
 def test_orthanc_found_through_its_rest_api_is_not_asked_past_a_short_page(fake: FakeDicomweb) -> None:
     """Orthanc does not cut a search below its limit: its series listings cost what they did."""
     series = [f"1.2.{n}" for n in range(4)]

@@ -918,8 +918,10 @@ class DicomwebStore:
         return count >= longest
 
     def _search_page(self, url: str, params: dict[str, str | int], *, lookup: bool) -> tuple[list[object], bool]:
-        """One QIDO-RS page, and whether the server said more results can be requested. 204
-        and (below the store level, or for a lookup) 404 are empty."""
+        """One QIDO-RS page, and whether the server said more results can be requested: HTTP 206
+        Partial Content (dcm4chee-arc-light, which adds no warning) or a ``Warning: 299``
+        (PS3.18; its text varies by server, and a 299 about something else costs one request
+        more at worst). 204 and (below the store level, or for a lookup) 404 are empty."""
         response = self.client.request("GET", url, params=params, headers={"Accept": DICOM_JSON}, passthrough=(404,))
         with response:
             if response.status_code == 404:
@@ -928,7 +930,7 @@ class DicomwebStore:
                 return [], False
             if response.status_code == 204 or not response.content.strip():
                 return [], False
-            more = "additional results" in (response.headers.get("Warning") or "").lower()
+            more = response.status_code == 206 or bool(_WARNING_299.search(response.headers.get("Warning") or ""))
             try:
                 page = _json(response)
             except ValueError as exc:
@@ -1377,6 +1379,10 @@ def _copy_single_part(url: str, response: requests.Response, sink: BinaryIO) -> 
     if declared.isdigit() and not response.headers.get("Content-Encoding") and written < int(declared):
         raise TransferCut(f"GET {safe_path(url)}: body ended after {written} of {declared} bytes (truncated)")
     return written
+
+
+_WARNING_299 = re.compile(r"(?:^|,)\s*299\b")
+"""A ``Warning`` header holding a warning with code 299 (values are comma-separated)."""
 
 
 def _json(response: requests.Response) -> Any:
