@@ -533,6 +533,54 @@ def test_orthanc_found_through_its_rest_api_is_not_asked_past_a_short_page(fake:
     assert offsets(fake) == [0]
 
 
+def refusing_limits_above(largest: int, route: Callable[[str, str, dict[str, str], bytes], Answer]
+                          ) -> Callable[[str, str, dict[str, str], bytes], Answer]:
+    """Microsoft's DICOM service: a QIDO ``limit`` above 200 is a 400, with words of its own."""
+    def refuse(method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        if int(parse_qs(urlsplit(path).query)["limit"][0]) > largest:
+            return 400, {"Content-Type": "application/json"}, json.dumps({"message": ECHOED}).encode()
+        return route(method, path, headers, body)
+
+    return refuse
+
+
+def limits(fake: FakeDicomweb) -> list[int]:
+    return [int(parse_qs(urlsplit(path).query)["limit"][0]) for _, path, _ in fake.requests]
+
+
+def test_a_server_that_refuses_our_limit_is_searched_with_a_smaller_one(
+        fake: FakeDicomweb, caplog: pytest.LogCaptureFixture) -> None:
+    studies = [f"1.{n}" for n in range(250)]
+    fake.route = refusing_limits_above(200, capped_search(studies, None))
+    store = fake_store(fake)
+    with caplog.at_level("INFO", logger="dicomfuse"):
+        assert list(store.studies("1.7")) == ["1.7"]  # the start-up probe is such a lookup
+        assert list(store.studies()) == studies
+        assert list(store.series("1.7")) == []  # the stand-in lists studies only: the limit is what counts
+    assert limits(fake) == [1000, 200, 200, 200, 200]  # the page size that worked is kept
+    assert offsets(fake) == [0, 0, 0, 200, 0]
+    refusals = [r for r in caplog.records if "limit=1000" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelname == "INFO"
+    assert "HTTP 400" in refusals[0].getMessage() and ECHOED not in caplog.text
+
+
+def test_a_refusal_that_a_smaller_limit_does_not_cure_is_an_error(fake: FakeDicomweb) -> None:
+    fake.route = lambda *_: (400, {"Content-Type": "application/json"}, json.dumps({"message": ECHOED}).encode())
+    store = fake_store(fake)
+    with pytest.raises(StoreError, match="HTTP 400") as raised:
+        list(store.studies())
+    assert ECHOED not in str(raised.value)
+    assert limits(fake) == [1000, 200, 100]
+    fake.clear()
+    with pytest.raises(StoreError, match="HTTP 400"):
+        list(store.studies())
+    assert limits(fake) == [1000, 200, 100]  # nothing was learnt
+    fake.clear()
+    with pytest.raises(StoreError, match="HTTP 400"):
+        list(fake_store(fake, page_size=200).studies())
+    assert limits(fake) == [200, 100]
+
+
 def test_qido_404_and_204_are_empty_below_studies(fake: FakeDicomweb) -> None:
     fake.route = lambda method, path, *_: (404 if "/series" in path else 204, {}, b"")
     store = fake_store(fake)

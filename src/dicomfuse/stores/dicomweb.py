@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 from urllib.parse import quote, unquote, urlsplit
 from xml.etree import ElementTree
 
@@ -94,6 +94,9 @@ _FORBIDDEN_NAME_CHARACTERS = '<>:"/\\|?*'
 
 DEFAULT_PAGE_SIZE = 1000
 ROUND_PAGE = 100  # a short page of a multiple of this many entries may be a server's maximum (1,000 or 5,000)
+QIDO_LIMIT_FALLBACKS = (200, 100)
+"""Smaller ``limit`` values a search refused with HTTP 400 is sent again with, in turn: Microsoft's
+DICOM service refuses a limit above 200."""
 DOWNLOAD_CHUNK_BYTES = 256 * 1024  # small enough that a first read waits for little more than its bytes
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_EPILOGUE_BYTES = 64 * 1024
@@ -310,6 +313,25 @@ class OrthancRest:
                 self.client.request("DELETE", f"{self.url}/instances/{quote(str(resource['ID']), safe='')}").close()
             except NotFound:
                 continue  # deleted meanwhile by someone else
+
+
+class _Page(NamedTuple):
+    """One QIDO-RS answer."""
+
+    entries: list[object]
+    limit: int
+    """The ``limit`` it was asked with (after any 400 to a larger one)."""
+    more: bool
+    """The server said more results can be requested: HTTP 206 Partial Content (dcm4chee-arc-light,
+    which adds no warning) or a ``Warning: 299`` (PS3.18; its text varies by server, and a 299
+    about something else costs one request more at worst)."""
+
+
+def _smaller_limit(limit: object) -> int | None:
+    """The first of :data:`QIDO_LIMIT_FALLBACKS` below ``limit``, or None."""
+    if not isinstance(limit, int):
+        return None
+    return next((n for n in QIDO_LIMIT_FALLBACKS if n < limit), None)
 
 
 def chosen(a: str, b: str) -> str:
@@ -603,8 +625,9 @@ class DicomwebStore:
         self.stow_batch_files = max(1, stow_batch_files)
         self.stow_batch_bytes = max(1, stow_batch_bytes)
         self.silent_caps = silent_caps
-        self._paging_lock = threading.Lock()  # protects _longest_page
+        self._paging_lock = threading.Lock()  # protects _longest_page and _limit_ceiling
         self._longest_page: dict[str, int] = {}  # UID tag of a search level -> most entries one page of it held
+        self._limit_ceiling: int | None = None  # the largest limit the server accepts, once it refused one
         self._orthanc_lock = threading.Lock()  # protects _orthanc and _orthanc_known
         self._orthanc: OrthancRest | None = None
         self._orthanc_known = orthanc_rest_url is None
@@ -727,7 +750,7 @@ class DicomwebStore:
 
     def has_studies(self) -> bool:
         """Whether any study is in the store: one QIDO request with ``limit=1``."""
-        return bool(self._search_page(f"{self.root_url}/studies", {"limit": 1}, lookup=False)[0])
+        return bool(self._search_page(f"{self.root_url}/studies", {"limit": 1}, lookup=False).entries)
 
     def series(self, study_uid: str, series_uid: str | None = None) -> Iterator[str]:
         if series_uid:
@@ -877,10 +900,10 @@ class DicomwebStore:
         seen: set[str] = set()
         offset = 0
         while True:
-            params: dict[str, str | int] = {**filters, "limit": page_size, "offset": offset}
-            page, more = self._search_page(url, params, lookup=lookup)
+            params: dict[str, str | int] = {**filters, "limit": self._page_limit(page_size), "offset": offset}
+            page = self._search_page(url, params, lookup=lookup)
             fresh = 0
-            for entry in page:
+            for entry in page.entries:
                 uid = _uid_of(entry, uid_tag)
                 if uid is None or uid in seen:
                     continue
@@ -889,10 +912,26 @@ class DicomwebStore:
                 yield uid, entry
             if fresh == 0:
                 return
-            may_be_cut = self._may_be_cut(uid_tag, len(page))
-            if len(page) < page_size and not more and not may_be_cut:
+            count = len(page.entries)
+            may_be_cut = self._may_be_cut(uid_tag, count)
+            if count < page.limit and not page.more and not may_be_cut:
                 return
-            offset += len(page)
+            offset += count
+
+    def _page_limit(self, page_size: int) -> int:
+        """The ``limit`` to search with: ``page_size``, or less if the server refused as much."""
+        with self._paging_lock:
+            ceiling = self._limit_ceiling
+        return page_size if ceiling is None else min(page_size, ceiling)
+
+    def _lower_limit(self, refused: int, accepted: int) -> None:
+        """Search with at most ``accepted`` results per page from now on (said once at INFO)."""
+        with self._paging_lock:
+            if self._limit_ceiling is not None and self._limit_ceiling <= accepted:
+                return
+            self._limit_ceiling = accepted
+        logger.info("%s: the server refused a search with limit=%d (HTTP 400) and accepted limit=%d; "
+                    "searching %d results per page from now on", self.name, refused, accepted, accepted)
 
     def _may_be_cut(self, level: str, count: int) -> bool:
         """Whether a page of ``count`` entries at ``level`` (a UID tag), if shorter than the
@@ -917,19 +956,33 @@ class DicomwebStore:
             return count % ROUND_PAGE == 0
         return count >= longest
 
-    def _search_page(self, url: str, params: dict[str, str | int], *, lookup: bool) -> tuple[list[object], bool]:
-        """One QIDO-RS page, and whether the server said more results can be requested: HTTP 206
-        Partial Content (dcm4chee-arc-light, which adds no warning) or a ``Warning: 299``
-        (PS3.18; its text varies by server, and a 299 about something else costs one request
-        more at worst). 204 and (below the store level, or for a lookup) 404 are empty."""
-        response = self.client.request("GET", url, params=params, headers={"Accept": DICOM_JSON}, passthrough=(404,))
+    def _search_page(self, url: str, params: dict[str, str | int], *, lookup: bool) -> _Page:
+        """One QIDO-RS page (see :class:`_Page`). 204 and (below the store level, or for a
+        lookup) 404 are empty. A 400 to a ``limit`` larger than the smallest of
+        :data:`QIDO_LIMIT_FALLBACKS` is asked again with the next smaller one, which the store
+        keeps to if accepted; a 400 to the smallest raises (the server refuses something else)."""
+        asked = params.get("limit")
+        while True:
+            smaller = _smaller_limit(params.get("limit"))
+            response = self.client.request("GET", url, params=params, headers={"Accept": DICOM_JSON},
+                                           passthrough=(404,) if smaller is None else (400, 404))
+            if response.status_code != 400 or smaller is None:
+                break
+            response.close()
+            logger.debug("%s: GET %s: HTTP 400 to limit=%s; asking with limit=%d",
+                         self.name, safe_path(url), params.get("limit"), smaller)
+            params = {**params, "limit": smaller}
+        limit = params.get("limit")
+        if isinstance(asked, int) and isinstance(limit, int) and limit < asked:
+            self._lower_limit(asked, limit)
+        sent_limit = limit if isinstance(limit, int) else sys.maxsize
         with response:
             if response.status_code == 404:
                 if self._is_store_level(url) and not lookup:
                     raise error_for_response("GET", url, response)
-                return [], False
+                return _Page([], sent_limit, False)
             if response.status_code == 204 or not response.content.strip():
-                return [], False
+                return _Page([], sent_limit, False)
             more = response.status_code == 206 or bool(_WARNING_299.search(response.headers.get("Warning") or ""))
             try:
                 page = _json(response)
@@ -937,7 +990,7 @@ class DicomwebStore:
                 raise StoreError(f"GET {safe_path(url)}: answer is not JSON") from exc
         if not isinstance(page, list):
             raise StoreError(f"GET {safe_path(url)}: answer is not a JSON list")
-        return page, more
+        return _Page(page, sent_limit, more)
 
     def _is_store_level(self, url: str) -> bool:
         """Whether a search URL names the whole store (``{root}/studies``, ``{root}/instances``),
