@@ -110,6 +110,28 @@ def test_unreachable_server_exits_1_without_mounting(tmp_path: Path):
     assert "Cannot reach the dataset" in (tmp_path / "logs" / "error.log").read_text()
 
 
+def test_a_server_that_refuses_the_start_up_search_is_not_called_unreachable(tmp_path: Path):
+    """It was reached: the log says it refused, with the status, and never the server's words."""
+    import json
+
+    from tests.fakes.http_server import LoopbackServer, Reply
+
+    words = "limit must be 1..200 for patient Doe^Jane"
+    server = LoopbackServer(lambda seen: Reply(400, json.dumps({"message": words}).encode(),
+                                               {"Content-Type": "application/json"}))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        rc = main(["-a", f"{server.base_url}/v1", "-p", str(mnt), "--logDir", str(tmp_path / "logs"),
+                   "--cacheDir", str(tmp_path / "cache")])
+    finally:
+        server.stop()
+    assert rc == 1
+    log = (tmp_path / "logs" / "error.log").read_text()
+    assert "The server refused the start-up search: GET /v1/studies: HTTP 400 Bad Request" in log
+    assert "Cannot reach" not in log and words not in log
+
+
 def test_the_adapter_follows_the_system_and_the_installed_binding():
     from dicomfuse.backends import adapter_name
 

@@ -160,7 +160,7 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     from dicomfuse.core.workdirs import FolderError, WorkDirs, folder_problem
     from dicomfuse.core.writeback import QueueBusy, dataset_label
     from dicomfuse.stores.auth import CredentialsError
-    from dicomfuse.stores.base import Forbidden, NotFound, StoreError, lists_sizes
+    from dicomfuse.stores.base import Forbidden, NotFound, StoreError, Unavailable, lists_sizes
     from dicomfuse.stores.open import open_dataset
 
     mount_point = check_mount_path(settings.mountPath)
@@ -186,7 +186,10 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         dataset.close()
         return EXIT_FAILURE
     except StoreError as exc:
-        log.error("Cannot reach the dataset: %s", exc)
+        if exc.status is not None and not isinstance(exc, Unavailable):  # it answered: a 4xx
+            log.error("The server refused the start-up search: %s", exc)
+        else:
+            log.error("Cannot reach the dataset: %s", exc)
         dataset.close()
         return EXIT_FAILURE
     log.info("Dataset %s has %d store(s)", dataset.name, len(stores))

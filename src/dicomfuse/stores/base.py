@@ -76,6 +76,9 @@ class StowOutcome:
 class StoreError(Exception):
     """Base of every error a store raises. ``str(err)`` is safe to log (no PHI, no tokens)."""
 
+    status: int | None = None
+    """The HTTP status of the server's answer, when the error is an error answer."""
+
 
 class NotFound(StoreError):
     """The store, study, series or instance does not exist on the server."""

@@ -259,7 +259,9 @@ def error_for_response(
         error_class = Unavailable
     else:
         error_class = StoreError
-    return error_class(message)
+    error = error_class(message)
+    error.status = status
+    return error
 
 
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -484,6 +486,7 @@ class HttpClient:
                 hint = forbidden_hint or self.forbidden_hint
                 if status == 403 and hint:
                     error = type(error)(f"{error} ({hint})")
+                    error.status = status
                 raise error
             finally:
                 response.close()
