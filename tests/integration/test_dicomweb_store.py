@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -706,7 +707,7 @@ def test_a_server_refusing_the_wildcard_is_asked_for_the_stored_transfer_syntax(
     store = fake_store(fake)
     with caplog.at_level("WARNING"):
         assert [archive.retrieve(store, sop) for sop in archive.sops] == list(archive.files.values())
-    accepts = [r[2]["Accept"] for r in fake.requests]
+    accepts = [r[2]["Accept"] for r in first_pages(fake.requests)]
     exact = f'multipart/related; type="application/dicom"; transfer-syntax={IMPLICIT_LE}'
     assert accepts == [WILDCARD_ACCEPT, "application/dicom+json", exact, exact, exact]
     assert "includefield=00083002" in fake.requests[1][1]
@@ -761,7 +762,7 @@ def test_a_server_that_does_not_say_what_it_stores_is_read_with_one_warning(
     assert "may be transcoded" in warning.getMessage()
     assert 'Accept: multipart/related; type="application/dicom")' in warning.getMessage()
     # the search is not repeated for a server whose searches name no transfer syntax
-    assert [r[2]["Accept"] for r in fake.requests][1:] == ["application/dicom+json"] + [
+    assert [r[2]["Accept"] for r in first_pages(fake.requests)][1:] == ["application/dicom+json"] + [
         'multipart/related; type="application/dicom"'] * 3
 
 
@@ -795,7 +796,13 @@ def test_concurrent_reads_of_a_series_search_its_transfer_syntaxes_once(fake: Fa
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda sop: archive.retrieve(store, sop), archive.sops))
     assert got == list(archive.files.values())
-    assert sum("includefield=00083002" in r[1] for r in fake.requests) == 1
+    assert sum("includefield=00083002" in r[1] for r in first_pages(fake.requests)) == 1
+
+
+def first_pages(requests: list[tuple[str, str, dict[str, str]]]) -> list[tuple[str, str, dict[str, str]]]:
+    """The requests without the searches' next pages (asked for after a page that may be the
+    server's own cap on a server not known to say when it cuts)."""
+    return [r for r in requests if not re.search(r"[?&]offset=[1-9]", r[1])]
 
 
 def test_truncated_single_part_raises(fake: FakeDicomweb) -> None:
