@@ -246,6 +246,32 @@ def test_a_series_of_several_patient_ids_is_listed_whole(orthanc: OrthancServer,
 
 
 @pytest.mark.orthanc
+def test_an_orthanc_whose_finds_are_limited_is_listed_whole(orthanc: OrthancServer, tmp_path: Path) -> None:
+    """An administrator set LimitFindResults/LimitFindInstances (advised for large Orthancs): a
+    find returns that many plus one and no page after it. The store's studies and its walk
+    must still be complete (Orthanc's own QIDO is cut there too: only its REST API can tell)."""
+    limited = OrthancServer(extra_config={"LimitFindResults": 5, "LimitFindInstances": 7}).start()
+    try:
+        study = make_uid("lim", 0)
+        paths = [write_instance(tmp_path / f"{n}.dcm", make_uid("lim", n), make_uid("lim", n, 1),
+                                make_uid("lim", n, 1, 1)) for n in range(12)]
+        paths += [write_instance(tmp_path / f"s{n}.dcm", study, make_uid("lim", 0, 1), make_uid("lim", 0, 1, n))
+                  for n in range(2, 12)]
+        for path in paths:
+            _orthanc_post(limited, path)
+        ds = DicomwebDataset(limited.dicomweb_url)
+        try:
+            store = ds.store
+            assert len(set(store.studies())) == 12
+            assert len(list(store.walk())) == 22
+            assert len(list(store.instances(study, make_uid("lim", 0, 1)))) == 11
+        finally:
+            ds.close()
+    finally:
+        limited.stop()
+
+
+@pytest.mark.orthanc
 def test_an_instance_orthanc_keeps_under_two_patients_reads_as_listed_and_is_deleted_whole(
         orthanc: OrthancServer, store: DicomwebStore, tmp_path: Path) -> None:
     """Another client stored one SOPInstanceUID twice with different PatientIDs: Orthanc keeps

@@ -241,10 +241,16 @@ class OrthancRest:
         return self._find({"Level": level, "Query": query, "Expand": expand})
 
     def find_all(self, level: str, *, page: int = ORTHANC_FIND_PAGE) -> Iterator[dict[str, Any]]:
-        """Every expanded resource of ``level`` in the index, paged with Limit/Since."""
+        """Every expanded resource of ``level`` in the index, paged with limit/since on its list
+        (``GET /studies?expand``). Not ``/tools/find``: where an administrator set Orthanc's
+        LimitFindResults or LimitFindInstances, a find returns that many (and one more) and no
+        page after it, so a store would show only the first of its studies."""
+        plural = {"Study": "studies", "Series": "series", "Instance": "instances"}[level]
         since = 0
         while True:
-            found = self._find({"Level": level, "Query": {}, "Expand": True, "Limit": page, "Since": since})
+            found = self._get_json(f"/{plural}?expand&since={since}&limit={page}")
+            if not isinstance(found, list):
+                raise StoreError(f"GET {safe_path(self.url)}/{plural}: answer is not a JSON list")
             yield from (r for r in found if isinstance(r, dict))
             if len(found) < page:
                 return
