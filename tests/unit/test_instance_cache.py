@@ -398,3 +398,40 @@ def test_downloads_of_unknown_size_make_room_as_their_bytes_arrive(tmp_path: Pat
         assert cache.used_bytes <= 4500
     finally:
         cache.stop()
+
+
+class FillingDisk:
+    """An unbuffered cache file on a disk with ``room`` bytes free: a write takes part of its
+    bytes when the disk fills, the next one fails with ENOSPC, as a FileIO does."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        if self.room == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        taken = bytes(data[: self.room])
+        self.room -= len(taken)
+        self.data += taken
+        return len(taken)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_cache_file_on_a_full_disk_is_never_taken_for_a_whole_copy(tmp_path: Path):
+    """A store that writes a chunk and ignores how much of it was taken (the local folder
+    store did) got a short copy marked complete on a disk filling up: cp exited 0 with a cut
+    file. The sink writes everything or raises."""
+    from dicomfuse.core.instance_cache import CachedInstance, _ProgressSink
+
+    entry = CachedInstance(key(1), tmp_path / "x", 0.0)
+    entry.reserved = 10_000
+    raw = FillingDisk(room=2500)
+    sink = _ProgressSink(entry, raw, limit=10_000)  # type: ignore[arg-type]
+    assert sink.write(b"a" * 1000) == 1000
+    with pytest.raises(OSError) as caught:
+        sink.write(b"b" * 2000)
+    assert caught.value.errno == errno.ENOSPC
+    assert entry.written == len(raw.data) == 2500

@@ -88,14 +88,23 @@ class _ProgressSink:
         entry = self._entry
         if entry.written + len(data) > self._limit:
             raise FsError(errno.EFBIG, f"instance larger than the largest allowed file ({self._limit} bytes)")
-        n = self._raw.write(data)
+        view = memoryview(data)
+        with view:
+            while len(view):
+                # An unbuffered file may take part of a write (a disk filling up): the rest is
+                # written, or the error that stops it (ENOSPC) raised. A short copy never passes
+                # for a whole one.
+                n = self._raw.write(view)
+                if not n:
+                    raise OSError(errno.EIO, "the cache file accepted no bytes")
+                with entry.cond:
+                    entry.written += n
+                    entry.cond.notify_all()
+                view = view[n:]
         self._raw.flush()
-        with entry.cond:
-            entry.written += n
-            entry.cond.notify_all()
         if entry.written > entry.reserved:
             self._outgrown(entry)
-        return n
+        return len(data)
 
     def flush(self) -> None:
         self._raw.flush()

@@ -245,3 +245,16 @@ def lists_sizes(dataset: Dataset) -> bool:
     """Whether the dataset's listings give instance sizes (an optional ``lists_sizes``
     attribute or property of a dataset; assumed when absent)."""
     return bool(getattr(dataset, "lists_sizes", True))
+
+
+def write_all(sink: BinaryIO, data: bytes | bytearray | memoryview) -> None:
+    """Write every byte of ``data`` (a raw file object may accept only part of a write)."""
+    view = memoryview(data)
+    with view:
+        while len(view):
+            written = sink.write(view)
+            if written is None or written >= len(view):
+                return
+            if written <= 0:
+                raise OSError("the sink accepted no bytes")
+            view = view[written:]

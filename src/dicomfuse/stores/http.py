@@ -37,6 +37,7 @@ from dicomfuse.stores.base import (
     StoreError,
     TooLarge,
     Unavailable,
+    write_all,
 )
 
 logger = logging.getLogger(__name__)
@@ -546,19 +547,6 @@ def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
 
 # ---------------------------------------------------------------------------------------------
 # Streaming multipart/related reader
-
-
-def write_all(sink: BinaryIO, data: bytes | bytearray | memoryview) -> None:
-    """Write every byte of ``data`` (a raw file object may accept only part of a write)."""
-    view = memoryview(data)
-    with view:
-        while len(view):
-            written = sink.write(view)
-            if written is None or written >= len(view):
-                return
-            if written <= 0:
-                raise OSError("the sink accepted no bytes")
-            view = view[written:]
 
 
 class MultipartReader:

@@ -54,6 +54,7 @@ from dicomfuse.stores.base import (
     StowOutcome,
     Unavailable,
     is_valid_store_id,
+    write_all,
 )
 
 log = logging.getLogger(__name__)
@@ -555,7 +556,7 @@ def _copy_to_sink(source: BinaryIO, sink: BinaryIO, action: str) -> int:
             raise _store_error(exc, action) from exc
         if not chunk:
             return written
-        sink.write(chunk)
+        write_all(sink, chunk)  # a sink on a disk filling up may take part of a chunk
         written += len(chunk)
 
 
