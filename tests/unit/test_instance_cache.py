@@ -435,3 +435,46 @@ def test_a_cache_file_on_a_full_disk_is_never_taken_for_a_whole_copy(tmp_path: P
         sink.write(b"b" * 2000)
     assert caught.value.errno == errno.ENOSPC
     assert entry.written == len(raw.data) == 2500
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="POSIX disk space")
+def test_files_no_one_reads_make_way_when_the_disk_is_fuller_than_cache_size_says(tmp_path: Path, monkeypatch):
+    """--cacheSize larger than the disk's free space (the default 10 GB on a small disk): the
+    files no one reads filled the disk and every new read failed with ENOSPC until they
+    expired. The disk's room bounds the cache too."""
+    import types
+
+    disk_size = 5000
+
+    def statvfs(path):  # type: ignore[no-untyped-def]
+        used = sum(p.stat().st_size for p in Path(path).iterdir())
+        return types.SimpleNamespace(f_bavail=disk_size - used, f_frsize=1, f_blocks=disk_size)
+
+    monkeypatch.setattr("dicomfuse.core.instance_cache.os.statvfs", statvfs)
+    cache = InstanceCache(tmp_path, capacity=10**9, ttl=100, workers=2)
+    cache.start()
+    try:
+        for n in range(8):
+            entry = cache.open(key(n), lambda sink, n=n: sink.write(blob(n)), expected_size=1000)
+            assert entry.wait_complete() == 1000
+            assert read_all(cache, entry) == blob(n)
+            cache.release(entry)
+        on_disk = sum(p.stat().st_size for p in tmp_path.iterdir())
+        assert on_disk <= disk_size - disk_size // 20  # the margin stays free
+        assert cache.fresh(key(7)) is not None and cache.fresh(key(0)) is None  # the oldest made way
+    finally:
+        cache.stop()
+
+
+def test_a_download_stopped_by_a_full_disk_is_said_at_error_once(cache: InstanceCache, caplog):
+    def full(sink):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with caplog.at_level("DEBUG"):
+        for n in range(3):
+            entry = cache.open(key(n), full)
+            with pytest.raises(OSError):
+                entry.wait_complete()
+            cache.release(entry)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "is full" in errors[0].getMessage()

@@ -219,6 +219,11 @@ class _PriorityPool:
                         self._cond.notify()
 
 
+DISK_MARGIN = 64 << 20
+"""Free space the cache leaves on its disk (at most a twentieth of the disk): room for uploads
+being written and for other programs."""
+
+
 class InstanceCache:
     """Bounded by ``capacity`` bytes (largest file ``capacity // 4``); entries older than ``ttl``
     seconds are fetched again on the next open, and their files deleted once nobody reads them
@@ -249,6 +254,7 @@ class InstanceCache:
         self._entries: OrderedDict[CacheKey, CachedInstance] = OrderedDict()
         self._bytes = 0
         self._typical = 0  # size of the last file completed: the guess for read-ahead of unknown size
+        self._disk_full_said = float("-inf")
         self.prefetch_stats = {"started": 0, "refused": 0, "cancelled": 0, "promoted": 0}
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -351,7 +357,7 @@ class InstanceCache:
             # Unknown size: guess the last file's, or an eighth of the largest file at first.
             size = expected_size if expected_size is not None else (self._typical or self.max_file // 8)
             self._make_room(size, keep_unread=True)
-            if size > self.max_file or self._bytes + size > self.capacity:
+            if size > self.max_file or self._bytes + size > self._limit():
                 self.prefetch_stats["refused"] += 1
                 return False
             if entry is not None:
@@ -457,6 +463,8 @@ class InstanceCache:
                 fetch(_ProgressSink(entry, raw, self.max_file, self._outgrown))  # type: ignore[arg-type]
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting reader
             log.debug("Download of %s failed: %s", entry.key[3], exc)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                self._disk_full()
             with entry.cond:
                 entry.error = exc
                 entry.cond.notify_all()
@@ -477,6 +485,17 @@ class InstanceCache:
                 entry.reserved = 0
                 self._typical = entry.written
                 self._make_room(0)
+
+    def _disk_full(self) -> None:
+        """A download found the cache's disk full: said once a minute at ERROR (the read fails
+        with ENOSPC, which would otherwise leave the user guessing which disk)."""
+        now = self._clock()
+        with self._lock:
+            if now - self._disk_full_said < 60:
+                return
+            self._disk_full_said = now
+        log.error("The disk of the instance cache (%s) is full: files cannot be read through the mount until "
+                  "there is room (free space there, or give a smaller --cacheSize)", self.directory)
 
     def _outgrown(self, entry: CachedInstance) -> None:
         """A download passed its reservation (its size was unknown, or a guess): count the
@@ -518,13 +537,29 @@ class InstanceCache:
         """Caller holds _lock. Evict least recently used, unpinned, complete entries until the
         total plus ``incoming`` fits the capacity. ``keep_unread``: not files fetched ahead that
         nobody opened yet (read-ahead must not push out read-ahead still to be read)."""
-        if self._bytes + incoming <= self.capacity:
+        limit = self._limit()
+        if self._bytes + incoming <= limit:
             return
         for key in list(self._entries):
-            if self._bytes + incoming <= self.capacity:
+            if self._bytes + incoming <= limit:
                 return
             entry = self._entries[key]
             if entry.pins <= 0 and entry.complete and not (keep_unread and entry.prefetched):
                 self._retire(entry)
-        if self._bytes + incoming > self.capacity:
+        if self._bytes + incoming > limit:
             log.debug("Instance cache over its bound while files are in use (%d bytes)", self._bytes)
+
+    def _limit(self) -> int:
+        """Caller holds _lock. The bytes the cache may hold now: ``capacity``, or less when its
+        disk has less room (what it holds plus the free space, less a margin kept for uploads and
+        other programs). Files no one reads make way for new ones before a download fails with
+        ENOSPC, whatever --cacheSize says."""
+        try:
+            disk = os.statvfs(self.directory) if hasattr(os, "statvfs") else None
+        except OSError:
+            disk = None
+        if disk is None:
+            return self.capacity
+        free = disk.f_bavail * disk.f_frsize
+        margin = min(DISK_MARGIN, disk.f_blocks * disk.f_frsize // 20)
+        return min(self.capacity, self._bytes + free - margin)
