@@ -1589,3 +1589,32 @@ def _changed(path: Path, tmp_path: Path) -> bytes:
     ds.StudyDescription = "edited"
     ds.save_as(tmp_path / "edited.dcm", enforce_file_format=True)
     return (tmp_path / "edited.dcm").read_bytes()
+
+
+def test_an_overwrite_with_no_room_for_the_previous_version_fails_cleanly(dataset, tmp_path, dicom: DicomFactory,
+                                                                          monkeypatch, caplog):
+    """The disk has no room for the copy of the instance an overwrite keeps until the new one is
+    stored: ENOSPC at close, one ERROR line, the bytes kept with that reason; not 'failed
+    unexpectedly' with a traceback, and not a second attempt at release."""
+    inst, path = on_server(dataset, dicom)
+    store_class = type(dataset.open_store("store"))
+    calls = []
+
+    def full_disk(self, study, series, sop, sink):  # type: ignore[no-untyped-def]
+        calls.append(sop)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_class, "retrieve", full_disk)
+    vfs = make_vfs(dataset, tmp_path)
+    fh = vfs.open(path, os.O_WRONLY | os.O_TRUNC).fh
+    vfs.write(fh, _changed(inst.path, tmp_path), 0)
+    with caplog.at_level("DEBUG"):
+        assert errno_of(vfs.flush, fh) == errno.ENOSPC
+        vfs.release(fh)
+    assert len(calls) == 1
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage() or r.exc_info]
+    [kept] = [p for p in (tmp_path / "work").rglob("failed/*") if not p.name.endswith(".json")]
+    assert kept.read_bytes() == _changed(inst.path, tmp_path)
+    monkeypatch.undo()
+    assert read(vfs, path) == inst.path.read_bytes()
+    vfs.shutdown()

@@ -1463,8 +1463,12 @@ class Vfs:
     def _read_stored(self, store: Store, ident: DicomUids, fd: int, doing: str) -> None:
         """The server's bytes of the instance into the empty spool file ``fd`` (FsError ENOENT
         when it is gone)."""
-        with open(fd, "wb", closefd=False) as sink:
-            self._remote(doing, store.retrieve, ident.study_uid, ident.series_uid, ident.sop_uid, sink)
+        try:
+            with open(fd, "wb", closefd=False) as sink:
+                self._remote(doing, store.retrieve, ident.study_uid, ident.series_uid, ident.sop_uid, sink)
+        except OSError as exc:  # the local copy (a full disk): the server is not at fault
+            raise FsError(exc.errno or errno.EIO, f"{doing}: cannot keep a local copy of the stored instance "
+                          f"({exc.strerror or type(exc).__name__})", logging.ERROR) from None
 
     def _same_as_cached(self, ident: DicomUids, store: str, fd: int) -> bool:
         """Whether the fresh cached copy of the instance holds the bytes of ``fd``."""
