@@ -1618,3 +1618,25 @@ def test_an_overwrite_with_no_room_for_the_previous_version_fails_cleanly(datase
     monkeypatch.undo()
     assert read(vfs, path) == inst.path.read_bytes()
     vfs.shutdown()
+
+
+def test_write_back_with_a_full_disk_at_the_journal_is_enospc_and_leaves_no_half_record(
+        dataset, tmp_path, dicom: DicomFactory, monkeypatch):
+    from dicomfuse.core.writeback import WriteBackQueue
+
+    def full(self, record, item, *, durable):  # type: ignore[no-untyped-def]
+        record.write_bytes(b"")  # created, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(WriteBackQueue, "_write_new_record", full)
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    inst = dicom.instance()
+    fh = vfs.create("/store/new.dcm").fh
+    vfs.write(fh, inst.path.read_bytes(), 0)
+    assert errno_of(vfs.flush, fh) == errno.ENOSPC
+    vfs.release(fh)
+    assert vfs.writeback is not None
+    assert [p.name for p in vfs.writeback.directory.glob("*.json")] == ["status.json"]
+    kept = [p for p in (tmp_path / "work").rglob("failed/*") if not p.name.endswith(".json")]
+    assert [p.read_bytes() for p in kept] == [inst.path.read_bytes()]
+    vfs.shutdown()

@@ -1510,7 +1510,9 @@ class Vfs:
                 if replacing:
                     with self._lock:
                         self._replaces.pop((h.path.store, ident.sop_uid), None)
-                raise FsError(errno.EIO, f"upload {h.path}: could not queue it ({exc})", logging.ERROR) from None
+                code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO  # ENOSPC: a full disk
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise FsError(code, f"upload {h.path}: could not queue it ({why})", logging.ERROR) from None
             h.queued = True
             try:
                 self.cache.adopt(self._key(target), item.path, link=True)  # the queued bytes, no copy

@@ -580,7 +580,11 @@ class WriteBackQueue:
             last_error=None, dataset=self.dataset,
         )
         record = self._record_path(item)
-        self._write_new_record(record, item, durable=durable)
+        try:
+            self._write_new_record(record, item, durable=durable)
+        except BaseException:
+            _unlink(record)  # half written (a full disk): not a record the next start should read
+            raise
         try:
             _move_in(source, item.path, durable=durable)
         except BaseException:
