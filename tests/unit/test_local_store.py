@@ -331,6 +331,45 @@ def test_duplicate_sop_files_are_listed_once(store: LocalStore) -> None:
     assert [i.sop_uid for i in store.instances(STUDY, SERIES)] == [SOP]
 
 
+def test_a_duplicate_sop_is_read_from_its_canonical_copy(store: LocalStore, tmp_path: Path) -> None:
+    write(store._root / "a-first-by-name.dcm", instance_number=1)
+    canonical = write(store._root / STUDY / SERIES / f"{SOP}.dcm", instance_number=2)
+    assert read_back(store, STUDY, SERIES, SOP) == canonical.read_bytes()
+    assert list(store.instances(STUDY, SERIES, SOP)) == list(store.instances(STUDY, SERIES))
+
+
+def test_work_per_instance_does_not_grow_with_the_series(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading, looking up, storing or deleting one instance looks at that instance only: a copy
+    of a 5,000-instance series was quadratic (each read built the whole series' SOP table)."""
+    count = 60
+    root = tmp_path / "d"
+    sops = [uid("sop", n) for n in range(count)]
+    for n, sop in enumerate(sops):
+        write(root / "s" / f"{n}.dcm", sop=sop)
+    store = LocalDataset(root).open_store("s")  # the default rescan interval, as a mount has
+    assert len(list(store.instances(STUDY, SERIES))) == count  # the index is built
+    looked_at = {"instances": 0}
+    sops_of, primary = local._Index.sops, local._Index._primary
+
+    def counting_sops(index: local._Index, study_uid: str, series_uid: str) -> dict[str, Path]:
+        found = sops_of(index, study_uid, series_uid)
+        looked_at["instances"] += len(found)
+        return found
+
+    def counting_primary(index: local._Index, paths: set[Path]) -> Path:
+        looked_at["instances"] += 1
+        return primary(index, paths)
+
+    monkeypatch.setattr(local._Index, "sops", counting_sops)
+    monkeypatch.setattr(local._Index, "_primary", counting_primary)
+    for sop in sops:
+        assert read_back(store, STUDY, SERIES, sop)
+        assert [i.sop_uid for i in store.instances(STUDY, SERIES, sop)] == [sop]
+    assert store.store_files([write(tmp_path / "new.dcm", sop=uid("sop", "new"))])[0].stored
+    store.delete_instance(STUDY, SERIES, sops[0])
+    assert looked_at["instances"] <= 2 * count + 2  # it was 2 * count * count
+
+
 # ---------------------------------------------------------------------------------------------
 # Refresh
 

@@ -191,6 +191,12 @@ class _Index:
         instances = self._tree.get(study_uid, {}).get(series_uid, {})
         return {sop: self._primary(paths) for sop, paths in sorted(instances.items())}
 
+    def file_of(self, study_uid: str, series_uid: str, sop_uid: str) -> Path | None:
+        """The file that serves one SOP, as :meth:`sops` would give it, without touching the
+        rest of the series (a read of each file of a big series must not cost the series)."""
+        paths = self._tree.get(study_uid, {}).get(series_uid, {}).get(sop_uid)
+        return self._primary(paths) if paths else None
+
     def copies(self, study_uid: str, series_uid: str, sop_uid: str) -> list[Path]:
         return sorted(self._tree.get(study_uid, {}).get(series_uid, {}).get(sop_uid, ()))
 
@@ -198,10 +204,17 @@ class _Index:
         return sorted(self._by_sop.get(sop_uid, ()))
 
     def _primary(self, paths: set[Path]) -> Path:
+        if len(paths) == 1:
+            return next(iter(paths))  # the usual case: no canonical path to build
         return min(paths, key=lambda p: (p != self.canonical_path(self._uids[p]), str(p)))
 
     def canonical_path(self, uids: DicomUids) -> Path:
         return self._root / uids.study_uid / uids.series_uid / f"{uids.sop_uid}.dcm"
+
+
+def _one_sop(index: _Index, study_uid: str, series_uid: str, sop_uid: str) -> dict[str, Path]:
+    path = index.file_of(study_uid, series_uid, sop_uid)
+    return {} if path is None else {sop_uid: path}
 
 
 def _diff(old: dict[Path, _DirState], new: dict[Path, _DirState]) -> tuple[list[Path], list[tuple[Path, DicomUids]]]:
@@ -266,9 +279,10 @@ class LocalStore:
         return iter(found if series_uid is None else [u for u in found if u == series_uid])
 
     def instances(self, study_uid: str, series_uid: str, sop_uid: str | None = None) -> Iterator[InstanceInfo]:
-        sops = self._listed(lambda index: index.sops(study_uid, series_uid), sop_uid)
-        if sop_uid is not None:
-            sops = {sop_uid: sops[sop_uid]} if sop_uid in sops else {}
+        if sop_uid is None:
+            sops = self._listed(lambda index: index.sops(study_uid, series_uid), None)
+        else:
+            sops = self._listed(lambda index: _one_sop(index, study_uid, series_uid, sop_uid), sop_uid)
         infos = []
         for sop, path in sops.items():
             try:
@@ -304,7 +318,7 @@ class LocalStore:
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
         with self._fresh_index() as index:
-            path = index.sops(study_uid, series_uid).get(sop_uid)
+            path = index.file_of(study_uid, series_uid, sop_uid)
         if path is None:
             raise NotFound(f"instance {sop_uid} not found in store {self.name!r}")
         try:
