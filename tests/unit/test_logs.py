@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import stat
@@ -9,9 +11,11 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
+from dicomfuse.cli import logs
 from dicomfuse.cli.logs import RotatingLog, setup_logging
 from tests.conftest import PATIENT_NAME
 
@@ -175,3 +179,107 @@ def test_an_unusable_log_folder_is_one_line_and_leaves_logging_alone(tmp_path: P
         setup_logging(tmp_path / "afile" / "logs")
     assert str(exc.value) == f"{tmp_path / 'afile' / 'logs'} is not a folder ({tmp_path / 'afile'} is a file)"
     assert logging.getLogger().handlers == before
+
+
+# ---------------------------------------------------------------------------------------------
+# A log that cannot be written
+
+
+class _Disk:
+    """Log files on a disk that can be filled (every write then fails with ENOSPC) and freed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = False
+        disk = self
+
+        class FillableFile(io.FileIO):
+            def write(self, data: bytes) -> int:  # type: ignore[override]
+                if disk.full:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return super().write(data)
+
+        def open_fillable(handler: RotatingLog) -> TextIO:
+            raw = FillableFile(os.open(handler.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
+            return io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8", errors="backslashreplace")
+
+        monkeypatch.setattr(RotatingLog, "_open", open_fillable)
+
+
+def test_a_full_disk_is_one_line_per_file_and_one_when_it_is_written_again(
+        tmp_path: Path, root_logging: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """It was logging's "--- Logging error ---" block (a traceback and the record's raw arguments,
+    maybe a patient's name) for every record and every file; the mount goes on regardless."""
+    disk = _Disk(monkeypatch)
+    folder = setup_logging(tmp_path / "logs", console_level=logging.CRITICAL)  # the terminal: only the notes
+    log = logging.getLogger("dicomfuse.test")
+    log.info("before: %s", "fine")
+    disk.full = True
+    for n in range(5):
+        log.info("patient %s, record %d", PATIENT_NAME, n)
+        log.error("patient %s, error %d", PATIENT_NAME, n)
+    full = capsys.readouterr().err.splitlines()
+    assert sorted(full) == sorted(
+        f"ERROR cannot write the log file {folder / name} (No space left on device); "
+        "its records are lost until it can be written again"
+        for name in ("debug.log", "info.log", "error.log")
+    )
+    disk.full = False
+    log.error("after: %s", "written")
+    assert sorted(capsys.readouterr().err.splitlines()) == sorted(
+        f"INFO the log file {folder / name} is written again" for name in ("debug.log", "info.log", "error.log")
+    )
+    for name in ("debug.log", "info.log", "error.log"):
+        assert "after: written" in (folder / name).read_text()
+    disk.full = True
+    log.error("again")
+    assert len(capsys.readouterr().err.splitlines()) == 3  # a new episode is told again
+    disk.full = False  # the handlers are closed after the test
+
+
+def test_a_log_file_that_fails_while_rotating_is_written_again_once_it_can_be(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """Closing the full file at a rotation fails yet closes it: the closed stream was kept, and
+    every later record refused even once the disk had room."""
+    disk = _Disk(monkeypatch)
+    handler = RotatingLog(tmp_path / "x.log", max_bytes=30, backup_count=1)
+    try:
+        handler.handle(record("first " + "." * 30))  # at its size: the next record rotates
+        handler.stream.write("buffered")  # not flushed yet: closing the file will flush it
+        disk.full = True
+        handler.handle(record("lost"))
+        disk.full = False
+        handler.handle(record("second"))
+        handler.handle(record("third"))
+    finally:
+        handler.close()
+    assert capsys.readouterr().err.splitlines() == [
+        f"ERROR cannot write the log file {tmp_path / 'x.log'} (No space left on device); "
+        "its records are lost until it can be written again",
+        f"INFO the log file {tmp_path / 'x.log'} is written again",
+    ]
+    assert (tmp_path / "x.log").read_text() == "second\nthird\n"
+
+
+def _log_badly(log: logging.Logger) -> None:
+    log.error("patient %d", PATIENT_NAME)  # TypeError: every handler meets it, the terminal and the files
+
+
+def test_a_record_that_cannot_be_formatted_is_named_once_without_its_arguments(
+        tmp_path: Path, root_logging: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(logs, "_bad_call_sites", set())
+    folder = setup_logging(tmp_path / "logs")
+    log = logging.getLogger("dicomfuse.test")
+    for _ in range(3):
+        _log_badly(log)
+    log.info("the mount goes on")
+    line = _log_badly.__code__.co_firstlineno + 1
+    terminal = capsys.readouterr().err
+    assert terminal.splitlines() == [
+        f"ERROR a log record of dicomfuse.test (test_logs.py line {line}) cannot be formatted (TypeError); "
+        "it is left out",
+        "INFO the mount goes on",
+    ]
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    assert "the mount goes on" in (folder / "info.log").read_text()
+    assert PATIENT_NAME not in (folder / "debug.log").read_text()

@@ -9,6 +9,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import TextIO
@@ -30,13 +31,40 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
     so a file may pass ``maxBytes`` by one record (or by what another process wrote to it). A
     log that is not a regular file (a pipe, a terminal, /dev/null) is never rotated. A message
     that UTF-8 cannot encode (a file name in another encoding) is written with escapes. A file it
-    creates is 0600 whatever the umask: log lines name paths and UIDs, not for other users."""
+    creates is 0600 whatever the umask: log lines name paths and UIDs, not for other users.
+
+    A file that cannot be written (a full disk) says so in one line on stderr, naming the file and
+    the system's reason, and once more when it is written again; a record that cannot be
+    formatted says so once per place that logs it. Never logging's "--- Logging error ---" block
+    for each record: its traceback and the record's raw arguments (a patient's name, maybe)."""
 
     def __init__(self, filename: Path, max_bytes: int, backup_count: int) -> None:
         super().__init__(filename, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8",
                          errors="backslashreplace")
+        # The handler's lock (held around emit) guards these fields.
         self._size: int | None = None  # unknown until the file is (re)opened
         self._regular = True
+        self._failing = False  # the file could not be written and stderr was told
+        self._emit_failed = False  # the record being emitted failed
+        self._bad_record = False  # ... because it could not be formatted
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._emit_failed = self._bad_record = False
+        super().emit(record)
+        if self._failing and not self._emit_failed:
+            self._failing = False
+            _tell(f"INFO the log file {self.baseFilename} is written again")
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        exc = sys.exc_info()[1]
+        self._emit_failed = True
+        if self._bad_record:
+            _tell_bad_record(record, exc)
+        elif not self._failing:
+            self._failing = True
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__
+            _tell(f"ERROR cannot write the log file {self.baseFilename} ({reason}); "
+                  "its records are lost until it can be written again")
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
         if self._size is None:
@@ -54,14 +82,49 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
         return stream
 
     def doRollover(self) -> None:  # noqa: N802
-        super().doRollover()
-        self._size = None
+        # Drop the stream first: closing it flushes, which can fail (a full disk) yet closes the
+        # file, and a closed stream kept here would refuse every later record.
+        stream, self.stream = self.stream, None
+        try:
+            if stream:
+                stream.close()
+            super().doRollover()
+        finally:
+            self._size = None  # learnt again when the file is (re)opened: a failed reopen is retried
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        try:
+            text = super().format(record)
+        except Exception:
+            self._bad_record = True
+            raise
         if self._size is not None:
             self._size += len((text + self.terminator).encode("utf-8", "backslashreplace"))
         return text
+
+
+class ConsoleLog(logging.StreamHandler):  # type: ignore[type-arg]
+    """The terminal's handler: a record that cannot be formatted is told as :class:`RotatingLog`
+    tells it (once, without its arguments); a terminal that cannot be written is not told."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self._bad_record = False  # the record being emitted could not be formatted (handler's lock)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._bad_record = False
+        super().emit(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            return super().format(record)
+        except Exception:
+            self._bad_record = True
+            raise
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if self._bad_record:
+            _tell_bad_record(record, sys.exc_info()[1])
 
 
 class MessageFreeFormatter(logging.Formatter):
@@ -82,6 +145,32 @@ class MessageFreeFormatter(logging.Formatter):
             return super().format(record)
         finally:
             record.exc_text = cached
+
+
+def _tell(line: str) -> None:
+    """One line on stderr, outside logging (whose own files may be what fails)."""
+    try:
+        if sys.stderr:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # no terminal to tell
+
+
+_bad_call_sites: set[tuple[str, int]] = set()  # guarded by _bad_call_sites_lock
+_bad_call_sites_lock = threading.Lock()
+
+
+def _tell_bad_record(record: logging.LogRecord, exc: BaseException | None) -> None:
+    """Name a log call whose record cannot be formatted (its arguments do not fit its message),
+    once per call site whichever handlers meet it; never its arguments."""
+    site = (record.pathname, record.lineno)
+    with _bad_call_sites_lock:
+        if site in _bad_call_sites:
+            return
+        _bad_call_sites.add(site)
+    _tell(f"ERROR a log record of {record.name} ({os.path.basename(record.pathname)} line {record.lineno}) "
+          f"cannot be formatted ({type(exc).__name__}); it is left out")
 
 
 def _private(path: str, flags: int) -> int:
@@ -116,7 +205,7 @@ def setup_logging(log_dir: Path | None, *, console_level: int = logging.INFO) ->
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(logging.DEBUG)
-    console = logging.StreamHandler(sys.stderr)
+    console = ConsoleLog()
     console.setLevel(console_level)
     console.setFormatter(MessageFreeFormatter("%(levelname)s %(message)s"))
     root.addHandler(console)
