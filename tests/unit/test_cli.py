@@ -42,6 +42,8 @@ def test_timeouts_and_ca_bundle(tmp_path: Path):
     s = parse_settings(["-a", "/x", "-p", "/m", "--httpTimeout", "2.5", "--caBundle", str(ca)])
     assert s.httpTimeout == (2.5, 2.5) and s.caBundle == ca
     assert parse_settings(["-a", "/x", "-p", "/m"]).httpTimeout == (10.0, 60.0)
+    assert parse_settings(["-a", "/x", "-p", "/m", "--httpTimeout", ".5, 10."]).httpTimeout == (0.5, 10.0)
+    assert parse_settings(["-a", "/x", "-p", "/m", "-t", " 0, 007"]).cacheTime == (0, 7)
 
 
 @pytest.mark.parametrize("spelling", [["--enableDeletion=false"], ["--enableDeletion", "false"], ["-d", "false"],
@@ -55,6 +57,9 @@ def test_enable_deletion_spellings(spelling):
     (["-a", "/x"], "--mountPath"),
     (["-a", "/x", "-p", "/m", "-t", "60"], "--cacheTime: expected two whole numbers"),
     (["-a", "/x", "-p", "/m", "-t", "a,b"], "--cacheTime"),
+    (["-a", "/x", "-p", "/m", "-t", "²,3"], "--cacheTime: expected two whole numbers"),  # int() refused it
+    (["-a", "/x", "-p", "/m", "-t", "٣,٣"], "--cacheTime: expected two whole numbers"),  # int() took it
+    (["-a", "/x", "-p", "/m", "-t", "+3,3"], "--cacheTime: expected two whole numbers"),
     (["-a", "/x", "-p", "/m", "-s", "lots"], "--cacheSize"),
     (["-a", "/x", "-p", "/m", "-s", "1"], "--cacheSize: must be at least 4"),
     (["-a", "/x", "-p", "/m", "-d", "maybe"], "--enableDeletion: expected true or false"),
@@ -62,6 +67,9 @@ def test_enable_deletion_spellings(spelling):
     (["-a", "/x", "-p", "/m", "--bogus"], "unrecognized arguments"),
     (["-a", "/x", "-p", "/m", "--httpTimeout", "0,5"], "--httpTimeout: expected two positive"),
     (["-a", "/x", "-p", "/m", "--httpTimeout", "soon"], "--httpTimeout: expected seconds"),
+    (["-a", "/x", "-p", "/m", "--httpTimeout", "٣,٣"], "--httpTimeout: expected seconds"),  # float() took them
+    (["-a", "/x", "-p", "/m", "--httpTimeout", "nan"], "--httpTimeout: expected seconds"),
+    (["-a", "/x", "-p", "/m", "--httpTimeout", "inf"], "--httpTimeout: expected seconds"),
     (["-a", "/x", "-p", "/m", "--caBundle", "/no/such/ca.pem"],
      f"--caBundle: {Path('/no/such/ca.pem')} is not a readable"),  # the path as this OS writes it
     (["-a", "/x", "-p", "/m", "--uploadMode", "later"], "--uploadMode: expected sync or writeback"),

@@ -6,11 +6,16 @@ command); the CLI's argparse parser is generated from this model.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Numbers as typed in ASCII: str.isdigit() and int() also take other scripts' digits (٣) and
+# superscripts (², which int() then refuses with a message of its own).
+_WHOLE = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 TRUE = {"true", "yes", "on", "1"}
 FALSE = {"false", "no", "off", "0"}
 
@@ -97,7 +102,7 @@ class Settings(BaseModel):
     def _cache_time(cls, value: Any) -> Any:
         if isinstance(value, str):
             parts = [p.strip() for p in value.split(",")]
-            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            if len(parts) != 2 or not all(_WHOLE.fullmatch(p) for p in parts):
                 raise ValueError("expected two whole numbers of seconds like 60,300")
             return (int(parts[0]), int(parts[1]))
         return value
@@ -107,10 +112,9 @@ class Settings(BaseModel):
     def _http_timeout(cls, value: Any) -> Any:
         if isinstance(value, str):
             parts = [p.strip() for p in value.split(",")]
-            try:
-                numbers = [float(p) for p in parts]
-            except ValueError:
-                raise ValueError("expected seconds like 10,60 (connect,read) or one number for both") from None
+            if not all(_DECIMAL.fullmatch(p) for p in parts):  # not float(): it takes inf, nan, 1e3, ٣
+                raise ValueError("expected seconds like 10,60 (connect,read) or one number for both")
+            numbers = [float(p) for p in parts]
             if len(numbers) == 1:
                 numbers *= 2
             if len(numbers) != 2 or min(numbers) <= 0:
