@@ -30,6 +30,23 @@ def test_prefetch_a_study_of_a_running_mount(backend: Backend, mount_factory, di
         assert backend.instance_path(m, inst).read_bytes() == inst.path.read_bytes()
 
 
+def test_prefetch_of_more_than_the_cache_holds_says_so_and_exits_3(backend: Backend, mount_factory,
+                                                                    dicom: DicomFactory):
+    """It said "8/8 files ... ETA done" and exited 0 with most of them pushed out of the cache."""
+    insts = dicom.series(8, pixel_bytes=700 * 1024)  # 5.6 MB; the cache holds 4 MiB
+    backend.seed(insts)
+    m = mount_factory(backend, "--readAhead", "0", "--cacheSize", "4")
+    series = backend.series_path(m, insts[0])
+    r = run(sys.executable, "-m", "dicomfuse", "prefetch", series, "--threads", "1", "--logDir", m.log_dir)
+    assert r.returncode == 3, r.stderr
+    assert "8/8 files" in r.stderr
+    kept = cached_files(m)
+    assert 0 < kept < 8
+    assert r.stderr.rstrip().endswith(
+        f"dicomfuse prefetch: {8 - kept} of the 8 files read did not stay in the cache (the mount's --cacheSize is too "
+        "small, or its --cacheTime shorter than this prefetch took): what did not stay is downloaded again when read")
+
+
 def test_prefetch_of_a_path_that_is_not_a_folder_is_refused(tmp_path: Path):
     r = run(sys.executable, "-m", "dicomfuse", "prefetch", tmp_path / "missing", "--logDir", tmp_path / "logs")
     assert r.returncode == 2 and "not a folder" in r.stderr

@@ -58,3 +58,43 @@ def test_an_empty_folder_that_lists_is_still_no_instances(tree: Path):
     out = io.StringIO()
     assert prefetch.prefetch_running_mount(tree / "empty", 2, out) == 0
     assert out.getvalue() == f"dicomfuse prefetch: no instances below {tree / 'empty'}\n"
+
+
+@pytest.mark.parametrize("held,code,note", [
+    ({"0.dcm": True, "1.dcm": True}, 0, None),
+    ({"0.dcm": False, "1.dcm": True}, 3, "1 of the 2 files read did not stay in the cache"),
+    ({"0.dcm": False, "1.dcm": False}, 3, "none of the 2 files read stayed in the cache"),
+    ({"0.dcm": None, "1.dcm": False}, 0, None),  # a mount that cannot tell: nothing said
+])
+def test_files_that_did_not_stay_in_the_cache_are_said_and_exit_3(tree: Path, monkeypatch, held, code, note):
+    """It was "2/2 files ... ETA done" and exit 0 while the cache, too small, had kept few of them."""
+    monkeypatch.setattr(prefetch, "is_cached", lambda path: held[path.name])
+    out = io.StringIO()
+    assert prefetch.prefetch_running_mount(tree / "good", 2, out) == code
+    lines = out.getvalue().splitlines()  # the progress line's redraws ("\r") split it too
+    if note is None:
+        assert "2/2 files" in lines[-1] and "ETA done" in lines[-1]
+    else:
+        assert "2/2 files" in lines[-2] and "ETA done" in lines[-2]
+        assert lines[-1] == (f"dicomfuse prefetch: {note} (the mount's --cacheSize is too small, or its --cacheTime "
+                             "shorter than this prefetch took): what did not stay is downloaded again when read")
+
+
+def test_a_file_that_could_not_be_read_is_not_asked_whether_it_stayed(tree: Path, monkeypatch):
+    asked: list[str] = []
+
+    def is_cached(path: Path) -> bool:
+        asked.append(path.name)
+        return False
+
+    def read_file(path: Path, count) -> None:
+        if path.name == "0.dcm":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        count(10)
+
+    monkeypatch.setattr(prefetch, "is_cached", is_cached)
+    monkeypatch.setattr(prefetch, "read_file", read_file)
+    out = io.StringIO()
+    assert prefetch.prefetch_running_mount(tree / "good", 2, out) == 1  # a failure outranks the note
+    assert asked == ["1.dcm"]
+    assert out.getvalue().splitlines()[-1].startswith("dicomfuse prefetch: the file read did not stay in the cache (")

@@ -886,6 +886,28 @@ def test_setxattr_honours_create_and_replace(dataset, tmp_path):
     vfs.shutdown()
 
 
+def test_an_instance_says_whether_the_cache_holds_it(dataset, tmp_path, dicom: DicomFactory):
+    """``user.dicomfuse.cached``: how ``dicomfuse prefetch`` learns which files stayed. Read-only,
+    and not listed (cp -a would copy it)."""
+    from dicomfuse.core.vfs import CACHED_XATTR
+
+    insts = dicom.series(7, pixel_bytes=400 * 1024)  # a 2 MiB cache holds 5 of them
+    dataset.open_store("store").store_files([i.path for i in insts])
+    vfs = make_vfs(dataset, tmp_path, cache_bytes=2 * 1024 * 1024, read_ahead=0)
+    names = [f"/store/{i.study_uid}/{i.series_uid}/{i.sop_uid}.dcm" for i in insts]
+    assert [vfs.getxattr(n, CACHED_XATTR) for n in names] == [b"no"] * 7  # asking does not fetch
+    read(vfs, names[0])
+    assert vfs.getxattr(names[0], CACHED_XATTR) == b"yes"
+    for name in names[1:]:
+        read(vfs, name)
+    assert [vfs.getxattr(n, CACHED_XATTR) for n in names] == [b"no"] * 2 + [b"yes"] * 5  # the first pushed out
+    assert CACHED_XATTR not in vfs.listxattr(names[-1])
+    assert errno_of(lambda: vfs.setxattr(names[0], CACHED_XATTR, b"yes")) == errno.EPERM
+    assert errno_of(vfs.getxattr, f"/store/{insts[0].study_uid}", CACHED_XATTR) == ENOATTR  # a folder
+    assert errno_of(vfs.getxattr, names[0] + ".gone", CACHED_XATTR) == errno.ENOENT
+    vfs.shutdown()
+
+
 def test_an_instance_replaced_on_the_server_after_it_was_listed_shows_its_new_size(dataset, tmp_path,
                                                                                   dicom: DicomFactory, caplog):
     """Another client replaced the instance (same UIDs, other size) after this mount listed

@@ -9,7 +9,9 @@ Two forms:
   ``dicomfuse`` with the same flags, warms FOLDER (a path inside the mount, e.g.
   ``store/1.2.3``) in the background, and keeps serving until Ctrl+C.
 
-The cache keeps what fits in ``--cacheSize`` for the second ``--cacheTime`` value.
+The cache keeps what fits in ``--cacheSize`` for the second ``--cacheTime`` value. Afterwards each
+file read is asked whether it stayed in the cache (the mount's read-only ``user.dicomfuse.cached``
+attribute; Linux), and a closing note says how many did not: reading those downloads them again.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TextIO
 
 CHUNK = 1 << 20
 DEFAULT_THREADS = 8
+EXIT_NOT_KEPT = 3  # every instance was read, but not all of them stayed in the cache
 
 
 class Progress:
@@ -89,21 +92,51 @@ def _mib(n: float) -> str:
 
 
 def warm(files: Iterable[Path], threads: int, progress: Progress,
-         read: Callable[[Path, Callable[[int], None]], None]) -> None:
-    """Read every file once on ``threads`` threads, counting bytes as they arrive."""
+         read: Callable[[Path, Callable[[int], None]], None]) -> list[Path]:
+    """Read every file once on ``threads`` threads, counting bytes as they arrive; return those
+    that were read."""
 
-    def one(path: Path) -> None:
+    def one(path: Path) -> bool:
         try:
             read(path, progress.add_bytes)
         except OSError as exc:
             progress.out.write(f"\r{path}: {exc.strerror or exc}\n")
             progress.file_done(False)
-        else:
-            progress.file_done(True)
+            return False
+        progress.file_done(True)
+        return True
 
+    files = list(files)
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="prefetch") as pool:
-        list(pool.map(one, files))
+        read_ok = list(pool.map(one, files))
     progress.draw(final=True)
+    return [path for path, ok in zip(files, read_ok, strict=True) if ok]
+
+
+def not_kept(files: Iterable[Path], cached: Callable[[Path], bool | None] | None = None) -> int | None:
+    """How many of ``files`` (read just now) the mount's cache does not hold, or None when the
+    mount cannot tell (an older mount, an OS without ``os.getxattr``)."""
+    cached = cached or is_cached
+    count = 0
+    for path in files:
+        held = cached(path)
+        if held is None:
+            return None
+        count += not held
+    return count
+
+
+def is_cached(path: Path) -> bool | None:
+    """Whether the mount holds ``path`` in its cache; None if it cannot tell."""
+    from dicomfuse.core.vfs import CACHED_XATTR
+
+    getxattr = getattr(os, "getxattr", None)
+    if getxattr is None:
+        return None
+    try:
+        return bool(getxattr(path, CACHED_XATTR) == b"yes")
+    except OSError:
+        return None
 
 
 def read_file(path: Path, count: Callable[[int], None]) -> None:
@@ -164,12 +197,16 @@ def prefetch_running_mount(path: Path, threads: int, out: TextIO = sys.stderr) -
         print(f"dicomfuse prefetch: cannot list {exc.filename or path}: {exc.strerror or exc}", file=out)
     if any(exc.filename is None or Path(exc.filename) == path for exc in unlisted):
         return 1  # the folder itself: nothing was looked at (said above, not "no instances")
+    failed, dropped = 0, None
     if files:
         progress = Progress(len(files), out)
-        warm(files, threads, progress, read_file)
+        read = warm(files, threads, progress, read_file)
         failed = progress.failed
-    else:
-        failed = 0
+        dropped = not_kept(read)
+    if dropped:
+        print(f"dicomfuse prefetch: {_not_kept_text(dropped, len(files) - failed)} (the mount's --cacheSize is too "
+              "small, or its --cacheTime shorter than this prefetch took): what did not stay is downloaded again "
+              "when read", file=out)
     if unlisted:
         print(f"dicomfuse prefetch: {_folders(len(unlisted))} below {path} could not be listed; "
               "their instances were not prefetched", file=out)
@@ -177,7 +214,15 @@ def prefetch_running_mount(path: Path, threads: int, out: TextIO = sys.stderr) -
     if not files:
         print(f"dicomfuse prefetch: no instances below {path}", file=out)
         return 0
-    return 1 if failed else 0
+    return 1 if failed else EXIT_NOT_KEPT if dropped else 0
+
+
+def _not_kept_text(dropped: int, read: int) -> str:
+    if read == 1:
+        return "the file read did not stay in the cache"
+    if dropped == read:
+        return f"none of the {read} files read stayed in the cache"
+    return f"{dropped} of the {read} files read did not stay in the cache"
 
 
 def _folders(n: int) -> str:
@@ -192,9 +237,10 @@ def run_prefetch(argv: list[str]) -> int:
         prog="dicomfuse prefetch",
         description="Warm the cache of a running mount: read every instance below PATH once, in parallel. "
                     "With -a ADDRESS -p MOUNTPATH (and any mount option) it mounts first and warms the "
-                    "folder given relative to the mount. Exit code: 0 every instance was read; 1 some could "
-                    "not be read, or a folder could not be listed (each is named); 2 PATH is not a folder "
-                    "of a mount.")
+                    "folder given relative to the mount. Exit code: 0 every instance was read and stayed in "
+                    "the cache; 1 some could not be read, or a folder could not be listed (each is named); "
+                    "2 PATH is not a folder of a mount; 3 every instance was read but some did not stay in "
+                    "the cache (--cacheSize too small, or --cacheTime too short, for them).")
     parser.add_argument("path", type=Path, help="a store, study or series folder of a running mount")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="parallel reads (default 8)")
     parser.add_argument("--logDir", type=Path, help="folder of the log files (as for the mount)")

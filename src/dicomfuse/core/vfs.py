@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ROOT = DicomPath(())
+# Read-only and not listed (cp -a must not copy it): on an instance file, b"yes" while a fresh
+# complete copy is in the instance cache, else b"no". How `dicomfuse prefetch` learns what stayed.
+CACHED_XATTR = "user.dicomfuse.cached"
 
 
 @dataclass(frozen=True)
@@ -857,6 +860,8 @@ class Vfs:
         ENODATA if it is not."""
         p = DicomPath.parse(path)
         self.getattr(path)
+        if name == CACHED_XATTR:
+            raise FsError(errno.EPERM, f"attribute {name} is read-only")
         with self._lock:
             attrs = self._xattrs.setdefault(p, {})
             if create and name in attrs:
@@ -867,6 +872,8 @@ class Vfs:
 
     def getxattr(self, path: str, name: str) -> bytes:
         p = DicomPath.parse(path)
+        if name == CACHED_XATTR and p.level == Level.INSTANCE and not self.getattr(path).is_dir:
+            return b"yes" if self.cache.known_size(self._key(p)) is not None else b"no"
         with self._lock:
             value = self._xattrs.get(p, {}).get(name)
         if value is None:
