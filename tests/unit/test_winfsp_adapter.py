@@ -329,6 +329,14 @@ def test_translate_fs_error_at_its_level(winfsp: ModuleType, caplog: pytest.LogC
         (logging.WARNING, "get_volume_info: upload not allowed at root level")]
 
 
+def test_translate_does_not_repeat_the_operation_its_message_names(winfsp: ModuleType,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    ops = ops_over(winfsp, Raising(FsError(errno.EPERM, "get_volume_info: not now", logging.WARNING)))
+    with caplog.at_level(logging.DEBUG, logger="dicomfuse.backends.winfsp"):
+        assert status_of(winfsp, lambda: ops.get_volume_info()) == "STATUS_ACCESS_DENIED"
+    assert [r.getMessage() for r in caplog.records] == ["get_volume_info: not now"]
+
+
 def test_translate_os_error(winfsp: ModuleType) -> None:
     ops = ops_over(winfsp, Raising(OSError(errno.ENOSPC, "No space left on device")))
     assert status_of(winfsp, lambda: ops.get_volume_info()) == "STATUS_DISK_FULL"

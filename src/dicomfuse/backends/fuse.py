@@ -28,7 +28,7 @@ if sys.platform.startswith("linux") and not {"FUSE_LIBRARY_PATH", "FUSE_LIBRARY_
 
 import mfusepy  # noqa: E402
 
-from dicomfuse.core.errors import FsError
+from dicomfuse.core.errors import FsError, for_operation
 from dicomfuse.core.vfs import Attr, OpenResult, Vfs
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def translate(func: F) -> F:
         try:
             return func(self, *args)
         except FsError as exc:
-            log.log(exc.level, "%s: %s", func.__name__, exc.strerror)
+            log.log(exc.level, "%s", for_operation(func.__name__, exc.strerror or ""))
             raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
         except mfusepy.FuseOSError:
             raise

@@ -62,7 +62,7 @@ from winfspy import (
 from winfspy.plumbing.security_descriptor import SecurityDescriptor
 
 from dicomfuse.backends import windows
-from dicomfuse.core.errors import FsError
+from dicomfuse.core.errors import FsError, for_operation
 from dicomfuse.core.vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _refusal(op: str, exc: OSError, context: str = windows.PLAIN) -> NTStatusErr
                     windows.FALLBACK)
         name = windows.FALLBACK
     elif isinstance(exc, FsError):
-        log.log(exc.level, "%s: %s", op, exc.strerror)
+        log.log(exc.level, "%s", for_operation(op, exc.strerror or ""))
     else:
         log.debug("%s: %s", op, exc)
     return _status(name)

@@ -24,6 +24,12 @@ class FsError(OSError):
         return f"[{errno.errorcode.get(self.errno or 0, self.errno)}] {self.strerror}"
 
 
+def for_operation(operation: str, message: str) -> str:
+    """What an adapter logs for an error of ``operation``: ``"operation: message"``, or the message
+    alone when it names the operation already (the core's say ``"write: /s/x.dcm …"``)."""
+    return message if message.startswith(f"{operation}: ") else f"{operation}: {message}"
+
+
 # One row per store error: errno at the mount, level of the log line. Order matters only for
 # subclasses (none overlap today).
 STORE_ERRNO: tuple[tuple[type[base.StoreError], int, int], ...] = (
