@@ -478,3 +478,40 @@ def test_a_download_stopped_by_a_full_disk_is_said_at_error_once(cache: Instance
             cache.release(entry)
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "is full" in errors[0].getMessage()
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="POSIX disk space")
+def test_read_ahead_never_reserves_more_of_the_disk_than_is_free(tmp_path: Path, monkeypatch):
+    """Reservations of downloads not written yet have not left the free space yet: counted as if
+    they had, each one raised the bound by as much as it added, read-ahead overcommitted a small
+    disk and the file cp waited for failed with ENOSPC. Read-ahead also leaves room for it."""
+    import types
+
+    disk_size = 10_000
+
+    def statvfs(path):  # type: ignore[no-untyped-def]
+        used = sum(p.stat().st_size for p in Path(path).iterdir())
+        return types.SimpleNamespace(f_bavail=disk_size - used, f_frsize=1, f_blocks=disk_size)
+
+    monkeypatch.setattr("dicomfuse.core.instance_cache.os.statvfs", statvfs)
+    gate = threading.Event()
+    cache = InstanceCache(tmp_path, capacity=10**9, ttl=100, workers=2)
+    cache.start()
+    try:
+        def fetch(n):  # type: ignore[no-untyped-def]
+            def run(sink):  # type: ignore[no-untyped-def]
+                gate.wait(10)
+                return sink.write(blob(n))
+            return run
+
+        admitted = [n for n in range(20) if cache.prefetch(key(n), fetch(n), expected_size=1000)]
+        margin = disk_size // 20
+        assert len(admitted) * 1000 + 1000 <= disk_size - margin  # room left for a file asked for
+        assert len(admitted) >= 5
+        gate.set()
+        demanded = cache.open(key(99), lambda sink: sink.write(blob(99)), expected_size=1000)
+        assert demanded.wait_complete() == 1000
+        cache.release(demanded)
+    finally:
+        gate.set()
+        cache.stop()

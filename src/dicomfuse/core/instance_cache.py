@@ -255,6 +255,7 @@ class InstanceCache:
         self._bytes = 0
         self._typical = 0  # size of the last file completed: the guess for read-ahead of unknown size
         self._disk_full_said = float("-inf")
+        self._in_flight: set[CachedInstance] = set()  # downloads not ended: their reservations are not on disk yet
         self.prefetch_stats = {"started": 0, "refused": 0, "cancelled": 0, "promoted": 0}
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -357,7 +358,8 @@ class InstanceCache:
             # Unknown size: guess the last file's, or an eighth of the largest file at first.
             size = expected_size if expected_size is not None else (self._typical or self.max_file // 8)
             self._make_room(size, keep_unread=True)
-            if size > self.max_file or self._bytes + size > self._limit():
+            # Read-ahead leaves room on the disk for a file someone asks for meanwhile.
+            if size > self.max_file or self._bytes + size > self._limit(headroom=size):
                 self.prefetch_stats["refused"] += 1
                 return False
             if entry is not None:
@@ -389,6 +391,7 @@ class InstanceCache:
         self._entries[key] = entry
         entry.reserved = reserve
         self._bytes += reserve
+        self._in_flight.add(entry)
         self._make_room(0)
         os.close(portable.open_fd(entry.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC))
         return entry
@@ -477,6 +480,7 @@ class InstanceCache:
                 entry.complete = True
                 entry.cond.notify_all()
             entry.task = None
+            self._in_flight.discard(entry)
             if entry.retired:
                 if entry.pins <= 0:
                     self._unlink(entry)
@@ -522,6 +526,7 @@ class InstanceCache:
             entry.retired = True
             self._bytes -= entry.written if entry.complete else entry.reserved
             entry.reserved = 0
+            self._in_flight.discard(entry)
         if entry.pins <= 0:
             self._unlink(entry)
 
@@ -549,11 +554,15 @@ class InstanceCache:
         if self._bytes + incoming > limit:
             log.debug("Instance cache over its bound while files are in use (%d bytes)", self._bytes)
 
-    def _limit(self) -> int:
+    def _limit(self, headroom: int = 0) -> int:
         """Caller holds _lock. The bytes the cache may hold now: ``capacity``, or less when its
         disk has less room (what it holds plus the free space, less a margin kept for uploads and
-        other programs). Files no one reads make way for new ones before a download fails with
-        ENOSPC, whatever --cacheSize says."""
+        other programs, and less ``headroom``). Files no one reads make way for new ones before a
+        download fails with ENOSPC, whatever --cacheSize says.
+
+        The total counts what downloads in flight reserved; the part of it not written yet has
+        not left the free space yet: it is taken off, or every reservation would raise the
+        limit by as much as it adds, and read-ahead would overcommit the disk."""
         try:
             disk = os.statvfs(self.directory) if hasattr(os, "statvfs") else None
         except OSError:
@@ -562,4 +571,5 @@ class InstanceCache:
             return self.capacity
         free = disk.f_bavail * disk.f_frsize
         margin = min(DISK_MARGIN, disk.f_blocks * disk.f_frsize // 20)
-        return min(self.capacity, self._bytes + free - margin)
+        unwritten = sum(max(0, e.reserved - e.written) for e in self._in_flight)
+        return min(self.capacity, self._bytes - unwritten + free - margin - headroom)
