@@ -265,6 +265,10 @@ def test_an_orthanc_whose_finds_are_limited_is_listed_whole(orthanc: OrthancServ
             assert len(set(store.studies())) == 12
             assert len(list(store.walk())) == 22
             assert len(list(store.instances(study, make_uid("lim", 0, 1)))) == 11
+            # Which of these a series holds (write-back's overwrites): a find cut at 7 + 1.
+            held = [make_uid("lim", 0, 1, n) for n in (1, *range(2, 12))]
+            asked = [*held, make_uid("lim", 0, 1, 99)]
+            assert store.present(study, make_uid("lim", 0, 1), asked) == set(held)
         finally:
             ds.close()
     finally:

@@ -295,11 +295,21 @@ class OrthancRest:
         found: set[str] = set()
         for start in range(0, len(wanted), ORTHANC_LIST_MATCH):
             chunk = wanted[start:start + ORTHANC_LIST_MATCH]
-            query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": "\\".join(chunk)}
-            for entry in self.find("Instance", query, expand=True):
-                uid = entry.get("MainDicomTags", {}).get("SOPInstanceUID") if isinstance(entry, dict) else None
-                if isinstance(uid, str):
-                    found.add(uid)
+            # An administrator's LimitFindInstances cuts a find below the UIDs asked, with no
+            # sign: the ones not found are asked again until a find finds none of them (one
+            # find when none is there, as for files copied in new). Taking a present instance
+            # for a new one would send an overwrite that Orthanc ignores.
+            while chunk:
+                query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
+                         "SOPInstanceUID": "\\".join(chunk)}
+                hits = {uid for entry in self.find("Instance", query, expand=True)
+                        if isinstance(entry, dict)
+                        and isinstance(uid := entry.get("MainDicomTags", {}).get("SOPInstanceUID"), str)}
+                hits &= set(chunk)
+                if not hits:
+                    break
+                found |= hits
+                chunk = [uid for uid in chunk if uid not in hits]
         return found & set(wanted)
 
     def _get_json(self, path: str) -> Any:
