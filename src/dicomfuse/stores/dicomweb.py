@@ -276,6 +276,17 @@ class OrthancRest:
                         by_sop[sop_uid] = listed
         return list(by_sop.values())
 
+    def study_series(self, study_uid: str) -> list[str]:
+        """The SeriesInstanceUIDs of a study, from its resource's children (one Orthanc study per
+        patient of the study): not cut by LimitFindResults, unlike a find of its series."""
+        series: dict[str, None] = {}
+        for study_id in sorted(str(f) for f in self.find("Study", {"StudyInstanceUID": study_uid})):
+            for entry in self._get_json(f"/studies/{quote(study_id, safe='')}/series"):
+                uid = entry.get("MainDicomTags", {}).get("SeriesInstanceUID") if isinstance(entry, dict) else None
+                if isinstance(uid, str):
+                    series[sys.intern(uid)] = None
+        return list(series)
+
     def find_instances(self, study_uid: str, series_uid: str, sop_uid: str) -> list[dict[str, Any]]:
         """Every expanded instance resource (``ID``, ``FileSize``…) of ``sop_uid``: one, or
         more when Orthanc keeps it under several patients."""
@@ -775,6 +786,18 @@ class DicomwebStore:
                 if exists:
                     yield series_uid
                 return
+        else:
+            orthanc = self.orthanc()
+            if orthanc is not None:
+                # Its QIDO (like a find) is cut where LimitFindResults is set: a study's
+                # series come from its resource's children instead.
+                try:
+                    listed = orthanc.study_series(study_uid)
+                except (StoreError, ValueError) as exc:
+                    self._orthanc_failed(exc, "Orthanc series listing", "asking DICOMweb")
+                else:
+                    yield from listed
+                    return
         url = f"{self.root_url}/studies/{_segment(study_uid)}/series"
         filters = {"SeriesInstanceUID": series_uid} if series_uid else {}
         yield from self._search(url, SERIES_UID_TAG, filters, series_uid, self.page_size)
