@@ -687,6 +687,8 @@ class Archive:
         self.available = True
         self.declares: str | None = None
         self.multipart = True  # False: multipart Accepts are refused
+        self.transcodes_on_request = False  # True: a transfer syntax asked by UID is always sent
+        self.implicit = dict(self.files)  # each instance in Implicit VR, as such a server sends it
 
     def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
         from urllib.parse import parse_qs, urlsplit
@@ -712,6 +714,8 @@ class Archive:
         stored = self.syntaxes[sop]
         if asked == "*" and sop not in self.refuses_wildcard or asked == stored and self.exact:
             data, syntax = self.files[sop], stored
+        elif self.transcodes_on_request and asked in (IMPLICIT_LE, EXPLICIT_LE):
+            data, syntax = (self.implicit[sop] if asked == IMPLICIT_LE else transcoded(self.implicit[sop])), asked
         elif asked is None:
             data, syntax = self.files[sop] if stored == EXPLICIT_LE else transcoded(self.files[sop]), EXPLICIT_LE
         else:
@@ -782,6 +786,20 @@ def test_an_instance_stored_again_in_another_transfer_syntax_is_searched_again(
     first, replaced, _ = archive.sops
     assert archive.retrieve(store, first) == archive.files[first]  # the series' syntaxes are remembered
     archive.files[replaced] = transcoded(archive.files[replaced])
+    archive.syntaxes[replaced] = EXPLICIT_LE
+    assert archive.retrieve(store, replaced) == archive.files[replaced]
+
+
+def test_stored_transfer_syntaxes_are_searched_again_after_a_while(
+        fake: FakeDicomweb, archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that sends any transfer syntax asked by UID: an instance stored again in another
+    one since its series was searched was read in the old one, a transcode, without a word."""
+    monkeypatch.setattr("dicomfuse.stores.dicomweb.SYNTAX_TTL_S", 0.0)
+    archive.transcodes_on_request = True
+    store = fake_store(fake)
+    first, replaced, _ = archive.sops
+    assert archive.retrieve(store, first) == archive.files[first]  # the series' syntaxes are remembered
+    archive.files[replaced] = transcoded(archive.files[replaced])  # stored again, in Explicit VR
     archive.syntaxes[replaced] = EXPLICIT_LE
     assert archive.retrieve(store, replaced) == archive.files[replaced]
 

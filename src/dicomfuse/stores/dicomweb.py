@@ -107,6 +107,7 @@ STUDY_IDS_REUSE_S = 10.0  # a walk reuses the study listing of the last few seco
 ORTHANC_LIST_MATCH = 50  # SOP UIDs per /tools/find when asking which of them a series holds
 ORTHANC_FIND_PAGE = 10_000  # resources per /tools/find page when walking Orthanc's index
 SYNTAX_CACHE_ENTRIES = 100_000  # instances whose stored transfer syntax is remembered per store
+SYNTAX_TTL_S = 30.0  # a series' stored transfer syntaxes are searched again after this long
 WILDCARD_PROBE_EVERY = 50  # a server that refuses transfer-syntax=* is asked for it again every so many reads
 
 OrthancSetting = str | None
@@ -676,6 +677,7 @@ class DicomwebStore:
         # used first, bounded by SYNTAX_CACHE_ENTRIES instances in all.
         self._syntaxes: OrderedDict[tuple[str, str], dict[str, str | None]] = OrderedDict()
         self._syntax_entries = 0
+        self._syntax_times: dict[tuple[str, str], float] = {}  # when each series was searched
         self._syntax_searches: dict[tuple[str, str], threading.Event] = {}  # series being searched
         self._syntaxes_unlisted = False  # the server's searches give no AvailableTransferSyntaxUID
         self._ids_lock = threading.Lock()
@@ -1177,8 +1179,20 @@ class DicomwebStore:
     def _known_syntax(self, study_uid: str, series_uid: str, sop_uid: str) -> str | None:
         """The stored transfer syntax of an instance if a search told it already (no request)."""
         with self._syntax_lock:
-            listed = self._syntaxes.get((study_uid, series_uid))
+            listed = self._series_syntaxes((study_uid, series_uid))
             return None if listed is None else listed.get(sop_uid)
+
+    def _series_syntaxes(self, key: tuple[str, str]) -> dict[str, str | None] | None:
+        """Caller holds _syntax_lock. What the last search of a series said, if it is recent: an
+        instance stored again in another transfer syntax meanwhile would be asked for in the old
+        one, which a server that transcodes on request sends without a word."""
+        listed = self._syntaxes.get(key)
+        if listed is not None and time.monotonic() - self._syntax_times.get(key, float("-inf")) > SYNTAX_TTL_S:
+            del self._syntaxes[key]
+            self._syntax_times.pop(key, None)
+            self._syntax_entries -= len(listed)
+            return None
+        return listed
 
     def _forget_syntax(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
         """Drop an instance's remembered transfer syntax; whether one was remembered."""
@@ -1200,7 +1214,7 @@ class DicomwebStore:
             with self._syntax_lock:
                 if self._syntaxes_unlisted:
                     return None
-                listed = self._syntaxes.get(key)
+                listed = self._series_syntaxes(key)
                 if listed is not None:
                     self._syntaxes.move_to_end(key)
                     if sop_uid in listed:
@@ -1220,6 +1234,12 @@ class DicomwebStore:
                 with self._syntax_lock:
                     del self._syntax_searches[key]
                 searching.set()
+            if sop_uid in found:
+                return found[sop_uid]  # what was just searched, whatever its age says
+            with self._syntax_lock:
+                if self._syntaxes_unlisted:
+                    return None
+            break
         found = self._search_syntaxes(study_uid, series_uid, {"SOPInstanceUID": sop_uid})
         self._remember_syntaxes(key, {sop_uid: found.get(sop_uid)})
         return found.get(sop_uid)
@@ -1249,12 +1269,15 @@ class DicomwebStore:
 
     def _remember_syntaxes(self, key: tuple[str, str], found: dict[str, str | None]) -> None:
         with self._syntax_lock:
+            if key not in self._syntaxes:
+                self._syntax_times[key] = time.monotonic()
             listed = self._syntaxes.setdefault(key, {})
             self._syntaxes.move_to_end(key)
             self._syntax_entries += len(found.keys() - listed.keys())
             listed.update(found)
             while self._syntax_entries > SYNTAX_CACHE_ENTRIES and len(self._syntaxes) > 1:
-                _, dropped = self._syntaxes.popitem(last=False)
+                dropped_key, dropped = self._syntaxes.popitem(last=False)
+                self._syntax_times.pop(dropped_key, None)
                 self._syntax_entries -= len(dropped)
 
     def _retrieve_from_orthanc(
