@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 from xml.etree import ElementTree
 
@@ -64,6 +64,7 @@ from dicomfuse.stores.transfer_syntax import (
 from dicomfuse.tracebacks import describe
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STUDY_UID_TAG = "0020000D"
 SERIES_UID_TAG = "0020000E"
@@ -722,15 +723,20 @@ class DicomwebStore:
     # Looking one UID up by QIDO makes Orthanc compute the resource's attributes (reading its
     # files); /tools/find answers from the index. Any failure falls back to QIDO.
 
-    def _orthanc_exists(self, level: str, query: dict[str, str]) -> bool | None:
+    def _ask_orthanc(self, call: Callable[[OrthancRest], T], what: str, instead: str) -> T | None:
+        """``call`` on Orthanc's REST API; None when there is none, or it failed (said at DEBUG:
+        the caller does ``instead`` through DICOMweb)."""
         orthanc = self.orthanc()
         if orthanc is None:
             return None
         try:
-            return bool(orthanc.find(level, query))
+            return call(orthanc)
         except (StoreError, ValueError) as exc:
-            self._orthanc_failed(exc, "Orthanc find", "asking DICOMweb")
+            self._orthanc_failed(exc, what, instead)
             return None
+
+    def _orthanc_exists(self, level: str, query: dict[str, str]) -> bool | None:
+        return self._ask_orthanc(lambda orthanc: bool(orthanc.find(level, query)), "Orthanc find", "asking DICOMweb")
 
     def _orthanc_studies(self) -> list[str] | None:
         """Every StudyInstanceUID from Orthanc's index (its study QIDO reads files to compute
@@ -789,17 +795,13 @@ class DicomwebStore:
                     yield series_uid
                 return
         else:
-            orthanc = self.orthanc()
-            if orthanc is not None:
-                # Its QIDO (like a find) is cut where LimitFindResults is set: a study's
-                # series come from its resource's children instead.
-                try:
-                    listed = orthanc.study_series(study_uid)
-                except (StoreError, ValueError) as exc:
-                    self._orthanc_failed(exc, "Orthanc series listing", "asking DICOMweb")
-                else:
-                    yield from listed
-                    return
+            # Its QIDO (like a find) is cut where LimitFindResults is set: a study's series
+            # come from its resource's children instead.
+            listed = self._ask_orthanc(lambda orthanc: orthanc.study_series(study_uid),
+                                       "Orthanc series listing", "asking DICOMweb")
+            if listed is not None:
+                yield from listed
+                return
         url = f"{self.root_url}/studies/{_segment(study_uid)}/series"
         filters = {"SeriesInstanceUID": series_uid} if series_uid else {}
         yield from self._search(url, SERIES_UID_TAG, filters, series_uid, self.page_size)
@@ -860,13 +862,9 @@ class DicomwebStore:
         lets a server leave out a level named in the path unless asked. An entry lacking a UID
         (or naming another study) is skipped. A 404 at the store level raises (the server cannot
         search instances store-wide: list folder by folder there); an absent study yields nothing."""
-        orthanc = self.orthanc() if study_uid is None else None
-        if orthanc is not None:
-            try:
-                infos = self._walk_orthanc(orthanc)
-            except (StoreError, ValueError) as exc:
-                self._orthanc_failed(exc, "walking Orthanc's index", "searching DICOMweb")
-            else:
+        if study_uid is None:
+            infos = self._ask_orthanc(self._walk_orthanc, "walking Orthanc's index", "searching DICOMweb")
+            if infos is not None:
                 yield from infos
                 return
         if study_uid is None:
