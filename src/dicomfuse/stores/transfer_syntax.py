@@ -15,8 +15,8 @@ import struct
 from collections.abc import Mapping
 from typing import BinaryIO
 
-from dicomfuse.stores.base import Transcoded
-from dicomfuse.stores.http import parse_content_type, write_all
+from dicomfuse.stores.base import Transcoded, write_all
+from dicomfuse.stores.http import parse_content_type
 
 WILDCARD = "*"
 """``transfer-syntax=*``: the instance as stored."""
