@@ -239,6 +239,7 @@ def test_a_series_of_several_patient_ids_is_listed_whole(orthanc: OrthancServer,
     assert {i.sop_uid: i.size for i in store.instances(study, series)} == want
     assert {i.sop_uid: i.size for i in store.walk() if i.series_uid == series} == want
     assert list(store.series(study)) == [series]
+    assert list(store.studies()).count(study) == 1
     for sop_uid, path in zip(want, paths, strict=True):
         sink = io.BytesIO()
         store.retrieve(study, series, sop_uid, sink)

@@ -750,7 +750,7 @@ class DicomwebStore:
             self._orthanc_failed(exc, "Orthanc study listing", "asking DICOMweb")
             return None
         self._study_ids = (time.monotonic(), ids)
-        return list(ids.values())
+        return list(dict.fromkeys(ids.values()))  # a study of several patients is several Orthanc studies
 
     @staticmethod
     def _orthanc_study_ids(orthanc: OrthancRest) -> dict[str, str]:
