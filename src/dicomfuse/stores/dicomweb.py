@@ -676,9 +676,9 @@ class DicomwebStore:
         self._syntax_lock = threading.Lock()  # protects the fields down to _syntaxes_unlisted
         # (study, series) -> {SOP UID: the stored transfer syntax, None if unknown}, least recently
         # used first, bounded by SYNTAX_CACHE_ENTRIES instances in all.
-        self._syntaxes: OrderedDict[tuple[str, str], dict[str, str | None]] = OrderedDict()
+        # (when searched, {SOP UID: ...}) per series.
+        self._syntaxes: OrderedDict[tuple[str, str], tuple[float, dict[str, str | None]]] = OrderedDict()
         self._syntax_entries = 0
-        self._syntax_times: dict[tuple[str, str], float] = {}  # when each series was searched
         self._syntax_searches: dict[tuple[str, str], threading.Event] = {}  # series being searched
         self._syntaxes_unlisted = False  # the server's searches give no AvailableTransferSyntaxUID
         self._ids_lock = threading.Lock()
@@ -1184,10 +1184,12 @@ class DicomwebStore:
         """Caller holds _syntax_lock. What the last search of a series said, if it is recent: an
         instance stored again in another transfer syntax meanwhile would be asked for in the old
         one, which a server that transcodes on request sends without a word."""
-        listed = self._syntaxes.get(key)
-        if listed is not None and time.monotonic() - self._syntax_times.get(key, float("-inf")) > SYNTAX_TTL_S:
+        searched = self._syntaxes.get(key)
+        if searched is None:
+            return None
+        searched_at, listed = searched
+        if time.monotonic() - searched_at > SYNTAX_TTL_S:
             del self._syntaxes[key]
-            self._syntax_times.pop(key, None)
             self._syntax_entries -= len(listed)
             return None
         return listed
@@ -1195,7 +1197,8 @@ class DicomwebStore:
     def _forget_syntax(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
         """Drop an instance's remembered transfer syntax; whether one was remembered."""
         with self._syntax_lock:
-            listed = self._syntaxes.get((study_uid, series_uid))
+            searched = self._syntaxes.get((study_uid, series_uid))
+            listed = None if searched is None else searched[1]
             if listed is None or listed.get(sop_uid) is None:
                 return False
             del listed[sop_uid]
@@ -1267,15 +1270,12 @@ class DicomwebStore:
 
     def _remember_syntaxes(self, key: tuple[str, str], found: dict[str, str | None]) -> None:
         with self._syntax_lock:
-            if key not in self._syntaxes:
-                self._syntax_times[key] = time.monotonic()
-            listed = self._syntaxes.setdefault(key, {})
+            listed = self._syntaxes.setdefault(key, (time.monotonic(), {}))[1]
             self._syntaxes.move_to_end(key)
             self._syntax_entries += len(found.keys() - listed.keys())
             listed.update(found)
             while self._syntax_entries > SYNTAX_CACHE_ENTRIES and len(self._syntaxes) > 1:
-                dropped_key, dropped = self._syntaxes.popitem(last=False)
-                self._syntax_times.pop(dropped_key, None)
+                _, (_, dropped) = self._syntaxes.popitem(last=False)
                 self._syntax_entries -= len(dropped)
 
     def _retrieve_from_orthanc(
