@@ -121,6 +121,45 @@ class FloorMount(Mount):
         return [sys.executable, str(REPO / "bench" / "floor.py"), self.address, str(self.path), *self.args]
 
 
+class CFloorMount(Mount):
+    """``bench/floor_c.c``, the read-only floor written in C (libfuse 3's high-level API), built
+    into ``build_dir`` the first time; MountError with the compiler's words when it cannot be
+    (it needs gcc and libfuse3's headers: ``apt-get install gcc libfuse3-dev``)."""
+
+    program = "bench/floor_c.c"
+
+    def __init__(self, source: Path, workdir: Path, build_dir: Path) -> None:
+        super().__init__(str(source), workdir)
+        self.binary = build_dir / "floor_c"
+
+    def build(self) -> None:
+        if self.binary.exists():
+            return
+        self.binary.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True,
+                                   check=True).stdout.split()
+            subprocess.run(["gcc", "-O2", str(REPO / "bench" / "floor_c.c"), "-o", str(self.binary), *flags],
+                           capture_output=True, text=True, check=True)
+        except FileNotFoundError as exc:
+            raise MountError(f"cannot build the C floor: {exc.filename} is not installed "
+                             "(apt-get install gcc pkg-config libfuse3-dev)") from None
+        except subprocess.CalledProcessError as exc:
+            lines = (exc.stderr or "").strip().splitlines()
+            last = lines[-1] if lines else f"status {exc.returncode}"
+            words = next((line for line in lines if "error" in line), last)
+            raise MountError(f"cannot build the C floor ({exc.cmd[0]}: {words.strip()}; "
+                             "apt-get install gcc pkg-config libfuse3-dev)") from None
+
+    def start(self) -> Mount:
+        self.build()
+        return super().start()
+
+    @property
+    def argv(self) -> list[str]:
+        return [str(self.binary), self.address, str(self.path), "-f", "-o", "fsname=dicomfuse-floor-c"]
+
+
 def _status_kib(pid: int, field: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as status:

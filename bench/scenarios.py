@@ -29,7 +29,7 @@ from tests.orthanc_server import OrthancServer
 
 from bench import clients
 from bench.data import MIB, Instance, Series, Sizes, seed_server, write_large, write_series, write_studies
-from bench.mounts import REPO, FloorMount, Mount, MountError, PeakRss
+from bench.mounts import REPO, CFloorMount, FloorMount, Mount, MountError, PeakRss
 from bench.proxy import CountingProxy, Counts
 from bench.results import NOT_AVAILABLE, Row, median
 from dicomfuse.stores.dicomweb import store_name_from_url
@@ -174,6 +174,16 @@ class Bench:
         mount = FloorMount(source, self.config.workdir / "mounts" / f"{self._mounts:03d}-{label}", args)
         self.stack.callback(mount.stop)
         return mount.start()
+
+    def c_floor(self, label: str, source: Path) -> CFloorMount:
+        """``bench/floor_c.c`` serving ``source``, built once per run and mounted (MountError if
+        it cannot be built or mounted)."""
+        self._mounts += 1
+        mount = CFloorMount(source, self.config.workdir / "mounts" / f"{self._mounts:03d}-{label}",
+                            self.config.workdir / "build")
+        self.stack.callback(mount.stop)
+        mount.start()
+        return mount
 
     def counted(self, env: Env, label: str, action: Callable[[Mount], object], extra: Sequence[str] = ()) -> Counts:
         """Requests a fresh mount makes for ``action``, through the counting proxy (untimed)."""
@@ -360,19 +370,25 @@ def warm_reread(b: Bench) -> list[Row]:
     mount_s: list[float] = []
     base_s: list[float] = []
     floor = Floor(b, "warm_reread/floor")
+    c_floor = Floor(b, "warm_reread/floor_c")
 
-    def read_floor(mount: FloorMount) -> float:
+    def read_floor(mount: Mount) -> float:
         seconds, total = read_all(mount.path)
         if total != expected:
             raise BenchError(f"read {total} bytes through the floor filesystem, expected {expected}")
         return seconds
 
-    floor_mount: FloorMount | None = None
+    floor_mount: Mount | None = None
+    c_floor_mount: Mount | None = None
     try:
-        # The same local copy through the do-nothing passthrough; one untimed read fills its page cache.
+        # The same local copy through the do-nothing passthroughs (Python, then C); one untimed
+        # read fills each one's page cache.
         floor_mount = floor.attempt(lambda: b.floor("warm_floor", warm.copy))
         if floor_mount is not None:
             floor.attempt(lambda: read_floor(floor_mount))
+        c_floor_mount = c_floor.attempt(lambda: b.c_floor("warm_floor_c", warm.copy))
+        if c_floor_mount is not None:
+            c_floor.attempt(lambda: read_floor(c_floor_mount))
         for _ in range(b.repeats(3)):
             seconds, total = read_all(warm.copy)
             base_s.append(seconds)
@@ -381,17 +397,22 @@ def warm_reread(b: Bench) -> list[Row]:
             if total != expected or total_m != expected:
                 raise BenchError(f"read {total_m} bytes through the mount and {total} locally, expected {expected}")
             seconds_f = floor.measure(lambda: read_floor(floor_mount)) if floor_mount is not None else None
+            seconds_c = c_floor.measure(lambda: read_floor(c_floor_mount)) if c_floor_mount is not None else None
             b.log(f"warm_reread: mount {seconds_m:.3f} s, local {seconds:.3f} s"
-                  + (f", floor {seconds_f:.3f} s" if seconds_f is not None else ""))
+                  + (f", floor {seconds_f:.3f} s" if seconds_f is not None else "")
+                  + (f", C floor {seconds_c:.3f} s" if seconds_c is not None else ""))
     finally:
-        if floor_mount is not None:
-            floor_mount.stop()
+        for mount in (floor_mount, c_floor_mount):
+            if mount is not None:
+                mount.stop()
         warm.mount.stop()
         shutil.rmtree(warm.copy, ignore_errors=True)
     row.notes = f"{expected / MIB:.0f} MiB read in full, vs the local copy (page cache warm)"
     return [samples(row, mount_s, base_s),
             *floor.rows("warm_reread", "floor", "a do-nothing Python FUSE passthrough (mfusepy, libfuse 3) over the "
-                        "same local copy: the least any Python FUSE filesystem costs here", base_s)]
+                        "same local copy: the least any Python FUSE filesystem costs here", base_s),
+            *c_floor.rows("warm_reread", "floor_c", "the same passthrough in C (bench/floor_c.c, libfuse 3): the "
+                          "kernel's round trip per open, whatever the filesystem is written in", base_s)]
 
 
 # ---------------------------------------------------------------------------------------------
