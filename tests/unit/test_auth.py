@@ -4,6 +4,7 @@ a 401 answered with one new token, google-auth failures mapped to store errors."
 from __future__ import annotations
 
 import datetime
+import logging
 import sys
 import threading
 import time
@@ -180,9 +181,25 @@ def test_a_metadata_server_that_does_not_answer_is_unreachable_not_a_refusal() -
     # google-auth's error for a Google API error body: "{'code': 500, …}: None" and the answer
     (("{'code': 500, 'message': 'Internal error encountered.', 'status': 'INTERNAL'}: None",
       {"error": {"code": 500, "message": "Internal error encountered.", "status": "INTERNAL"}}), True,
-     "Google's token service is unavailable: Internal error encountered."),
+     "Google's token service is unavailable: INTERNAL"),
     (("invalid_grant: None", {"error": "invalid_grant"}), False,
-     "could not get a Google access token: invalid_grant"),
+     "could not get a Google access token: invalid_grant (the key was refused: deleted or disabled, or this "
+     "machine's clock is wrong)"),
+    # the token service's own words are never quoted: a proxy or private endpoint may echo the
+    # request (its signed assertion is a credential) or anything else
+    (("invalid_grant: ZEBRA^SECRET assertion=eyJhbGciOiJSUzI1NiJ9.e30.sig",
+      {"error": "invalid_grant", "error_description": "ZEBRA^SECRET assertion=eyJhbGciOiJSUzI1NiJ9.e30.sig"}),
+     False, "could not get a Google access token: invalid_grant (the key was refused: deleted or disabled, or this "
+     "machine's clock is wrong)"),
+    (("Bad Request for ZEBRA^SECRET: assertion=eyJhbGciOiJSUzI1NiJ9.e30.sig",
+      "Bad Request for ZEBRA^SECRET: assertion=eyJhbGciOiJSUzI1NiJ9.e30.sig"), False,
+     "could not get a Google access token (RefreshError)"),
+    (("upstream failed ZEBRA^SECRET",), True, "Google's token service is unavailable (RefreshError)"),
+    (("{'error': 'ZEBRA^SECRET'}", {"error": "ZEBRA^SECRET"}), False,
+     "could not get a Google access token (RefreshError)"),
+    (("{'error': {'message': 'ZEBRA^SECRET', 'status': 'ZEBRA^SECRET'}}",
+      {"error": {"message": "ZEBRA^SECRET", "status": "ZEBRA^SECRET"}}), True,
+     "Google's token service is unavailable (RefreshError)"),
     (("<!DOCTYPE html>\n<html><body>502 Bad Gateway</body></html>",), True,
      "Google's token service is unavailable (RefreshError)"),
     # an answer without "error": google-auth dumps all of it
@@ -338,3 +355,40 @@ def test_the_token_service_is_trusted_through_the_ca_bundle_as_the_api_is(tmp_pa
         dataset.close()
     TokenSource(_RecordingCredentials(seen)).token()
     assert seen == [str(bundle), True]
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("invalid literal for int() with base 10: 'ZEBRA^SECRET'"),  # "expires_in": "ZEBRA^SECRET"
+    TypeError("string indices must be integers"),  # a 200 whose body is not a JSON object
+    KeyError("ZEBRA^SECRET"),
+])
+def test_a_token_answer_that_cannot_be_read_is_a_clean_refusal(error: Exception) -> None:
+    """google-auth fails reading a 200 that is not a token with the value in its message: a
+    refusal of one line that quotes nothing, not a traceback."""
+    tokens, creds, _ = source()
+    creds.error = error
+    with pytest.raises(Forbidden) as raised:
+        tokens.token()
+    assert str(raised.value) == ("could not get a Google access token: the token service's answer could not be "
+                                 f"read ({type(error).__name__})")
+
+
+def test_a_background_refresh_that_fails_unexpectedly_logs_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The refresh ahead of expiry runs on its own thread: whatever it raises is one warning that
+    names the error's type, never a thread traceback on the terminal (it may quote the answer)."""
+    tokens, creds, now = source()
+    tokens.token()
+    uncaught: list[BaseException | None] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: uncaught.append(args.exc_value)
+    try:
+        creds.error = RuntimeError("ZEBRA^SECRET")
+        now.advance(3600 - 200)  # inside the stale margin: served, and refreshed in the background
+        with caplog.at_level(logging.WARNING, logger="dicomfuse"):
+            assert tokens.token() == "token-1"
+            wait_until(lambda: "Background token refresh failed" in caplog.text)
+    finally:
+        threading.excepthook = previous
+    assert uncaught == []
+    assert "Background token refresh failed (unexpected RuntimeError); will retry" in caplog.text
+    assert "ZEBRA" not in caplog.text

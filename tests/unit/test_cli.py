@@ -181,3 +181,29 @@ def test_a_mistyped_command_is_named_not_taken_for_a_mount(capsys):
     assert main(["stauts"]) == 2
     err = capsys.readouterr().err
     assert "unknown command 'stauts'" in err and "status" in err and "required" not in err
+
+
+def test_an_unexpected_error_is_one_line_that_does_not_quote_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """A bug, or a library failing on a server's answer (google-auth reading a token answer that
+    is not one): exit 1 with one line naming the error's type, the stack in the debug log, and
+    the message nowhere, for it may quote patient data or a credential."""
+    import dicomfuse.cli.main as cli_main
+
+    secret = "ZEBRA^SECRET"
+
+    def fails(settings: object) -> int:
+        int(secret)
+        return 0
+
+    monkeypatch.setattr(cli_main, "mount", fails)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    rc = main(["-a", "http://127.0.0.1:9/dicom-web", "-p", str(mnt), "--logDir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "dicomfuse stopped on an unexpected ValueError" in err and "Traceback" not in err
+    debug = (tmp_path / "logs" / "debug.log").read_text()
+    assert "in fails" in debug
+    assert secret not in err + debug

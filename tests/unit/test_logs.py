@@ -25,7 +25,10 @@ def root_logging() -> Iterator[None]:
     """setup_logging configures the root logger: put it back afterwards."""
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, logging.getLogger("fuse").level)
+    hook, urllib3_level = threading.excepthook, logging.getLogger("urllib3").level
     yield
+    threading.excepthook = hook
+    logging.getLogger("urllib3").setLevel(urllib3_level)
     for handler in root.handlers:
         if handler not in saved[0]:
             handler.close()
@@ -283,3 +286,38 @@ def test_a_record_that_cannot_be_formatted_is_named_once_without_its_arguments(
         handler.flush()
     assert "the mount goes on" in (folder / "info.log").read_text()
     assert PATIENT_NAME not in (folder / "debug.log").read_text()
+
+
+def read_logs(folder: Path) -> str:
+    return "".join((folder / name).read_text() for name, _ in logs.FILES)
+
+
+def test_an_exception_a_thread_does_not_catch_is_one_line_without_its_message(
+    tmp_path: Path, root_logging: None, capsys: pytest.CaptureFixture[str]
+):
+    """Python's default hook prints the traceback, messages included, on the terminal: a
+    google-auth ValueError quoting a token answer's field, a pydicom error quoting a value."""
+    folder = setup_logging(tmp_path / "logs")
+
+    def fails() -> None:
+        int(PATIENT_NAME)
+
+    thread = threading.Thread(target=fails, name="token-refresh")
+    thread.start()
+    thread.join()
+    err = capsys.readouterr().err
+    written = read_logs(folder)
+    assert "ERROR token-refresh stopped on an unexpected ValueError (its message is not shown" in err
+    assert "Traceback" not in err
+    assert "in fails" in (folder / "debug.log").read_text()  # the stack, for a bug report
+    assert PATIENT_NAME not in err + written
+
+
+def test_urllib3_warnings_that_quote_what_a_server_sent_are_not_logged(
+    tmp_path: Path, root_logging: None, capsys: pytest.CaptureFixture[str]
+):
+    folder = setup_logging(tmp_path / "logs")
+    logging.getLogger("urllib3.connectionpool").warning(
+        "Failed to parse headers (url=%s): %s, unparsed data: %r", "http://h/rs/studies?limit=1000", "Defect",
+        f"{PATIENT_NAME} this line has no colon")
+    assert PATIENT_NAME not in capsys.readouterr().err + read_logs(folder)

@@ -213,11 +213,27 @@ def setup_logging(log_dir: Path | None, *, console_level: int = logging.INFO) ->
         handler.setLevel(level)
         handler.setFormatter(MessageFreeFormatter(FORMAT))
         root.addHandler(handler)
-    # Libraries' request traces would repeat ours; they never carry headers, but keep them quiet.
-    logging.getLogger("urllib3").setLevel(logging.WARNING)  # (pydicom's: see dicomfile)
+    # Libraries' request traces would repeat ours. urllib3's warnings quote what a server sent
+    # (a header it could not parse, whole) and the URL with its query: only its errors pass.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # (pydicom's: see dicomfile)
     # google-auth warns about each credential source it tried; our one line says what failed.
     logging.getLogger("google.auth").setLevel(logging.ERROR)
     # mfusepy logs as "fuse": a DEBUG line with the ctypes arguments for every refused call (each
     # lookup of a name not there yet), which repeats the adapter's own line.
     logging.getLogger("fuse").setLevel(logging.INFO)
+    threading.excepthook = log_uncaught_in_thread
     return folder
+
+
+def log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    """What a thread did not catch, as one ERROR line naming the error's type, and its stack
+    without messages at DEBUG: Python's default hook prints the whole traceback, messages
+    included, on the terminal, and a message may quote a DICOM value or a server's answer."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "a thread"
+    logger = logging.getLogger("dicomfuse")
+    logger.error("%s stopped on an unexpected %s (its message is not shown: it may quote patient data)",
+                 name, args.exc_type.__name__)
+    if args.exc_value is not None:
+        logger.debug("The stack of that %s:\n%s", args.exc_type.__name__, format_without_messages(args.exc_value))

@@ -356,6 +356,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug, or a library failing on an answer: one line, never a traceback
+        from dicomfuse.tracebacks import format_without_messages
+
+        log.error("dicomfuse stopped on an unexpected %s (its message is not shown: it may quote patient data; "
+                  "the stack is in the debug log)", type(exc).__name__)
+        log.debug("The stack of that %s:\n%s", type(exc).__name__, format_without_messages(exc))
+        return 1
 
 
 def _setup_logging(log_dir: Path | None) -> Path:

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import re
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -315,6 +316,8 @@ class TokenSource:
             self._refresh()
         except StoreError as exc:
             logger.warning("Background token refresh failed (%s); will retry", exc)
+        except Exception as exc:  # never a thread's traceback on the terminal: it may quote the answer
+            logger.warning("Background token refresh failed (unexpected %s); will retry", type(exc).__name__)
         finally:
             with self._cond:
                 self._refreshing = False
@@ -329,6 +332,10 @@ class TokenSource:
         except (google.auth.exceptions.RefreshError, google.auth.exceptions.TransportError,
                 requests.RequestException) as exc:
             error = _refresh_error(exc, self._last_status())
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # An answer of 200 that is not a token (a proxy's page, "expires_in": "soon"):
+            # google-auth fails reading it with the value in its message.
+            error = _malformed_answer(exc)
         else:
             remaining = self._remaining()
             with self._cond:
@@ -374,26 +381,46 @@ def _with_detail(head: str, exc: BaseException, status: int | None) -> str:
     return head if status is not None and status >= 400 else f"{head} ({type(exc).__name__})"
 
 
+_OAUTH_CODE = re.compile(r"[a-z][a-z_]{0,63}")  # RFC 6749's error codes: invalid_grant, invalid_client, …
+_GOOGLE_STATUS = re.compile(r"[A-Z][A-Z_]{0,63}")  # google.rpc.Code names: PERMISSION_DENIED, …
+_GOOGLE_AUTH_OWN = frozenset({"No access token in response.", "No ID token in response."})
+_OAUTH_HINTS = {
+    "invalid_grant": "the key was refused: deleted or disabled, or this machine's clock is wrong",
+    "invalid_client": "the key's service account is unknown or disabled",
+    "unauthorized_client": "the key's service account may not ask for this token",
+    "invalid_scope": "the token's scope was refused",
+}
+
+
 def _refresh_detail(exc: BaseException) -> str:
-    """One line saying why a refresh failed, from google-auth's error: the OAuth ``error:
-    error_description``, the ``message`` of a Google API error body, else google-auth's own text
-    (not an HTML page, not a dump of a whole answer); "" when there is none. No token or key is
-    ever in it: google-auth puts the answer's JSON in its errors, so only those fields are read."""
+    """One line saying why a refresh failed, from google-auth's error, with none of the token
+    service's own words: its error code when the answer gives a well-formed one (OAuth's
+    ``error``, a Google error's ``status``), with what that code means, else the first line of a
+    library error (a connection failure); "" when there is none. The answer's text (its
+    ``error_description``, ``message`` or body) is never quoted: a proxy or a private token
+    endpoint may echo the request, whose signed assertion is a credential, or anything else."""
     answer = next((arg for arg in exc.args if isinstance(arg, dict)), None)
-    text = ""
     if answer is not None:
         error = answer.get("error")
         if isinstance(error, dict):  # {"error": {"code": 500, "message": "…", "status": "INTERNAL"}}
-            text = next((str(error[k]) for k in ("message", "status") if isinstance(error.get(k), str)), "")
-        elif isinstance(error, str):  # OAuth 2.0: {"error": "invalid_grant", "error_description": "…"}
-            description = answer.get("error_description")
-            text = f"{error}: {description}" if isinstance(description, str) and description else error
-    if not text and exc.args and not isinstance(exc.args[0], dict):
-        first = exc.args[0]
-        text = _first_line(first) if isinstance(first, BaseException) else str(first)
-        if text.lstrip().startswith(("{", "[", "<")):  # an answer's JSON dumped whole, or an HTML page
-            text = ""
-    return (text.strip().splitlines() or [""])[0].strip()[:200]
+            status = error.get("status")
+            return status if isinstance(status, str) and _GOOGLE_STATUS.fullmatch(status) else ""
+        if isinstance(error, str) and _OAUTH_CODE.fullmatch(error):  # {"error": "invalid_grant", …}
+            hint = _OAUTH_HINTS.get(error)
+            return f"{error} ({hint})" if hint else error
+        first = exc.args[0] if exc.args else None
+        return first if first in _GOOGLE_AUTH_OWN else ""  # e.g. a 200 without a token in it
+    first = exc.args[0] if exc.args else None
+    if isinstance(first, BaseException):  # google-auth wrapping a library error: its words, not the server's
+        return _first_line(first)[:200]
+    return ""
+
+
+def _malformed_answer(exc: BaseException) -> TokenRefused:
+    """A token service answer google-auth could not read (not JSON, a field of the wrong type):
+    the answer is not quoted, and neither is the error, which may hold part of it."""
+    return TokenRefused(f"could not get a Google access token: the token service's answer could not be read "
+                        f"({type(exc).__name__})")
 
 
 class BearerAuth(requests.auth.AuthBase):
