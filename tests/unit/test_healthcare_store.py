@@ -283,11 +283,11 @@ def test_an_error_answer_of_the_token_service_reads_as_one_clean_line(standin: H
                                                                       dataset: HealthcareDataset,
                                                                       quick_token_retries: None) -> None:
     """google-auth turns a Google API error body into "{'code': 500, …}: None": the message says
-    the status and Google's message instead."""
+    the HTTP status and Google's status name instead (never its message, the server's words)."""
     standin.inject(status=500, times=100, path_contains="/token")
     with pytest.raises(Unavailable) as raised:
         list(dataset.open_store("store-a").studies())
-    assert str(raised.value) == "Google's token service is unavailable (HTTP 500): Internal error encountered."
+    assert str(raised.value) == "Google's token service is unavailable (HTTP 500): INTERNAL"
 
 
 def test_denied_store_management_names_the_store_administrator_role(standin: HealthcareStandIn,
