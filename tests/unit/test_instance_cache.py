@@ -165,6 +165,39 @@ def test_ttl_refetches(tmp_path: Path):
     cache.stop()
 
 
+@pytest.mark.parametrize("ttl", [0, 5])
+def test_a_download_longer_than_the_cache_time_is_joined_not_started_again(tmp_path: Path, ttl: float):
+    """The cache time counts from the end of a download: a reader that opens the file while it is
+    still arriving, later than the cache time after it started, joins it (one download, one
+    file on disk, counted once against the bound)."""
+    clock = Clock()
+    cache = InstanceCache(tmp_path, capacity=10_000, ttl=ttl, clock=clock)
+    cache.start()
+    gate = Gate()
+    try:
+        first = cache.open(key(1), gate.fetch(1))
+        wait_for(lambda: gate.running == 1)
+        clock.now = 60  # a slow link: still downloading a minute later
+        second = cache.open(key(1), gate.fetch(2))
+        assert cache.known_size(key(1)) is None  # still arriving: its size is not known yet
+        assert second is first and gate.order == [1]
+        assert cache.prefetch(key(1), gate.fetch(3)) and gate.order == [1]
+        gate.release.set()
+        assert first.wait_complete(5) == 1000
+        assert read_all(cache, second) == blob(1) and gate.order == [1]
+        assert len(list(tmp_path.iterdir())) == 1 and cache.used_bytes == 1000
+        cache.release(first)
+        cache.release(second)
+        clock.now = 60 + ttl + 1  # now the cache time, from the end of the download, has passed
+        assert cache.known_size(key(1)) is None
+        third = cache.open(key(1), gate.fetch(4))
+        assert third.wait_complete(5) == 1000 and gate.order == [1, 4]
+        cache.release(third)
+    finally:
+        gate.release.set()
+        cache.stop()
+
+
 def test_expired_files_leave_the_disk_once_nobody_reads_them(tmp_path: Path):
     """Patient data stays on disk for the cache time, not until the next open or the unmount."""
     clock = Clock()

@@ -302,7 +302,7 @@ class InstanceCache:
         """The entry of ``key`` if it has not expired (complete or still arriving)."""
         with self._lock:
             entry = self._entries.get(key)
-        if entry is None or self._clock() - entry.fetched_at >= self.ttl:
+        if entry is None or self._stale(entry, self._clock()):
             return None
         return entry
 
@@ -328,7 +328,7 @@ class InstanceCache:
         now = self._clock()
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and (entry.error is not None or now - entry.fetched_at >= self.ttl):
+            if entry is not None and self._stale(entry, now):
                 self._retire(entry)
                 entry = None
             if entry is not None:
@@ -353,7 +353,7 @@ class InstanceCache:
         now = self._clock()
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry.error is None and now - entry.fetched_at < self.ttl:
+            if entry is not None and not self._stale(entry, now):
                 return True  # cached or in flight: single-flight
             # Unknown size: guess the last file's, or an eighth of the largest file at first.
             size = expected_size if expected_size is not None else (self._typical or self.max_file // 8)
@@ -478,6 +478,7 @@ class InstanceCache:
         with self._lock:  # lock order: cache lock, then the entry's condition
             with entry.cond:
                 entry.complete = True
+                entry.fetched_at = self._clock()  # the cache time counts from here
                 entry.cond.notify_all()
             entry.task = None
             self._in_flight.discard(entry)
@@ -517,6 +518,13 @@ class InstanceCache:
     def _expired(self, entry: CachedInstance, now: float) -> bool:
         """Caller holds _lock. Complete (or failed) and older than the TTL."""
         return (entry.complete or entry.error is not None) and now - entry.fetched_at >= self.ttl
+
+    def _stale(self, entry: CachedInstance, now: float) -> bool:
+        """Not to be handed out again: failed, or complete for longer than the cache time. A
+        download still in flight is never stale, whatever the cache time (even 0) and however
+        long it takes: a second reader joins it (single-flight) instead of starting another
+        download beside it, whose bytes the cache bound would not see."""
+        return entry.error is not None or (entry.complete and now - entry.fetched_at >= self.ttl)
 
     def _retire(self, entry: CachedInstance) -> None:
         """Caller holds _lock. Drop from the index; delete the file once nobody reads it."""
