@@ -118,7 +118,8 @@ def test_unknown_sizes_read_completely_and_show_after_first_read(orthanc_norest:
 
 def test_an_instance_of_unknown_size_too_large_for_the_cache_stats_and_reads_efbig(orthanc_norest: Backend,
                                                                                  mount_factory, dicom: DicomFactory):
-    """ls -l, stat and du work (the size stays unknown: 0); reading it is EFBIG, and no stat
+    """ls -l, stat and du work (shown just larger than the largest readable file, not 0); reading
+    it is EFBIG, tar too (shown as 0 it archived the file empty and exited 0), and no stat
     downloads it again."""
     backend = orthanc_norest
     big, small = dicom.series(2, pixel_bytes=1_500_000)[0], dicom.instance(series=1, pixel_bytes=1000)
@@ -133,6 +134,9 @@ def test_an_instance_of_unknown_size_too_large_for_the_cache_stats_and_reads_efb
     assert r.returncode != 0 and "File too large" in r.stderr, r.stderr
     downloads = (m.log_dir / "debug.log").read_text().count(f"{big.sop_uid} failed")
     assert downloads <= 2, downloads  # the stat that found it too large, and the read
+    m2 = mount_factory(backend, "--cacheSize", "4")  # tar on a fresh mount: its own stat finds it too large
+    r = run("tar", "cf", str(m2.path.parent / "big.tar"), "-C", str(backend.series_path(m2, big)), ".")
+    assert r.returncode != 0 and "File too large" in r.stderr, (r.returncode, r.stderr)
 
 
 def test_cd_straight_to_a_uid_no_listing_showed(backend: Backend, mount_factory, dicom: DicomFactory):

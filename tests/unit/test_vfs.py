@@ -1662,3 +1662,53 @@ def test_write_back_with_a_full_disk_at_the_journal_is_enospc_and_leaves_no_half
     kept = [p for p in (tmp_path / "work").rglob("failed/*") if not p.name.endswith(".json")]
     assert [p.read_bytes() for p in kept] == [inst.path.read_bytes()]
     vfs.shutdown()
+
+
+def _sizes_unlisted(dataset: LocalDataset, monkeypatch) -> type:  # type: ignore[no-untyped-def]
+    store_class = type(dataset.open_store("store"))
+    listed = store_class.instances
+    monkeypatch.setattr(store_class, "instances", lambda self, *args: iter(
+        [dataclasses.replace(info, size=None) for info in listed(self, *args)]))
+    return store_class
+
+
+def test_a_stat_waits_for_an_unknown_size_as_long_as_its_bytes_keep_arriving(dataset, tmp_path,
+                                                                              dicom: DicomFactory, monkeypatch):
+    """tar archives exactly the size its stat saw, and never opens a file of size 0: a stat that
+    gave up on a download still arriving (a large file on a slow link) had tar archive it empty.
+    A stall (nothing arriving) still ends the wait."""
+    inst, path = on_server(dataset, dicom, pixel_bytes=50_000)
+    stalled, stalled_path = on_server(dataset, dicom, pixel_bytes=50_000)
+    store_class = _sizes_unlisted(dataset, monkeypatch)
+    whole = inst.path.read_bytes()
+    assert len(stalled.path.read_bytes()) == len(whole)
+
+    def slow(self, study, series, sop, sink):  # type: ignore[no-untyped-def]
+        if sop == stalled.sop_uid:
+            time.sleep(1.5)  # nothing at all for longer than the wait
+        step = len(whole) // 6 + 1
+        for start in range(0, len(whole), step):  # 6 chunks, 0.1 s apart: 0.6 s in all
+            time.sleep(0.1)
+            sink.write(whole[start:start + step])
+        return len(whole)
+
+    monkeypatch.setattr(store_class, "retrieve", slow)
+    vfs = make_vfs(dataset, tmp_path, stat_fetch_timeout=0.25, instance_ttl=0)
+    assert vfs.getattr(path, caller=100).size == len(whole)  # 0.6 s > 0.25 s, but never 0.25 s without a byte
+    started = time.monotonic()
+    assert vfs.getattr(stalled_path, caller=200).size == 0  # a stall: given up, size unknown
+    assert time.monotonic() - started < 1.4
+    vfs.shutdown()
+
+
+def test_an_instance_of_unknown_size_too_large_to_read_is_not_shown_empty(dataset, tmp_path,
+                                                                         dicom: DicomFactory, monkeypatch):
+    """Shown as 0, tar archived it empty and exited 0 (it never opens a file of size 0); shown
+    at least as large as the largest readable file, it is opened, and the open says EFBIG."""
+    inst, path = on_server(dataset, dicom, pixel_bytes=1_500_000)
+    _sizes_unlisted(dataset, monkeypatch)
+    vfs = make_vfs(dataset, tmp_path, cache_bytes=4 * 1024 * 1024)  # the largest readable file: 1 MiB
+    for caller in (100, 100, None):  # the stat that found it too large, then every later one
+        assert vfs.getattr(path, caller=caller).size == 1024 * 1024 + 1
+    assert errno_of(vfs.open, path, os.O_RDONLY) == errno.EFBIG
+    vfs.shutdown()

@@ -68,7 +68,7 @@ class VfsConfig:
     read_ahead: int = 16  # files of a series fetched ahead of a reader going through it in order
     upload_mode: str = "sync"  # "sync": close() ends when the server stored the file; "writeback": queued
     dataset_label: str | None = None  # tells datasets apart in the write-back journal
-    stat_fetch_timeout: float = 30.0  # longest a stat waits to learn an unknown size
+    stat_fetch_timeout: float = 30.0  # longest a stat waits for an unknown size with no byte arriving
     drain_timeout: float = 60.0  # longest an unmount waits for queued uploads (the rest stays journaled)
     walk_grace: float = 3.0  # longest listings wait for a store walk in progress, from its start
 
@@ -364,6 +364,11 @@ class Vfs:
         size = self._size_of(p, entry)
         if size is None and p not in self._too_large and self.stat_probes.should_fetch(caller, p):
             size = self._fetch_size(p)
+        if size is None and p in self._too_large:
+            # Larger than the cache may hold, so it cannot be read: shown at least that big, not
+            # 0. tar archives exactly the size it saw and never opens a file of size 0: it would
+            # archive it empty and exit 0; opened, it fails with EFBIG, as cp and cat do.
+            return Attr(False, self.cache.max_file + 1, self._times.get(p, self.mounted_at), size_known=False)
         return self._file_attr(size, p)
 
     def _size_of(self, p: DicomPath, entry: Entry) -> int | None:
@@ -1213,6 +1218,21 @@ class Vfs:
             return True  # nothing to fetch ahead from; not a matter of room
         return self.cache.prefetch(key, lambda sink: store.retrieve(p.study, p.series, key[3], sink), size)
 
+    @staticmethod
+    def _wait_while_arriving(cached: CachedInstance, stall: float) -> int | None:
+        """The size of a download once it ends (re-raising its error), waiting as long as its
+        bytes keep arriving; None once none came for ``stall`` seconds. A slow link is waited
+        for: a stat that gave up on a large file still arriving would show size 0, and tar
+        would archive it empty."""
+        seen = -1
+        while True:
+            size = cached.wait_complete(stall)
+            if size is not None:
+                return size
+            if cached.written == seen:
+                return None
+            seen = cached.written
+
     def _fetch_size(self, p: DicomPath) -> int | None:
         """Fetch an instance into the cache to learn its size (bounded wait)."""
         try:
@@ -1222,7 +1242,7 @@ class Vfs:
                 raise
             return None
         try:
-            size = cached.wait_complete(self.config.stat_fetch_timeout)
+            size = self._wait_while_arriving(cached, self.config.stat_fetch_timeout)
         except StoreError as exc:
             raise from_store_error(exc, f"stat {p}") from None
         except FsError as exc:
