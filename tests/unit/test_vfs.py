@@ -1712,3 +1712,50 @@ def test_an_instance_of_unknown_size_too_large_to_read_is_not_shown_empty(datase
         assert vfs.getattr(path, caller=caller).size == 1024 * 1024 + 1
     assert errno_of(vfs.open, path, os.O_RDONLY) == errno.EFBIG
     vfs.shutdown()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["answered", "refused"])
+def test_callers_listing_one_folder_at_once_share_one_request(dataset, tmp_path, dicom: DicomFactory,
+                                                              monkeypatch, fails: bool):
+    """Eight readers of a data loader starting on one series: one listing request, whose answer
+    (or error) each of them gets."""
+    inst, path = on_server(dataset, dicom)
+    series = os.path.dirname(path)
+    store_class = type(dataset.open_store("store"))
+    listed = store_class.instances
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def slow(self, *args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        assert gate.wait(5)
+        if fails:
+            from dicomfuse.stores.base import Unavailable
+
+            raise Unavailable("the server is down")
+        return listed(self, *args)
+
+    monkeypatch.setattr(store_class, "instances", slow)
+    vfs = make_vfs(dataset, tmp_path)
+    vfs.getattr(os.path.dirname(series))  # the study: resolved before the readers start
+    outcomes: list[object] = []
+
+    def reader() -> None:
+        try:
+            outcomes.append(sorted(dict(vfs.readdir(series))))
+        except FsError as exc:
+            outcomes.append(exc.errno)
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # every reader has asked by now
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1
+    assert outcomes == [errno.EIO] * 8 if fails else outcomes == [[os.path.basename(path)]] * 8
+    vfs.shutdown()

@@ -244,6 +244,7 @@ class Vfs:
         # The rest show the mount's start.
         self._times: dict[DicomPath, float] = {}
         self._walking: dict[str, _Walk] = {}  # store -> its walk in progress
+        self._listing_flights: dict[DicomPath, _Flight] = {}  # folder -> its listing being asked for
         self._side_names = 0
         # (store, SOP Instance UID) -> when this mount saw the server confirm it stored it: a
         # lagging search index (Google's) may not show it yet, yet a new copy overwrites it.
@@ -1008,6 +1009,33 @@ class Vfs:
             return local
 
     def _listing_from_server(self, p: DicomPath) -> dict[str, Entry]:
+        """The listing of ``p`` from the server, asked once for every caller that wants it at the
+        same time (eight readers of a data loader starting on one series: one request, not eight)."""
+        with self._lock:
+            flight = self._listing_flights.get(p)
+            leading = flight is None
+            if flight is None:
+                flight = self._listing_flights[p] = _Flight()
+        if not leading:
+            flight.done.wait()
+            if isinstance(flight.error, FsError):  # each caller raises its own
+                raise FsError(flight.error.errno or errno.EIO, flight.error.strerror or "", flight.error.level)
+            if flight.error is not None:
+                raise flight.error
+            assert flight.result is not None
+            return flight.result
+        try:
+            flight.result = self._ask_listing(p)
+            return flight.result
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._listing_flights[p]
+            flight.done.set()
+
+    def _ask_listing(self, p: DicomPath) -> dict[str, Entry]:
         doing = f"list {p}"
         if p.level == Level.ROOT:
             children = [(n, Entry(True)) for n in self._remote(doing, lambda: list(self.dataset.list_stores()))]
@@ -1955,6 +1983,15 @@ class Vfs:
 class _Walk:
     started: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Flight:
+    """A listing being asked for: its result or error, once ``done``."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Entry] | None = None
+    error: BaseException | None = None
 
 
 class _Conflict(FsError):
