@@ -31,6 +31,13 @@ def test_relative_paths_are_made_absolute_where_the_command_was_typed(tmp_path: 
     monkeypatch.chdir(tmp_path)
     s = parse_settings(["-a", "data", "-p", "m", "--cacheDir", "c", "--logDir", "l", "-k", "key.json"])
     assert (s.cacheDir, s.logDir, s.keyFile) == (tmp_path / "c", tmp_path / "l", tmp_path / "key.json")
+    assert s.mountPath == tmp_path / "m"  # dicomfuse prefetch waits for it to be mounted, from /
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # the shell leaves ~ alone after "=": each path option expands it
+    s = parse_settings(["-a", "data", "--mountPath=~/m", "--keyFile=~/key.json"])
+    assert (s.mountPath, s.keyFile) == (tmp_path / "m", tmp_path / "key.json")
+    if sys.platform == "win32":
+        assert parse_settings(["-a", "data", "-p", "J:"]).mountPath == Path("J:")  # a drive letter stays one
     dataset = open_dataset(s.datasetAddr)
     monkeypatch.chdir("/")
     assert list(dataset.list_stores()) == ["store"]
@@ -70,6 +77,7 @@ def test_enable_deletion_spellings(spelling):
     (["-a", "/x", "-p", "/m", "--httpTimeout", "٣,٣"], "--httpTimeout: expected seconds"),  # float() took them
     (["-a", "/x", "-p", "/m", "--httpTimeout", "nan"], "--httpTimeout: expected seconds"),
     (["-a", "/x", "-p", "/m", "--httpTimeout", "inf"], "--httpTimeout: expected seconds"),
+    (["-a", "/x", "-p", "/m", "--httpTimeout", "99999999999999999999"], "--httpTimeout: at most 86400"),
     (["-a", "/x", "-p", "/m", "--caBundle", "/no/such/ca.pem"],
      f"--caBundle: {Path('/no/such/ca.pem')} is not a readable"),  # the path as this OS writes it
     (["-a", "/x", "-p", "/m", "--uploadMode", "later"], "--uploadMode: expected sync or writeback"),

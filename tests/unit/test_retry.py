@@ -225,6 +225,10 @@ def test_usage_errors(env, capsys):
     assert run_retry(["--cacheDir", str(env.cache)]) == EXIT_USAGE  # no address
     assert run_retry(["-a", "bogus://x", "--cacheDir", str(env.cache)]) == EXIT_USAGE
     assert run_retry(["-a", str(env.tmp / "missing"), "--cacheDir", str(env.cache)]) == EXIT_USAGE
+    for timeout in ("inf", "nan", "0", "99999999999999999999"):  # as the mount's: never a traceback
+        assert env.run("--httpTimeout", timeout) == EXIT_USAGE
+        assert "--httpTimeout:" in capsys.readouterr().err
+    assert env.run("--httpTimeout", "5,30", "--dry-run") != EXIT_USAGE
     assert kept.exists()
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from dicomfuse.cli.settings import parse_http_timeout
 from dicomfuse.core import portable
 from dicomfuse.core.uploads import (
     FailedInfo,
@@ -119,8 +120,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="Store for failed files that do not say which store they were for.")
     parser.add_argument("--orthancRest", metavar="MODE", default="auto", help="As for the mount. Default: auto.")
     parser.add_argument("--caBundle", metavar="FILE", default=None, help="PEM file of trusted CAs.")
-    parser.add_argument("--httpTimeout", metavar="SECONDS", type=float, default=None,
-                        help="Seconds per HTTP request.")
+    parser.add_argument("--httpTimeout", metavar="C,R", default=None,
+                        help="As for the mount: seconds to connect, and between two bytes of an answer.")
     parser.add_argument("--logDir", metavar="DIR", type=Path, default=None,
                         help="Folder of the log files (as for the mount).")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true",
@@ -135,14 +136,18 @@ def _retry(root: Path, ns: argparse.Namespace) -> int:
     from dicomfuse.stores.auth import CredentialsError
     from dicomfuse.stores.open import open_dataset
 
-    if ns.httpTimeout is not None and ns.httpTimeout <= 0:
-        raise _Usage("--httpTimeout must be positive")
+    timeout = None
+    if ns.httpTimeout is not None:
+        try:
+            timeout = parse_http_timeout(ns.httpTimeout)
+        except ValueError as exc:
+            raise _Usage(f"--httpTimeout: {exc}") from None
     items = gather(root)
     if not items:
         print(f"Nothing to retry: no failed uploads in {root}.")
         return EXIT_DONE
     try:
-        dataset = open_dataset(ns.datasetAddr, key_file=ns.keyFile, timeout=ns.httpTimeout,
+        dataset = open_dataset(ns.datasetAddr, key_file=ns.keyFile, timeout=timeout,
                                orthanc_rest=ns.orthancRest, ca_bundle=ns.caBundle)
     except ValueError as exc:
         raise _Usage(f"--datasetAddr: {exc}") from None

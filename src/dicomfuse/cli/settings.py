@@ -16,6 +16,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # superscripts (², which int() then refuses with a message of its own).
 _WHOLE = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+_DRIVE = re.compile(r"[A-Za-z]:")  # a Windows drive letter as --mountPath
+MAX_HTTP_TIMEOUT_S = 86400
+
+
+def parse_http_timeout(value: str) -> tuple[float, float]:
+    """``--httpTimeout``: ``C,R`` or one number for both, in seconds (ValueError saying why)."""
+    parts = [p.strip() for p in value.split(",")]
+    if not all(_DECIMAL.fullmatch(p) for p in parts):  # not float(): it takes inf, nan, 1e3, ٣
+        raise ValueError("expected seconds like 10,60 (connect,read) or one number for both")
+    numbers = [float(p) for p in parts]
+    if len(numbers) == 1:
+        numbers *= 2
+    if len(numbers) != 2 or min(numbers) <= 0:
+        raise ValueError("expected two positive numbers of seconds like 10,60")
+    if max(numbers) > MAX_HTTP_TIMEOUT_S:  # the OS takes no socket timeout past ~9e9 s
+        raise ValueError(f"at most {MAX_HTTP_TIMEOUT_S} seconds (a day) each")
+    return (numbers[0], numbers[1])
+
+
 TRUE = {"true", "yes", "on", "1"}
 FALSE = {"false", "no", "off", "0"}
 
@@ -110,17 +129,16 @@ class Settings(BaseModel):
     @field_validator("httpTimeout", mode="before")
     @classmethod
     def _http_timeout(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            parts = [p.strip() for p in value.split(",")]
-            if not all(_DECIMAL.fullmatch(p) for p in parts):  # not float(): it takes inf, nan, 1e3, ٣
-                raise ValueError("expected seconds like 10,60 (connect,read) or one number for both")
-            numbers = [float(p) for p in parts]
-            if len(numbers) == 1:
-                numbers *= 2
-            if len(numbers) != 2 or min(numbers) <= 0:
-                raise ValueError("expected two positive numbers of seconds like 10,60")
-            return (numbers[0], numbers[1])
-        return value
+        return parse_http_timeout(value) if isinstance(value, str) else value
+
+    @field_validator("mountPath")
+    @classmethod
+    def _mount_path(cls, value: Path) -> Path:
+        """As the other paths (``--mountPath=~/dicom``: the shell leaves that ``~`` alone), but a
+        Windows drive letter stays one."""
+        if _DRIVE.fullmatch(str(value)):
+            return value
+        return value.expanduser().absolute()
 
     @field_validator("keyFile", "caBundle", "cacheDir", "logDir")
     @classmethod
