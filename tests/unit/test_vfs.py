@@ -188,6 +188,20 @@ def test_gui_new_folder_becomes_a_store_when_renamed(dataset, tmp_path):
     vfs.shutdown()
 
 
+def test_a_folder_renamed_to_a_hidden_name_never_becomes_a_store(dataset, tmp_path):
+    """mkdir of a dot-name at the dataset level is refused (EPERM): so is giving one by rename, to
+    a store or to a GUI "New folder", which created a hidden store on the server."""
+    vfs = make_vfs(dataset, tmp_path)
+    vfs.mkdir("/plainx")
+    vfs.mkdir("/untitled folder")
+    assert errno_of(vfs.mkdir, "/.dotdirect") == errno.EPERM
+    assert errno_of(vfs.rename, "/plainx", "/.Spotlight-V100") == errno.EPERM
+    assert errno_of(vfs.rename, "/untitled folder", "/.Trashes") == errno.EPERM
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["plainx", "store"]
+    assert {"plainx", "untitled folder"} <= set(dict(vfs.readdir("/")))
+    vfs.shutdown()
+
+
 def test_side_files_are_local(dataset, tmp_path):
     vfs = make_vfs(dataset, tmp_path)
     upload(vfs, "/store/.DS_Store", b"finder")

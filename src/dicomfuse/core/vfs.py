@@ -424,10 +424,7 @@ class Vfs:
                     self._local[p] = LocalNode(is_dir=True)
                 log.info("Folder %r stays on this computer until it is renamed to a store name", p.name)
                 return
-            if p.is_side_file or p.name.startswith("."):
-                # Spotlight, Trash, versions (.DocumentRevisions-V100) and other hidden system
-                # folders: refused quietly (the OS tries them by itself), never a store.
-                raise FsError(errno.EPERM, f"mkdir: {p.name!r} is a system folder, not created", logging.DEBUG)
+            self._refuse_hidden_store(p, "mkdir")
             if not is_valid_store_id(p.name):
                 raise FsError(errno.EINVAL, f"mkdir: {p.name!r} is not a valid store ID "
                               "(1-256 letters, digits, '_', '-', '.')", logging.WARNING)
@@ -1846,7 +1843,16 @@ class Vfs:
         self.listings.note_added(ROOT, name, Entry(True))
         log.info("Created store %s", name)
 
+    @staticmethod
+    def _refuse_hidden_store(p: DicomPath, doing: str) -> None:
+        """Spotlight, Trash, versions (.DocumentRevisions-V100) and other hidden system folders
+        at the dataset level: refused quietly (the OS tries them by itself), never a store,
+        whether made by mkdir or by renaming a folder."""
+        if p.is_side_file or p.name.startswith("."):
+            raise FsError(errno.EPERM, f"{doing}: {p.name!r} is a system folder, not a store", logging.DEBUG)
+
     def _rename_store(self, po: DicomPath, pn: DicomPath) -> None:
+        self._refuse_hidden_store(pn, "rename")
         if self._exists(pn):
             raise FsError(errno.EEXIST, f"rename: {pn.name} exists already")
         if not is_valid_store_id(pn.name):
@@ -1893,6 +1899,7 @@ class Vfs:
             if pn.level != Level.STORE or pn.too_deep:
                 raise FsError(errno.EPERM, f"rename: {po} can only become a store")
             if not is_gui_folder_name(pn.name):
+                self._refuse_hidden_store(pn, "rename")
                 if not is_valid_store_id(pn.name):
                     raise FsError(errno.EINVAL, f"rename: {pn.name!r} is not a valid store ID", logging.WARNING)
                 if self._exists(pn):
