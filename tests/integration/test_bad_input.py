@@ -141,3 +141,26 @@ def test_an_address_that_is_not_a_dicomweb_server_stops_with_one_line(tmp_path: 
     assert r.returncode == 1, r.stderr
     assert "Cannot reach the dataset" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.ismount(mnt)
+
+
+def test_the_readme_extra_mount_options_mount_and_bad_ones_fail_naming_them(local: Backend, mount_factory,
+                                                                            dicom: DicomFactory, tmp_path: Path):
+    """The README's example (allow_other,max_read=131072) mounted nothing, yet exited 0 and said
+    it unmounted: libfuse 3 refuses max_read unless init() asks for it too. A libfuse user's
+    "-o allow_other" works as well. An option libfuse refuses fails with exit 1, naming the
+    option instead of blaming FUSE or the folder."""
+    inst = dicom.instance()
+    local.seed([inst])
+    for extra in ("allow_other,max_read=131072", "-o allow_other -o max_read=65536"):
+        m = mount_factory(local, "--extraMountOptions", extra)
+        assert local.instance_path(m, inst).read_bytes() == inst.path.read_bytes()
+        m.stop()
+        assert m.returncode == 0 and "Unmounted" in m.log_text()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run([sys.executable, "-m", "dicomfuse", "-a", local.address, "-p", str(mnt),
+                        "--extraMountOptions", "bogus_opt", "--cacheDir", str(tmp_path / "c"),
+                        "--logDir", str(tmp_path / "l")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "check --extraMountOptions bogus_opt" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.ismount(mnt)

@@ -153,6 +153,18 @@ def test_extra_options_override_defaults_and_allow_other_is_warned(caplog: pytes
     assert options.parse_extra(None) == {} and options.parse_extra(" , ") == {}
 
 
+@pytest.mark.parametrize(("typed", "parsed"), [
+    ("-o allow_other", {"allow_other": True}),  # as a libfuse user types them
+    ("-o allow_other -o max_read=65536", {"allow_other": True, "max_read": "65536"}),
+    ("-oallow_other,x=1", {"allow_other": True, "x": "1"}),
+    ("[]", {}),  # the original tool's printed default
+    ("[allow_other, x=1]", {"allow_other": True, "x": "1"}),
+    ("volname=My Data,fsname=a-ob", {"volname": "My Data", "fsname": "a-ob"}),  # values keep spaces and "-o"
+])
+def test_extra_mount_options_as_users_type_them(typed: str, parsed: dict[str, object]) -> None:
+    assert options.parse_extra(typed) == parsed
+
+
 def test_no_attribute_caching_when_listings_give_no_sizes() -> None:
     """tar archives the size it saw at stat: a size 0 shown to ls -l must not stay in the
     kernel's attribute cache for it (Linux, macOS; WinFsp is left as it is)."""

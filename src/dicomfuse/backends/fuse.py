@@ -70,8 +70,11 @@ class FuseOperations(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, vfs: Vfs, uid: int | None = None, gid: int | None = None) -> None:
+    def __init__(self, vfs: Vfs, uid: int | None = None, gid: int | None = None, *,
+                 max_read: int | None = None, mountpoint: str | None = None) -> None:
         self.vfs = vfs
+        self.max_read = max_read  # the max_read mount option: init() must ask for it too
+        self.mountpoint = mountpoint  # looked at once after init, to know the mount came up
         # Windows (WinFsp's FUSE layer) has no uid: its uid=-1,gid=-1 options map owners.
         self.uid = getattr(os, "getuid", lambda: 0)() if uid is None else uid
         self.gid = getattr(os, "getgid", lambda: 0)() if gid is None else gid
@@ -80,6 +83,7 @@ class FuseOperations(mfusepy.Operations):
         self._pages_lock = threading.Lock()
         self._handles = itertools.count(1)
         self.initialized = False
+        self.served = False  # a request came after INIT: the mount was up
         vfs.notify_changed = self._invalidate
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -93,6 +97,10 @@ class FuseOperations(mfusepy.Operations):
             conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
             if hasattr(conn, "want_ext"):  # libfuse >= 3.17 keeps the flags in both
                 conn.want_ext &= ~FUSE_CAP_READDIRPLUS_AUTO
+            if self.max_read is not None:
+                # libfuse 3 refuses the mount ("init() and fuse_session_new() requested different
+                # maximum read size") unless init() asks for the max_read option's size too.
+                conn.max_read = self.max_read
         self.init("/")
 
     def init(self, path: str) -> None:
@@ -104,6 +112,16 @@ class FuseOperations(mfusepy.Operations):
             self._fuse = None
         self.vfs.start()
         self.initialized = True
+        if self.mountpoint is not None:
+            # INIT may still be refused after this returns: one stat proves the mount came up
+            # (it reaches getattr), as nothing else might before the mount is stopped.
+            threading.Thread(target=self._look_once, name="mount-check", daemon=True).start()
+
+    def _look_once(self) -> None:
+        try:
+            os.stat(self.mountpoint)  # type: ignore[arg-type]
+        except OSError:
+            pass  # refused: the mount never came up (run() says so)
 
     def _invalidate(self, path: str) -> bool:
         """Tell the kernel to drop the cached attributes and pages of ``path`` (its size was learnt,
@@ -133,6 +151,7 @@ class FuseOperations(mfusepy.Operations):
 
     @translate
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        self.served = True
         return self._stat(self.vfs.getattr(path, fh.fh if fh is not None else None, self._caller()))
 
     @translate
@@ -411,11 +430,13 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
 def run(vfs: Vfs, mountpoint: str, options: dict[str, str | bool]) -> None:
     """Mount and serve in the foreground until unmounted (Ctrl+C, SIGTERM, fusermount -u).
     Raises RuntimeError only if the mount never came up."""
-    ops = FuseOperations(vfs)
+    max_read = options.get("max_read")
+    ops = FuseOperations(vfs, max_read=int(max_read) if isinstance(max_read, str) and max_read.isdecimal() else None,
+                         mountpoint=None if sys.platform == "win32" else mountpoint)
     try:
         _FUSE(ops, mountpoint, raw_fi=True, foreground=True, **options)
     except RuntimeError as exc:
-        if not ops.initialized:
+        if not ops.initialized or not ops.served:  # refused at INIT (libfuse said why): never mounted
             raise
         # libfuse answers non-zero when a signal (Ctrl+C, SIGTERM) ended the loop: a clean stop.
         log.debug("libfuse returned %s after serving the mount", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,20 @@ def default_options(platform: str = sys.platform, volume_name: str = "DICOMFuse"
     return common
 
 
+_DASH_O = re.compile(r"(?:^|\s)-o\s*")
+
+
 def parse_extra(value: str | list[str] | None) -> MountOptions:
-    """``allow_other,max_read=131072`` → {"allow_other": True, "max_read": "131072"}."""
+    """``allow_other,max_read=131072`` → {"allow_other": True, "max_read": "131072"}. Also as a
+    libfuse user types them (``-o allow_other``, several ``-o``), and the original tool's printed
+    default ``[]`` (a list: ``[allow_other, x=1]``)."""
     items: list[str] = []
     for part in [value] if isinstance(value, str) else (value or []):
-        items.extend(x.strip() for x in part.split(","))
+        part = part.strip()
+        if part.startswith("[") and part.endswith("]"):
+            part = part[1:-1]
+        # "-o a -o b=1": each -o starts an option; a value may hold spaces (volname=My Data)
+        items.extend(x.strip() for x in _DASH_O.sub(",", part).split(","))
     options: MountOptions = {}
     for item in filter(None, items):
         key, sep, val = item.partition("=")

@@ -249,7 +249,11 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     try:
         adapter.run(vfs, mount_point, mount_options)
     except RuntimeError as exc:
-        log.error("The mount failed (%s); is FUSE installed and %s free?", exc, settings.mountPath)
+        if settings.extraMountOptions:
+            log.error("The mount failed (%s): libfuse refused it (its words are above); check --extraMountOptions "
+                      "%s", exc, settings.extraMountOptions)
+        else:
+            log.error("The mount failed (%s); is FUSE installed and %s free?", exc, settings.mountPath)
         return EXIT_FAILURE
     finally:
         _ignore_interrupts()
