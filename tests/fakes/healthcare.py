@@ -771,6 +771,12 @@ class HealthcareStandIn:
         with self._lock:
             self._faults.append(_Fault(status, times, method, path_contains, retry_after, delay, drop, stall))
 
+    def faults_left(self) -> int:
+        """How many injected faults no request has taken yet: 0 once the last one's request
+        arrived (``requests`` records a request only once it is answered)."""
+        with self._lock:
+            return len(self._faults)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,8 @@ def test_a_signal_during_an_upload_lets_it_finish_then_unmounts(sig: int, health
         healthcare.clear_log()
         healthcare.inject(delay=3.0, times=1, method="POST", path_contains="/dicomWeb/studies")
         copy = subprocess.Popen(["cp", str(inst.path), str(m.path / "store-a")], stderr=subprocess.PIPE)
-        wait_for(lambda: any(r.method == "POST" and r.path.endswith("/dicomWeb/studies") for r in healthcare.requests),
-                 20, what="the STOW to start")
+        wait_for(lambda: healthcare.faults_left() == 0, 20, what="the STOW to start")
+        assert copy.poll() is None, "the STOW is still being answered: the copy waits for it"
         assert m.stop(sig) == 0, m.diagnostics()
         assert copy.wait(30) == 0, copy.stderr.read() if copy.stderr else ""
     finally:
@@ -78,3 +79,38 @@ def test_a_signal_during_an_upload_lets_it_finish_then_unmounts(sig: int, health
         healthcare.clear_faults()
     assert not os.path.ismount(m.path)
     assert google.server_bytes(inst) == inst.path.read_bytes(), "the upload in flight finished"
+
+
+def test_more_signals_during_the_shutdown_never_cut_it_short(healthcare, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                             dicom: DicomFactory):
+    """Ctrl+C twice (a one-file build gets each one twice), then SIGTERM while the write-back
+    queue drains: the default action that libfuse gives the signals back ended the process at
+    once, with the upload cut off and patient data left in the cache. The shutdown goes on and
+    says so."""
+    google = google_backend(healthcare, tmp_path)
+    inst = dicom.instance()
+    m = Mount(google.address, tmp_path / "again", *google.extra_args, "--uploadMode", "writeback").start()
+    copy = None
+    try:
+        os.listdir(m.path / "store-a")  # a token first
+        healthcare.clear_log()
+        healthcare.inject(delay=4.0, times=1, method="POST", path_contains="/dicomWeb/studies")
+        copy = subprocess.Popen(["cp", str(inst.path), str(m.path / "store-a")], stderr=subprocess.PIPE)
+        assert copy.wait(30) == 0, copy.stderr.read() if copy.stderr else ""  # queued
+        wait_for(lambda: healthcare.faults_left() == 0, 20, what="the STOW to start")
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGINT)
+        m.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: not os.path.ismount(m.path), 20, what="the mount to be gone")
+        time.sleep(0.5)  # the shutdown has begun; the upload it waits for is answered in 4 s
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            m.proc.send_signal(sig)
+        assert m.proc.wait(60) == 0, m.diagnostics()
+    finally:
+        if copy is not None and copy.poll() is None:
+            copy.kill()
+        healthcare.clear_faults()
+        m.stop()
+    assert "Still unmounting" in m.log_text()
+    assert google.server_bytes(inst) == inst.path.read_bytes(), "the upload in flight finished"
+    assert [p for p in Path(m.cache_dir, "mounts").rglob("*") if p.is_file()] == [], "the cache is wiped"

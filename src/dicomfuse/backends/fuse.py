@@ -71,8 +71,10 @@ class FuseOperations(mfusepy.Operations):
     use_ns = True
 
     def __init__(self, vfs: Vfs, uid: int | None = None, gid: int | None = None, *,
-                 max_read: int | None = None, mountpoint: str | None = None) -> None:
+                 max_read: int | None = None, mountpoint: str | None = None,
+                 on_stop: Callable[[], None] | None = None) -> None:
         self.vfs = vfs
+        self.on_stop = on_stop  # called by destroy: the mount is gone, the shutdown begins
         self.max_read = max_read  # the max_read mount option: init() must ask for it too
         self.mountpoint = mountpoint  # looked at once after init, to know the mount came up
         # Windows (WinFsp's FUSE layer) has no uid: its uid=-1,gid=-1 options map owners.
@@ -116,6 +118,14 @@ class FuseOperations(mfusepy.Operations):
             # INIT may still be refused after this returns: one stat proves the mount came up
             # (it reaches getattr), as nothing else might before the mount is stopped.
             threading.Thread(target=self._look_once, name="mount-check", daemon=True).start()
+
+    def destroy(self, path: str) -> None:
+        """libfuse's last call, on the thread that mounted, once the mount is gone. libfuse
+        has given Ctrl+C and SIGTERM back their default action (end the process at once) just
+        before: the shutdown that follows (uploads in flight, the cache wipe) must not be cut
+        short by the next one."""
+        if self.on_stop is not None:
+            self.on_stop()
 
     def _look_once(self) -> None:
         try:
@@ -427,12 +437,14 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
         return 0
 
 
-def run(vfs: Vfs, mountpoint: str, options: dict[str, str | bool]) -> None:
+def run(vfs: Vfs, mountpoint: str, options: dict[str, str | bool],
+        on_stop: Callable[[], None] | None = None) -> None:
     """Mount and serve in the foreground until unmounted (Ctrl+C, SIGTERM, fusermount -u).
-    Raises RuntimeError only if the mount never came up."""
+    Raises RuntimeError only if the mount never came up. ``on_stop`` is called on this thread
+    as soon as the mount is gone, before this returns."""
     max_read = options.get("max_read")
     ops = FuseOperations(vfs, max_read=int(max_read) if isinstance(max_read, str) and max_read.isdecimal() else None,
-                         mountpoint=None if sys.platform == "win32" else mountpoint)
+                         mountpoint=None if sys.platform == "win32" else mountpoint, on_stop=on_stop)
     try:
         _FUSE(ops, mountpoint, raw_fi=True, foreground=True, **options)
     except RuntimeError as exc:

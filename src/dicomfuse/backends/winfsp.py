@@ -480,8 +480,11 @@ def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
     return restore
 
 
-def run(vfs: Vfs, mountpoint: str, options: dict[str, str | bool]) -> None:
-    """Mount and serve until Ctrl+C, Ctrl+Break or SIGTERM, then unmount and return.
+def run(vfs: Vfs, mountpoint: str, options: dict[str, str | bool],
+        on_stop: Callable[[], None] | None = None) -> None:
+    """Mount and serve until Ctrl+C, Ctrl+Break or SIGTERM, then unmount and return (its own
+    signal handlers stay until then; ``on_stop`` is accepted for the FUSE adapter's signature,
+    and the caller's shutdown takes over the signals after this returns).
     ``mountpoint`` is what :func:`windows.check_mount_point` returned (an existing empty folder
     is removed for the mount's life and created again after). Raises RuntimeError if the mount
     never came up."""

@@ -246,8 +246,14 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     log.info("Mounting %s at %s (Ctrl+C to unmount)", dataset.name, mount_point)
     if on_mounted is not None:
         _after_mount(mount_point, on_mounted)
+    _SHUTDOWN.clear()
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        # Ctrl+C before the mount is up, as Python's own handler; once the mount is gone, a note.
+        # (The FUSE loop puts libfuse's handlers in place of this one while it runs.)
+        signal.signal(signal.SIGINT, _on_interrupt)
     try:
-        adapter.run(vfs, mount_point, mount_options)
+        adapter.run(vfs, mount_point, mount_options, on_stop=_ignore_interrupts)
     except RuntimeError as exc:
         if settings.extraMountOptions:
             log.error("The mount failed (%s): libfuse refused it (its words are above); check --extraMountOptions "
@@ -260,6 +266,9 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         vfs.shutdown()
         if refolder:
             os.makedirs(mount_point, exist_ok=True)
+        if main_thread:  # the shutdown is done and the program ends: a late Ctrl+C changes nothing
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.info("Unmounted %s; cache wiped", settings.mountPath)
     return 0
 
@@ -268,12 +277,33 @@ FUSE_HINT = {"linux": "fuse3 (sudo apt install fuse3)", "darwin": "macFUSE (http
              "win32": "WinFsp (https://winfsp.dev)"}.get(sys.platform, "FUSE")
 
 
+_SHUTDOWN = threading.Event()  # the mount is gone: the shutdown (uploads, cache wipe) runs
+_said_at = [0.0]
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    if not _SHUTDOWN.is_set():
+        raise KeyboardInterrupt
+    now = time.monotonic()
+    if now - _said_at[0] >= 2.0:
+        _said_at[0] = now
+        log.warning("Still unmounting: finishing the uploads in flight, then wiping the cache (this ends by "
+                    "itself, within a minute)")
+
+
 def _ignore_interrupts() -> None:
     """Once the mount is gone, finish the shutdown (uploads in flight, the cache wipe) whatever
-    Ctrl+C comes next: a terminal's Ctrl+C reaches a single-file build twice (its bootloader
-    forwards its own copy), and the second one would cut the shutdown short."""
+    Ctrl+C or SIGTERM comes next: each one gets a note. A terminal's Ctrl+C reaches a single-file
+    build twice (its bootloader forwards its own copy), a user presses it again, a service
+    manager sends SIGTERM: any of them would cut the shutdown short and leave patient data in
+    the cache. Called by the adapter as soon as the mount is gone (libfuse has just given both
+    signals back their default action, which ends the process at once), and again after."""
+    if not _SHUTDOWN.is_set():
+        log.debug("The mount is gone: finishing the shutdown")
+    _SHUTDOWN.set()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, _on_interrupt)
+        signal.signal(signal.SIGTERM, _on_interrupt)
 
 
 def is_mounted(mount_point: str | Path) -> bool:

@@ -323,6 +323,10 @@ class Vfs:
             else:
                 self._close_fd(h.fd)
         if self.writeback is not None:
+            queued = len(self.writeback.pending())
+            if queued:
+                log.info("Sending the %d queued upload(s) before unmounting (at most %.0f s; the rest is sent at "
+                         "the next start)", queued, self.config.drain_timeout)
             self.writeback.stop(drain=True, timeout=self.config.drain_timeout)
             left = self.writeback.pending()
             if left:
