@@ -72,6 +72,10 @@ def test_enable_deletion_spellings(spelling):
     (["-a", "/x", "-p", "/m", "-d", "maybe"], "--enableDeletion: expected true or false"),
     (["-a", "/x", "-p", "/m", "--orthancRest", "ftp://x"], "--orthancRest"),
     (["-a", "/x", "-p", "/m", "--bogus"], "unrecognized arguments"),
+    (["--datsetAddr", "/x", "-p", "/m"], "unrecognized arguments: --datsetAddr (did you mean --datasetAddr?)"),
+    (["-a", "/x", "-p", "/m", "-s", "10000MB"], "--cacheSize: expected a whole number of megabytes"),
+    (["-a", "/x", "-p", "/m", "-s", "١٠٠٠"], "--cacheSize: expected a whole number of megabytes"),  # int() took it
+    (["-a", "/x", "-p", "/m", "--readAhead", "x"], "--readAhead: expected a whole number"),
     (["-a", "/x", "-p", "/m", "--httpTimeout", "0,5"], "--httpTimeout: expected two positive"),
     (["-a", "/x", "-p", "/m", "--httpTimeout", "soon"], "--httpTimeout: expected seconds"),
     (["-a", "/x", "-p", "/m", "--httpTimeout", "٣,٣"], "--httpTimeout: expected seconds"),  # float() took them

@@ -94,6 +94,7 @@ def parse_settings_with(
         raise UsageError(message)
 
     parser.error = fail  # type: ignore[method-assign]
+    _refuse_unknown_options(parser, argv)
     ns = parser.parse_args(argv)
     values = {k: v for k, v in vars(ns).items() if v is not None and k not in extra_dests}
     values.update({k: v for k, v in overrides.items() if k not in values or k == "datasetAddr"})
@@ -104,6 +105,30 @@ def parse_settings_with(
         where = ".".join(str(x) for x in err["loc"] if isinstance(x, str)) or "options"
         msg = err["msg"].removeprefix("Value error, ")
         raise UsageError(f"--{where}: {msg}") from None
+
+
+def _refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An option mistyped is named first, with the option meant: argparse would say that a
+    required one is missing (--datsetAddr: "the following arguments are required:
+    --datasetAddr"), and never mention the typo."""
+    required = [a for a in parser._actions if a.required]
+    for action in required:
+        action.required = False
+    try:
+        _, unknown = parser.parse_known_args(argv)
+    finally:
+        for action in required:
+            action.required = True
+    if not unknown:
+        return
+    import difflib
+
+    known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    hints = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1) if arg.startswith("--") else []
+        hints.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    raise UsageError(f"unrecognized arguments: {' '.join(hints)}")
 
 
 def check_mount_path(path: Path, platform: str = sys.platform) -> str:

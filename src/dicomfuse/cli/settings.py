@@ -10,11 +10,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Numbers as typed in ASCII: str.isdigit() and int() also take other scripts' digits (٣) and
 # superscripts (², which int() then refuses with a message of its own).
 _WHOLE = re.compile(r"[0-9]+")
+_INTEGER = re.compile(r"[-+]?[0-9]+")
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 _DRIVE = re.compile(r"[A-Za-z]:")  # a Windows drive letter as --mountPath
 MAX_HTTP_TIMEOUT_S = 86400
@@ -152,6 +153,17 @@ class Settings(BaseModel):
     def _ca_bundle(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @field_validator("cacheSize", "downloadThreads", "readAhead", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """As typed in ASCII (int() also takes ١٠٠٠), with what the number counts in the message."""
+        if isinstance(value, str):
+            if not _INTEGER.fullmatch(value.strip()):  # a sign passes: the range check says what fits
+                raise ValueError("expected a whole number of megabytes, like 10000" if info.field_name == "cacheSize"
+                                 else "expected a whole number, like 8")
+            return int(value.strip())
         return value
 
     @field_validator("cacheSize")
