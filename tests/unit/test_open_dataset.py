@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 from pathlib import Path
@@ -61,6 +62,20 @@ def test_missing_folder(tmp_path: Path, address: str) -> None:
     with pytest.raises(ValueError, match="does not exist") as info:
         open_dataset(address.format(tmp=tmp_path, url=url_path(tmp_path)))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("address", "meant"), [
+    ("127.0.0.1:8042/dicom-web", "http://127.0.0.1:8042/dicom-web"),
+    ("localhost:8042/dicom-web", "http://localhost:8042/dicom-web"),
+    ("healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d",
+     "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d"),
+])
+def test_a_server_address_without_its_scheme_says_which_was_meant(address: str, meant: str,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no such folder here
+    with pytest.raises(ValueError, match=f"did you mean {re.escape(meant)}"):
+        open_dataset(address)
 
 
 def test_file_is_not_a_folder(tmp_path: Path) -> None:

@@ -101,6 +101,8 @@ def open_dataset(
     if scheme == "file":
         return _local_dataset(_file_url_path(text), text, rescan_interval)
     if scheme not in ("http", "https"):
+        if _looks_like_a_host(text):  # localhost:8042/dicom-web
+            raise ValueError(f"{text!r} has no http:// or https://: did you mean http://{text}?")
         raise ValueError(f"unsupported dataset address scheme {scheme!r}: give {ACCEPTED}")
     if (urlsplit(text).hostname or "") == HEALTHCARE_HOST or parse_healthcare_address(text, any_host=True):
         return _healthcare_dataset(text, key_file=key_file, timeout=timeout, pool_size=pool_size,
@@ -109,8 +111,20 @@ def open_dataset(
                              ca_bundle=ca_bundle)
 
 
+def _looks_like_a_host(text: str) -> bool:
+    """``host:port/path``, ``healthcare.googleapis.com/v1/…``: a server's address without its scheme."""
+    head = text.split("/", 1)[0]
+    name, _, port = head.partition(":")
+    return bool(name) and (name == "localhost" or "." in name) and (not port or port.isdecimal()) \
+        and not text.startswith((".", "~"))
+
+
 def _local_dataset(folder: Path, address: str, rescan_interval: float) -> Dataset:
     if not folder.exists():
+        if _looks_like_a_host(address):
+            scheme = "https" if address.startswith(HEALTHCARE_HOST) else "http"
+            raise ValueError(f"dataset folder {address!r} does not exist; for a server, give its address with "
+                             f"{scheme}:// (did you mean {scheme}://{address}?)")
         raise ValueError(f"dataset folder {address!r} does not exist")
     if not folder.is_dir():
         raise ValueError(f"dataset address {address!r} is not a folder")
