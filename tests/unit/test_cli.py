@@ -150,6 +150,25 @@ def test_a_server_that_refuses_the_start_up_search_is_not_called_unreachable(tmp
     log = (tmp_path / "logs" / "error.log").read_text()
     assert "The server refused the start-up search: GET /v1/studies: HTTP 400 Bad Request" in log
     assert "Cannot reach" not in log and words not in log
+    assert "root missing" not in log  # it has one
+
+
+def test_a_server_address_without_its_dicomweb_root_says_it_may_be_missing(tmp_path: Path):
+    """http://host:8042 for Orthanc: its REST API refuses /studies (400), and the message said
+    nothing of the /dicom-web that was left out."""
+    from tests.fakes.http_server import LoopbackServer, Reply
+
+    server = LoopbackServer(lambda seen: Reply(400, b"{}", {"Content-Type": "application/json"}))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        rc = main(["-a", server.base_url, "-p", str(mnt), "--logDir", str(tmp_path / "logs"),
+                   "--cacheDir", str(tmp_path / "cache"), "--orthancRest", "off"])
+    finally:
+        server.stop()
+    assert rc == 1
+    assert f"is the DICOMweb root missing from the address? Orthanc's is {server.base_url}/dicom-web" in (
+        tmp_path / "logs" / "error.log").read_text()
 
 
 def test_the_adapter_follows_the_system_and_the_installed_binding():

@@ -107,6 +107,16 @@ def parse_settings_with(
         raise UsageError(f"--{where}: {msg}") from None
 
 
+def _root_hint(address: str) -> str:
+    """For a server address with no path (http://host:8042), where the DICOMweb root is missing."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    if parts.scheme in ("http", "https") and parts.path.strip("/") == "":
+        return f" (is the DICOMweb root missing from the address? Orthanc's is {address.rstrip('/')}/dicom-web)"
+    return ""
+
+
 def _refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """An option mistyped is named first, with the option meant: argparse would say that a
     required one is missing (--datsetAddr: "the following arguments are required:
@@ -207,12 +217,13 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         dataset.close()
         return EXIT_FAILURE
     except NotFound as exc:
-        log.error("The dataset was not found (check the project, location and dataset names): %s", exc)
+        log.error("The dataset was not found (check the project, location and dataset names): %s%s", exc,
+                  _root_hint(settings.datasetAddr))
         dataset.close()
         return EXIT_FAILURE
     except StoreError as exc:
         if exc.status is not None and not isinstance(exc, Unavailable):  # it answered: a 4xx
-            log.error("The server refused the start-up search: %s", exc)
+            log.error("The server refused the start-up search: %s%s", exc, _root_hint(settings.datasetAddr))
         else:
             log.error("Cannot reach the dataset: %s", exc)
         dataset.close()
