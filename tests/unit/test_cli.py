@@ -238,3 +238,23 @@ def test_an_unexpected_error_is_one_line_that_does_not_quote_it(
     debug = (tmp_path / "logs" / "debug.log").read_text()
     assert "in fails" in debug
     assert secret not in err + debug
+
+
+def test_a_key_file_for_an_address_that_is_not_a_healthcare_dataset_is_said_to_be_unused(tmp_path: Path):
+    """A store URL (…/dicomStores/S) on a Private Service Connect host is a DICOMweb root: the key
+    went unused without a word, and the server's 401 was all the user saw."""
+    from tests.fakes.http_server import LoopbackServer, Reply
+
+    server = LoopbackServer(lambda seen: Reply(401, b"{}", {"Content-Type": "application/json"}))
+    key = tmp_path / "key.json"
+    key.write_text("{}")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        rc = main(["-a", f"{server.base_url}/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb",
+                   "-p", str(mnt), "-k", str(key), "--logDir", str(tmp_path / "logs"),
+                   "--cacheDir", str(tmp_path / "cache"), "--orthancRest", "off"])
+    finally:
+        server.stop()
+    assert rc == 1
+    assert "--keyFile is not used" in (tmp_path / "logs" / "info.log").read_text()

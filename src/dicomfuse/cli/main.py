@@ -107,6 +107,12 @@ def parse_settings_with(
         raise UsageError(f"--{where}: {msg}") from None
 
 
+def _is_healthcare(dataset: object) -> bool:
+    from dicomfuse.stores.healthcare import HealthcareDataset
+
+    return isinstance(dataset, HealthcareDataset)
+
+
 def _root_hint(address: str) -> str:
     """For a server address with no path (http://host:8042), where the DICOMweb root is missing."""
     from urllib.parse import urlsplit
@@ -208,6 +214,9 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     except CredentialsError as exc:
         log.error("Cannot authenticate: %s", exc)
         return EXIT_FAILURE
+    if settings.keyFile is not None and not _is_healthcare(dataset):
+        log.warning("--keyFile is not used: %s is not a Cloud Healthcare API dataset address (.../v1/projects/P/"
+                    "locations/L/datasets/D); a DICOMweb server or folder is reached without it", settings.datasetAddr)
     try:
         stores = list(dataset.list_stores())
         if stores:  # one small query proves the server answers before anything is mounted
