@@ -1773,3 +1773,35 @@ def test_callers_listing_one_folder_at_once_share_one_request(dataset, tmp_path,
     assert len(calls) == 1
     assert outcomes == [errno.EIO] * 8 if fails else outcomes == [[os.path.basename(path)]] * 8
     vfs.shutdown()
+
+
+def test_a_file_removed_as_its_upload_ends_is_not_listed_again(dataset, tmp_path, dicom: DicomFactory):
+    """Write-back: rm of a file whose upload the server has just stored, before the queue says so.
+    The rm deletes it from the server; the upload's end then listed it again, gone, for the
+    overlay's lifetime (30 s): `cat` said ENOENT on a file `ls` showed."""
+    inst = dicom.instance()
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    assert vfs.writeback is not None
+    release = threading.Event()
+    told = vfs.writeback._on_done
+    assert told is not None
+
+    def late(item, stored, reason):  # type: ignore[no-untyped-def]
+        assert release.wait(10)
+        told(item, stored, reason)
+
+    vfs.writeback._on_done = late
+    upload(vfs, "/store/new.dcm", inst.path.read_bytes())
+    target = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    store = dataset.open_store("store")
+    deadline = time.monotonic() + 10
+    while not list(store.instances(inst.study_uid, inst.series_uid, inst.sop_uid)):
+        assert time.monotonic() < deadline, "the upload was not stored"
+        time.sleep(0.02)
+    vfs.unlink(target)  # the queue has not said it is done yet
+    release.set()
+    assert vfs.writeback.wait_idle(10)
+    assert f"{inst.sop_uid}.dcm" not in dict(vfs.readdir(os.path.dirname(target)))
+    assert errno_of(vfs.getattr, target) == errno.ENOENT
+    assert not list(store.instances(inst.study_uid, inst.series_uid, inst.sop_uid))
+    vfs.shutdown()

@@ -1676,6 +1676,11 @@ class Vfs:
         if stored:
             if item.removed:
                 self._delete_removed(target)
+            elif self.listings.local_change(target.parent, target.name) is False:
+                # rm'd after the queue took its last look at the upload: the rm deletes it from
+                # the server (after this upload, which ended before); shown again, it would
+                # stay listed for the overlay's lifetime, gone.
+                log.debug("%s was removed as its upload ended; not listed again", target)
             else:
                 self._note_stored_here(item.store, u.sop_uid)
                 # it may have waited in the queue past the overlay
