@@ -93,3 +93,24 @@ def test_an_entry_the_mount_still_works_on_outlives_the_overlay():
     assert cache.local_change(series, "1.4.dcm") is None
     held.clear()
     assert cache.get(series) == {} and cache.local_change(series, "1.3.dcm") is None
+
+
+def test_folders_added_for_uploads_go_with_the_last_of_them():
+    """rm -r of a study just copied in: the study and series folders the overlay added for its
+    files were listed, empty, for the overlay's 30 s. Once the mount removed the last file it
+    added below them, the server's listing decides; a store the mount created stays."""
+    clock = Clock()
+    cache = ListingCache(ttl=2, overlay_ttl=30, clock=clock)
+    root, store = DicomPath(()), DicomPath(("s",))
+    study, series = store.child("1.2"), store.child("1.2").child("1.2.3")
+    cache.note_added(root, "s", Entry(True))
+    cache.note_added(store, "1.2", Entry(True))
+    cache.note_added(study, "1.2.3", Entry(True))
+    cache.note_added(series, "a.dcm", Entry(False, 10))
+    cache.note_added(series, "b.dcm", Entry(False, 10))
+    cache.note_removed(series, "a.dcm")
+    assert cache.local_only(store) == {"1.2": Entry(True)}  # b.dcm is still there
+    cache.note_removed(series, "b.dcm")
+    assert cache.local_only(store) is None and cache.local_only(study) is None
+    assert cache.local_only(root) == {"s": Entry(True)}
+    assert cache.put(store, [("1.2", Entry(True))]) == {"1.2": Entry(True)}  # the server still has it: shown

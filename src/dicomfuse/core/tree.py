@@ -119,13 +119,8 @@ class ListingCache:
         """Whether the mount added a file anywhere below ``folder`` within the overlay's lifetime
         (and did not remove it since): folders it added for them do not count on their own."""
         now = self._clock()
-        prefix = folder.parts
         with self._lock:
-            return any(
-                f.parts[: len(prefix)] == prefix
-                and any(not entry.is_dir and self._shown(f, name, at, now) for name, (at, entry) in names.items())
-                for f, names in self._added.items()
-            )
+            return self._has_added_files(folder, now)
 
     def removed_below(self, folder: DicomPath) -> bool:
         """Whether the mount removed anything below ``folder`` within the overlay's lifetime."""
@@ -196,6 +191,29 @@ class ListingCache:
             prefix = folder.child(name).parts
             for path in [p for p in self._listings if p.parts[: len(prefix)] == prefix]:
                 del self._listings[path]
+            self._forget_emptied_folders(folder, now)
+
+    def _forget_emptied_folders(self, folder: DicomPath, now: float) -> None:
+        """Caller holds _lock. The study and series folders the mount added to show its uploads,
+        once it removed the last of them: the server's listing says whether they still exist (an
+        rm -r of a study just copied in left it and its series listed, empty, for the overlay's
+        30 s). A folder the mount added itself (a new store) is not one of them."""
+        while len(folder.parts) >= 2:  # a study or series folder: it has a parent below the root
+            parent = folder.parent
+            added = self._added.get(parent, {}).get(folder.name)
+            if added is None or not added[1].is_dir or self._has_added_files(folder, now):
+                return
+            del self._added[parent][folder.name]
+            folder = parent
+
+    def _has_added_files(self, folder: DicomPath, now: float) -> bool:
+        """Caller holds _lock."""
+        prefix = folder.parts
+        return any(
+            f.parts[: len(prefix)] == prefix
+            and any(not entry.is_dir and self._shown(f, name, at, now) for name, (at, entry) in names.items())
+            for f, names in self._added.items()
+        )
 
     def local_only(self, folder: DicomPath) -> dict[str, Entry] | None:
         """What the mount itself added in ``folder`` lately (its own uploads), or None if
