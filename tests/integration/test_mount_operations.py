@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -426,10 +427,15 @@ def test_rsync_into_store(backend: Backend, mount_factory, dicom: DicomFactory, 
     insts = [dicom.instance(name=f"img{i}.dcm") for i in range(3)]
     for i in insts:
         shutil.copy(i.path, src / i.path.name)
+    # Side files a folder from macOS or Windows carries: rsync writes each to a temporary name
+    # first (.DS_Store.aCXX1x), which was taken for an upload and refused (rsync exit 11).
+    for side in (".DS_Store", "Thumbs.db", "desktop.ini"):
+        (src / side).write_bytes(b"not DICOM")
     r = run("rsync", "-rt", f"{src}/", f"{m.path / backend.store_name}/")
     assert r.returncode == 0, r.stderr
     for i in insts:
         assert backend.server_bytes(i) == i.path.read_bytes()
+    assert not (m.cache_dir / "spool" / "failed").exists() or not any((m.cache_dir / "spool" / "failed").iterdir())
 
 
 def test_rsync_delete_after_of_files_named_otherwise_deletes_nothing(backend: Backend, mount_factory,
@@ -493,6 +499,29 @@ def test_times_kept_by_cp_p_rsync_and_touch_make_a_second_rsync_send_nothing(
     assert run("touch", "-m", "-d", "@1600000000", backend.instance_path(m, insts[1])).returncode == 0
     assert run("touch", "-a", backend.instance_path(m, insts[1])).returncode == 0
     assert os.stat(backend.instance_path(m, insts[1])).st_mtime == 1_600_000_000
+    # A plain cp of other bytes over it: the file shows when it was copied, not the old file's
+    # time, so the next rsync -a sees the change and puts the original back (files named by UID).
+    uid_named = tmp_path / "by-uid"
+    uid_named.mkdir()
+    original = uid_named / backend.instance_path(m, insts[2]).name
+    shutil.copy(insts[2].path, original)
+    os.utime(original, (1_400_000_000, 1_400_000_000))
+    r = run("rsync", "-a", f"{uid_named}/", f"{series}/")
+    assert r.returncode == 0, r.stderr
+    assert os.stat(backend.instance_path(m, insts[2])).st_mtime == 1_400_000_000
+    changed = tmp_path / "changed" / original.name
+    changed.parent.mkdir()
+    data = bytearray(original.read_bytes())
+    data[-1] ^= 0xFF  # the last pixel byte: other bytes, the same size (rsync -a compares size and time)
+    changed.write_bytes(bytes(data))
+    before = time.time()
+    r = run("cp", changed, f"{series}/")
+    assert r.returncode == 0, r.stderr
+    assert backend.server_bytes(insts[2]) == changed.read_bytes()
+    assert os.stat(backend.instance_path(m, insts[2])).st_mtime >= before - 1
+    r = run("rsync", "-a", f"{uid_named}/", f"{series}/")
+    assert r.returncode == 0, r.stderr
+    assert backend.server_bytes(insts[2]) == insts[2].path.read_bytes()
 
 
 def test_sigterm_unmounts_and_wipes_cache(backend: Backend, mount_factory, dicom: DicomFactory):

@@ -48,10 +48,19 @@ class Level(IntEnum):
     INSTANCE = 4
 
 
+# rsync writes each file to ".<name>.XXXXXX" (one dot only for a name that has one) first.
+_RSYNC_TEMP = re.compile(r"^\.(.+)\.[A-Za-z0-9]{6}$")
+
+
 def is_side_file(name: str) -> bool:
-    """A name the OS or an editor makes by itself: kept local, never sent to the server."""
+    """A name the OS or an editor makes by itself: kept local, never sent to the server. Also
+    rsync's temporary name for one (``.DS_Store.aCXX1x``, ``.Thumbs.db.0dhbsO``), which it
+    renames to the side file's name once written."""
     low = name.lower()
-    return low in _SIDE_NAMES or any(p.search(name) for p in _SIDE_PATTERNS)
+    if low in _SIDE_NAMES or any(p.search(name) for p in _SIDE_PATTERNS):
+        return True
+    temp = _RSYNC_TEMP.match(name)
+    return temp is not None and (is_side_file(temp.group(1)) or is_side_file("." + temp.group(1)))
 
 
 def is_gui_folder_name(name: str) -> bool:

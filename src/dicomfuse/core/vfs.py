@@ -187,6 +187,7 @@ class WriteHandle:
     discarded: bool = False  # its name was removed before it was sent: never sent
     new: bool = False  # created by this mount: closed empty, it stays a local placeholder
     write_error: int | None = None  # errno of a write that failed (EFBIG, ENOSPC): never sent
+    given_mtime: float | None = None  # set while it was open (cp -p: futimens before close)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     closed_size: int | None = None  # its size when its file was closed
@@ -851,6 +852,9 @@ class Vfs:
         with self._lock:
             alias = self._aliases.get(p)
             self._times[self._alias_target(p, alias) if alias is not None else p] = mtime
+            for h in self._handles.values():  # cp -p sets it before close: it goes with the bytes
+                if isinstance(h, WriteHandle) and h.path == p:
+                    h.given_mtime = mtime
 
     def setattr_noop(self, path: str) -> None:
         """chmod, chown, utimens: accepted without effect so ``cp -a``/``rsync -a`` succeed."""
@@ -1437,7 +1441,8 @@ class Vfs:
                 # Another instance written over this one's name (whether or not the server held
                 # the one written already): the name now holds it, the old instance goes.
                 self._delete_replaced(store_name, replaced)
-            self._note_uploaded(h.path, target, ident, size, created=not existed, altered=h.altered)
+            self._note_uploaded(h.path, target, ident, size, created=not existed, altered=h.altered,
+                                given_mtime=h.given_mtime)
             self._note_stored_here(store_name, ident.sop_uid)
         log.info("Uploaded %s as %s", h.path, target)
         return ident
@@ -1574,7 +1579,8 @@ class Vfs:
                 self.cache.adopt(self._key(target), item.path, link=True)  # the queued bytes, no copy
             except OSError as exc:
                 log.debug("cannot link the queued %s into the cache: %s", target, exc.strerror or exc)
-            self._note_uploaded(h.path, target, ident, size, evict=False, created=not existed)
+            self._note_uploaded(h.path, target, ident, size, evict=False, created=not existed,
+                                given_mtime=h.given_mtime)
         log.info("Queued %s for upload as %s", h.path, target)
         return ident
 
@@ -1806,8 +1812,10 @@ class Vfs:
                 or self.cache.known_size(self._key(target)) is not None)
 
     def _note_uploaded(self, written: DicomPath, target: DicomPath, ident: DicomUids, size: int,
-                       *, evict: bool = True, created: bool = True, altered: bool = False) -> None:
-        """``altered``: the server stored other bytes (their size is not known here)."""
+                       *, evict: bool = True, created: bool = True, altered: bool = False,
+                       given_mtime: float | None = None) -> None:
+        """``altered``: the server stored other bytes (their size is not known here).
+        ``given_mtime``: the time a program gave the file while writing it."""
         if self.writeback is not None:  # written again after an rm: it stays, whatever was sent before
             self.writeback.mark_removed(target.store, ident.sop_uid, False)
         self._keep_listed(target, None if altered else size)
@@ -1821,8 +1829,11 @@ class Vfs:
                 self._aliases[written] = Alias(ident, size, time.monotonic(), created)
             else:
                 self._aliases.pop(written, None)  # the name stood for another instance: its own again
-            given = self._times.pop(written, None)  # cp -p / rsync set it on the file they wrote
-            self._times[target] = given if given is not None else time.time()
+            # The time cp -p gave the file it wrote, else now. Not a time set before this copy
+            # (rsync -a, touch): a plain cp of other bytes showed the old file's time, and the
+            # next rsync -a took the changed file for the one it had sent, and left it.
+            self._times.pop(written, None)
+            self._times[target] = given_mtime if given_mtime is not None else time.time()
 
     def _keep_listed(self, target: DicomPath, size: int | None) -> None:
         """Instance ``target`` and its study and series folders are listed whatever the server's
