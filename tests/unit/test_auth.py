@@ -361,6 +361,7 @@ def test_the_token_service_is_trusted_through_the_ca_bundle_as_the_api_is(tmp_pa
     ValueError("invalid literal for int() with base 10: 'ZEBRA^SECRET'"),  # "expires_in": "ZEBRA^SECRET"
     TypeError("string indices must be integers"),  # a 200 whose body is not a JSON object
     KeyError("ZEBRA^SECRET"),
+    OverflowError("date value out of range"),  # "expires_in": 1000000000000
 ])
 def test_a_token_answer_that_cannot_be_read_is_a_clean_refusal(error: Exception) -> None:
     """google-auth fails reading a 200 that is not a token with the value in its message: a

@@ -1700,19 +1700,23 @@ def test_a_stat_waits_for_an_unknown_size_as_long_as_its_bytes_keep_arriving(dat
 
     def slow(self, study, series, sop, sink):  # type: ignore[no-untyped-def]
         if sop == stalled.sop_uid:
-            time.sleep(1.5)  # nothing at all for longer than the wait
+            time.sleep(0.8)  # nothing for longer than the wait (0.5 s), though less than two of them
         step = len(whole) // 6 + 1
-        for start in range(0, len(whole), step):  # 6 chunks, 0.1 s apart: 0.6 s in all
-            time.sleep(0.1)
+        for start in range(0, len(whole), step):  # 6 chunks, 0.15 s apart: 0.9 s in all
+            time.sleep(0.15)
             sink.write(whole[start:start + step])
         return len(whole)
 
     monkeypatch.setattr(store_class, "retrieve", slow)
-    vfs = make_vfs(dataset, tmp_path, stat_fetch_timeout=0.25, instance_ttl=0)
-    assert vfs.getattr(path, caller=100).size == len(whole)  # 0.6 s > 0.25 s, but never 0.25 s without a byte
-    started = time.monotonic()
+    vfs = make_vfs(dataset, tmp_path, stat_fetch_timeout=0.5, instance_ttl=0)
+    assert vfs.getattr(path, caller=100).size == len(whole)  # 0.9 s > 0.5 s, but never 0.5 s without a byte
+    waits: list[int] = []
+    wait = vfs._wait_while_arriving
+    monkeypatch.setattr(vfs, "_wait_while_arriving", lambda *args: waits.append(1) or wait(*args))
     assert vfs.getattr(stalled_path, caller=200).size == 0  # a stall: given up, size unknown
-    assert time.monotonic() - started < 1.4
+    # The kernel's LOOKUP then GETATTR of one stat: the second does not wait all over again.
+    assert vfs.getattr(stalled_path, caller=200).size == 0
+    assert waits == [1]
     vfs.shutdown()
 
 
@@ -1805,4 +1809,38 @@ def test_a_file_removed_as_its_upload_ends_is_not_listed_again(dataset, tmp_path
     assert inst.study_uid not in dict(vfs.readdir("/store"))  # nor its study, which held only it
     assert errno_of(vfs.getattr, target) == errno.ENOENT
     assert not list(store.instances(inst.study_uid, inst.series_uid, inst.sop_uid))
+    vfs.shutdown()
+
+
+def test_a_failed_listing_answers_the_callers_right_behind_it(dataset, tmp_path, dicom: DicomFactory,
+                                                             monkeypatch):
+    """The kernel sends one folder's listings and lookups one after another: readers of a
+    failing series each went through the whole retry chain in turn (5 ls: 78 s). A listing that
+    just failed answers the next callers for 2 s; after that, and after a success, they ask."""
+    import dicomfuse.core.vfs as vfs_module
+    from dicomfuse.stores.base import Unavailable
+
+    inst, path = on_server(dataset, dicom)
+    series = os.path.dirname(path)
+    store_class = type(dataset.open_store("store"))
+    listed = store_class.instances
+    calls: list[int] = []
+    down = [True]
+
+    def failing(self, *args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if down[0]:
+            raise Unavailable("the server is down")
+        return listed(self, *args)
+
+    monkeypatch.setattr(store_class, "instances", failing)
+    vfs = make_vfs(dataset, tmp_path)
+    vfs.getattr(os.path.dirname(series))
+    for _ in range(3):
+        assert errno_of(vfs.readdir, series) == errno.EIO
+    assert len(calls) == 1
+    monkeypatch.setattr(vfs_module, "LISTING_FAILURE_REUSE_S", 0.0)
+    down[0] = False
+    assert os.path.basename(path) in dict(vfs.readdir(series))
+    assert len(calls) == 2
     vfs.shutdown()

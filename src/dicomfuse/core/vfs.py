@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ROOT = DicomPath(())
+LISTING_FAILURE_REUSE_S = 2.0  # a folder's failed listing answers the callers right behind it
 # Read-only and not listed (cp -a must not copy it): on an instance file, b"yes" while a fresh
 # complete copy is in the instance cache, else b"no". How `dicomfuse prefetch` learns what stayed.
 CACHED_XATTR = "user.dicomfuse.cached"
@@ -246,6 +247,11 @@ class Vfs:
         self._times: dict[DicomPath, float] = {}
         self._walking: dict[str, _Walk] = {}  # store -> its walk in progress
         self._listing_flights: dict[DicomPath, _Flight] = {}  # folder -> its listing being asked for
+        # folder -> its last listing, if it failed: the kernel runs listings and lookups of one
+        # folder one after another (libfuse's high-level API does not turn on parallel directory
+        # operations), so callers waiting behind a failing one never join it; they get its error
+        # for LISTING_FAILURE_REUSE_S instead of each going through the whole retry chain again.
+        self._listing_failed: dict[DicomPath, _Flight] = {}
         self._side_names = 0
         # (store, SOP Instance UID) -> when this mount saw the server confirm it stored it: a
         # lagging search index (Google's) may not show it yet, yet a new copy overwrites it.
@@ -260,6 +266,8 @@ class Vfs:
         self._replaces: dict[tuple[str, str], DicomUids] = {}
         self._upload_slots: dict[tuple[str, str], _Slot] = {}  # (store, SOP UID) being uploaded or removed
         self._too_large: set[DicomPath] = set()  # instances of unknown size found larger than cacheSize/4
+        # instance -> (its download, bytes it had) when a stat gave up waiting for its size
+        self._stat_gave_up: dict[DicomPath, tuple[int, int]] = {}
 
     # ======================================================================================
     # lifecycle
@@ -1018,6 +1026,10 @@ class Vfs:
         same time (eight readers of a data loader starting on one series: one request, not eight)."""
         with self._lock:
             flight = self._listing_flights.get(p)
+            if flight is None:
+                failed = self._listing_failed.get(p)
+                if failed is not None and time.monotonic() - failed.ended < LISTING_FAILURE_REUSE_S:
+                    flight = failed  # the kernel asked again right after: the same answer
             leading = flight is None
             if flight is None:
                 flight = self._listing_flights[p] = _Flight()
@@ -1036,8 +1048,13 @@ class Vfs:
             flight.error = exc
             raise
         finally:
+            flight.ended = time.monotonic()
             with self._lock:
                 del self._listing_flights[p]
+                if isinstance(flight.error, FsError):
+                    self._listing_failed[p] = flight
+                else:
+                    self._listing_failed.pop(p, None)
             flight.done.set()
 
     def _ask_listing(self, p: DicomPath) -> dict[str, Entry]:
@@ -1257,7 +1274,7 @@ class Vfs:
         bytes keep arriving; None once none came for ``stall`` seconds. A slow link is waited
         for: a stat that gave up on a large file still arriving would show size 0, and tar
         would archive it empty."""
-        seen = -1
+        seen = cached.written
         while True:
             size = cached.wait_complete(stall)
             if size is not None:
@@ -1274,8 +1291,18 @@ class Vfs:
             if exc.errno != errno.EFBIG:
                 raise
             return None
+        with self._lock:
+            stalled = self._stat_gave_up.pop(p, None)
+        if stalled == (id(cached), cached.written) and not cached.complete:
+            # A stat just gave up on this very download, and no byte came since: the kernel's
+            # LOOKUP then GETATTR of one stat would each wait the whole time.
+            self._remember_stall(p, cached)
+            self.cache.release(cached)
+            return None
         try:
             size = self._wait_while_arriving(cached, self.config.stat_fetch_timeout)
+            if size is None:
+                self._remember_stall(p, cached)
         except StoreError as exc:
             raise from_store_error(exc, f"stat {p}") from None
         except FsError as exc:
@@ -1291,6 +1318,12 @@ class Vfs:
         if size is not None:
             self.listings.update_size(p.parent, p.name, size)
         return size
+
+    def _remember_stall(self, p: DicomPath, cached: CachedInstance) -> None:
+        with self._lock:
+            self._stat_gave_up[p] = (id(cached), cached.written)
+            while len(self._stat_gave_up) > 1024:  # a bound: one entry per stalled download
+                del self._stat_gave_up[next(iter(self._stat_gave_up))]
 
     def _open_instance_for_writing(self, p: DicomPath, truncate: bool) -> OpenResult:
         """Open an existing instance for writing: an overwrite, sent at close."""
@@ -2014,11 +2047,12 @@ class _Walk:
 
 @dataclass
 class _Flight:
-    """A listing being asked for: its result or error, once ``done``."""
+    """A listing being asked for: its result or error, once ``done`` (at ``ended``)."""
 
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Entry] | None = None
     error: BaseException | None = None
+    ended: float = 0.0
 
 
 class _Conflict(FsError):

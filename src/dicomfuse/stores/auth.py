@@ -332,9 +332,9 @@ class TokenSource:
         except (google.auth.exceptions.RefreshError, google.auth.exceptions.TransportError,
                 requests.RequestException) as exc:
             error = _refresh_error(exc, self._last_status())
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            # An answer of 200 that is not a token (a proxy's page, "expires_in": "soon"):
-            # google-auth fails reading it with the value in its message.
+        except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as exc:
+            # An answer of 200 that is not a token (a proxy's page, "expires_in": "soon", an
+            # expiry past year 9999): google-auth fails reading it, the value in its message.
             error = _malformed_answer(exc)
         else:
             remaining = self._remaining()
