@@ -294,7 +294,9 @@ def test_own_uploads_and_deletes_show_at_once_despite_a_lagging_index(healthcare
         assert f"{inst.sop_uid}.dcm" in os.listdir(google.series_path(m, inst))
         assert google.instance_path(m, inst).read_bytes() == inst.path.read_bytes()
         assert run("rm", google.instance_path(m, inst)).returncode == 0
-        assert f"{inst.sop_uid}.dcm" not in os.listdir(google.series_path(m, inst))
+        # It was the only file of its study: gone, folders and all, whatever the lagging index shows.
+        assert not google.instance_path(m, inst).exists()
+        assert inst.study_uid not in os.listdir(m.path / "store-a")
         assert run("cp", inst.path, m.path / "store-a").returncode == 0, "re-upload after delete"
         assert google.server_bytes(inst) == inst.path.read_bytes()
     finally:

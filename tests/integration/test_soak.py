@@ -123,7 +123,11 @@ def test_sixteen_threads_reading_listing_uploading_deleting(orthanc, mount_facto
         inst = next(i for group in to_upload for i in group if i.sop_uid == uid)
         if uid in ledger.deleted:
             assert not backend.has(inst), f"deleted {uid} is still on the server (seed {seed})"
-            assert path.name not in os.listdir(path.parent), f"deleted {uid} is still listed (seed {seed})"
+            kept = [p for u, (p, _) in ledger.uploaded.items() if p.parent == path.parent and u not in ledger.deleted]
+            if kept:
+                assert path.name not in os.listdir(path.parent), f"deleted {uid} is still listed (seed {seed})"
+            else:  # the series held only uploads that were all deleted: it is gone with them
+                assert not path.parent.exists(), f"emptied series {path.parent.name} is still listed (seed {seed})"
         else:
             assert backend.server_bytes(inst) == data, f"upload {uid} differs on the server (seed {seed})"
     # The bound holds except for files in use at that moment (16 readers of 200 KB at most).
