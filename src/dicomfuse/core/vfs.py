@@ -1052,6 +1052,10 @@ class Vfs:
             with self._lock:
                 del self._listing_flights[p]
                 if isinstance(flight.error, FsError):
+                    # Bounded by what failed in the last moments (an outage fails every folder).
+                    for old in [f for f, o in self._listing_failed.items()
+                                if flight.ended - o.ended >= LISTING_FAILURE_REUSE_S]:
+                        del self._listing_failed[old]
                     self._listing_failed[p] = flight
                 else:
                     self._listing_failed.pop(p, None)
