@@ -85,7 +85,8 @@ class FuseOperations(mfusepy.Operations):
         self._pages_lock = threading.Lock()
         self._handles = itertools.count(1)
         self.initialized = False
-        self.served = False  # a request came after INIT: the mount was up
+        self.refused = False  # libfuse refused the kernel's INIT after init(): the mount never came up
+        self._check: threading.Thread | None = None
         vfs.notify_changed = self._invalidate
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -115,9 +116,11 @@ class FuseOperations(mfusepy.Operations):
         self.vfs.start()
         self.initialized = True
         if self.mountpoint is not None:
-            # INIT may still be refused after this returns: one stat proves the mount came up
-            # (it reaches getattr), as nothing else might before the mount is stopped.
-            threading.Thread(target=self._look_once, name="mount-check", daemon=True).start()
+            # libfuse may still refuse the kernel's INIT after this returns (a max_read it did
+            # not get from init), and then ends its loop with the status a Ctrl+C gives: one stat
+            # of the mount point tells them apart (the kernel answers ECONNREFUSED after a refusal).
+            self._check = threading.Thread(target=self._look_once, name="mount-check", daemon=True)
+            self._check.start()
 
     def destroy(self, path: str) -> None:
         """libfuse's last call, on the thread that mounted, once the mount is gone. libfuse
@@ -130,8 +133,14 @@ class FuseOperations(mfusepy.Operations):
     def _look_once(self) -> None:
         try:
             os.stat(self.mountpoint)  # type: ignore[arg-type]
-        except OSError:
-            pass  # refused: the mount never came up (run() says so)
+        except OSError as exc:
+            self.refused = exc.errno == errno.ECONNREFUSED
+
+    def was_refused(self, timeout: float = 5.0) -> bool:
+        """Whether libfuse refused the kernel's INIT (waits for the mount-check's answer)."""
+        if self._check is not None:
+            self._check.join(timeout)
+        return self.refused
 
     def _invalidate(self, path: str) -> bool:
         """Tell the kernel to drop the cached attributes and pages of ``path`` (its size was learnt,
@@ -161,7 +170,6 @@ class FuseOperations(mfusepy.Operations):
 
     @translate
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
-        self.served = True
         return self._stat(self.vfs.getattr(path, fh.fh if fh is not None else None, self._caller()))
 
     @translate
@@ -448,7 +456,7 @@ def run(vfs: Vfs, mountpoint: str, options: dict[str, str | bool],
     try:
         _FUSE(ops, mountpoint, raw_fi=True, foreground=True, **options)
     except RuntimeError as exc:
-        if not ops.initialized or not ops.served:  # refused at INIT (libfuse said why): never mounted
+        if not ops.initialized or ops.was_refused():  # refused at INIT (libfuse said why): never mounted
             raise
         # libfuse answers non-zero when a signal (Ctrl+C, SIGTERM) ended the loop: a clean stop.
         log.debug("libfuse returned %s after serving the mount", exc)
