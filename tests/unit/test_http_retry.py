@@ -393,6 +393,28 @@ def test_resuming_sink_gives_each_byte_once_across_attempts():
     sink.write(b"cdefg")
     sink.write(b"h")
     assert out.getvalue() == b"abcdefgh" and sink.delivered == 8
+    assert sink.finish() == 8
+
+
+@pytest.mark.parametrize("second", [[b"aXcdefgh"], [b"abcdX", b"fgh"], [b"abc"]],
+                         ids=["other bytes", "other at the cut", "shorter"])
+def test_a_resumed_download_of_an_instance_replaced_meanwhile_is_never_joined(second: list[bytes]):
+    """Asked again after a cut, the server sent another version (replaced by another client):
+    the part read first was kept and the rest of the new one added, and cp exited 0 with a file
+    that was neither. Each byte skipped is checked against what was delivered."""
+    import io
+
+    from dicomfuse.stores.http import InstanceChanged, ResumingSink
+
+    out = io.BytesIO()
+    sink = ResumingSink(out)
+    sink.write(b"abcde")  # cut after 5 bytes
+    sink.restart()
+    with pytest.raises(InstanceChanged, match="changed on the server while it was being downloaded"):
+        for chunk in second:
+            sink.write(chunk)
+        sink.finish()
+    assert out.getvalue() == b"abcde"  # nothing of the other version was added
 
 
 def test_tls_verification_is_always_on_and_a_ca_bundle_only_adds_trust(tmp_path):  # type: ignore[no-untyped-def]

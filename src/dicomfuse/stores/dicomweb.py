@@ -1041,14 +1041,14 @@ class DicomwebStore:
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str, sink: BinaryIO) -> int:
         """The stored bytes into ``sink``. An answer cut off in the middle is asked for again
         (up to the retry policy's attempts); the sink gets each byte once."""
-        resuming = ResumingSink(sink)
+        resuming = ResumingSink(sink, sop_uid)
         attempts = max(1, self.client.retry.attempts)
         silent_before = False
         for attempt in range(1, attempts + 1):
             resuming.restart()
             try:
                 self._retrieve_once(study_uid, series_uid, sop_uid, resuming)  # type: ignore[arg-type]
-                return resuming.delivered
+                return resuming.finish()
             except TransferCut as exc:
                 if attempt == attempts or (exc.timed_out and silent_before):
                     raise  # a hung server is asked once more, not for every attempt

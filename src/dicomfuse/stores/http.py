@@ -19,6 +19,7 @@ import os
 import random
 import socket
 import time
+import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -341,27 +342,59 @@ def body_errors(method: str, url: str) -> Iterator[None]:
         raise cut from exc
 
 
+class InstanceChanged(StoreError):
+    """A download asked for again after a cut found other bytes where the first attempt had
+    read some: the instance was replaced on the server in between. The part read is of another
+    version; joining the two would make a file that is neither."""
+
+
 class ResumingSink:
     """A sink for a download that may be sent again from its start after a :class:`TransferCut`:
-    bytes the real sink already holds are skipped, so it only ever sees each byte once, in order
-    (the instance is the same on every attempt)."""
+    bytes the real sink already holds are skipped, so it only ever sees each byte once, in order.
+    The bytes skipped are checked against those delivered (a running Adler-32 of both): if the
+    instance changed in between, :class:`InstanceChanged` is raised, never a file joined from
+    two versions; :meth:`finish` raises it too when the new answer ends before them."""
 
-    def __init__(self, sink: BinaryIO) -> None:
+    def __init__(self, sink: BinaryIO, what: str = "the instance") -> None:
         self.sink = sink
+        self.what = what
         self.delivered = 0  # bytes the real sink holds
         self.received = 0  # bytes of the current attempt
+        self._sum = 1  # Adler-32 of the delivered bytes
+        self._resume_at = 0  # bytes delivered when this attempt started: the part to check
+        self._sum_at_resume = 1
+        self._check = 1  # Adler-32 of this attempt's bytes, up to _resume_at
 
     def restart(self) -> None:
         self.received = 0
+        self._resume_at, self._sum_at_resume, self._check = self.delivered, self._sum, 1
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = len(data)
-        skip = min(n, max(0, self.delivered - self.received))
+        view = memoryview(data)
+        skip = min(n, max(0, self._resume_at - self.received))
+        if skip:
+            self._check = zlib.adler32(view[:skip], self._check)
+            if self.received + skip == self._resume_at and self._check != self._sum_at_resume:
+                raise self._changed()
         if skip < n:
-            write_all(self.sink, memoryview(data)[skip:])
+            rest = view[skip:]
+            write_all(self.sink, rest)
+            self._sum = zlib.adler32(rest, self._sum)
             self.delivered += n - skip
         self.received += n
         return n
+
+    def finish(self) -> int:
+        """After an attempt that ended normally: the bytes delivered, or InstanceChanged when
+        it ended before reaching what an earlier attempt had delivered (a shorter version)."""
+        if self.received < self._resume_at:
+            raise self._changed()
+        return self.delivered
+
+    def _changed(self) -> InstanceChanged:
+        return InstanceChanged(f"{self.what} changed on the server while it was being downloaded (asked again "
+                               f"after a cut at {self._resume_at} bytes, the server sent other bytes); read it again")
 
     def flush(self) -> None:
         self.sink.flush()
