@@ -1844,3 +1844,68 @@ def test_a_failed_listing_answers_the_callers_right_behind_it(dataset, tmp_path,
     assert os.path.basename(path) in dict(vfs.readdir(series))
     assert len(calls) == 2
     vfs.shutdown()
+
+
+def _replace_behind(dataset: LocalDataset, inst, new: bytes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Another client replaces the instance on the server."""
+    store = dataset.open_store("store")
+    store.delete_instance(inst.study_uid, inst.series_uid, inst.sop_uid)
+    (tmp_path / "other-client.dcm").write_bytes(new)
+    store.store_files([tmp_path / "other-client.dcm"])
+
+
+def read_from(vfs: Vfs, fh: int, offset: int = 0) -> bytes:
+    out = b""
+    while chunk := vfs.read(fh, 65536, offset + len(out)):
+        out += chunk
+    return out
+
+
+def test_two_programs_reading_two_versions_never_share_the_page_cache(dataset, tmp_path, dicom: DicomFactory):
+    """The OS keeps one page cache per file. A program kept reading the old version (its copy
+    pinned) while another opened the new one: pages each brought in were served to the other,
+    both got old and new bytes mixed (a hunt, every time). The second bypasses the page cache
+    while the first is open; once it is closed, the next open drops the old pages and the one
+    after keeps the new ones."""
+    inst, path = on_server(dataset, dicom)
+    old = inst.path.read_bytes()
+    new = _changed(inst.path, tmp_path)
+    vfs = make_vfs(dataset, tmp_path, instance_ttl=0.2)
+    a = vfs.open(path, os.O_RDONLY)
+    assert (a.direct_io, a.keep_cache) == (False, False)
+    assert vfs.read(a.fh, 4096, 0) == old[:4096]
+    _replace_behind(dataset, inst, new, tmp_path)
+    time.sleep(0.3)  # the cached copy expires: the next open fetches the new version
+    b = vfs.open(path, os.O_RDONLY)
+    assert b.direct_io and not b.keep_cache  # the OS holds pages of A's version, and A reads on
+    assert read_from(vfs, b.fh) == new
+    assert read_from(vfs, a.fh) == old  # A's copy, whole
+    vfs.release(a.fh)
+    vfs.release(b.fh)
+    c = vfs.open(path, os.O_RDONLY)
+    assert (c.direct_io, c.keep_cache) == (False, False)  # the old pages go
+    assert read_from(vfs, c.fh) == new
+    d = vfs.open(path, os.O_RDONLY)
+    assert (d.direct_io, d.keep_cache) == (False, True)  # C's pages are of this very copy
+    vfs.release(c.fh)
+    vfs.release(d.fh)
+    vfs.shutdown()
+
+
+def test_the_copy_a_program_reads_is_the_one_cached_when_it_opened(dataset, tmp_path, dicom: DicomFactory):
+    """keep_cache was decided at open for the copy cached then, but the copy was chosen at the
+    first read: expired meanwhile, the new version was read into pages of the old (a hunt:
+    old for the first 384 KiB, new after). The copy cached at open is pinned at open."""
+    inst, path = on_server(dataset, dicom)
+    old = inst.path.read_bytes()
+    vfs = make_vfs(dataset, tmp_path, instance_ttl=0.2)
+    first = vfs.open(path, os.O_RDONLY)
+    assert read_from(vfs, first.fh) == old
+    vfs.release(first.fh)
+    again = vfs.open(path, os.O_RDONLY)
+    assert again.keep_cache  # the OS's pages are of the copy cached now
+    _replace_behind(dataset, inst, _changed(inst.path, tmp_path), tmp_path)
+    time.sleep(0.3)  # that copy expires before the first read
+    assert read_from(vfs, again.fh) == old  # the copy its kept pages came from
+    vfs.release(again.fh)
+    vfs.shutdown()

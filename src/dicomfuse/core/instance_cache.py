@@ -30,12 +30,16 @@ CacheKey = tuple[str, str, str, str]  # store, study, series, sop
 Fetch = Callable[[BinaryIO], int]
 
 
+_SERIALS = itertools.count(1)
+
+
 class CachedInstance:
     """One cache file. ``cond`` guards ``written``, ``complete``, ``error``; the cache's lock
     guards ``pins``, ``last_used`` and ``retired``."""
 
     def __init__(self, key: CacheKey, path: Path, fetched_at: float) -> None:
         self.key = key
+        self.serial = next(_SERIALS)  # tells two copies of one instance apart, never reused
         self.path = path
         self.fetched_at = fetched_at
         self.cond = threading.Condition()
@@ -48,7 +52,6 @@ class CachedInstance:
         self.reserved = 0  # bytes counted for it in the cache's total while it downloads
         self.task: _Task | None = None  # its download, while queued or running
         self.prefetched = False  # fetched ahead of time, not opened yet
-        self.served = False  # a program has read from it: the OS's page cache may hold its bytes
 
     @property
     def size(self) -> int | None:

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ROOT = DicomPath(())
 LISTING_FAILURE_REUSE_S = 2.0  # a folder's failed listing answers the callers right behind it
+_PAGES_PENDING = 0  # the copy whose pages the OS may hold is the one the next first read pins
+_PAGE_OWNERS = 65536
 # Read-only and not listed (cp -a must not copy it): on an instance file, b"yes" while a fresh
 # complete copy is in the instance cache, else b"no". How `dicomfuse prefetch` learns what stayed.
 CACHED_XATTR = "user.dicomfuse.cached"
@@ -158,12 +160,14 @@ class _AliasTable(dict[DicomPath, Alias]):
 @dataclass
 class ReadHandle:
     """An instance opened for reading. Its download starts at the first read, not at open:
-    Windows opens files to read their properties or to delete them, and must not fetch them."""
+    Windows opens files to read their properties or to delete them, and must not fetch them.
+    A copy already cached is pinned at open."""
 
     path: DicomPath
     expected_size: int | None
     entry: CachedInstance | None = None
     fd: int = -1
+    direct: bool = False  # its reads bypass the OS's page cache
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -247,6 +251,8 @@ class Vfs:
         self._times: dict[DicomPath, float] = {}
         self._walking: dict[str, _Walk] = {}  # store -> its walk in progress
         self._listing_flights: dict[DicomPath, _Flight] = {}  # folder -> its listing being asked for
+        # instance -> serial of the cached copy its pages in the OS came from (see _page_cache_use)
+        self._page_owner: OrderedDict[DicomPath, int] = OrderedDict()
         # folder -> its last listing, if it failed: the kernel runs listings and lookups of one
         # folder one after another (libfuse's high-level API does not turn on parallel directory
         # operations), so callers waiting behind a failing one never join it; they get its error
@@ -1197,12 +1203,40 @@ class Vfs:
             unsized = not self._learnt_size(p, size)
         else:
             unsized = False
-        # The OS keeps its pages of the file only if they came from the cached copy a program
-        # reads now: a copy fetched again (expired, changed on the server or by another mount,
-        # at the same size) must not be served from pages of the old one, in whole or in part.
-        fresh = self.cache.fresh(self._key(p))
-        keep = size_before is not None and fresh is not None and fresh.served
-        return OpenResult(self._add_handle(handle), direct_io=unsized, keep_cache=keep, no_flush=True)
+            if self.cache.fresh(self._key(p)) is not None:
+                # The copy it reads is chosen now, not at the first read, when it may have
+                # expired: what the OS keeps of the file is decided for that copy.
+                self._start_reading(handle)
+        direct, keep = self._page_cache_use(handle, unsized)
+        return OpenResult(self._add_handle(handle), direct_io=direct, keep_cache=keep, no_flush=True)
+
+    def _page_cache_use(self, handle: ReadHandle, unsized: bool) -> tuple[bool, bool]:
+        """(direct_io, keep_cache) for a handle being opened. The OS has one page cache per
+        file, shared by every program that reads it; the instance may have been replaced on the
+        server since its pages were read, and each handle reads the copy it pinned. So the OS
+        keeps its pages only when they came from this handle's copy; else it drops them, unless
+        another program still reads the copy they came from: then this handle bypasses the page
+        cache, and neither sees bytes of the other's version."""
+        p = handle.path
+        with self._lock:
+            owner = self._page_owner.get(p)
+            entry = handle.entry
+            if unsized:
+                handle.direct = True
+                return True, False
+            if entry is not None and owner == entry.serial:
+                self._page_owner.move_to_end(p)
+                return False, True
+            if owner is not None and owner != _PAGES_PENDING and any(
+                    isinstance(h, ReadHandle) and h.path == p and not h.direct and h.entry is not None
+                    and h.entry.serial == owner for h in self._handles.values()):
+                handle.direct = True
+                return True, False
+            self._page_owner[p] = entry.serial if entry is not None else _PAGES_PENDING
+            self._page_owner.move_to_end(p)
+            while len(self._page_owner) > _PAGE_OWNERS:
+                self._page_owner.popitem(last=False)  # forgotten: that file's next open drops its pages
+            return False, False
 
     def _size_changed(self, handle: ReadHandle, size: int) -> None:
         """The instance downloaded for ``handle`` is not the size it was listed with: it changed
@@ -1243,7 +1277,10 @@ class Vfs:
                 self.cache.release(cached)
                 raise
             handle.entry = cached
-            cached.served = True
+        if not handle.direct:
+            with self._lock:
+                if self._page_owner.get(handle.path) == _PAGES_PENDING:  # opened before its copy was known
+                    self._page_owner[handle.path] = cached.serial
         self.readahead.opened(handle.path)
         return cached
 
