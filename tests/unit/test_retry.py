@@ -328,3 +328,22 @@ def test_a_healthcare_dataset_is_the_same_under_v1_and_v1beta1(env, capsys, writ
         assert "another dataset" not in out and "1 stored, 0 already on the server, 0 kept." in out
         assert any(True for _ in standin.store_view("ds", "ct").instances(uids.study_uid, uids.series_uid,
                                                                           uids.sop_uid))
+
+
+def test_a_failed_sync_upload_of_another_dataset_is_never_sent_to_this_one(env, capsys):
+    """Two datasets share one cache folder (the default one): a sync upload kept after it failed
+    for dataset A was sent by 'retry -a B' to B's store of the same name, and its bytes deleted
+    when B held the instance already: A never got it, and status said nothing was left. The
+    sidecar now names its dataset, as write-back records do."""
+    src, uids = env.dicom()
+    other = Spool(env.cache / "spool", env.cache / "spool" / "failed", dataset="https://other/dicom-web")
+    kept = other.keep_failed(src, "scan.dcm", store="ct", reason="the server was unreachable")
+    assert read_sidecar(kept).dataset == "https://other/dicom-web"  # type: ignore[union-attr]
+    assert env.run() == EXIT_REMAINING
+    assert "kept: it was written to another dataset (https://other/dicom-web)" in capsys.readouterr().out
+    assert kept.exists() and env.on_server("ct", uids) is None
+    mine = Spool(env.cache / "spool", env.cache / "spool" / "failed", dataset=str(env.dataset))
+    src2, uids2 = env.dicom("b")
+    mine.keep_failed(src2, "scan2.dcm", store="ct", reason="the server was unreachable")
+    assert env.run() == EXIT_REMAINING  # its own is sent; the other dataset's stays
+    assert env.on_server("ct", uids2) is not None and kept.exists()

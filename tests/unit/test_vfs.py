@@ -1909,3 +1909,17 @@ def test_the_copy_a_program_reads_is_the_one_cached_when_it_opened(dataset, tmp_
     assert read_from(vfs, again.fh) == old  # the copy its kept pages came from
     vfs.release(again.fh)
     vfs.shutdown()
+
+
+def test_a_failed_upload_is_kept_with_the_dataset_it_was_for(dataset, tmp_path):
+    """So that 'dicomfuse retry' never sends it to another dataset sharing the cache folder."""
+    from dicomfuse.core.uploads import files_in, is_sidecar, read_sidecar
+
+    vfs = make_vfs(dataset, tmp_path, dataset_label=str(tmp_path / "ds"))
+    fh = vfs.create("/store/notdicom.dcm").fh
+    vfs.write(fh, b"not DICOM", 0)
+    assert errno_of(vfs.flush, fh) == errno.EINVAL
+    vfs.release(fh)
+    kept = [p for p in files_in(tmp_path / "work" / "spool" / "failed") if not is_sidecar(p)]
+    assert [read_sidecar(p).dataset for p in kept] == [str(tmp_path / "ds")]  # type: ignore[union-attr]
+    vfs.shutdown()

@@ -199,7 +199,8 @@ def gather(root: Path) -> list[Failed]:
             continue
         info = read_sidecar(path)
         note = sidecar_path(path) if info is not None else None
-        items.append(Failed(path, path.name, info.store if info else None, note, writeback=False))
+        items.append(Failed(path, path.name, info.store if info else None, note, writeback=False,
+                            dataset=info.dataset if info else None))
     for path in files_in(queue_dir(root) / FAILED_DIR):
         if not path.name.endswith(DATA_SUFFIX):
             continue
@@ -252,7 +253,7 @@ class _Sender:
         if store is None:
             self._kept(item, "no store known for this file: give --store NAME")
             return None
-        if item.writeback and item.dataset and self.label and not same_dataset(item.dataset, self.label):
+        if item.dataset and self.label and not same_dataset(item.dataset, self.label):
             self._kept(item, f"it was written to another dataset ({item.dataset})")
             return None
         if store not in self.stores:
@@ -387,7 +388,8 @@ def _write_reason(item: Failed, reason: str) -> None:
         return
     info = read_sidecar(item.path)
     write_sidecar(item.path, FailedInfo(item.store or (info.store if info else None),
-                                        info.name if info else item.path.name, reason, time.time()))
+                                        info.name if info else item.path.name, reason, time.time(),
+                                        info.dataset if info else None))
 
 
 def _equal(a: BinaryIO, b: BinaryIO) -> bool:

@@ -55,6 +55,7 @@ class FailedInfo:
     name: str
     reason: str | None
     failed_at: float | None
+    dataset: str | None = None  # the dataset's label (as write-back records have): None when unknown
 
 
 def sidecar_path(path: Path) -> Path:
@@ -74,11 +75,13 @@ def read_sidecar(path: Path) -> FailedInfo | None:
         if not isinstance(data, dict):
             return None
         store, reason, when = data.get("store"), data.get("reason"), data.get("failed_at")
+        dataset = data.get("dataset")
         return FailedInfo(
             store=str(store) if store else None,
             name=str(data.get("name") or path.name),
             reason=None if reason is None else str(reason),
             failed_at=None if when is None else float(when),
+            dataset=str(dataset) if dataset else None,
         )
     except (OSError, ValueError, TypeError):
         return None
@@ -86,7 +89,10 @@ def read_sidecar(path: Path) -> FailedInfo | None:
 
 def write_sidecar(path: Path, info: FailedInfo) -> None:
     """Write (atomically replace) the sidecar of the failed upload ``path``."""
-    data = {"store": info.store, "name": info.name, "reason": info.reason, "failed_at": info.failed_at}
+    data: dict[str, Any] = {"store": info.store, "name": info.name, "reason": info.reason,
+                            "failed_at": info.failed_at}
+    if info.dataset is not None:
+        data["dataset"] = info.dataset
     write_json_atomic(sidecar_path(path), data)
 
 
@@ -174,9 +180,12 @@ class Spool:
     """Private local files for writes in progress, and a ``failed`` folder for the bytes of
     uploads the server did not confirm."""
 
-    def __init__(self, directory: Path, failed: Path) -> None:
+    def __init__(self, directory: Path, failed: Path, dataset: str | None = None) -> None:
+        """``dataset``: the label of the dataset this mount's uploads go to, written beside each
+        one kept (None for files whose dataset is not known, as a crashed mount's leftovers)."""
         self.directory = directory
         self.failed = failed
+        self.dataset = dataset
         self._prefix = f"{os.getpid()}-{int(time.time())}"
         _OWN_PREFIXES.add(self._prefix)
 
@@ -187,7 +196,8 @@ class Spool:
         fd = portable.open_fd(path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
         return path, fd
 
-    def keep_failed(self, path: Path, label: str, *, store: str | None = None, reason: str | None = None) -> Path:
+    def keep_failed(self, path: Path, label: str, *, store: str | None = None, reason: str | None = None,
+                    ours: bool = True) -> Path:
         """Move a failed upload's bytes to ``failed/`` under a recognisable name, with a sidecar
         ``<name>.json`` (store, name, reason, time); return the kept path. ``label`` (the file
         name or UIDs) and ``reason`` (our own message) must not be patient data."""
@@ -209,7 +219,9 @@ class Spool:
             except OSError as exc:  # Windows: still open somewhere; the bytes are safe in the copy
                 log.warning("Cannot remove %s after keeping a copy: %s", path, exc.strerror or exc)
         try:
-            write_sidecar(target, FailedInfo(store, label, reason, time.time()))
+            # ``ours``: written through this mount, to its dataset (a crashed mount's leftover
+            # may have been written to another dataset sharing the cache folder)
+            write_sidecar(target, FailedInfo(store, label, reason, time.time(), self.dataset if ours else None))
         except OSError as exc:  # the bytes are safe; only the note is missing
             log.warning("Cannot write the note beside %s: %s", target, exc.strerror or exc)
         return target
@@ -238,7 +250,7 @@ class Spool:
                     continue
                 uids = check_upload(path)
                 label = f"{uids.sop_uid}.dcm" if isinstance(uids, DicomUids) else path.stem
-                kept.append(self.keep_failed(path, label, reason=ORPHAN_REASON))
+                kept.append(self.keep_failed(path, label, reason=ORPHAN_REASON, ours=False))
             except FileNotFoundError:
                 continue  # another mount starting at the same time took it
             except OSError as exc:

@@ -38,7 +38,7 @@ from dicomfuse.core.sizes import Caller, StatProbePolicy
 from dicomfuse.core.tree import Entry, ListingCache
 from dicomfuse.core.uploads import BACKUP_SUFFIX, ORPHANS_WARNING, Spool, inspect_dicom, sidecar_path
 from dicomfuse.core.workdirs import WorkDirs
-from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, queue_dir, record_paths
+from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, dataset_label, queue_dir, record_paths
 from dicomfuse.dicomfile import DicomUids
 from dicomfuse.stores.base import (
     Dataset,
@@ -228,7 +228,7 @@ class Vfs:
                                    lambda p: self.cache.cancel(self._key(p)))
         self.walks = WalkDetector(cooldown=max(config.listing_ttl, 1.0))
         self.writeback = self._open_queue()
-        self.spool = Spool(workdirs.spool, workdirs.failed)
+        self.spool = Spool(workdirs.spool, workdirs.failed, dataset_label(config.dataset_label))
         rescued = self.spool.rescue_orphans()
         if rescued:
             log.warning(ORPHANS_WARNING, len(rescued), self.spool.failed)
