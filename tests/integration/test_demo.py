@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from tests.conftest import requires_fuse, run
-from tests.mounting import Mount
+from tests.mounting import Mount, wait_for
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -49,3 +49,33 @@ def test_demo_mount_is_browsable_and_writable(tmp_path: Path):
     # threads value 4294967295" at every mount until max_idle_threads was set).
     terminal = m.output.read_text(errors="replace").splitlines()
     assert terminal and all(line.startswith(("INFO ", "Demo dataset:", "Mounting at ")) for line in terminal), terminal
+
+
+def test_the_demo_starts_again_after_it_was_killed(tmp_path: Path):
+    """kill -9 leaves the demo's folder answering "Transport endpoint is not connected": the
+    next 'dicomfuse demo' failed making that folder ('unexpected OSError', exit 1) and left the
+    dead mount, though a mount whose process died is unmounted at the next start."""
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    m = Mount("demo", tmp_path / "first", env=env).start()
+    assert m.proc is not None
+    assert "demo-store" in os.listdir(m.path)
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait(10)
+    with pytest.raises(OSError):
+        os.listdir(m.path)  # the dead mount
+    again = Mount("demo", tmp_path / "first", env=env).start()
+    try:
+        # (the dead mount passes for a mount point: wait for the new one to answer)
+        wait_for(lambda: "demo-store" in _listing(again.path), 30, what="the demo to mount again")
+    finally:
+        code = again.stop(signal.SIGINT)
+        m.stop()  # a dead mount left by a failure goes
+    assert code == 0, again.diagnostics()
+    assert "had stopped without unmounting" in again.log_text()
+
+
+def _listing(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

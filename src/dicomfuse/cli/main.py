@@ -396,7 +396,12 @@ def run_demo(argv: list[str]) -> int:
     root = ensure_demo_dataset(default_demo_dir())
     settings = parse_settings(argv, demo=True, datasetAddr=str(root),
                               **({} if has_mount else {"mountPath": default_mount}))
-    settings.mountPath.mkdir(parents=True, exist_ok=True)
+    if sys.platform != "win32":
+        _clear_dead_mount(settings.mountPath)  # the last demo was killed: its folder answers ENOTCONN
+    try:
+        settings.mountPath.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--mountPath: cannot make {settings.mountPath}: {exc.strerror or exc}") from None
     print(f"Demo dataset: {root}\nMounting at {settings.mountPath}; try: ls -R {settings.mountPath}",
           file=sys.stderr)
     return mount(settings)
