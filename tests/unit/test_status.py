@@ -192,3 +192,29 @@ def test_status_help_gives_the_exit_codes(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "1 some uploads failed or were left unconfirmed by a mount that stopped" in out
     assert "3 uploads pending" in out
+
+
+def test_a_running_mount_of_another_dataset_is_not_said_to_send_them(cache):
+    """Uploads of dataset A left pending; a write-back mount of dataset B then holds the queue
+    (it keeps A's for A's next mount): status said B's mount was sending them."""
+    from dicomfuse.stores.base import Unavailable
+
+    def down(store, items):  # type: ignore[no-untyped-def]
+        raise Unavailable("the server is down")
+
+    a = WriteBackQueue(queue_dir(cache), down, settle=0.0, dataset="http://a.example/dicom-web", backoff_base=60)
+    a.start()
+    a.submit("ct", uids(1, 1), source(cache, "a", b"x"))
+    a.stop(drain=False)
+    b = WriteBackQueue(queue_dir(cache), down, settle=0.0, status_interval=0.02, dataset="http://b.example/dicom-web")
+    try:
+        b.start()
+        deadline = time.monotonic() + 2
+        while '"running": true' not in (queue_dir(cache) / "status.json").read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        text, code = status_report(cache)
+        assert code == EXIT_PENDING
+        assert "A running mount" not in text, text
+        assert "No running mount is sending them" in text
+    finally:
+        b.stop(timeout=5)

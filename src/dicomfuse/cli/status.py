@@ -31,6 +31,7 @@ from dicomfuse.core.writeback import (
     read_record,
     read_status,
     record_paths,
+    same_dataset,
 )
 
 EXIT_CLEAN = 0
@@ -177,15 +178,26 @@ def _pending_lines(pending: list[QueuedUpload], snapshot: dict[str, Any] | None,
     for (dataset, store), items in sorted(per_store.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         where = f"store {store}" + (f" of {dataset}" if dataset else "")
         lines.append(f"  {where}: {_count(len(items), 'upload')}, {_bytes(sum(i.size for i in items))}")
-    lines.append(_liveness(snapshot, now))
-    if snapshot is not None and snapshot.get("last_error"):
-        lines.append(f"  Last error: {snapshot['last_error']}")
+    # The status snapshot is of the last mount that held the queue: it says nothing of uploads
+    # of another dataset (that mount keeps them for their own dataset's next mount).
+    running = snapshot.get("dataset") if snapshot is not None else None
+    others = [i for i in pending if running and not same_dataset(i.dataset, running)]
+    if len(others) < len(pending):
+        lines.append(_liveness(snapshot, now))
+        if snapshot is not None and snapshot.get("last_error"):
+            lines.append(f"  Last error: {snapshot['last_error']}")
+    if others:
+        which = "" if len(others) == len(pending) else f"{_count(len(others), 'upload')} of another dataset: "
+        lines.append(f"  {which}{WAITING}")
     return lines
 
 
+WAITING = ("No running mount is sending them: they are sent when the dataset is mounted again with the same "
+           "--cacheDir (in either upload mode).")
+
+
 def _liveness(snapshot: dict[str, Any] | None, now: float) -> str:
-    waiting = ("  No running mount is sending them: they are sent when the dataset is mounted again "
-               "with the same --cacheDir (in either upload mode).")
+    waiting = "  " + WAITING
     if snapshot is None or not snapshot.get("running"):
         return waiting
     try:
