@@ -98,3 +98,13 @@ def test_a_file_that_could_not_be_read_is_not_asked_whether_it_stayed(tree: Path
     assert prefetch.prefetch_running_mount(tree / "good", 2, out) == 1  # a failure outranks the note
     assert asked == ["1.dcm"]
     assert out.getvalue().splitlines()[-1].startswith("dicomfuse prefetch: the file read did not stay in the cache (")
+
+
+def test_only_instances_are_counted_not_placeholders_or_side_files(tmp_path: Path):
+    """An empty placeholder a program made (touch series/placeholder.dcm stays on this computer)
+    was counted as an instance that 'did not stay in the cache': exit 3 for a full cache."""
+    series = tmp_path / "store" / "1.2" / "1.2.3"
+    series.mkdir(parents=True)
+    for name in ("1.2.3.4.dcm", "placeholder.dcm", ".DS_Store", "._1.2.3.5.dcm", "1.2.3.6.dcm"):
+        (series / name).write_bytes(b"")
+    assert prefetch.instance_files(tmp_path) == [series / "1.2.3.4.dcm", series / "1.2.3.6.dcm"]

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
+from dicomfuse.core.paths import instance_uid
+
 CHUNK = 1 << 20
 DEFAULT_THREADS = 8
 EXIT_NOT_KEPT = 3  # every instance was read, but not all of them stayed in the cache
@@ -146,9 +148,10 @@ def read_file(path: Path, count: Callable[[int], None]) -> None:
 
 
 def instance_files(root: Path, unlisted: list[OSError] | None = None) -> list[Path]:
-    """Every ``*.dcm`` below ``root`` (the mount lists the folders; side files are skipped). A
-    folder that cannot be listed (``root`` itself included) is skipped and its error, naming it,
-    added to ``unlisted``."""
+    """Every instance below ``root``: the files named ``<SOPInstanceUID>.dcm`` as the mount lists
+    them (side files, and names kept on this computer, as an empty placeholder a program made,
+    are not instances: they never stay in the cache). A folder that cannot be listed (``root``
+    itself included) is skipped and its error, naming it, added to ``unlisted``."""
     found: list[Path] = []
 
     def cannot_list(exc: OSError) -> None:
@@ -157,7 +160,7 @@ def instance_files(root: Path, unlisted: list[OSError] | None = None) -> list[Pa
 
     for folder, dirs, names in os.walk(root, onerror=cannot_list):
         dirs.sort()
-        found += [Path(folder) / n for n in sorted(names) if n.lower().endswith(".dcm") and not n.startswith(".")]
+        found += [Path(folder) / n for n in sorted(names) if instance_uid(n) is not None]
     return found
 
 
