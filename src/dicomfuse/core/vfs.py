@@ -679,7 +679,7 @@ class Vfs:
     def read(self, fh: int, size: int, offset: int) -> bytes:
         handle = self._handle(fh)
         if isinstance(handle, ReadHandle):
-            entry = handle.entry or self._start_reading(handle)
+            entry = handle.entry if handle.fd >= 0 and handle.entry is not None else self._start_reading(handle)
             try:
                 data = self.cache.read(entry, handle.fd, offset, size)
             except StoreError as exc:
@@ -1205,8 +1205,9 @@ class Vfs:
             unsized = False
             if self.cache.fresh(self._key(p)) is not None:
                 # The copy it reads is chosen now, not at the first read, when it may have
-                # expired: what the OS keeps of the file is decided for that copy.
-                self._start_reading(handle)
+                # expired: what the OS keeps of the file is decided for that copy. (Pinned only:
+                # a warm read from the OS's pages opens nothing more.)
+                self._pin_copy(handle)
         direct, keep = self._page_cache_use(handle, unsized)
         return OpenResult(self._add_handle(handle), direct_io=direct, keep_cache=keep, no_flush=True)
 
@@ -1265,23 +1266,27 @@ class Vfs:
         return bool(self.notify_changed(str(p)))
 
     def _start_reading(self, handle: ReadHandle) -> CachedInstance:
-        """The first read of ``handle``: pin its cache entry (downloading it if needed) and
-        tell read-ahead a program goes through this folder."""
+        """The first read of ``handle``: its cache entry (pinned at open when it was cached then,
+        else now, downloading it if needed), the cache file opened, and read-ahead told a
+        program goes through this folder."""
+        cached = self._pin_copy(handle)
+        with handle.lock:
+            if handle.fd >= 0:
+                return cached
+            handle.fd = portable.open_fd(cached.path, os.O_RDONLY)
+        self.readahead.opened(handle.path)
+        return cached
+
+    def _pin_copy(self, handle: ReadHandle) -> CachedInstance:
+        """The cached copy ``handle`` reads, pinned (downloading it if needed): chosen once."""
         with handle.lock:
             if handle.entry is not None:
                 return handle.entry
-            cached = self._cache_open(handle.path, handle.expected_size)
-            try:
-                handle.fd = portable.open_fd(cached.path, os.O_RDONLY)
-            except BaseException:
-                self.cache.release(cached)
-                raise
-            handle.entry = cached
+            cached = handle.entry = self._cache_open(handle.path, handle.expected_size)
         if not handle.direct:
             with self._lock:
                 if self._page_owner.get(handle.path) == _PAGES_PENDING:  # opened before its copy was known
                     self._page_owner[handle.path] = cached.serial
-        self.readahead.opened(handle.path)
         return cached
 
     def _cache_open(self, p: DicomPath, expected_size: int | None = None) -> CachedInstance:
