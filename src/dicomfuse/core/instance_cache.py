@@ -251,6 +251,7 @@ class InstanceCache:
         self._sweeper: threading.Thread | None = None
         self._stopping = threading.Event()
         self._names = itertools.count()
+        self._over = False  # the last _make_room left the cache over its bound (files in use)
         self._lock = threading.Lock()
         # Protected by _lock: the index, LRU order, byte total (complete files plus the
         # reservations of downloads in flight), entries' pins/last_used/reserved/prefetched.
@@ -308,6 +309,18 @@ class InstanceCache:
         if entry is None or self._stale(entry, self._clock()):
             return None
         return entry
+
+    def pin_fresh(self, key: CacheKey) -> CachedInstance | None:
+        """The entry of ``key`` pinned (call :meth:`release`) if it is fresh; None, and nothing
+        fetched, if it is not."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or self._stale(entry, self._clock()):
+                return None
+            entry.pins += 1
+            entry.last_used = self._clock()
+            self._entries.move_to_end(key)
+            return entry
 
     def known_size(self, key: CacheKey) -> int | None:
         """The size of the complete, fresh cached copy (an expired one is fetched again at open,
@@ -415,8 +428,8 @@ class InstanceCache:
                 self._unlink(entry)
             elif entry.pins <= 0 and self._expired(entry, self._clock()):
                 self._retire(entry)  # e.g. --cacheTime ...,0: kept while read, not after
-            else:
-                self._make_room(0)
+            elif entry.pins <= 0 and self._over:
+                self._make_room(0)  # it can go now, and the cache is over its bound
 
     @staticmethod
     def read(entry: CachedInstance, fd: int, offset: int, size: int) -> bytes:
@@ -554,6 +567,7 @@ class InstanceCache:
         total plus ``incoming`` fits the capacity. ``keep_unread``: not files fetched ahead that
         nobody opened yet (read-ahead must not push out read-ahead still to be read)."""
         limit = self._limit()
+        self._over = False
         if self._bytes + incoming <= limit:
             return
         for key in list(self._entries):
@@ -563,6 +577,9 @@ class InstanceCache:
             if entry.pins <= 0 and entry.complete and not (keep_unread and entry.prefetched):
                 self._retire(entry)
         if self._bytes + incoming > limit:
+            # Files in use hold the rest: the next one released makes room (not every release:
+            # a warm re-read releases a file per open, and each check costs a statvfs).
+            self._over = True
             log.debug("Instance cache over its bound while files are in use (%d bytes)", self._bytes)
 
     def _limit(self, headroom: int = 0) -> int:

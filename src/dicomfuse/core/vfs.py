@@ -1203,11 +1203,10 @@ class Vfs:
             unsized = not self._learnt_size(p, size)
         else:
             unsized = False
-            if self.cache.fresh(self._key(p)) is not None:
-                # The copy it reads is chosen now, not at the first read, when it may have
-                # expired: what the OS keeps of the file is decided for that copy. (Pinned only:
-                # a warm read from the OS's pages opens nothing more.)
-                self._pin_copy(handle)
+            # A copy cached now is the one it reads, pinned now, not at the first read, when it
+            # may have expired: what the OS keeps of the file is decided for that copy. (Pinned
+            # only: a warm read from the OS's pages opens nothing more.)
+            handle.entry = self.cache.pin_fresh(self._key(p))
         direct, keep = self._page_cache_use(handle, unsized)
         return OpenResult(self._add_handle(handle), direct_io=direct, keep_cache=keep, no_flush=True)
 
