@@ -272,7 +272,7 @@ class Vfs:
         self._replaces: dict[tuple[str, str], DicomUids] = {}
         self._upload_slots: dict[tuple[str, str], _Slot] = {}  # (store, SOP UID) being uploaded or removed
         self._too_large: set[DicomPath] = set()  # instances of unknown size found larger than cacheSize/4
-        # instance -> (its download, bytes it had) when a stat gave up waiting for its size
+        # instance -> (serial of its download, bytes it had) when a stat gave up waiting for its size
         self._stat_gave_up: dict[DicomPath, tuple[int, int]] = {}
 
     # ======================================================================================
@@ -1338,7 +1338,7 @@ class Vfs:
             return None
         with self._lock:
             stalled = self._stat_gave_up.pop(p, None)
-        if stalled == (id(cached), cached.written) and not cached.complete:
+        if stalled == (cached.serial, cached.written) and not cached.complete:
             # A stat just gave up on this very download, and no byte came since: the kernel's
             # LOOKUP then GETATTR of one stat would each wait the whole time.
             self._remember_stall(p, cached)
@@ -1366,7 +1366,7 @@ class Vfs:
 
     def _remember_stall(self, p: DicomPath, cached: CachedInstance) -> None:
         with self._lock:
-            self._stat_gave_up[p] = (id(cached), cached.written)
+            self._stat_gave_up[p] = (cached.serial, cached.written)
             while len(self._stat_gave_up) > 1024:  # a bound: one entry per stalled download
                 del self._stat_gave_up[next(iter(self._stat_gave_up))]
 
