@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomfuse.samples import write_instance
+from dicomfuse.samples import make_uid, write_instance
 from tests.conftest import Backend, DicomFactory, requires_fuse, run
 from tests.mounting import unmount_command, wait_for
 
@@ -473,6 +473,40 @@ def test_an_instance_restored_over_a_name_another_was_copied_to_leaves_the_other
     assert backend.instance_path(m, a).read_bytes() == a.path.read_bytes()
     assert backend.has(b) and backend.server_bytes(b) == b.path.read_bytes()
     assert backend.server_bytes(a) == a.path.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+def test_a_file_with_an_instances_sop_uid_but_another_series_written_over_it_replaces_it(
+        backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path, mode: str):
+    """An editor that re-assigns study and series UIDs keeps the SOP Instance UID: cp of its
+    output B over A's name is another instance written over A's name. B is stored under its own
+    UIDs and A is deleted; the name stands for B, and rm of it deletes B, never A (the name used
+    to read B from this mount only, and rm deleted B while A stayed)."""
+    if not backend.can_delete:
+        pytest.skip("replacing needs delete on this server")
+    if backend.name == "local":
+        pytest.skip("the local store keeps one copy per SOP Instance UID whatever its series")
+    a = dicom.instance(study=0, series=0, pixel_bytes=2000)
+    b_path = tmp_path / "edited.dcm"
+    write_instance(b_path, make_uid(dicom.seed, "study", 9), make_uid(dicom.seed, "series", 9, 9), a.sop_uid,
+                   pixel_bytes=3000)
+    b = type(a)(b_path, make_uid(dicom.seed, "study", 9), make_uid(dicom.seed, "series", 9, 9), a.sop_uid)
+    backend.seed([a])
+    m = mount_factory(backend, "--uploadMode", mode)
+    name_a = backend.instance_path(m, a)
+    assert name_a.read_bytes() == a.path.read_bytes()
+    r = run("cp", b.path, name_a)
+    assert r.returncode == 0, r.stderr
+    if mode == "writeback":
+        wait_for(lambda: backend.has(b) and not backend.has(a), timeout=30)
+    assert backend.has(b) and backend.server_bytes(b) == b.path.read_bytes()
+    assert not backend.has(a)
+    assert name_a.read_bytes() == b.path.read_bytes()
+    assert f"{a.sop_uid}.dcm" in os.listdir(backend.series_path(m, b))
+    assert run("rm", name_a).returncode == 0
+    if mode == "writeback":
+        wait_for(lambda: not backend.has(b), timeout=30)
+    assert not backend.has(b) and not backend.has(a)
 
 
 def test_times_kept_by_cp_p_rsync_and_touch_make_a_second_rsync_send_nothing(

@@ -1563,10 +1563,15 @@ class Vfs:
         """The other instance whose name ``h`` was written over (cp B.dcm A.dcm): it goes once
         this one is stored. None when the file is the instance its name says, also when that
         name stood for another instance until now (A copied back over A.dcm gets its name back,
-        and the other instance stays)."""
+        and the other instance stays). An instance is its three UIDs: a file with A's SOP
+        Instance UID but another study or series (an editor that re-assigns those) is another
+        instance, filed under its own UIDs, and A goes as for any other file written over it."""
         old = h.overwrites
-        if old is None or old.sop_uid == ident.sop_uid or instance_uid(h.path.name) == ident.sop_uid:
+        if old is None or old == ident:
             return None
+        if instance_uid(h.path.name) == ident.sop_uid and (
+                h.path.level != Level.INSTANCE or (h.path.study, h.path.series) == (ident.study_uid, ident.series_uid)):
+            return None  # the name, in its folder, is this instance's own
         return old
 
     def _refuse_deleting(self, h: WriteHandle, ident: DicomUids, replaced: DicomUids | None) -> None:
@@ -1575,8 +1580,10 @@ class Vfs:
         program's back). Sync mode refuses an overwrite of the same instance when it finds the
         stored bytes differ (:meth:`_replace`)."""
         if replaced is not None:
-            raise FsError(errno.EPERM, f"upload {h.path}: instance {ident.sop_uid} written over the name of "
-                          f"instance {replaced.sop_uid} would delete that one; deletion is disabled", logging.ERROR)
+            which = (f"instance {ident.sop_uid}" if replaced.sop_uid != ident.sop_uid
+                     else f"the instance of study {ident.study_uid} series {ident.series_uid}")
+            raise FsError(errno.EPERM, f"upload {h.path}: {which} written over the name of instance "
+                          f"{replaced.sop_uid} would delete that one; deletion is disabled", logging.ERROR)
         if self.config.upload_mode == "writeback" and self._differs_from_stored(h, ident):
             raise FsError(errno.EPERM, f"upload {h.path}: overwriting instance {ident.sop_uid} with other bytes "
                           "is refused: deletion is disabled", logging.ERROR)
@@ -1639,8 +1646,7 @@ class Vfs:
                 self._replaces.pop((h.path.store, ident.sop_uid), None)  # an older copy's, no longer meant
             # This instance is written again: an earlier copy of another one over its name no
             # longer replaces it (cp B.dcm A.dcm, then A back over A.dcm).
-            for key in [k for k, old in self._replaces.items()
-                        if k[0] == h.path.store and old.sop_uid == ident.sop_uid]:
+            for key in [k for k, old in self._replaces.items() if k[0] == h.path.store and old == ident]:
                 del self._replaces[key]
         with self._upload_slot(h.path.store, ident.sop_uid):  # not in the middle of an rm of it
             try:
