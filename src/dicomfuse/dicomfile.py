@@ -47,6 +47,7 @@ Parsed from the file, pydicom makes a seek system call per element, and at each 
 thread of the mount (a sender, a download) may take the GIL from the callback a program waits
 for: ``close()`` of every file copied in does this check."""
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_PADDING_MAX = 1 << 20  # zero bytes after the data set taken for padding (a tape or CD block is smaller)
 _LONGEST_HEADER = 12  # tag, VR, 2 reserved bytes, 32-bit length (explicit VR OB, SQ, UT, ...)
 _IMAGE_PIXEL_ATTRIBUTES = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation")
 _OTHER_PIXEL_SOURCES = ("FloatPixelData", "DoubleFloatPixelData", "PixelDataProviderURL")
@@ -170,6 +171,14 @@ def _layout_problem(ds: pydicom.Dataset, size: int, tail_of: Callable[[int], byt
     if _syntax_is(ds, "is_deflated"):
         return None  # offsets refer to the inflated stream; zlib reports truncation itself
     tags = sorted(ds.keys())
+    if tags and tags[0] == 0:
+        # Zero bytes after the data set (a file padded to a block size by an archiver or a CD
+        # writer) read as empty (0000,0000) elements; a server takes such a file.
+        padded_end = _zero_padding_start(ds, tags[1:], size, tail_of)
+        if padded_end is None:
+            return ("bytes after the DICOM data set that are neither elements nor zero padding (of at most 1 MiB): "
+                    "a corrupt file?")
+        tags, size = tags[1:], padded_end
     if not tags:
         return "no readable data set after the file meta information (truncated?)"
     ends: list[int | None] = []  # per element in tag order; None when its end is unknown
@@ -191,6 +200,19 @@ def _layout_problem(ds: pydicom.Dataset, size: int, tail_of: Callable[[int], byt
     if tail and (tail >= 8 or any(tail_of(tail))):
         return "truncated DICOM file: the last element is incomplete"
     return None
+
+
+def _zero_padding_start(ds: pydicom.Dataset, tags: list[BaseTag], size: int,
+                        tail_of: Callable[[int], bytes]) -> int | None:
+    """Where the zero padding after the data set starts: the end of its last element, when every
+    byte from there to the end of the file (at most ``_PADDING_MAX``) is zero; else None."""
+    ends = [_element_end(elem) for elem in _raw_items(ds, tags)]
+    if not ends or ends[-1] is None:
+        return None
+    end = max(e for e in ends if e is not None)
+    if not 0 < size - end <= _PADDING_MAX or any(tail_of(size - end)):
+        return None
+    return end
 
 
 def _syntax_is(ds: pydicom.Dataset, prop: str) -> bool | None:

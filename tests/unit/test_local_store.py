@@ -670,10 +670,27 @@ def test_store_files_refuses_short_pixel_data(store: LocalStore, tmp_path: Path,
     assert "pixel data is shorter" in (outcome.reason or "")
 
 
-def test_store_files_accepts_trailing_zero_padding(store: LocalStore, tmp_path: Path, parsed: str) -> None:
+@pytest.mark.parametrize("padding", [2, 8, 9, 512, 2048 * 3])
+def test_store_files_accepts_trailing_zero_padding(store: LocalStore, tmp_path: Path, parsed: str,
+                                                   padding: int) -> None:
+    """A file padded with zeros to a block size (an archiver, a CD writer) is complete: 8 zero
+    bytes or more read as empty (0000,0000) elements, which sort first and were refused as
+    "elements out of order or repeated", though a server (Orthanc) takes the file."""
     path = write(tmp_path / "padded.dcm")
-    path.write_bytes(path.read_bytes() + b"\0\0")
-    assert store.store_files([path])[0].stored
+    path.write_bytes(path.read_bytes() + b"\0" * padding)
+    [outcome] = store.store_files([path])
+    assert outcome.stored, outcome.reason
+    assert read_back(store, STUDY, SERIES, SOP) == path.read_bytes()
+
+
+@pytest.mark.parametrize("tail", [b"\0" * 12 + b"\1", b"\0" * ((1 << 20) + 8)])
+def test_store_files_refuses_what_follows_the_data_set_unless_it_is_zero_padding(
+        store: LocalStore, tmp_path: Path, parsed: str, tail: bytes) -> None:
+    path = write(tmp_path / "tail.dcm")
+    path.write_bytes(path.read_bytes() + tail)
+    [outcome] = store.store_files([path])
+    assert not outcome.stored
+    assert "neither elements nor zero padding" in (outcome.reason or "")
 
 
 def test_store_files_overwrites_the_same_sop(store: LocalStore, tmp_path: Path) -> None:
