@@ -1686,9 +1686,11 @@ class StoreView:
     def _store(self) -> _Store:
         return self._standin._view_store(self.dataset_id, self.store_id)
 
-    def store_files(self, paths: Sequence[Path], uids: Sequence[object] | None = None) -> list[StowOutcome]:
-        """Store files with STOW's rules (same refusals), indexed at once; ``uids`` are ignored
-        (the server examines what it is sent)."""
+    def store_files(self, paths: Sequence[Path], uids: Sequence[object] | None = None, *,
+                    lagging: bool = False) -> list[StowOutcome]:
+        """Store files with STOW's rules (same refusals), indexed at once, or with ``lagging``
+        as another client's STOW is (searches show them ``index_lag`` seconds later); ``uids``
+        are ignored (the server examines what it is sent)."""
         outcomes = []
         for path in paths:
             try:
@@ -1698,7 +1700,7 @@ class StoreView:
                 continue
             examined = _examine(data)
             with self._standin._lock:
-                result = self._standin._commit(self._store(), examined, None, immediate=True)
+                result = self._standin._commit(self._store(), examined, None, immediate=not lagging)
             uids = result.uids
             outcomes.append(
                 StowOutcome(

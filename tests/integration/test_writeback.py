@@ -121,6 +121,32 @@ def test_a_batch_that_overwrites_one_instance_and_adds_others(backend: Backend, 
         assert backend.server_bytes(o) == o.path.read_bytes()
 
 
+def test_an_overwrite_sent_with_new_files_while_the_index_lags_replaces_the_instance(
+        healthcare, tmp_path: Path, mount_factory, dicom: DicomFactory):  # type: ignore[no-untyped-def]
+    """Another client stored C a moment ago; Google's index does not show it yet, so the mount
+    sends the new bytes of C in one STOW with a new file D. Google stores D and refuses C (202,
+    C failed with a processing failure): C was then kept as a failed upload and the server kept
+    the old bytes. A file failing so in a mixed answer is sent again alone; its 409 says the
+    instance exists, and it is replaced."""
+    from dicomfuse.samples import write_instance
+
+    backend = google_backend(healthcare, tmp_path)
+    old, new_file = dicom.series(2)
+    m = mount_factory(backend, "--uploadMode", "writeback")
+    lag = healthcare.index_lag
+    healthcare.index_lag = 600.0
+    try:
+        backend.server.store_files([old.path], lagging=True)  # type: ignore[call-arg]  # another client's STOW
+        newer = write_instance(tmp_path / "newer.dcm", old.study_uid, old.series_uid, old.sop_uid, pixel_bytes=3000)
+        r = run("cp", newer, new_file.path, f"{m.path / backend.store_name}/")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: holds(backend, new_file, new_file.path.read_bytes())
+                 and holds(backend, old, newer.read_bytes()), 30, what="the overwrite on the server")
+        assert status(m)[0] == 0, status(m)[1]
+    finally:
+        healthcare.index_lag = lag
+
+
 def test_overwrite_of_a_file_this_mount_just_uploaded_while_the_index_lags(healthcare, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                           mount_factory, dicom: DicomFactory):
     """Google's search index lags behind writes: it does not show an instance this mount

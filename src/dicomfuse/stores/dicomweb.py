@@ -1366,7 +1366,14 @@ class DicomwebStore:
             len(result.stored),
             len(result.failed),
         )
-        return [(item, _stow_outcome(item, result, refusal, conflict)) for item in batch]
+        outcomes = [(item, _stow_outcome(item, result, refusal, conflict)) for item in batch]
+        if len(batch) > 1 and status < 400:
+            # Some stored, some not (PS3.18: 202, or 200 from some servers): a file the server holds
+            # already fails with a processing failure or a duplicate in such an answer, where a
+            # request of its own gets a 409 that says it. Such files are sent again alone.
+            return [(item, outcome) if outcome.stored or result.codes.get(item.sop_uid) not in CONFLICT_REASONS
+                    else self._stow([item], again=again)[0] for item, outcome in outcomes]
+        return outcomes
 
     def _stow_unknown(self, batch: list[_StowFile], cause: Unavailable) -> list[tuple[_StowFile, StowOutcome]]:
         """The STOW's answer was lost: look each file up; send the missing ones once more."""
