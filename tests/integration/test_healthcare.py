@@ -347,6 +347,29 @@ def test_rmdir_of_a_store_just_emptied_waits_for_the_lagging_index(healthcare, g
     assert "store-a" not in healthcare.store_ids(google.dataset_id)
 
 
+@pytest.mark.parametrize("op", ["rmdir", "mv"])
+def test_a_store_another_client_just_wrote_to_is_not_deleted(healthcare, google: Backend, mount_factory,  # type: ignore[no-untyped-def]
+                                                             dicom: DicomFactory, op: str):
+    """Google deletes a store with everything in it, and its search index shows another
+    client's writes seconds later: a store that looked empty for one search was deleted with
+    the instance just stored in it. It must look empty twice, seconds apart."""
+    healthcare.create_store(google.dataset_id, "s2")
+    inst = dicom.instance()
+    m = mount_factory(google)
+    lag = healthcare.index_lag
+    healthcare.index_lag = 3.0
+    try:
+        healthcare.store_view(google.dataset_id, "s2").store_files([inst.path], lagging=True)  # another client
+        r = run("rmdir", m.path / "s2") if op == "rmdir" else run("mv", m.path / "s2", m.path / "s3")
+        assert r.returncode != 0 and "not empty" in r.stderr.lower(), r.stderr
+    finally:
+        healthcare.index_lag = lag
+    assert "s2" in healthcare.store_ids(google.dataset_id)
+    assert "s3" not in healthcare.store_ids(google.dataset_id)  # mv: the new store is removed again
+    assert healthcare.store_view(google.dataset_id, "s2").instance_bytes(
+        inst.study_uid, inst.series_uid, inst.sop_uid) == inst.path.read_bytes()
+
+
 def test_store_deletion_refused_when_deletion_is_disabled(healthcare, google: Backend, mount_factory):  # type: ignore[no-untyped-def]
     healthcare.create_store(google.dataset_id, "empty")
     m = mount_factory(google, "--enableDeletion", "false")

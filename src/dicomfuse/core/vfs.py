@@ -1955,6 +1955,17 @@ class Vfs:
         if p.is_side_file or p.name.startswith("."):
             raise FsError(errno.EPERM, f"{doing}: {p.name!r} is a system folder, not a store", logging.DEBUG)
 
+    def _remove_new_store(self, name: str) -> None:
+        """Undo :meth:`_create_store` of a rename that could not delete the old store."""
+        try:
+            self._remote(f"delete store {name}", self.dataset.delete_store, name)
+        except FsError as exc:
+            log.error("Store %s, created to rename another, could not be removed again: %s", name, exc.strerror)
+            return
+        self.listings.note_removed(ROOT, name)
+        with self._lock:
+            self._stores.pop(name, None)
+
     def _rename_store(self, po: DicomPath, pn: DicomPath) -> None:
         self._refuse_hidden_store(pn, "rename")
         if self._exists(pn):
@@ -1966,7 +1977,10 @@ class Vfs:
         self._create_store(pn.name)
         try:
             self._remote(f"delete store {po.name}", self.dataset.delete_store, po.name)
-        except FsError:
+        except FsError as exc:
+            if exc.errno == errno.ENOTEMPTY:  # written into by another client meanwhile: nothing renamed
+                self._remove_new_store(pn.name)
+                raise
             log.error("Renamed store %s to %s, but the old store could not be deleted", po.name, pn.name)
             raise
         self.listings.note_removed(ROOT, po.name)

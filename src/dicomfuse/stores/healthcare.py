@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 STUDY_SERIES_LIMIT = 5_000
 INSTANCE_LIMIT = 50_000
 STORES_PAGE_SIZE = 1_000
+INDEX_SETTLE_S = 5.0
+"""Google's search index shows another client's writes "a few seconds" later. A store deleted
+with everything in it must look empty this long after it first did."""
 RETRIEVE_ACCEPTS = (
     "application/dicom; transfer-syntax=*",
     'multipart/related; type="application/dicom"; transfer-syntax=*',
@@ -96,6 +99,7 @@ class HealthcareDataset:
         self.study_page_size = min(study_page_size, STUDY_SERIES_LIMIT)
         self.instance_page_size = min(instance_page_size, INSTANCE_LIMIT)
         self.stores_page_size = min(max(1, stores_page_size), STORES_PAGE_SIZE)
+        self.index_settle_s = INDEX_SETTLE_S
         self._lock = threading.Lock()
         self._stores: dict[str, DicomwebStore] = {}  # protected by _lock
 
@@ -181,10 +185,18 @@ class HealthcareDataset:
         return True
 
     def delete_store(self, store_id: str) -> None:
-        """Delete a store only when no study is in it: Google would delete its data too."""
+        """Delete a store only when no study is in it: Google would delete its data too. It is
+        searched twice, ``INDEX_SETTLE_S`` apart: an instance another client stored just before
+        the first search may not show in it yet (Google's search index lags behind writes)."""
         store = self.open_store(store_id)
-        if store.has_studies():
-            raise NotEmpty(f"store {store_id} holds studies; only an empty store is deleted")
+        for check in range(2):
+            if store.has_studies():
+                raise NotEmpty(f"store {store_id} holds studies; only an empty store is deleted")
+            if check == 0:
+                logger.info("Store %s looks empty; searching it again in %.0f s before deleting it (Google's "
+                            "search index may not show another client's latest writes yet)", store_id,
+                            self.index_settle_s)
+                time.sleep(self.index_settle_s)
         response = self.client.request("DELETE", self._store_url(store_id), forbidden_hint=STORE_ADMIN_HINT)
         response.close()
         with self._lock:
