@@ -232,6 +232,17 @@ def test_usage_errors(env, capsys):
     assert kept.exists()
 
 
+def test_a_wrong_address_is_said_even_when_nothing_is_to_be_sent(env, capsys):
+    """With no failed upload, a mistyped address exited 0 with "Nothing to retry", as if it
+    were right; a server's address is not contacted for that."""
+    assert run_retry(["-a", str(env.tmp / "missing"), "--cacheDir", str(env.cache)]) == EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
+    assert run_retry(["-a", "localhost:8042/dicom-web", "--cacheDir", str(env.cache)]) == EXIT_USAGE
+    assert "did you mean http://localhost:8042/dicom-web" in capsys.readouterr().err
+    assert run_retry(["-a", "http://127.0.0.1:9/dicom-web", "--cacheDir", str(env.cache)]) == EXIT_DONE
+    assert "Nothing to retry" in capsys.readouterr().out
+
+
 def test_a_sidecar_naming_a_store_the_dataset_lacks_keeps_the_file(env, capsys):
     src, _ = env.dicom()
     kept = env.failed_sync(src, "a.dcm", "gone")

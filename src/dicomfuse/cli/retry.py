@@ -143,17 +143,21 @@ def _retry(root: Path, ns: argparse.Namespace) -> int:
         except ValueError as exc:
             raise _Usage(f"--httpTimeout: {exc}") from None
     items = gather(root)
-    if not items:
-        print(f"Nothing to retry: no failed uploads in {root}.")
-        return EXIT_DONE
-    try:
+    try:  # a wrong address is said even when nothing is to be sent (opening it sends no request)
         dataset = open_dataset(ns.datasetAddr, key_file=ns.keyFile, timeout=timeout,
                                orthanc_rest=ns.orthancRest, ca_bundle=ns.caBundle)
     except ValueError as exc:
         raise _Usage(f"--datasetAddr: {exc}") from None
     except CredentialsError as exc:
+        if not items:
+            print(f"Nothing to retry: no failed uploads in {root}.")
+            return EXIT_DONE
         print(f"dicomfuse retry: cannot authenticate: {exc}", file=sys.stderr)
         return EXIT_REMAINING
+    if not items:
+        dataset.close()
+        print(f"Nothing to retry: no failed uploads in {root}.")
+        return EXIT_DONE
     lock_fd = -1
     try:
         try:
