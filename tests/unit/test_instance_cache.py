@@ -339,6 +339,30 @@ def test_cancel_drops_only_read_ahead_that_has_not_started(tmp_path: Path):
         cache.stop()
 
 
+def test_a_queued_read_ahead_pinned_by_an_open_is_never_cancelled(tmp_path: Path):
+    """A file opened while its read-ahead is still queued (the copy is pinned at open, read
+    later): cancelling the read-ahead then (the reader jumped elsewhere) retired the entry its
+    reader waits on, and the read hung forever, in the kernel too (unkillable, no unmount)."""
+    cache = InstanceCache(tmp_path, capacity=100_000, ttl=100, workers=1)
+    cache.start()
+    gate = Gate()
+    try:
+        for n in range(3):
+            cache.prefetch(key(n), gate.fetch(n), 1000)
+        wait_for(lambda: gate.running == 1)  # 0 runs; 1 and 2 queued
+        opened = cache.pin_fresh(key(2))
+        assert opened is not None
+        assert not cache.cancel(key(2)), "someone holds it: it is a download someone waits for"
+        assert cache.cancel(key(1))
+        assert cache.prefetch_stats["promoted"] == 1
+        gate.release.set()
+        assert read_all(cache, opened) == blob(2)
+        cache.release(opened)
+        assert gate.order == [0, 2]
+    finally:
+        cache.stop()
+
+
 def test_read_ahead_never_exceeds_the_bound_nor_evicts_files_in_use(tmp_path: Path):
     cache = InstanceCache(tmp_path, capacity=4000, ttl=100, workers=4)
     cache.start()

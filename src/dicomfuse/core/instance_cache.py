@@ -317,10 +317,20 @@ class InstanceCache:
             entry = self._entries.get(key)
             if entry is None or self._stale(entry, self._clock()):
                 return None
-            entry.pins += 1
-            entry.last_used = self._clock()
-            self._entries.move_to_end(key)
+            self._pin(entry, self._clock())
             return entry
+
+    def _pin(self, entry: CachedInstance, now: float) -> None:
+        """Caller holds _lock. Pin ``entry`` for a reader: a queued read-ahead of it becomes a
+        download someone waits for (moved to the front, and never cancelled from now on)."""
+        entry.pins += 1
+        entry.last_used = now
+        self._entries.move_to_end(entry.key)
+        if entry.prefetched:
+            entry.prefetched = False
+            if entry.task is not None and entry.task.state == "queued" and self._pool is not None:
+                self._pool.promote(entry.task, DEMAND)
+                self.prefetch_stats["promoted"] += 1
 
     def known_size(self, key: CacheKey) -> int | None:
         """The size of the complete, fresh cached copy (an expired one is fetched again at open,
@@ -348,14 +358,7 @@ class InstanceCache:
                 self._retire(entry)
                 entry = None
             if entry is not None:
-                entry.pins += 1
-                entry.last_used = now
-                self._entries.move_to_end(key)
-                if entry.prefetched:
-                    entry.prefetched = False
-                    if entry.task is not None and entry.task.state == "queued" and self._pool is not None:
-                        self._pool.promote(entry.task, DEMAND)
-                        self.prefetch_stats["promoted"] += 1
+                self._pin(entry, now)
                 return entry
             entry = self._new_entry(key, now, expected_size or 0)
             entry.pins = 1
@@ -391,7 +394,8 @@ class InstanceCache:
         was dropped."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or not entry.prefetched or entry.task is None or self._pool is None:
+            if (entry is None or not entry.prefetched or entry.pins > 0 or entry.task is None
+                    or self._pool is None):
                 return False
             if not self._pool.cancel(entry.task):
                 return False
