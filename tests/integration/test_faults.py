@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,6 +197,52 @@ def test_server_down_during_listing(via_proxy: Backend, proxy: FaultProxy, mount
     r = run("ls", series)
     assert r.returncode == 0, r.stderr
     assert sorted(r.stdout.split()) == want
+
+
+def test_orthancs_index_failing_never_lists_files_as_empty(orthanc: object, proxy: FaultProxy, mount_factory,
+                                                           dicom: DicomFactory, tmp_path: Path):
+    """Orthanc's REST index gives the sizes the mount shows (the OS keeps them for a second).
+    When one of its calls failed, a DICOMweb search answered instead, without sizes: every
+    file showed size 0, and tar archived them empty with exit 0 (cp -r copied most empty).
+    A failed walk now leaves the folders to be listed one by one through the index, and a
+    failed series listing is an error asked again next time, never a listing of empty files."""
+    insts = dicom.series(6, pixel_bytes=50_000) + dicom.series(4, study=1, pixel_bytes=50_000)
+    direct = _orthanc_backend(orthanc)
+    direct.seed(insts)
+    backend = dataclasses.replace(direct, address=proxy.url + "/dicom-web")
+    proxy.fail("GET", "/instances?expand", times=None, status=503)  # the walk of the whole index
+    m = mount_factory(backend)
+    store = m.path / backend.store_name
+    r = run("find", store, "-name", "*.dcm")
+    assert r.returncode == 0, r.stderr
+    assert {f"{i.sop_uid}.dcm" for i in insts} <= {Path(line).name for line in r.stdout.split()}
+    # The walk runs on in the background while its requests are retried, then gives up.
+    wait_for(lambda: "Walked store" in m.log_text() or "Walk of store" in m.log_text(), 60, what="the walk's end")
+    series = backend.series_path(m, insts[0])
+    # ls -l shows what the OS then keeps for a second: tar right after archives those sizes.
+    r = run("sh", "-c", f'ls -l "{series}" && tar cf "{tmp_path / "x.tar"}" -C "{store}" {insts[0].study_uid}')
+    assert r.returncode == 0, r.stderr
+    assert " 0 " not in r.stdout, r.stdout
+    with tarfile.open(tmp_path / "x.tar") as tar:
+        for inst in insts[:6]:
+            member = tar.extractfile(f"{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm")
+            assert member is not None and member.read() == inst.path.read_bytes()
+    proxy.clear()
+    # A series listing through the index failing past its retries: an error, not empty files.
+    found = requests.post(f"{orthanc.url}/tools/find", timeout=30,  # type: ignore[attr-defined]
+                          json={"Level": "Series", "Query": {"SeriesInstanceUID": insts[6].series_uid}})
+    proxy.fail("GET", f"/series/{found.json()[0]}/instances", times=None, status=503)
+    m2 = mount_factory(backend, "--cacheTime", "0,0")
+    series = backend.series_path(m2, insts[6])
+    r = run("ls", series)
+    assert r.returncode != 0 and EIO in r.stderr, r.stdout
+    proxy.clear()
+    wait_for(lambda: run("ls", series).returncode == 0, 10, what="the listing once the index answers (a failure "
+             "answers the listings right behind it for 2 s)")
+    r = run("ls", "-l", series)
+    assert r.returncode == 0, r.stderr
+    listed = {line.split()[-1]: int(line.split()[4]) for line in r.stdout.splitlines()[1:]}
+    assert listed == {f"{i.sop_uid}.dcm": i.path.stat().st_size for i in insts[6:]}
 
 
 # ---------------------------------------------------------------------------------------------

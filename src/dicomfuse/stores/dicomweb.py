@@ -735,6 +735,19 @@ class DicomwebStore:
             self._orthanc_failed(exc, what, instead)
             return None
 
+    def _sized(self, orthanc: OrthancRest, call: Callable[[OrthancRest], T], what: str) -> T:
+        """``call`` on Orthanc's REST API, for instances with their sizes. A failure raises: the
+        mount was set up for a server whose listings give sizes (the OS keeps them for a
+        while), and a DICOMweb search in its place would list every file as empty, which
+        ``tar`` and ``cp`` then copy empty. The listing is asked again next time."""
+        try:
+            return call(orthanc)
+        except ValueError as exc:
+            raise StoreError(f"{what}: unexpected answer ({type(exc).__name__})") from None
+        except StoreError as exc:
+            logger.debug("%s: %s failed (%s)", self.name, what, exc)
+            raise
+
     def _orthanc_exists(self, level: str, query: dict[str, str]) -> bool | None:
         return self._ask_orthanc(lambda orthanc: bool(orthanc.find(level, query)), "Orthanc find", "asking DICOMweb")
 
@@ -811,26 +824,19 @@ class DicomwebStore:
         if orthanc is not None and not sop_uid:
             # Orthanc's index lists a series completely, with sizes, in two requests; its QIDO
             # reads every file of the series for each page (and a page more to see the end).
-            try:
-                listed = orthanc.series_instances(study_uid, series_uid)
-            except (StoreError, ValueError) as exc:
-                self._orthanc_failed(exc, "Orthanc series listing", "asking DICOMweb")
-            else:
-                self._remember_ids({sop: instance_id for sop, _, instance_id in listed})
-                for sop, size, _ in listed:
-                    yield InstanceInfo(study_uid, series_uid, sop, size)
-                return
+            listed = self._sized(orthanc, lambda o: o.series_instances(study_uid, series_uid),
+                                 "Orthanc series listing")
+            self._remember_ids({sop: instance_id for sop, _, instance_id in listed})
+            for sop, size, _ in listed:
+                yield InstanceInfo(study_uid, series_uid, sop, size)
+            return
         if orthanc is not None and sop_uid:
-            try:
-                found = orthanc.find_instance(study_uid, series_uid, sop_uid)
-            except (StoreError, ValueError) as exc:
-                self._orthanc_failed(exc, "Orthanc find", "asking DICOMweb")
-            else:
-                if found is not None:
-                    self._remember_ids({sop_uid: str(found["ID"])})
-                    size = found.get("FileSize")
-                    yield InstanceInfo(study_uid, series_uid, sop_uid, size if isinstance(size, int) else None)
-                return
+            found = self._sized(orthanc, lambda o: o.find_instance(study_uid, series_uid, sop_uid), "Orthanc find")
+            if found is not None:
+                self._remember_ids({sop_uid: str(found["ID"])})
+                size = found.get("FileSize")
+                yield InstanceInfo(study_uid, series_uid, sop_uid, size if isinstance(size, int) else None)
+            return
         url = f"{self._series_url(study_uid, series_uid)}/instances"
         filters = {"SOPInstanceUID": sop_uid} if sop_uid else {}
         uids = self._search(url, SOP_UID_TAG, filters, sop_uid, self.instance_page_size)
@@ -856,17 +862,17 @@ class DicomwebStore:
     def walk(self, study_uid: str | None = None) -> Iterator[InstanceInfo]:
         """Every instance of the store (``GET {root}/instances``) or of one study
         (``GET {root}/studies/{study}/instances``) with its study and series UIDs, paged with the
-        instance page size; sizes are None (Orthanc's REST API would cost a request per series).
+        instance page size; sizes are None. On Orthanc the store is walked through its REST index
+        instead, with sizes (a failure raises: see :meth:`_sized`).
 
         ``includefield`` asks for both parent UIDs: Orthanc returns them anyway, but PS3.18
         lets a server leave out a level named in the path unless asked. An entry lacking a UID
         (or naming another study) is skipped. A 404 at the store level raises (the server cannot
         search instances store-wide: list folder by folder there); an absent study yields nothing."""
-        if study_uid is None:
-            infos = self._ask_orthanc(self._walk_orthanc, "walking Orthanc's index", "searching DICOMweb")
-            if infos is not None:
-                yield from infos
-                return
+        orthanc = self.orthanc() if study_uid is None else None
+        if orthanc is not None:
+            yield from self._sized(orthanc, self._walk_orthanc, "walking Orthanc's index")
+            return
         if study_uid is None:
             url = f"{self.root_url}/instances?{WALK_INCLUDE_FIELDS}"
         else:
