@@ -996,10 +996,12 @@ def test_a_queued_file_reads_back_from_the_queue_when_the_cache_dropped_it(datas
     vfs.shutdown()
 
 
-def test_folders_of_queued_files_list_them_while_the_server_is_down(dataset, tmp_path, dicom: DicomFactory,
-                                                                    monkeypatch):
-    """Write-back exists for an absent server: the files copied in show in their folders
-    (study, series) although the server cannot list anything."""
+def test_a_folder_the_server_cannot_list_is_an_error_though_it_holds_queued_files(dataset, tmp_path,
+                                                                                 dicom: DicomFactory, monkeypatch):
+    """Server down: a folder holding files copied in through the mount was listed with only those
+    files, and no error. A listing that looks complete but is not misleads tools: rsync --delete
+    run from inside such a folder emptied a mirror of it. Now the listing fails (EIO), and the
+    queued files still answer by name: stat, open and read."""
     from dicomfuse.stores.base import Unavailable
     from dicomfuse.stores.local import LocalStore
 
@@ -1010,11 +1012,12 @@ def test_folders_of_queued_files_list_them_while_the_server_is_down(dataset, tmp
 
     for method in ("studies", "series", "instances", "walk"):
         monkeypatch.setattr(LocalStore, method, down)
-    assert inst.study_uid in dict(vfs.readdir("/store"))
-    assert inst.series_uid in dict(vfs.readdir(f"/store/{inst.study_uid}"))
-    series = dict(vfs.readdir(f"/store/{inst.study_uid}/{inst.series_uid}"))
-    assert series[f"{inst.sop_uid}.dcm"].size == inst.path.stat().st_size
-    assert errno_of(vfs.readdir, "/store/1.2.3") == errno.EIO  # nothing local there: the error stands
+    series = f"/store/{inst.study_uid}/{inst.series_uid}"
+    for folder in (f"/store/{inst.study_uid}", series, "/store/1.2.3"):
+        assert errno_of(vfs.readdir, folder) == errno.EIO, folder
+    name = f"{series}/{inst.sop_uid}.dcm"
+    assert vfs.getattr(name).size == inst.path.stat().st_size
+    assert read(vfs, name) == inst.path.read_bytes()
     monkeypatch.undo()
     vfs.shutdown()
 

@@ -1016,16 +1016,7 @@ class Vfs:
             cached = self.listings.get(p)
             if cached is not None:
                 return cached
-        try:
-            return self._listing_from_server(p)
-        except FsError as exc:
-            local = self.listings.local_only(p) if exc.errno == errno.EIO and p.level != Level.ROOT else None
-            if local is None:
-                raise
-            # The server cannot be reached, but this folder holds files copied in through the
-            # mount (write-back: queued, readable): they show (not cached as a listing).
-            log.warning("%s; showing only the files copied in through this mount", exc.strerror)
-            return local
+        return self._listing_from_server(p)
 
     def _listing_from_server(self, p: DicomPath) -> dict[str, Entry]:
         """The listing of ``p`` from the server, asked once for every caller that wants it at the
