@@ -215,14 +215,6 @@ class ListingCache:
             for f, names in self._added.items()
         )
 
-    def local_only(self, folder: DicomPath) -> dict[str, Entry] | None:
-        """What the mount itself added in ``folder`` lately (its own uploads), or None if
-        nothing: a listing to show when the server cannot be asked."""
-        now = self._clock()
-        with self._lock:
-            listing = self._overlaid(folder, {}, now)
-        return listing or None
-
     def _overlaid(self, folder: DicomPath, listing: dict[str, Entry], now: float) -> dict[str, Entry]:
         """Caller holds _lock."""
         result = dict(listing)
