@@ -216,6 +216,7 @@ class _Fault:
     delay: float
     drop: bool
     stall: bool
+    skip: int = 0  # matching requests let through untouched before the fault applies
 
     def matches(self, method: str, raw_path: str) -> bool:
         if self.method is not None and self.method.upper() != method.upper():
@@ -750,10 +751,12 @@ class HealthcareStandIn:
         delay: float = 0.0,
         drop: bool = False,
         stall: bool = False,
+        skip: int = 0,
     ) -> None:
         """Fault the next ``times`` requests that match ``method`` (any if None) and whose raw path
-        (with query) contains ``path_contains`` (any if None). Each request takes at most one
-        fault, the oldest matching one; ``/token`` requests can be faulted too.
+        (with query) contains ``path_contains`` (any if None), after letting ``skip`` of them
+        through. Each request takes at most one fault, the oldest matching one; ``/token``
+        requests can be faulted too.
 
         Effects, in this order:
 
@@ -769,7 +772,7 @@ class HealthcareStandIn:
         if status is None and not (delay or drop or stall):
             status = 503
         with self._lock:
-            self._faults.append(_Fault(status, times, method, path_contains, retry_after, delay, drop, stall))
+            self._faults.append(_Fault(status, times, method, path_contains, retry_after, delay, drop, stall, skip))
 
     def faults_left(self) -> int:
         """How many injected faults no request has taken yet: 0 once the last one's request
@@ -855,6 +858,9 @@ class HealthcareStandIn:
         with self._lock:
             for fault in self._faults:
                 if fault.matches(method, raw_path):
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        return None
                     fault.times -= 1
                     if fault.times <= 0:
                         self._faults.remove(fault)

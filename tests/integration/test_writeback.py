@@ -121,23 +121,27 @@ def test_a_batch_that_overwrites_one_instance_and_adds_others(backend: Backend, 
         assert backend.server_bytes(o) == o.path.read_bytes()
 
 
+@pytest.mark.parametrize("resend", ["answered", "answer lost"])
 def test_an_overwrite_sent_with_new_files_while_the_index_lags_replaces_the_instance(
-        healthcare, tmp_path: Path, mount_factory, dicom: DicomFactory):  # type: ignore[no-untyped-def]
+        healthcare, tmp_path: Path, mount_factory, dicom: DicomFactory, resend: str):  # type: ignore[no-untyped-def]
     """Another client stored C a moment ago; Google's index does not show it yet, so the mount
     sends the new bytes of C in one STOW with a new file D. Google stores D and refuses C (202,
     C failed with a processing failure): C was then kept as a failed upload and the server kept
     the old bytes. A file failing so in a mixed answer is sent again alone; its 409 says the
-    instance exists, and it is replaced."""
+    instance exists, and it is replaced. If the answer to that resend is lost, the batch is
+    sent again later: looking C up found the old instance, and the refusal counted as done."""
     from dicomfuse.samples import write_instance
 
     backend = google_backend(healthcare, tmp_path)
     old, new_file = dicom.series(2)
     m = mount_factory(backend, "--uploadMode", "writeback")
     lag = healthcare.index_lag
-    healthcare.index_lag = 600.0
+    healthcare.index_lag = 600.0 if resend == "answered" else 1.5
     try:
         backend.server.store_files([old.path], lagging=True)  # type: ignore[call-arg]  # another client's STOW
         newer = write_instance(tmp_path / "newer.dcm", old.study_uid, old.series_uid, old.sop_uid, pixel_bytes=3000)
+        if resend == "answer lost":  # the index shows C by the time the answer is known lost
+            healthcare.inject(status=503, delay=2.5, method="POST", path_contains="/dicomWeb/studies", skip=1)
         r = run("cp", newer, new_file.path, f"{m.path / backend.store_name}/")
         assert r.returncode == 0, r.stderr
         wait_for(lambda: holds(backend, new_file, new_file.path.read_bytes())
@@ -145,6 +149,36 @@ def test_an_overwrite_sent_with_new_files_while_the_index_lags_replaces_the_inst
         assert status(m)[0] == 0, status(m)[1]
     finally:
         healthcare.index_lag = lag
+
+
+def test_a_file_refused_in_a_mixed_answer_leaves_its_folder(healthcare, tmp_path: Path, mount_factory,  # type: ignore[no-untyped-def]
+                                                            dicom: DicomFactory):
+    """Google refuses a file (here: no SOP Class UID) that went in one STOW with a good one
+    (202). Sent again alone, it gets Google's 409 for any refusal, taken for "held already":
+    the overwrite found nothing to replace and the file was refused again, yet it stayed listed
+    (ls: "No such file"), as if a previous version had been kept. It is a failed upload: gone
+    from its folder, listed by dicomfuse status, its bytes kept."""
+    import pydicom
+
+    from dicomfuse.samples import make_dataset, make_uid
+
+    backend = google_backend(healthcare, tmp_path)
+    good = dicom.instance()
+    ds = make_dataset(good.study_uid, good.series_uid, make_uid(dicom.seed, "no class"), pixel_bytes=5000)
+    del ds.SOPClassUID
+    del ds.file_meta.MediaStorageSOPClassUID
+    ds.preamble = b"\0" * 128
+    refused = tmp_path / "noclass.dcm"
+    pydicom.dcmwrite(refused, ds, write_like_original=True)
+    m = mount_factory(backend, "--uploadMode", "writeback")
+    r = run("cp", good.path, refused, f"{m.path / backend.store_name}/")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: status(m)[0] == 1, 30, what="the refusal in dicomfuse status")
+    assert backend.server_bytes(good) == good.path.read_bytes()
+    series = backend.series_path(m, good)
+    wait_for(lambda: f"{ds.SOPInstanceUID}.dcm" not in os.listdir(series), 10, what="the refused file gone")
+    r = run("ls", "-l", series)
+    assert r.returncode == 0, r.stderr
 
 
 def test_overwrite_of_a_file_this_mount_just_uploaded_while_the_index_lags(healthcare, tmp_path: Path,  # type: ignore[no-untyped-def]

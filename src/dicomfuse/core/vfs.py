@@ -1710,7 +1710,7 @@ class Vfs:
             except FsError as exc:
                 if exc.errno == errno.EIO:
                     raise Unavailable(exc.strerror or str(exc)) from None
-                if not isinstance(exc, _PreviousLost):
+                if not isinstance(exc, (_PreviousLost, _NoPrevious)):
                     with self._lock:
                         self._previous_kept.add(item.id)
                 results.append((item, False, exc.strerror or str(exc)))
@@ -1833,7 +1833,11 @@ class Vfs:
                 if exc.errno != errno.ENOENT:
                     raise
                 # Listed but gone (a lagging search index, or deleted meanwhile): a new file.
-                return self._store_file(store, source, target, ident)
+                try:
+                    return self._store_file(store, source, target, ident)
+                except FsError as refused:  # no previous version stays: none was there
+                    raise _NoPrevious(refused.errno or errno.EIO, refused.strerror or str(refused),
+                                      refused.level) from None
             if _same_content(backup_fd, source_fd):
                 log.info("Upload %s: identical to the stored instance, nothing to do", label)
                 return False
@@ -2118,6 +2122,11 @@ class _Conflict(FsError):
 class _PreviousLost(FsError):
     """An overwrite failed after the previous instance was deleted and could not be stored
     back (its bytes are kept locally): the server holds neither version."""
+
+
+class _NoPrevious(FsError):
+    """An overwrite found no previous instance on the server after all (the search listed it,
+    or a 409 said so), and the file was refused as a new one: nothing stays under its name."""
 
 
 STORE_EMPTY_WAIT = 15.0

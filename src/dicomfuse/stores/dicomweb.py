@@ -1376,9 +1376,11 @@ class DicomwebStore:
         if len(batch) > 1 and status < 400:
             # Some stored, some not (PS3.18: 202, or 200 from some servers): a file the server holds
             # already fails with a processing failure or a duplicate in such an answer, where a
-            # request of its own gets a 409 that says it. Such files are sent again alone.
+            # request of its own gets a 409 that says it. Such files are sent again alone. If that
+            # answer is lost, the error stands (the caller sends the batch again): looking the file
+            # up would find the instance it was refused for, and take the refusal for a success.
             return [(item, outcome) if outcome.stored or result.codes.get(item.sop_uid) not in CONFLICT_REASONS
-                    else self._stow([item], again=again)[0] for item, outcome in outcomes]
+                    else self._stow([item], again=False)[0] for item, outcome in outcomes]
         return outcomes
 
     def _stow_unknown(self, batch: list[_StowFile], cause: Unavailable) -> list[tuple[_StowFile, StowOutcome]]:
