@@ -509,6 +509,27 @@ def test_a_file_with_an_instances_sop_uid_but_another_series_written_over_it_rep
     assert not backend.has(b) and not backend.has(a)
 
 
+def test_two_instances_of_one_sop_uid_in_two_series_each_read_their_own_bytes(
+        backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path):
+    """An edited copy (other study and series, same SOP Instance UID) stored beside the
+    original: each path reads its own file. Orthanc's IDs were remembered by SOP UID alone,
+    and the series listed last decided which file both paths read."""
+    if backend.name == "local":
+        pytest.skip("the local store keeps one copy per SOP Instance UID whatever its series")
+    a = dicom.instance(study=0, series=0, pixel_bytes=2000)
+    edited = tmp_path / "edited.dcm"
+    study, series = make_uid(dicom.seed, "study", 8), make_uid(dicom.seed, "series", 8, 8)
+    write_instance(edited, study, series, a.sop_uid, pixel_bytes=3000)
+    b = type(a)(edited, study, series, a.sop_uid)
+    backend.seed([a, b])
+    m = mount_factory(backend)
+    for inst in (a, b, a):  # listed in turn, then read
+        assert f"{inst.sop_uid}.dcm" in os.listdir(backend.series_path(m, inst))
+    assert backend.instance_path(m, a).read_bytes() == a.path.read_bytes()
+    assert backend.instance_path(m, b).read_bytes() == b.path.read_bytes()
+    assert os.stat(backend.instance_path(m, a)).st_size == a.path.stat().st_size
+
+
 def test_times_kept_by_cp_p_rsync_and_touch_make_a_second_rsync_send_nothing(
         backend: Backend, mount_factory, dicom: DicomFactory, tmp_path: Path):
     """Every file showed the mount's start time and touch changed nothing: rsync -a sent every

@@ -682,7 +682,9 @@ class DicomwebStore:
         self._syntax_searches: dict[tuple[str, str], threading.Event] = {}  # series being searched
         self._syntaxes_unlisted = False  # the server's searches give no AvailableTransferSyntaxUID
         self._ids_lock = threading.Lock()
-        self._orthanc_ids: OrderedDict[str, str] = OrderedDict()  # SOP UID -> Orthanc ID (bounded)
+        # (study, series, SOP) UIDs -> Orthanc ID (bounded): all three, as one SOP Instance UID may be
+        # stored in two series (an edited copy), and each path must read its own file.
+        self._orthanc_ids: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         self._study_ids: tuple[float, dict[str, str]] = (float("-inf"), {})  # (listed at, Orthanc ID -> UID)
 
     def __repr__(self) -> str:
@@ -775,7 +777,7 @@ class DicomwebStore:
             and isinstance(uid := r.get("MainDicomTags", {}).get("StudyInstanceUID"), str)
         }
 
-    def _remember_ids(self, ids: dict[str, str]) -> None:
+    def _remember_ids(self, ids: dict[tuple[str, str, str], str]) -> None:
         with self._ids_lock:
             self._orthanc_ids.update(ids)
             while len(self._orthanc_ids) > ORTHANC_ID_CACHE:
@@ -826,14 +828,14 @@ class DicomwebStore:
             # reads every file of the series for each page (and a page more to see the end).
             listed = self._sized(orthanc, lambda o: o.series_instances(study_uid, series_uid),
                                  "Orthanc series listing")
-            self._remember_ids({sop: instance_id for sop, _, instance_id in listed})
+            self._remember_ids({(study_uid, series_uid, sop): instance_id for sop, _, instance_id in listed})
             for sop, size, _ in listed:
                 yield InstanceInfo(study_uid, series_uid, sop, size)
             return
         if orthanc is not None and sop_uid:
             found = self._sized(orthanc, lambda o: o.find_instance(study_uid, series_uid, sop_uid), "Orthanc find")
             if found is not None:
-                self._remember_ids({sop_uid: str(found["ID"])})
+                self._remember_ids({(study_uid, series_uid, sop_uid): str(found["ID"])})
                 size = found.get("FileSize")
                 yield InstanceInfo(study_uid, series_uid, sop_uid, size if isinstance(size, int) else None)
             return
@@ -916,7 +918,7 @@ class DicomwebStore:
                 if key in out and chosen(out[key][1], instance_id) != instance_id:
                     continue  # a copy under another patient: see OrthancRest.series_instances
                 out[key] = (InstanceInfo(*key, size if isinstance(size, int) else None), instance_id)
-        self._remember_ids({key[2]: instance_id for key, (_, instance_id) in out.items()})
+        self._remember_ids({key: instance_id for key, (_, instance_id) in out.items()})
         return [info for info, _ in out.values()]
 
     def _search(
@@ -1290,22 +1292,23 @@ class DicomwebStore:
         """The stored file from Orthanc's REST API, which streams from its first byte (its
         WADO-RS builds the whole answer before sending any). None: use WADO-RS instead (only
         when nothing was written yet)."""
+        key = (study_uid, series_uid, sop_uid)
         with self._ids_lock:
-            instance_id = self._orthanc_ids.get(sop_uid)
+            instance_id = self._orthanc_ids.get(key)
         try:
             if instance_id is None:
                 found = orthanc.find_instance(study_uid, series_uid, sop_uid)
                 if found is None:
                     raise NotFound(f"instance {sop_uid} is not in series {series_uid}")
                 instance_id = str(found["ID"])
-                self._remember_ids({sop_uid: instance_id})
+                self._remember_ids({key: instance_id})
             url = f"{orthanc.url}/instances/{quote(instance_id, safe='')}/file"
             response = self.client.request(
                 "GET", url, headers={"Accept": "application/dicom", "Accept-Encoding": "identity"}, stream=True
             )
         except NotFound:
             with self._ids_lock:
-                self._orthanc_ids.pop(sop_uid, None)
+                self._orthanc_ids.pop(key, None)
             raise
         except (StoreError, ValueError, KeyError) as exc:
             self._orthanc_failed(exc, "Orthanc file download", "using WADO-RS")
@@ -1406,7 +1409,7 @@ class DicomwebStore:
         if orthanc is not None:
             orthanc.delete_instance(study_uid, series_uid, sop_uid)
             with self._ids_lock:
-                self._orthanc_ids.pop(sop_uid, None)
+                self._orthanc_ids.pop((study_uid, series_uid, sop_uid), None)
             return
         url = f"{self._series_url(study_uid, series_uid)}/instances/{_segment(sop_uid)}"
         try:
