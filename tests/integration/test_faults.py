@@ -245,6 +245,26 @@ def test_orthancs_index_failing_never_lists_files_as_empty(orthanc: object, prox
     assert listed == {f"{i.sop_uid}.dcm": i.path.stat().st_size for i in insts[6:]}
 
 
+def test_an_orthanc_that_refuses_its_index_is_read_through_dicomweb(orthanc: object, proxy: FaultProxy,
+                                                                     mount_factory, dicom: DicomFactory,
+                                                                     tmp_path: Path):
+    """An authorization plugin or a proxy lets /system and DICOMweb through but refuses
+    /tools/find: every series failed to list (Permission denied). Such an Orthanc is read
+    through DICOMweb only, as a server that lists no sizes."""
+    insts = dicom.series(3, pixel_bytes=20_000)
+    direct = _orthanc_backend(orthanc)
+    direct.seed(insts)
+    backend = dataclasses.replace(direct, address=proxy.url + "/dicom-web")
+    proxy.fail("POST", "/tools/find", times=None, status=403)
+    m = mount_factory(backend)
+    series = backend.series_path(m, insts[0])
+    r = run("cp", "-r", series, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    for inst in insts:
+        assert (tmp_path / "out" / f"{inst.sop_uid}.dcm").read_bytes() == inst.path.read_bytes()
+    assert "refuses POST" in m.log_text() and "DICOMweb only" in m.log_text()
+
+
 # ---------------------------------------------------------------------------------------------
 # Uploads
 

@@ -220,7 +220,36 @@ class OrthancRest:
                 system = _json(response)
             except ValueError:
                 return False
-        return isinstance(system, dict) and "DicomAet" in system and "Version" in system
+        if not (isinstance(system, dict) and "DicomAet" in system and "Version" in system):
+            return False
+        return OrthancRest._index_readable(client, base_url.rstrip("/"))
+
+    @staticmethod
+    def _index_readable(client: HttpClient, url: str) -> bool | None:
+        """Whether the index calls the mount relies on are allowed: an authorization plugin or
+        a proxy may let ``/system`` and DICOMweb through and refuse ``/tools/find``. Without
+        them the mount reads DICOMweb only (and knows it lists no sizes), rather than failing
+        every listing."""
+        probes = (
+            ("POST", f"{url}/tools/find", json.dumps({"Level": "Instance", "Query": {"SOPInstanceUID": "0"},
+                                                       "Limit": 1}).encode()),
+            ("GET", f"{url}/instances?since=0&limit=1", None),
+        )
+        for method, probe, body in probes:
+            try:
+                response = client.request(method, probe, data=body, attempts=1, passthrough=range(300, 600),
+                                          headers={"Content-Type": "application/json"} if body else None)
+            except Unavailable as exc:
+                logger.debug("Orthanc detection at %s failed: %s", safe_path(probe), exc)
+                return None
+            with response:
+                if response.status_code in (408, 429) or response.status_code >= 500:
+                    return None
+                if response.status_code != 200:
+                    logger.info("Orthanc's REST API refuses %s %s (HTTP %d): reading through DICOMweb only, "
+                                "which lists no file sizes", method, safe_path(probe), response.status_code)
+                    return False
+        return True
 
     def _find(self, body: dict[str, Any]) -> list[Any]:
         """One ``/tools/find`` request: Orthanc's index, no file read (unlike a QIDO search,
