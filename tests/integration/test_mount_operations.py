@@ -522,12 +522,16 @@ def test_two_instances_of_one_sop_uid_in_two_series_each_read_their_own_bytes(
     write_instance(edited, study, series, a.sop_uid, pixel_bytes=3000)
     b = type(a)(edited, study, series, a.sop_uid)
     backend.seed([a, b])
-    m = mount_factory(backend)
-    for inst in (a, b, a):  # listed in turn, then read
-        assert f"{inst.sop_uid}.dcm" in os.listdir(backend.series_path(m, inst))
-    assert backend.instance_path(m, a).read_bytes() == a.path.read_bytes()
-    assert backend.instance_path(m, b).read_bytes() == b.path.read_bytes()
-    assert os.stat(backend.instance_path(m, a)).st_size == a.path.stat().st_size
+    try:
+        m = mount_factory(backend)
+        for inst in (a, b, a):  # listed in turn, then read
+            assert f"{inst.sop_uid}.dcm" in os.listdir(backend.series_path(m, inst))
+        assert backend.instance_path(m, a).read_bytes() == a.path.read_bytes()
+        assert backend.instance_path(m, b).read_bytes() == b.path.read_bytes()
+        assert os.stat(backend.instance_path(m, a)).st_size == a.path.stat().st_size
+    finally:  # a server shared by other tests, which count on unique SOP Instance UIDs
+        for inst in (a, b):
+            backend.server.delete_instance(inst.study_uid, inst.series_uid, inst.sop_uid)
 
 
 def test_times_kept_by_cp_p_rsync_and_touch_make_a_second_rsync_send_nothing(

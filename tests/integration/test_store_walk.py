@@ -409,6 +409,7 @@ def test_orthanc_with_its_rest_api_walks_and_lists_from_its_index(orthanc: Ortha
     try:
         samples = seed_files(dicom)
         assert all(o.stored for o in dataset.store.store_files([s.path for s in samples]))
+        assert dataset.store.orthanc() is not None  # detected (and its index probed) before the count
         posts.clear()
         infos = [i for i in dataset.store.walk() if i.sop_uid in {s.sop_uid for s in samples}]
         assert triples(infos) == triples(samples)
