@@ -115,3 +115,31 @@ def test_folders_added_for_uploads_go_with_the_last_of_them():
     assert added(store) == {} and added(study) == {}
     assert added(root) == {"s": Entry(True)}
     assert cache.put(store, [("1.2", Entry(True))]) == {"1.2": Entry(True)}  # the server still has it: shown
+
+
+def test_what_no_longer_counts_is_forgotten_in_a_long_run():
+    """A mount runs for days. Expired listings of folders never listed again, and the overlay's
+    entries for files copied in and removed (with their study and series folders), were kept
+    for ever: 15,000 cp+rm cycles took RSS from 52 to 95 MiB, and every rm scanned them all."""
+    clock = Clock()
+    cache = ListingCache(ttl=2, overlay_ttl=30, clock=clock)
+    store = DicomPath(("s",))
+    for n in range(1000):
+        study = store.child(f"1.{n}")
+        series = study.child(f"1.{n}.1")
+        cache.put(series, [("x.dcm", Entry(False, 1))])
+        cache.note_added(store, study.name, Entry(True))
+        cache.note_added(study, series.name, Entry(True))
+        cache.note_added(series, "a.dcm", Entry(False, 10))
+        cache.note_removed(series, "a.dcm")
+        clock.now += 0.1
+    clock.now += 31
+    cache.put(store, [])
+    assert len(cache._listings) == 1 and not cache._added and not cache._removed
+    # What still counts stays: a file whose write-back upload is still queued.
+    added = store.child("1.5").child("1.5.1")
+    cache = ListingCache(ttl=2, overlay_ttl=30, clock=clock, keep=lambda folder, name: name == "b.dcm")
+    cache.note_added(added, "b.dcm", Entry(False, 10))
+    clock.now += 31
+    cache.put(store, [])
+    assert cache.lookup(added, "b.dcm") == Entry(False, 10)

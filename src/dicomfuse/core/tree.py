@@ -58,6 +58,7 @@ class ListingCache:
         self._positive: OrderedDict[DicomPath, tuple[float, Entry]] = OrderedDict()
         self._added: dict[DicomPath, dict[str, tuple[float, Entry]]] = {}
         self._removed: dict[DicomPath, dict[str, float]] = {}
+        self._swept = clock()
 
     # -- listings -------------------------------------------------------------------------
 
@@ -75,6 +76,7 @@ class ListingCache:
         now = self._clock()
         listing = dict(children)
         with self._lock:
+            self._sweep(now)
             self._listings[folder] = (now, listing)
             return self._overlaid(folder, listing, now)
 
@@ -170,6 +172,7 @@ class ListingCache:
         """The mount itself created ``name`` in ``folder``: show it at once."""
         now = self._clock()
         with self._lock:
+            self._sweep(now)
             self._removed.get(folder, {}).pop(name, None)
             self._added.setdefault(folder, {})[name] = (now, entry)
             self._negative.pop(folder.child(name), None)
@@ -181,6 +184,7 @@ class ListingCache:
         """The mount itself deleted ``name``: hide it at once, even from a lagging server."""
         now = self._clock()
         with self._lock:
+            self._sweep(now)
             self._added.get(folder, {}).pop(name, None)
             self._removed.setdefault(folder, {})[name] = now
             cached = self._listings.get(folder)
@@ -233,6 +237,28 @@ class ListingCache:
                 else:
                     result.pop(name, None)
         return result
+
+    def _sweep(self, now: float) -> None:
+        """Caller holds _lock. At most once per overlay lifetime, forget what no longer counts:
+        expired listings (a folder gone from the server is never listed again, and its listing
+        stayed) and overlay entries past their time, with the folders left empty. Else a mount
+        that runs for days grows with every folder it ever listed and every file it ever copied
+        in and removed (and each rm scans them all)."""
+        if now - self._swept < max(self.overlay_ttl, 1.0):
+            return
+        self._swept = now
+        for folder in [f for f, (at, _) in self._listings.items() if now - at >= self.ttl]:
+            del self._listings[folder]
+        for folder, names in list(self._added.items()):
+            for name in [n for n, (at, _) in names.items() if not self._shown(folder, n, at, now)]:
+                del names[name]
+            if not names:
+                del self._added[folder]
+        for folder, removed in list(self._removed.items()):
+            for name in [n for n, at in removed.items() if now - at >= self.overlay_ttl]:
+                del removed[name]
+            if not removed:
+                del self._removed[folder]
 
     def _shown(self, folder: DicomPath, name: str, added_at: float, now: float) -> bool:
         """Whether an entry the mount added at ``added_at`` still overlays the server's view."""
