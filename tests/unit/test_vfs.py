@@ -1926,3 +1926,23 @@ def test_a_failed_upload_is_kept_with_the_dataset_it_was_for(dataset, tmp_path):
     kept = [p for p in files_in(tmp_path / "work" / "spool" / "failed") if not is_sidecar(p)]
     assert [read_sidecar(p).dataset for p in kept] == [str(tmp_path / "ds")]  # type: ignore[union-attr]
     vfs.shutdown()
+
+
+def test_names_copied_in_and_times_given_are_remembered_for_the_newest_files_only(dataset, tmp_path,
+                                                                                  dicom: DicomFactory):
+    """Each file copied in under another name, or given a time, was remembered for as long as
+    the mount ran, though never removed through it: a mount running for days grew by about
+    6 KB per upload. The newest are kept; an older name is forgotten."""
+    from dicomfuse.core import vfs as vfs_module
+
+    vfs = make_vfs(dataset, tmp_path)
+    vfs._aliases.max_size = vfs._times.max_size = 3
+    insts = dicom.series(5)
+    for n, inst in enumerate(insts):
+        upload(vfs, f"/store/IM{n}.dcm", inst.path.read_bytes())
+    assert len(vfs._aliases) == 3 and len(vfs._times) == 3
+    assert errno_of(vfs.getattr, "/store/IM0.dcm") == errno.ENOENT  # forgotten: the oldest
+    assert read(vfs, "/store/IM4.dcm") == insts[4].path.read_bytes()
+    assert vfs._aliases.names_of("store", insts[0].sop_uid) == []
+    assert vfs_module._RECENT_NAMES >= 10_000
+    vfs.shutdown()

@@ -52,6 +52,8 @@ from dicomfuse.stores.base import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 ROOT = DicomPath(())
 LISTING_FAILURE_REUSE_S = 2.0  # a folder's failed listing answers the callers right behind it
 _PAGES_PENDING = 0  # the copy whose pages the OS may hold is the one the next first read pins
@@ -126,19 +128,43 @@ class Alias:
     created: bool = True
 
 
+_RECENT_NAMES = 20_000
+"""Names copied in, and times given to files, that a mount remembers (the newest): a mount runs
+for days, and each costs about 0.3-0.9 KB. An older one forgotten reads as the instance's own
+name and the mount's start time do: a second rsync -a then sends that file again."""
+
+
+class _Recent(dict[K, V]):
+    """A dict that keeps its ``max_size`` most recently set keys."""
+
+    def __init__(self, max_size: int = _RECENT_NAMES) -> None:
+        super().__init__()
+        self.max_size = max_size
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().pop(key, None)  # to the end: the newest
+        super().__setitem__(key, value)
+        while len(self) > self.max_size:
+            del self[next(iter(self))]
+
+
 class _AliasTable(dict[DicomPath, Alias]):
     """Names written -> the instance each stands for, and the names of each instance: rm of an
     instance finds its names without going through every name (an rsync of thousands of files
-    named otherwise leaves thousands). Use the dict operations below only."""
+    named otherwise leaves thousands). The ``max_size`` newest are kept. Use the dict operations
+    below only."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_size: int = _RECENT_NAMES) -> None:
         super().__init__()
+        self.max_size = max_size
         self._names: dict[tuple[str, str], set[DicomPath]] = {}
 
     def __setitem__(self, name: DicomPath, alias: Alias) -> None:
         self.pop(name, None)
         super().__setitem__(name, alias)
         self._names.setdefault((name.store, alias.ident.sop_uid), set()).add(name)
+        while len(self) > self.max_size:
+            self.pop(next(iter(self)))
 
     def __delitem__(self, name: DicomPath) -> None:
         self.pop(name)
@@ -248,7 +274,7 @@ class Vfs:
         # Modification times (seconds) of files written or given a time (cp -p, rsync -a, touch)
         # through this mount, by path: kept in memory while mounted, like extended attributes.
         # The rest show the mount's start.
-        self._times: dict[DicomPath, float] = {}
+        self._times: _Recent[DicomPath, float] = _Recent()
         self._walking: dict[str, _Walk] = {}  # store -> its walk in progress
         self._listing_flights: dict[DicomPath, _Flight] = {}  # folder -> its listing being asked for
         # instance -> serial of the cached copy its pages in the OS came from (see _page_cache_use)
