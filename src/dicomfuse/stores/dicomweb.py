@@ -203,39 +203,19 @@ class OrthancRest:
 
     @staticmethod
     def detect(client: HttpClient, base_url: str) -> bool | None:
-        """True if ``base_url`` is Orthanc's REST root, False if it answered as something else,
-        None if it could not be asked (try again later)."""
-        url = base_url.rstrip("/") + "/system"
-        try:
-            response = client.request("GET", url, attempts=1, passthrough=range(300, 600))
-        except Unavailable as exc:
-            logger.debug("Orthanc detection at %s failed: %s", safe_path(url), exc)
-            return None
-        with response:
-            if response.status_code in (408, 429) or response.status_code >= 500:
-                return None
-            if response.status_code != 200:
-                return False
-            try:
-                system = _json(response)
-            except ValueError:
-                return False
-        if not (isinstance(system, dict) and "DicomAet" in system and "Version" in system):
-            return False
-        return OrthancRest._index_readable(client, base_url.rstrip("/"))
-
-    @staticmethod
-    def _index_readable(client: HttpClient, url: str) -> bool | None:
-        """Whether the index calls the mount relies on are allowed: an authorization plugin or
-        a proxy may let ``/system`` and DICOMweb through and refuse ``/tools/find``. Without
-        them the mount reads DICOMweb only (and knows it lists no sizes), rather than failing
-        every listing."""
-        probes = (
+        """True if ``base_url`` is Orthanc's REST root and lets the mount read its index, False
+        if it answered as something else or refused, None if it could not be asked (try again
+        later). An authorization plugin or a proxy may let ``/system`` and DICOMweb through and
+        refuse ``/tools/find``: without the index the mount reads DICOMweb only (and knows it
+        lists no sizes), rather than failing every listing."""
+        url = base_url.rstrip("/")
+        system: Any = None
+        for method, probe, body in (
+            ("GET", f"{url}/system", None),
             ("POST", f"{url}/tools/find", json.dumps({"Level": "Instance", "Query": {"SOPInstanceUID": "0"},
                                                        "Limit": 1}).encode()),
             ("GET", f"{url}/instances?since=0&limit=1", None),
-        )
-        for method, probe, body in probes:
+        ):
             try:
                 response = client.request(method, probe, data=body, attempts=1, passthrough=range(300, 600),
                                           headers={"Content-Type": "application/json"} if body else None)
@@ -245,10 +225,18 @@ class OrthancRest:
             with response:
                 if response.status_code in (408, 429) or response.status_code >= 500:
                     return None
-                if response.status_code != 200:
+                if response.status_code != 200 and system is not None:
                     logger.info("Orthanc's REST API refuses %s %s (HTTP %d): reading through DICOMweb only, "
                                 "which lists no file sizes", method, safe_path(probe), response.status_code)
+                if response.status_code != 200:
                     return False
+                if system is None:
+                    try:
+                        system = _json(response)
+                    except ValueError:
+                        return False
+                    if not (isinstance(system, dict) and "DicomAet" in system and "Version" in system):
+                        return False
         return True
 
     def _find(self, body: dict[str, Any]) -> list[Any]:
