@@ -6,6 +6,8 @@ import errno
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -299,14 +301,24 @@ def test_prefetch_runs_on_the_bounded_pool_single_flight(tmp_path: Path):
         cache.stop()
 
 
-def test_a_file_someone_waits_for_goes_before_read_ahead_and_promotes_it(tmp_path: Path):
+@contextmanager
+def read_ahead_queued(tmp_path: Path, count: int) -> Iterator[tuple[InstanceCache, Gate]]:
+    """A one-worker cache with read-ahead of files 0..count-1: 0 runs (held at the gate), the
+    others are queued."""
     cache = InstanceCache(tmp_path, capacity=100_000, ttl=100, workers=1)
     cache.start()
     gate = Gate()
     try:
-        for n in range(5):
+        for n in range(count):
             cache.prefetch(key(n), gate.fetch(n), 1000)
-        wait_for(lambda: gate.running == 1)  # 0 runs; 1..4 queued
+        wait_for(lambda: gate.running == 1)
+        yield cache, gate
+    finally:
+        cache.stop()
+
+
+def test_a_file_someone_waits_for_goes_before_read_ahead_and_promotes_it(tmp_path: Path):
+    with read_ahead_queued(tmp_path, 5) as (cache, gate):  # 0 runs; 1..4 queued
         demand = cache.open(key(10), gate.fetch(10))
         promoted = cache.open(key(4), gate.fetch(4))
         gate.release.set()
@@ -315,18 +327,10 @@ def test_a_file_someone_waits_for_goes_before_read_ahead_and_promotes_it(tmp_pat
         assert cache.prefetch_stats["promoted"] == 1
         for entry in (demand, promoted):
             cache.release(entry)
-    finally:
-        cache.stop()
 
 
 def test_cancel_drops_only_read_ahead_that_has_not_started(tmp_path: Path):
-    cache = InstanceCache(tmp_path, capacity=100_000, ttl=100, workers=1)
-    cache.start()
-    gate = Gate()
-    try:
-        for n in range(3):
-            cache.prefetch(key(n), gate.fetch(n), 1000)
-        wait_for(lambda: gate.running == 1)
+    with read_ahead_queued(tmp_path, 3) as (cache, gate):
         assert not cache.cancel(key(0)), "already running: it finishes"
         assert cache.cancel(key(1)) and cache.cancel(key(2))
         assert not cache.cancel(key(2))
@@ -335,21 +339,13 @@ def test_cancel_drops_only_read_ahead_that_has_not_started(tmp_path: Path):
         assert gate.order == [0]
         assert cache.known_size(key(1)) is None and cache.used_bytes == 1000
         assert len(list(tmp_path.glob("*.dcm"))) == 1, "cancelled read-ahead leaves no file"
-    finally:
-        cache.stop()
 
 
 def test_a_queued_read_ahead_pinned_by_an_open_is_never_cancelled(tmp_path: Path):
     """A file opened while its read-ahead is still queued (the copy is pinned at open, read
     later): cancelling the read-ahead then (the reader jumped elsewhere) retired the entry its
     reader waits on, and the read hung forever, in the kernel too (unkillable, no unmount)."""
-    cache = InstanceCache(tmp_path, capacity=100_000, ttl=100, workers=1)
-    cache.start()
-    gate = Gate()
-    try:
-        for n in range(3):
-            cache.prefetch(key(n), gate.fetch(n), 1000)
-        wait_for(lambda: gate.running == 1)  # 0 runs; 1 and 2 queued
+    with read_ahead_queued(tmp_path, 3) as (cache, gate):  # 0 runs; 1 and 2 queued
         opened = cache.pin_fresh(key(2))
         assert opened is not None
         assert not cache.cancel(key(2)), "someone holds it: it is a download someone waits for"
@@ -359,8 +355,6 @@ def test_a_queued_read_ahead_pinned_by_an_open_is_never_cancelled(tmp_path: Path
         assert read_all(cache, opened) == blob(2)
         cache.release(opened)
         assert gate.order == [0, 2]
-    finally:
-        cache.stop()
 
 
 def test_read_ahead_never_exceeds_the_bound_nor_evicts_files_in_use(tmp_path: Path):
