@@ -148,23 +148,20 @@ class _Recent(dict[K, V]):
             del self[next(iter(self))]
 
 
-class _AliasTable(dict[DicomPath, Alias]):
+class _AliasTable(_Recent[DicomPath, Alias]):
     """Names written -> the instance each stands for, and the names of each instance: rm of an
     instance finds its names without going through every name (an rsync of thousands of files
     named otherwise leaves thousands). The ``max_size`` newest are kept. Use the dict operations
     below only."""
 
     def __init__(self, max_size: int = _RECENT_NAMES) -> None:
-        super().__init__()
-        self.max_size = max_size
+        super().__init__(max_size)
         self._names: dict[tuple[str, str], set[DicomPath]] = {}
 
     def __setitem__(self, name: DicomPath, alias: Alias) -> None:
         self.pop(name, None)
-        super().__setitem__(name, alias)
         self._names.setdefault((name.store, alias.ident.sop_uid), set()).add(name)
-        while len(self) > self.max_size:
-            self.pop(next(iter(self)))
+        super().__setitem__(name, alias)  # the oldest names go through __delitem__
 
     def __delitem__(self, name: DicomPath) -> None:
         self.pop(name)
