@@ -28,11 +28,13 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 STALL_BOUND = 30.0
@@ -117,6 +119,16 @@ def _without_closing_boundary(body: bytes, content_type: str) -> bytes:
     return body[:index] if index >= 0 else body[: len(body) // 2]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up before the end of an answer (a reader that wanted 4 KiB of a large
+    file, a mount being stopped) is normal traffic, not a traceback on stderr."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
+
 class FaultProxy:
     def __init__(self, upstream: str) -> None:
         parts = urlsplit(upstream)
@@ -187,7 +199,7 @@ class FaultProxy:
         return f"http://127.0.0.1:{self._port}"
 
     def start(self) -> FaultProxy:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self._port), self._handler_class())
+        self._httpd = _QuietServer(("127.0.0.1", self._port), self._handler_class())
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
         self._port = self._httpd.server_address[1]
