@@ -76,7 +76,10 @@ class OrthancServer:
         aet: str = "DICOMFUSE",
         start_timeout: float = START_TIMEOUT_S,
         extra_config: dict[str, object] | None = None,
+        login: tuple[str, str] | None = None,
     ) -> None:
+        """``login``: (user, password) that Orthanc then asks of every HTTP client (its
+        ``AuthenticationEnabled``); this object's own requests send it."""
         self.binary = find_orthanc_binary()
         self.plugin = find_dicomweb_plugin()
         self.aet = aet
@@ -86,7 +89,10 @@ class OrthancServer:
         self.dicom_port = 0
         self._workdir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self.login = login
         self._session = requests.Session()
+        self._session.auth = login
+        self._session.trust_env = False  # a ~/.netrc of the test run is not this server's login
 
     # -- addresses ------------------------------------------------------------------------------
 
@@ -153,6 +159,9 @@ class OrthancServer:
                 "SeriesMetadata": "Full",
             },
         }
+        if self.login is not None:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = {self.login[0]: self.login[1]}
         config.update(self.extra_config)
         return config
 

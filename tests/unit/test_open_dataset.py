@@ -154,8 +154,9 @@ def test_healthcare_host_with_a_non_dataset_path() -> None:
 
 
 class FakeDicomwebDataset:
-    def __init__(self, url: str, **kwargs: object) -> None:
+    def __init__(self, url: str, session: object = None, **kwargs: object) -> None:
         self.url = url
+        self.session = session
         self.kwargs = kwargs
 
 
@@ -171,14 +172,64 @@ def fake_dicomweb(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_other_http_urls_are_dicomweb(url: str) -> None:
     dataset = open_dataset(url)
     assert isinstance(dataset, FakeDicomwebDataset)
-    assert (dataset.url, dataset.kwargs) == (url, {"orthanc_rest_url": "auto", "pool_size": 16, "ca_bundle": None})
+    assert (dataset.url, dataset.kwargs) == (url, {"orthanc_rest_url": "auto"})
+    session = dataset.session
+    assert session.auth is None and session.verify is True  # type: ignore[attr-defined]
+    assert session.get_adapter(url)._pool_maxsize == 16  # type: ignore[attr-defined]
 
 
 @pytest.mark.usefixtures("fake_dicomweb")
 def test_dicomweb_timeout_is_passed_on() -> None:
     dataset = open_dataset("http://127.0.0.1:8042/dicom-web", timeout=(3.0, 30.0))
     assert isinstance(dataset, FakeDicomwebDataset)
-    assert dataset.kwargs == {"orthanc_rest_url": "auto", "timeout": (3.0, 30.0), "pool_size": 16, "ca_bundle": None}
+    assert dataset.kwargs == {"orthanc_rest_url": "auto", "timeout": (3.0, 30.0)}
+
+
+@pytest.mark.usefixtures("fake_dicomweb")
+def test_dicomweb_pool_and_ca_bundle_go_to_its_session(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    dataset = open_dataset("https://pacs.example.org/dicom-web", pool_size=24, ca_bundle=bundle)
+    assert isinstance(dataset, FakeDicomwebDataset)
+    assert dataset.session.verify == str(bundle)  # type: ignore[attr-defined]
+    assert dataset.session.get_adapter("https://pacs.example.org")._pool_maxsize == 24  # type: ignore[attr-defined]
+
+
+@pytest.mark.usefixtures("fake_dicomweb")
+def test_a_login_in_a_dicomweb_address_goes_to_its_session_not_its_urls() -> None:
+    from requests.auth import HTTPBasicAuth
+
+    dataset = open_dataset("http://ana%40lab:p%3Ass%2Fw%20rd@pacs.example.org:8042/dicom-web")
+    assert isinstance(dataset, FakeDicomwebDataset)
+    assert dataset.url == "http://pacs.example.org:8042/dicom-web"
+    assert dataset.session.auth == HTTPBasicAuth("ana@lab", "p:ss/w rd")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("address", "shown"), [
+    ("http://u:secret@h:8042/dicom-web", "http://h:8042/dicom-web"),
+    ("https://u:secret@h/rs?x=1", "https://h/rs?x=1"),
+    ("u:secret@h:8042/dicom-web", "h:8042/dicom-web"),
+    ("http://h:8042/dicom-web", "http://h:8042/dicom-web"),
+    ("/data/user@site/dicoms", "/data/user@site/dicoms"),
+    ("scans@2024/x", "scans@2024/x"),  # a folder name with an @ and no password
+])
+def test_without_login(address: str, shown: str) -> None:
+    from dicomfuse.stores.open import has_login, without_login
+
+    assert without_login(address) == shown
+    assert has_login(address) == (address.startswith("http") and "secret" in address)
+
+
+@pytest.mark.parametrize("address", ["u:secret@localhost:8042/dicom-web", "u:secret@pacs.example.org/dicom-web"])
+def test_an_address_with_a_login_and_no_scheme_is_refused_without_repeating_the_password(address: str) -> None:
+    with pytest.raises(ValueError) as info:
+        open_dataset(address)
+    assert "secret" not in str(info.value) and "http://" in str(info.value)
+
+
+def test_a_healthcare_address_with_a_login_is_refused_without_repeating_it() -> None:
+    with pytest.raises(ValueError, match="--keyFile") as info:
+        open_dataset(f"https://u:secret@{HC[8:]}/v1/projects/p/locations/l/datasets/d")
+    assert "secret" not in str(info.value)
 
 
 def test_real_dicomweb_dataset_opens_without_a_request() -> None:

@@ -123,6 +123,25 @@ def _root_hint(address: str) -> str:
     return ""
 
 
+def _login_hint(address: str, dataset: object, exc: Exception) -> str:
+    """For a DICOMweb server that answered 401: how to give it a login, or that the one given
+    was refused. (A Cloud Healthcare dataset's refusals name the role or the credentials.)"""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from dicomfuse.stores.dicomweb import DicomwebDataset
+    from dicomfuse.stores.open import has_login
+
+    if not isinstance(dataset, DicomwebDataset) or getattr(exc, "status", None) != 401:
+        return ""
+    if has_login(address):
+        return " (the server refused the user name and password given in the address)"
+    parts = urlsplit(address.strip())
+    host = parts.hostname or dataset.name
+    with_login = urlunsplit(parts._replace(netloc=f"USER:PASSWORD@{parts.netloc}"))
+    return (f" (the server asks for a login: put it in ~/.netrc as 'machine {host} login USER password PASSWORD', "
+            f"or in the address: {with_login}; if ~/.netrc has one for {host}, the server refused it)")
+
+
 def _refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """An option mistyped is named first, with the option meant: argparse would say that a
     required one is missing (--datsetAddr: "the following arguments are required:
@@ -202,7 +221,7 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     from dicomfuse.core.writeback import QueueBusy, dataset_label
     from dicomfuse.stores.auth import CredentialsError
     from dicomfuse.stores.base import Forbidden, NotFound, StoreError, Unavailable, lists_sizes
-    from dicomfuse.stores.open import open_dataset
+    from dicomfuse.stores.open import open_dataset, without_login
 
     mount_point = check_mount_path(settings.mountPath)
     try:
@@ -216,23 +235,25 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         return EXIT_FAILURE
     if settings.keyFile is not None and not _is_healthcare(dataset):
         log.warning("--keyFile is not used: %s is not a Cloud Healthcare API dataset address (.../v1/projects/P/"
-                    "locations/L/datasets/D); a DICOMweb server or folder is reached without it", settings.datasetAddr)
+                    "locations/L/datasets/D); a DICOMweb server or folder is reached without it",
+                    without_login(settings.datasetAddr))
     try:
         stores = list(dataset.list_stores())
         if stores:  # one small query proves the server answers before anything is mounted
             next(iter(dataset.open_store(stores[0]).studies(PROBE_UID)), None)
     except Forbidden as exc:  # a 403 names the role the identity needs (the store adds it)
-        log.error("Access to the dataset was refused: %s", exc)
+        log.error("Access to the dataset was refused: %s%s", exc, _login_hint(settings.datasetAddr, dataset, exc))
         dataset.close()
         return EXIT_FAILURE
     except NotFound as exc:
         log.error("The dataset was not found (check the project, location and dataset names): %s%s", exc,
-                  _root_hint(settings.datasetAddr))
+                  _root_hint(without_login(settings.datasetAddr)))
         dataset.close()
         return EXIT_FAILURE
     except StoreError as exc:
         if exc.status is not None and not isinstance(exc, Unavailable):  # it answered: a 4xx
-            log.error("The server refused the start-up search: %s%s", exc, _root_hint(settings.datasetAddr))
+            log.error("The server refused the start-up search: %s%s", exc,
+                      _root_hint(without_login(settings.datasetAddr)))
         else:
             log.error("Cannot reach the dataset: %s", exc)
         dataset.close()

@@ -6,7 +6,10 @@ Accepted addresses:
 * ``https://healthcare.googleapis.com/v1/projects/P/locations/L/datasets/D`` (or ``v1beta1``):
   a Cloud Healthcare API dataset. The same path on another host (a private endpoint, a proxy,
   a test stand-in) is one too;
-* any other ``http(s)://`` URL: a DICOMweb server, shown as a dataset with one store.
+* any other ``http(s)://`` URL: a DICOMweb server, shown as a dataset with one store. A login
+  (HTTP basic authentication) is taken from the URL (``http://USER:PASSWORD@host/dicom-web``),
+  else from ``~/.netrc`` (requests reads it); it never stays in the URLs the store builds, logs
+  or shows.
 
 Concrete stores other than the local one are imported lazily, so a local dataset needs none of
 their dependencies.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 from dicomfuse.stores.base import Dataset
@@ -38,6 +41,35 @@ _HEALTHCARE_PATH_RE = re.compile(
     r"^/(?P<version>v1|v1beta1)/projects/(?P<project>[^/]+)"
     r"/locations/(?P<location>[^/]+)/datasets/(?P<dataset>[^/]+)/?$"
 )
+
+
+def split_login(address: str) -> tuple[str, tuple[str, str] | None]:
+    """``http://USER:PASSWORD@host/path`` → (``http://host/path``, (USER, PASSWORD)),
+    percent-decoded (a ``@`` or ``:`` in a password is written ``%40``, ``%3A``); an address with
+    no login comes back as it is, with None."""
+    parts = urlsplit(address)
+    if not parts.scheme or "@" not in parts.netloc:
+        return address, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
+
+
+def without_login(address: str) -> str:
+    """``address`` as it may be shown or logged: a login in it (``USER:PASSWORD@``, with or without
+    a scheme) is dropped."""
+    text = address.strip()
+    if _SCHEME_RE.match(text):
+        return split_login(text)[0]
+    head, sep, rest = text.partition("/")  # user:password@host:8042/dicom-web, written without http://
+    if "@" in head and ":" in head.rsplit("@", 1)[0]:
+        return head.rsplit("@", 1)[1] + sep + rest
+    return text
+
+
+def has_login(address: str) -> bool:
+    """Whether ``address`` carries a login (``http://USER:PASSWORD@host…``)."""
+    return split_login(address.strip())[1] is not None
 
 
 class HealthcareAddress(NamedTuple):
@@ -94,17 +126,21 @@ def open_dataset(
     text = address.strip()
     if not text:
         raise ValueError(f"empty dataset address: give {ACCEPTED}")
+    shown = without_login(text)  # for messages: a password is not repeated on the screen or in the log
     scheme_match = _SCHEME_RE.match(text)
     if scheme_match is None or _WINDOWS_DRIVE_RE.match(text):
-        return _local_dataset(Path(text).expanduser(), text, rescan_interval)
+        return _local_dataset(Path(text).expanduser(), shown, rescan_interval)
     scheme = scheme_match.group(1).lower()
     if scheme == "file":
         return _local_dataset(_file_url_path(text), text, rescan_interval)
     if scheme not in ("http", "https"):
-        if _looks_like_a_host(text):  # localhost:8042/dicom-web
-            raise ValueError(f"{text!r} has no http:// or https://: did you mean http://{text}?")
+        if _looks_like_a_host(shown):  # localhost:8042/dicom-web
+            raise ValueError(f"{shown!r} has no http:// or https://: did you mean http://{shown}?")
         raise ValueError(f"unsupported dataset address scheme {scheme!r}: give {ACCEPTED}")
     if (urlsplit(text).hostname or "") == HEALTHCARE_HOST or parse_healthcare_address(text, any_host=True):
+        if has_login(text):
+            raise ValueError(f"{shown!r}: a Cloud Healthcare API address takes no user name or password "
+                             "(credentials come from --keyFile or the application default credentials)")
         return _healthcare_dataset(text, key_file=key_file, timeout=timeout, pool_size=pool_size,
                                    ca_bundle=ca_bundle)
     return _dicomweb_dataset(text, timeout=timeout, orthanc_rest=orthanc_rest, pool_size=pool_size,
@@ -183,12 +219,19 @@ def _dicomweb_dataset(
     ca_bundle: str | Path | None = None,
 ) -> Dataset:
     """``orthanc_rest``: "auto" (detect), None or "off" (never), or the REST API's URL."""
+    from requests.auth import HTTPBasicAuth
+
     from dicomfuse.stores.dicomweb import DicomwebDataset  # lazy: only remote mounts need it
+    from dicomfuse.stores.http import make_session
 
     rest = None if orthanc_rest in (None, "off") else orthanc_rest
+    url, login = split_login(url)
+    session = make_session(pool_size, ca_bundle)
+    if login is not None:
+        # Sent to this server only: requests drops it on a redirect to another host.
+        session.auth = HTTPBasicAuth(*login)
     if timeout is None:
-        dataset: Dataset = DicomwebDataset(url, orthanc_rest_url=rest, pool_size=pool_size, ca_bundle=ca_bundle)
+        dataset: Dataset = DicomwebDataset(url, session, orthanc_rest_url=rest)
     else:
-        dataset = DicomwebDataset(url, orthanc_rest_url=rest, timeout=timeout, pool_size=pool_size,
-                                  ca_bundle=ca_bundle)
+        dataset = DicomwebDataset(url, session, orthanc_rest_url=rest, timeout=timeout)
     return dataset
