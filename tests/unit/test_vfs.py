@@ -1736,6 +1736,25 @@ def test_an_instance_of_unknown_size_too_large_to_read_is_not_shown_empty(datase
     vfs.shutdown()
 
 
+def test_instances_found_too_large_are_remembered_within_a_bound(dataset, tmp_path, dicom: DicomFactory,
+                                                                 monkeypatch):
+    """A long-running mount stats ever more such files: only the newest are remembered; a
+    forgotten one is found too large again at its next stat, never shown empty."""
+    paths = [on_server(dataset, dicom, pixel_bytes=1_500_000)[1] for _ in range(3)]
+    _sizes_unlisted(dataset, monkeypatch)
+    vfs = make_vfs(dataset, tmp_path, cache_bytes=4 * 1024 * 1024)
+    vfs._too_large.max_size = 2
+    fetched: list[str] = []
+    fetch = vfs._fetch_size
+    monkeypatch.setattr(vfs, "_fetch_size", lambda p: fetched.append(str(p)) or fetch(p))
+    for caller, path in enumerate(paths, start=100):  # one program per file: each stat may fetch
+        assert vfs.getattr(path, caller=caller).size == 1024 * 1024 + 1
+    assert len(vfs._too_large) == 2 and len(fetched) == 3
+    assert vfs.getattr(paths[2], caller=200).size == 1024 * 1024 + 1 and len(fetched) == 3  # remembered
+    assert vfs.getattr(paths[0], caller=201).size == 1024 * 1024 + 1 and len(fetched) == 4  # forgotten: asked again
+    vfs.shutdown()
+
+
 @pytest.mark.parametrize("fails", [False, True], ids=["answered", "refused"])
 def test_callers_listing_one_folder_at_once_share_one_request(dataset, tmp_path, dicom: DicomFactory,
                                                               monkeypatch, fails: bool):

@@ -294,7 +294,9 @@ class Vfs:
         # first: nothing is lost).
         self._replaces: dict[tuple[str, str], DicomUids] = {}
         self._upload_slots: dict[tuple[str, str], _Slot] = {}  # (store, SOP UID) being uploaded or removed
-        self._too_large: set[DicomPath] = set()  # instances of unknown size found larger than cacheSize/4
+        # Instances of unknown size found larger than cacheSize/4 (the newest 20,000: one
+        # forgotten is only downloaded again by a stat, to be found too large again).
+        self._too_large: _Recent[DicomPath, None] = _Recent()
         # instance -> (serial of its download, bytes it had) when a stat gave up waiting for its size
         self._stat_gave_up: dict[DicomPath, tuple[int, int]] = {}
 
@@ -1370,7 +1372,7 @@ class Vfs:
             # Larger than the cache may hold: its size stays unknown (reading it is EFBIG),
             # and no other stat downloads it again.
             with self._lock:
-                self._too_large.add(p)
+                self._too_large[p] = None
             return None
         finally:
             self.cache.release(cached)
