@@ -316,6 +316,34 @@ def test_upload_while_server_down_is_sent_again(via_proxy: Backend, proxy: Fault
     assert via_proxy.server_bytes(inst) == inst.path.read_bytes()
 
 
+def test_upload_answers_lost_twice_are_sent_again_after_a_wait(via_proxy: Backend, proxy: FaultProxy,
+                                                                orthanc: object, mount_factory, dicom: DicomFactory):
+    """A server restarting loses two STOWs in a row (connections cut before it read them): the
+    file is looked up and sent again after each, with the HTTP retries' backoff, and cp succeeds
+    with the file stored once. (It was sent again once, at once: the second loss failed cp.)"""
+    m = mount_factory(via_proxy, *NO_CACHE)
+    inst = dicom.instance(name="scan.dcm", pixel_bytes=50_000)
+    proxy.fail("POST", "/studies", times=2, drop_before=True)
+    r = run("cp", inst.path, m.path / via_proxy.store_name)
+    assert [s.fault for s in proxy.requests("POST", "/studies")] == ["drop_before", "drop_before", None]
+    assert r.returncode == 0, r.stderr
+    assert sop_count(orthanc, inst.sop_uid) == 1
+    assert via_proxy.server_bytes(inst) == inst.path.read_bytes()
+
+
+def test_upload_answers_always_lost_fail_the_copy_keeping_its_bytes(via_proxy: Backend, proxy: FaultProxy,
+                                                                    orthanc: object, mount_factory,
+                                                                    dicom: DicomFactory):
+    m = mount_factory(via_proxy, *NO_CACHE)
+    inst = dicom.instance(name="scan.dcm", pixel_bytes=50_000)
+    proxy.fail("POST", "/studies", times=None, drop_before=True)
+    r = run("cp", inst.path, m.path / via_proxy.store_name)
+    assert r.returncode != 0 and EIO in r.stderr, r.stderr
+    assert len(proxy.requests("POST", "/studies")) == 5  # the first and the HTTP retries' 4 more, then no more
+    assert sop_count(orthanc, inst.sop_uid) == 0
+    assert kept_in_failed(m, inst.path.read_bytes())
+
+
 @pytest.mark.parametrize("fault", ["drop_mid_body", "drop_response"])
 def test_upload_answer_lost_never_duplicates_or_loses(fault: str, via_proxy: Backend, proxy: FaultProxy,
                                                       orthanc: object, mount_factory, dicom: DicomFactory):

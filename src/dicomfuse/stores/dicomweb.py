@@ -1404,20 +1404,33 @@ class DicomwebStore:
         return outcomes
 
     def _stow_unknown(self, batch: list[_StowFile], cause: Unavailable) -> list[tuple[_StowFile, StowOutcome]]:
-        """The STOW's answer was lost: look each file up; send the missing ones once more."""
-        logger.info("STOW of %d file(s) got no answer (%s); checking which were stored", len(batch), cause)
+        """The STOW's answer was lost: look each file up; send the missing ones again, with the
+        HTTP retries' backoff and number of attempts (a server restarting loses more than one
+        answer), looking up again after each lost one. Never sent to a server holding it."""
         found: list[tuple[_StowFile, StowOutcome]] = []
-        missing: list[_StowFile] = []
-        for item in batch:
-            present = next(iter(self.instances(item.study_uid, item.series_uid, item.sop_uid)), None)
-            if present is None:
-                missing.append(item)
-            else:
-                found.append((item, _stow_outcome(item, StowResult(stored={item.sop_uid}), None)))
-        if missing:
-            logger.info("Sending %d file(s) the server does not hold yet again", len(missing))
-            found += self._stow(missing, again=False)
-        return found
+        missing = batch
+        attempts = max(1, self.client.retry.attempts - 1)  # its attempts count the first send
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                time.sleep(self.client.retry.backoff(attempt - 1))
+            logger.info("STOW of %d file(s) got no answer (%s); checking which were stored", len(missing), cause)
+            still: list[_StowFile] = []
+            for item in missing:
+                present = next(iter(self.instances(item.study_uid, item.series_uid, item.sop_uid)), None)
+                if present is None:
+                    still.append(item)
+                else:
+                    found.append((item, _stow_outcome(item, StowResult(stored={item.sop_uid}), None)))
+            if not still:
+                return found
+            logger.info("Sending %d file(s) the server does not hold yet again", len(still))
+            try:
+                return found + self._stow(still, again=False)
+            except Unavailable as exc:
+                if attempt == attempts:
+                    raise
+                cause, missing = exc, still
+        raise cause  # not reached: the last attempt returns or raises
 
     # -- delete -----------------------------------------------------------------------------------
 
