@@ -147,6 +147,22 @@ def test_store_opened_before_creation_works_right_after(tmp_path: Path) -> None:
     assert dataset.open_store("later") is early
 
 
+@pytest.mark.parametrize("boot_seconds", [5.0, 100_000.0], ids=["just-booted", "up-for-a-day"])
+def test_a_study_written_by_another_process_is_found_by_its_uid_on_a_machine_just_booted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, boot_seconds: float) -> None:
+    """The monotonic clock counts from boot: "never checked" was 0.0, which is less than the
+    rescan interval ago for the first hour after a machine starts, so a study the index lacked
+    was not looked for in the folder tree."""
+    monkeypatch.setattr(local.time, "monotonic", lambda: boot_seconds)
+    root = tmp_path / "d"
+    (root / "s").mkdir(parents=True)
+    store = LocalDataset(root, rescan_interval=3600).open_store("s")
+    assert list(store.studies()) == []  # index built; the next periodic check is an hour away
+    samples.write_instance(root / "s" / "new.dcm", STUDY, SERIES, SOP)
+    assert [i.sop_uid for i in store.walk(STUDY)] == [SOP]
+    assert list(store.studies(STUDY)) == [STUDY]
+
+
 @pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "../escape"])
 def test_open_store_rejects_names_that_cannot_be_stores(dataset: LocalDataset, name: str) -> None:
     with pytest.raises(NotFound):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import shutil
 import stat
@@ -258,13 +259,15 @@ class LocalStore:
         # write) and guards _dirs. Order: _scan_lock before _lock.
         self._scan_lock = threading.Lock()
         self._dirs: dict[Path, _DirState] = {}
-        self._full_checked_at = 0.0
+        # "Never": a monotonic clock counts from boot, so 0.0 is less than an interval ago for
+        # the first hour after a machine starts (a lookup of a new study then found nothing).
+        self._full_checked_at = -math.inf
         # _lock guards _index, _exists, _built and _checked_at; held only for dict work.
         self._lock = threading.Lock()
         self._index = _Index(root)
         self._exists = False
         self._built = False
-        self._checked_at = 0.0
+        self._checked_at = -math.inf
         # _layout_lock makes "mkdir + create temp file" and "rmdir of an empty folder" exclusive.
         self._layout_lock = threading.Lock()
 
@@ -441,7 +444,7 @@ class LocalStore:
             found = read(index)
         if wanted is not None and wanted not in found:  # type: ignore[operator]
             with self._lock:
-                self._checked_at = 0.0
+                self._checked_at = -math.inf
             with self._fresh_index() as index:
                 found = read(index)
         return found
