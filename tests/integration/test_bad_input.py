@@ -164,3 +164,19 @@ def test_the_readme_extra_mount_options_mount_and_bad_ones_fail_naming_them(loca
     assert r.returncode == 1, r.stderr
     assert "check --extraMountOptions bogus_opt" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.ismount(mnt)
+
+
+@pytest.mark.parametrize("root", ["/dicomweb", "/wado", "/dicom-web/studies/x"])
+def test_a_mistyped_dicomweb_root_stops_the_mount_with_one_line(orthanc: object, tmp_path: Path, root: str):
+    """Orthanc answers 404 under a root that is not its DICOMweb one: the start-up check was a
+    lookup of one UID, whose 404 means "no such study", so the mount started and showed the
+    store empty (ls exit 0) while the server held studies."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    address = f"{orthanc.url}{root}"  # type: ignore[attr-defined]
+    r = subprocess.run([sys.executable, "-m", "dicomfuse", "-a", address, "-p", str(mnt),
+                        "--cacheDir", str(tmp_path / "c"), "--logDir", str(tmp_path / "l")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "No DICOMweb service at this address" in r.stderr and "/dicom-web" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not os.path.ismount(mnt)

@@ -123,6 +123,18 @@ def _root_hint(address: str) -> str:
     return ""
 
 
+def _probe(store: object) -> None:
+    """One small request that fails unless the store's address serves DICOMweb: a store-wide
+    search for one study. (A lookup of one UID would not do: its 404 means "no such study" to
+    a server that answers so, and a mistyped root, /dicomweb for /dicom-web, mounted as an
+    empty store.) A store without such a search looks one UID up."""
+    has_studies = getattr(store, "has_studies", None)
+    if callable(has_studies):
+        has_studies()
+    else:
+        next(iter(store.studies(PROBE_UID)), None)  # type: ignore[attr-defined]
+
+
 def _login_hint(address: str, dataset: object, exc: Exception) -> str:
     """For a DICOMweb server that answered 401: how to give it a login, or that the one given
     was refused. (A Cloud Healthcare dataset's refusals name the role or the credentials.)"""
@@ -240,14 +252,18 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     try:
         stores = list(dataset.list_stores())
         if stores:  # one small query proves the server answers before anything is mounted
-            next(iter(dataset.open_store(stores[0]).studies(PROBE_UID)), None)
+            _probe(dataset.open_store(stores[0]))
     except Forbidden as exc:  # a 403 names the role the identity needs (the store adds it)
         log.error("Access to the dataset was refused: %s%s", exc, _login_hint(settings.datasetAddr, dataset, exc))
         dataset.close()
         return EXIT_FAILURE
     except NotFound as exc:
-        log.error("The dataset was not found (check the project, location and dataset names): %s%s", exc,
-                  _root_hint(without_login(settings.datasetAddr)))
+        if _is_healthcare(dataset):
+            log.error("The dataset was not found (check the project, location and dataset names): %s", exc)
+        else:
+            log.error("No DICOMweb service at this address: %s (check its DICOMweb root: Orthanc's is "
+                      "http://HOST:8042/dicom-web, dcm4chee's http://HOST:8080/dcm4chee-arc/aets/AET/rs)%s", exc,
+                      _root_hint(without_login(settings.datasetAddr)))
         dataset.close()
         return EXIT_FAILURE
     except StoreError as exc:
