@@ -1736,6 +1736,68 @@ def test_an_instance_of_unknown_size_too_large_to_read_is_not_shown_empty(datase
     vfs.shutdown()
 
 
+def _cache_files(tmp_path: Path) -> list[Path]:
+    return [f for f in (tmp_path / "work").rglob("*") if f.is_file() and "cache" in f.parts and f.stat().st_size]
+
+
+def _open_cache_fds(tmp_path: Path) -> list[str]:
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return [link for link in links if link.startswith(str(tmp_path / "work")) and not link.endswith("mount.lock")]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_an_unsized_instance_too_large_to_read_fails_its_open_keeping_nothing(dataset, tmp_path,
+                                                                               dicom: DicomFactory, monkeypatch):
+    """Opened without a stat first (cat of a path): EFBIG, and neither the partial download nor
+    its file handle stays behind. Each open left cacheSize/4 of patient data on disk, pinned
+    (so never counted or removed) until unmount, and a file descriptor open."""
+    inst, path = on_server(dataset, dicom, pixel_bytes=1_500_000)
+    _sizes_unlisted(dataset, monkeypatch)
+    vfs = make_vfs(dataset, tmp_path, cache_bytes=4 * 1024 * 1024)
+    for _ in range(3):
+        assert errno_of(vfs.open, path, os.O_RDONLY) == errno.EFBIG
+    assert _cache_files(tmp_path) == [] and _open_cache_fds(tmp_path) == []
+    vfs.shutdown()
+
+
+def test_an_instance_of_known_size_too_large_to_read_is_refused_at_open(dataset, tmp_path, dicom: DicomFactory):
+    """Not at its first read: numpy.memmap of it returned, and its first page killed the
+    program with SIGBUS."""
+    inst, path = on_server(dataset, dicom, pixel_bytes=1_500_000)
+    vfs = make_vfs(dataset, tmp_path, cache_bytes=4 * 1024 * 1024)
+    assert vfs.getattr(path).size == inst.path.stat().st_size  # listed with its size
+    assert errno_of(vfs.open, path, os.O_RDONLY) == errno.EFBIG
+    vfs.shutdown()
+
+
+def test_a_size_the_cache_learnt_for_an_unsized_listing_stays_once_the_copy_is_gone(
+        dataset, tmp_path, dicom: DicomFactory, monkeypatch):
+    """Read-ahead cached a file its listing gave no size for; it is then read whole. Once the
+    cached copy expired, stat showed 0 again, though the file had been read."""
+    inst, path = on_server(dataset, dicom)
+    _sizes_unlisted(dataset, monkeypatch)
+    vfs = make_vfs(dataset, tmp_path)
+    from dicomfuse.core.paths import DicomPath
+
+    assert [a.size for _, a in vfs.readdir(os.path.dirname(path))] == [0]  # ls -l: no size listed
+    assert vfs._prefetch(DicomPath.parse(path))
+    key = vfs._key(DicomPath.parse(path))
+    from tests.mounting import wait_for
+
+    wait_for(lambda: vfs.cache.known_size(key) is not None, 10, what="the read-ahead download")
+    fh = vfs.open(path, os.O_RDONLY).fh
+    assert vfs.read(fh, 1 << 20, 0) == inst.path.read_bytes()
+    vfs.release(fh)
+    monkeypatch.setattr(vfs.cache, "known_size", lambda key: None)  # the cached copy expired
+    assert vfs.getattr(path).size == inst.path.stat().st_size
+    vfs.shutdown()
+
+
 def test_instances_found_too_large_are_remembered_within_a_bound(dataset, tmp_path, dicom: DicomFactory,
                                                                  monkeypatch):
     """A long-running mount stats ever more such files: only the newest are remembered; a

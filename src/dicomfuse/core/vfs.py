@@ -1201,8 +1201,14 @@ class Vfs:
         # The OS may hold size 0 for a file the listing gave no size for (an earlier stat), even
         # if the cache has learnt it since (read-ahead): treat it as unknown to the OS.
         size_before = self._size_of(p, entry)
-        if size_before is not None and size_before != entry.size and entry.size is not None:
-            self._learnt_size(p, size_before)  # the OS may hold the listed size
+        if size_before is not None and size_before != entry.size:
+            # The OS may hold the listed size (0 for a listing without sizes, where read-ahead
+            # learnt it); the listing keeps it once the cached copy is gone.
+            self._learnt_size(p, size_before)
+        if size_before is not None and size_before > self.cache.max_file:
+            # Refused here, as for a file of unknown size: a mapping of it (numpy.memmap) would
+            # fail only at its first page, with SIGBUS.
+            raise FsError(errno.EFBIG, f"open {p}: {size_before} bytes, more than a quarter of --cacheSize")
         handle = ReadHandle(p, size_before)
         if size_before is None:
             # The OS holds size 0 for this file: learn the true size before open returns, so
@@ -1210,10 +1216,12 @@ class Vfs:
             cached = self._start_reading(handle)
             try:
                 size = cached.wait_complete()
-            except StoreError as exc:
+            except BaseException as exc:  # a failed download, EFBIG, a full disk: nothing kept open
                 self._close_fd(handle.fd)
                 self.cache.release(cached)
-                raise from_store_error(exc, f"read {p}") from None
+                if isinstance(exc, StoreError):
+                    raise from_store_error(exc, f"read {p}") from None
+                raise
             # Told the true size, the OS reads through its page cache (and a program can map the
             # file); if it could not be told, it would stop at size 0 unless reads bypass that.
             unsized = not self._learnt_size(p, size)
