@@ -188,6 +188,30 @@ def test_walk_of_the_store_costs_pages_not_folders(server: Server) -> None:
     assert all(query["limit"] == str(PAGE) and query["includefield"] == INCLUDE_BOTH for _, query in searches)
 
 
+def test_walk_keeps_one_sop_uid_held_by_two_series(server: Server, dicom: DicomFactory, tmp_path: Path) -> None:
+    """An edited copy (other study and series, same SOP Instance UID) beside the original: the
+    store-wide walk kept one entry per SOP UID, so the copy's series listed empty after ls -R
+    and cp -r of the store copied one file less, exit 0."""
+    original = server.samples[0]
+    edited = tmp_path / "edited.dcm"
+    study, series = make_uid(dicom.seed, "study", 9), make_uid(dicom.seed, "series", 9, 9)
+    write_instance(edited, study, series, original.sop_uid, pixel_bytes=700)
+    assert all(o.stored for o in server.store.store_files([edited]))
+    try:
+        walked = triples([i for i in server.store.walk() if i.sop_uid == original.sop_uid])
+        assert walked == {(original.study_uid, original.series_uid, original.sop_uid),
+                          (study, series, original.sop_uid)}
+        assert walk_listings(server.store, server.store.name, [study]) == folder_listings(server.store, [study])
+    finally:  # a server shared by other tests, which count on unique SOP Instance UIDs
+        if isinstance(server.store, DicomwebStore) and server.store.orthanc() is None and "/dicom-web" in \
+                server.store.root_url:  # Orthanc deletes through its REST API only
+            remover = DicomwebDataset(server.store.root_url, orthanc_rest_url="auto")
+            remover.store.delete_instance(study, series, original.sop_uid)
+            remover.close()
+        else:
+            server.store.delete_instance(study, series, original.sop_uid)
+
+
 def test_walk_of_one_study(server: Server) -> None:
     study = server.samples[0].study_uid
     expected = [s for s in server.samples if s.study_uid == study]

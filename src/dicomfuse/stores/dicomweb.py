@@ -896,7 +896,8 @@ class DicomwebStore:
             url = f"{self.root_url}/instances?{WALK_INCLUDE_FIELDS}"
         else:
             url = f"{self.root_url}/studies/{_segment(study_uid)}/instances?{WALK_INCLUDE_FIELDS}"
-        entries = self._search_entries(url, SOP_UID_TAG, {}, self.instance_page_size, lookup=False)
+        entries = self._search_entries(url, SOP_UID_TAG, {}, self.instance_page_size, lookup=False,
+                                       parents=(STUDY_UID_TAG, SERIES_UID_TAG))
         skipped = 0
         for sop_uid, entry in entries:
             study = _uid_of(entry, STUDY_UID_TAG)
@@ -951,17 +952,20 @@ class DicomwebStore:
                 return
 
     def _search_entries(
-        self, url: str, uid_tag: str, filters: dict[str, str], page_size: int, *, lookup: bool
+        self, url: str, uid_tag: str, filters: dict[str, str], page_size: int, *, lookup: bool,
+        parents: tuple[str, ...] = (),
     ) -> Iterator[tuple[str, object]]:
-        """Each entry of a QIDO-RS search with its UID (``uid_tag``), once per UID, paged with
-        limit/offset until a short page that is the end, or an empty one.
+        """Each entry of a QIDO-RS search with its UID (``uid_tag``), once per UID (per UID and
+        the ``parents`` tags' UIDs: a store-wide search of instances holds one SOP UID once per
+        series holding it), paged with limit/offset until a short page that is the end, or an
+        empty one.
 
         A short page is not the end when the server says more results can be requested (PS3.18's
         ``Warning: 299``), or when it may be the server's own maximum (:meth:`_may_be_cut`):
         then the next page is asked for (offset + the entries received). A page that brings no
         new UID ends the search too: a server that ignores limit/offset answers everything every
         time, and must not make this loop forever."""
-        seen: set[str] = set()
+        seen: set[object] = set()
         offset = 0
         while True:
             params: dict[str, str | int] = {**filters, "limit": self._page_limit(page_size), "offset": offset}
@@ -969,9 +973,10 @@ class DicomwebStore:
             fresh = 0
             for entry in page.entries:
                 uid = _uid_of(entry, uid_tag)
-                if uid is None or uid in seen:
+                identity = (uid, *(_uid_of(entry, tag) for tag in parents)) if parents else uid
+                if uid is None or identity in seen:
                     continue
-                seen.add(uid)
+                seen.add(identity)
                 fresh += 1
                 yield uid, entry
             if fresh == 0:
