@@ -207,3 +207,37 @@ def test_overwrite_of_a_file_this_mount_just_uploaded_while_the_index_lags(healt
         assert target.read_bytes() == newer.read_bytes()
     finally:
         healthcare.index_lag = lag
+
+
+def test_two_files_of_one_sop_uid_in_two_studies_are_both_sent(backend: Backend, mount_factory,
+                                                                dicom: DicomFactory, tmp_path: Path):
+    """A file and an edited copy of it (other study and series, same SOP Instance UID) copied
+    in together, then the original removed: the queue took the copy for a newer version of
+    the original and dropped it (or the rm cancelled it), cp and rm exited 0, and the server
+    ended with one instance, or none, while status said nothing failed."""
+    if backend.name == "local":
+        pytest.skip("the local store keeps one copy per SOP Instance UID whatever its series")
+    from dicomfuse.samples import make_uid, write_instance
+
+    a = dicom.instance(study=0, series=0, pixel_bytes=2000)
+    edited = tmp_path / "edited.dcm"
+    study, series = make_uid(dicom.seed, "study", 8), make_uid(dicom.seed, "series", 8, 8)
+    write_instance(edited, study, series, a.sop_uid, pixel_bytes=3000)
+    b = type(a)(edited, study, series, a.sop_uid)
+    m = mount_factory(backend, "--uploadMode", "writeback")
+    try:
+        r = run("cp", a.path, b.path, m.path / backend.store_name)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: backend.has(a) and backend.has(b), 60, what="both uploads")
+        assert backend.server_bytes(a) == a.path.read_bytes() and backend.server_bytes(b) == b.path.read_bytes()
+        edited_again = tmp_path / "edited-again.dcm"
+        write_instance(edited_again, study, series, a.sop_uid, pixel_bytes=3500)
+        assert run("cp", edited_again, backend.instance_path(m, b)).returncode == 0  # b queued once more
+        assert run("rm", backend.instance_path(m, a)).returncode == 0  # a's rm leaves b's upload alone
+        wait_for(lambda: holds(backend, b, edited_again.read_bytes()), 60, what="b's new bytes")
+        wait_for(lambda: status(m)[0] == 0, 30, what="an empty queue")
+        assert not backend.has(a)
+    finally:  # a server shared by other tests, which count on unique SOP Instance UIDs
+        for inst in (a, b):
+            if backend.has(inst):
+                backend.server.delete_instance(inst.study_uid, inst.series_uid, inst.sop_uid)

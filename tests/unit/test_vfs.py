@@ -17,6 +17,7 @@ import pytest
 from dicomfuse.core.errors import ENOATTR, FsError
 from dicomfuse.core.vfs import Vfs, VfsConfig
 from dicomfuse.core.workdirs import WorkDirs
+from dicomfuse.dicomfile import DicomUids
 from dicomfuse.stores.local import LocalDataset
 from tests.conftest import DicomFactory
 
@@ -25,6 +26,10 @@ from tests.conftest import DicomFactory
 def dataset(tmp_path: Path) -> LocalDataset:
     (tmp_path / "ds" / "store").mkdir(parents=True)
     return LocalDataset(tmp_path / "ds")
+
+
+def uids_of(inst: object) -> DicomUids:
+    return DicomUids(inst.study_uid, inst.series_uid, inst.sop_uid)  # type: ignore[attr-defined]
 
 
 def make_vfs(dataset: LocalDataset, tmp_path: Path, **config) -> Vfs:
@@ -558,7 +563,6 @@ def test_the_uids_read_at_close_go_to_the_store_with_the_file(dataset, tmp_path,
                                                                monkeypatch, mode):
     """Every file is parsed once, at close: the store is given its UIDs (a DICOMweb store then
     sends it without parsing it again)."""
-    from dicomfuse.dicomfile import DicomUids
     from dicomfuse.stores.local import LocalStore
 
     given: list[object] = []
@@ -574,7 +578,7 @@ def test_the_uids_read_at_close_go_to_the_store_with_the_file(dataset, tmp_path,
     upload(vfs, "/store/a.dcm", inst.path.read_bytes())
     if vfs.writeback is not None:
         assert vfs.writeback.wait_idle(10)
-    assert given == [[DicomUids(inst.study_uid, inst.series_uid, inst.sop_uid)]]
+    assert given == [[uids_of(inst)]]
     vfs.shutdown()
 
 
@@ -617,7 +621,7 @@ def test_a_failed_rm_leaves_the_queued_upload_queued(dataset, tmp_path, dicom: D
 
     monkeypatch.setattr(LocalStore, "delete_instance", down)
     assert errno_of(vfs.unlink, path) == errno.EIO
-    assert vfs.writeback.has_pending("store", inst.sop_uid)
+    assert vfs.writeback.has_pending("store", uids_of(inst))
     assert read(vfs, path) == data
     vfs.shutdown()
 
@@ -977,10 +981,10 @@ def test_rm_of_a_file_waiting_in_the_write_back_queue_cancels_its_upload(dataset
     it never reaches the server (it was sent anyway, and rm said 'No such file')."""
     vfs, queue, inst = queued_upload(dataset, tmp_path, dicom)
     name = f"/store/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
-    assert queue.has_pending("store", inst.sop_uid)
+    assert queue.has_pending("store", uids_of(inst))
     vfs.unlink(name)
     assert errno_of(vfs.getattr, name) == errno.ENOENT
-    assert not queue.has_pending("store", inst.sop_uid) and queue.pending() == []
+    assert not queue.has_pending("store", uids_of(inst)) and queue.pending() == []
     vfs.shutdown()  # drains the queue
     assert not (dataset.root / "store" / inst.study_uid).exists()
     assert not list(vfs.spool.failed.iterdir())
@@ -1088,7 +1092,7 @@ def test_a_file_queued_by_a_flush_reads_back_before_its_writer_closes_it(dataset
     fh = vfs.create(path).fh
     vfs.write(fh, data, 0)
     vfs.flush(fh)
-    assert vfs.writeback.has_pending("store", inst.sop_uid)
+    assert vfs.writeback.has_pending("store", uids_of(inst))
     assert read(vfs, path) == data
     vfs.cache.evict(("store", inst.study_uid, inst.series_uid, inst.sop_uid))
     assert read(vfs, path) == data  # from the queue's copy

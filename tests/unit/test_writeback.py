@@ -449,11 +449,12 @@ def test_an_upload_marked_removed_while_sent_stays_marked_through_a_retry_and_a_
     q.start()
     assert sender.started.wait(2)
     in_flight = sender.calls[0][2][0]
-    assert q.mark_removed("ct", in_flight) and not q.mark_removed("ct", "1.2.3")
+    flying = item if item.uids.sop_uid == in_flight else other
+    assert q.mark_removed("ct", flying.uids) and not q.mark_removed("ct", DicomUids("1.2", "1.2.1", "1.2.3"))
     assert not q.holds("ct", "1.2.826.1" if in_flight == item.uids.sop_uid else "1.2.826.2")
     hold.set()  # the send fails: retried later, still marked
     wait_until = time.monotonic() + 5
-    while q.sending("ct", in_flight) and time.monotonic() < wait_until:
+    while q.sending("ct", flying.uids) and time.monotonic() < wait_until:
         time.sleep(0.01)
     q.stop(drain=False)
     done: list[tuple[str, bool]] = []
@@ -473,9 +474,9 @@ def test_a_refused_upload_whose_file_was_removed_is_not_kept_as_failed(queues, q
     item = q.submit("ct", *files.make(study=1))
     q.start()
     wait_until = time.monotonic() + 5
-    while not q.sending("ct", item.uids.sop_uid) and time.monotonic() < wait_until:
+    while not q.sending("ct", item.uids) and time.monotonic() < wait_until:
         time.sleep(0.01)
-    q.mark_removed("ct", item.uids.sop_uid)
+    q.mark_removed("ct", item.uids)
     hold.set()
     assert q.wait_idle(5)
     assert q.failed() == [] and failed_files(qdir) == [] and journal(qdir) == []

@@ -588,20 +588,21 @@ class Vfs:
         # copy being sent cannot be stopped: it is deleted once the server confirms it.
         # The queue journals it, so that a restart does not bring the file back.
         removed = (p.store, uid)
+        uids = DicomUids(p.study, p.series, uid)
         if self.writeback is not None:
-            self.writeback.mark_removed(p.store, uid)
+            self.writeback.mark_removed(p.store, uids)
         try:
             self._remote(f"delete {p}", self._store(p.store).delete_instance, p.study, p.series, uid)
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 if self.writeback is not None:
-                    self.writeback.mark_removed(p.store, uid, False)
+                    self.writeback.mark_removed(p.store, uids, False)
                 raise
             # Not on the server: not sent yet, or gone already (another client, or a DELETE
             # whose answer was lost and whose retry found nothing). Gone is what rm asks for.
         if self.writeback is not None:
-            self.writeback.cancel(p.store, uid)
-            self.writeback.mark_removed(p.store, uid)  # one may have started meanwhile
+            self.writeback.cancel(p.store, uids)
+            self.writeback.mark_removed(p.store, uids)  # one may have started meanwhile
         self.listings.note_removed(p.parent, p.name)
         self.cache.evict(self._key(p))
         with self._lock:
@@ -692,7 +693,7 @@ class Vfs:
         uid = instance_uid(p.name) if p.level == Level.INSTANCE else None
         if self.writeback is None or uid is None or self.cache.known_size(self._key(p)) is not None:
             return None
-        path = self.writeback.queued_copy(p.store, uid)
+        path = self.writeback.queued_copy(p.store, DicomUids(p.study, p.series, uid))
         if path is None:
             return None
         try:
@@ -1799,13 +1800,13 @@ class Vfs:
                 self._note_stored_here(item.store, u.sop_uid)
                 # it may have waited in the queue past the overlay
                 self._keep_listed(target, None if altered else item.size)
-                if altered and not (self.writeback is not None and self.writeback.has_pending(item.store, u.sop_uid)):
+                if altered and not (self.writeback is not None and self.writeback.has_pending(item.store, u)):
                     self.cache.evict(self._key(target))  # the queued bytes, not the server's
                     self.notify_changed(str(target))
             if replaced is not None:
                 self._delete_replaced(item.store, replaced)
             return
-        if self.writeback is not None and self.writeback.has_pending(item.store, u.sop_uid):
+        if self.writeback is not None and self.writeback.has_pending(item.store, u):
             return  # a newer copy is queued: the file stays in its folder, with the newer bytes
         self.cache.evict(self._key(target))  # it holds the refused bytes
         if previous_kept:  # the overwrite was refused: the previous instance is still there
@@ -1929,7 +1930,7 @@ class Vfs:
         """``altered``: the server stored other bytes (their size is not known here).
         ``given_mtime``: the time a program gave the file while writing it."""
         if self.writeback is not None:  # written again after an rm: it stays, whatever was sent before
-            self.writeback.mark_removed(target.store, ident.sop_uid, False)
+            self.writeback.mark_removed(target.store, ident, False)
         self._keep_listed(target, None if altered else size)
         if evict:
             self.cache.evict(self._key(target))

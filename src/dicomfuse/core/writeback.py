@@ -73,6 +73,12 @@ _UNKNOWN = "unknown"
 _HEALTHCARE_PATH_RE = re.compile(r"/(?:v1|v1beta1)(/projects/[^/]+/locations/[^/]+/datasets/[^/]+)")
 
 GroupKey = tuple[str, str]  # (store, StudyInstanceUID)
+InstanceKey = tuple[str, str, str, str]  # (store, study, series, SOP Instance UID)
+
+
+def instance_key(store: str, uids: DicomUids) -> InstanceKey:
+    """One instance of a store: its three UIDs (the same SOP UID in two series is two)."""
+    return (store, uids.study_uid, uids.series_uid, uids.sop_uid)
 
 
 def queue_dir(cache_root: Path) -> Path:
@@ -355,7 +361,9 @@ class WriteBackQueue:
         # Protected by _cond:
         self._groups: dict[GroupKey, dict[str, _Entry]] = {}  # pending, in submit order per study
         self._where: dict[str, GroupKey] = {}  # pending id -> its group
-        self._by_sop: dict[tuple[str, str], str] = {}  # (store, SOP UID) -> pending (not in flight) id
+        # (store, study, series, SOP UID) -> pending (not in flight) id. An instance is its three
+        # UIDs: an edited copy of one in another study (same SOP UID) is another upload.
+        self._by_instance: dict[InstanceKey, str] = {}
         self._in_flight: dict[str, QueuedUpload] = {}
         self._submitting: set[str] = set()  # ids being journaled by submit()
         self._failed: dict[str, QueuedUpload] = {}
@@ -677,11 +685,11 @@ class WriteBackQueue:
             return list(group)
         return failed
 
-    def cancel(self, store: str, sop_uid: str) -> QueuedUpload | None:
+    def cancel(self, store: str, uids: DicomUids) -> QueuedUpload | None:
         """Drop the queued copy of this instance that is not being sent yet (its file was
         removed in the mount): its bytes and record go, it is never sent. None if there is none."""
         with self._cond:
-            item_id = self._by_sop.get((store, sop_uid))
+            item_id = self._by_instance.get(instance_key(store, uids))
             if item_id is None:
                 return None
             item = self._pop_pending(item_id).item
@@ -692,49 +700,52 @@ class WriteBackQueue:
         self._status_changed()
         return item
 
-    def mark_removed(self, store: str, sop_uid: str, removed: bool = True) -> bool:
+    def mark_removed(self, store: str, uids: DicomUids, removed: bool = True) -> bool:
         """Say (journaled) that the copy of this instance being sent now was removed in the
         mount, so the instance is deleted from the server once the server confirms it, also
         after a restart; ``removed=False`` takes that back (the rm failed, or the file was written
         again). Returns whether a copy is being sent."""
         with self._cond:
+            key = instance_key(store, uids)
             marked = [replace(i, removed=removed) for i in self._in_flight.values()
-                      if (i.store, i.uids.sop_uid) == (store, sop_uid) and i.removed != removed]
+                      if instance_key(i.store, i.uids) == key and i.removed != removed]
             for item in marked:
                 self._in_flight[item.id] = item
-            sending = any((i.store, i.uids.sop_uid) == (store, sop_uid) for i in self._in_flight.values())
+            sending = any(instance_key(i.store, i.uids) == key for i in self._in_flight.values())
         for item in marked:
             self._rewrite_record(item)
         return sending
 
-    def queued_copy(self, store: str, sop_uid: str) -> Path | None:
+    def queued_copy(self, store: str, uids: DicomUids) -> Path | None:
         """The bytes of the newest copy of this instance still in the queue (waiting or being
         sent), or None."""
         with self._cond:
-            item_id = self._by_sop.get((store, sop_uid))
+            key = instance_key(store, uids)
+            item_id = self._by_instance.get(key)
             if item_id is not None:
                 return self._groups[self._where[item_id]][item_id].item.path
             for item in self._in_flight.values():
-                if (item.store, item.uids.sop_uid) == (store, sop_uid):
+                if instance_key(item.store, item.uids) == key:
                     return item.path
         return None
 
-    def sending(self, store: str, sop_uid: str) -> bool:
+    def sending(self, store: str, uids: DicomUids) -> bool:
         """Whether a copy of this instance is being sent now (it can no longer be cancelled)."""
+        key = instance_key(store, uids)
         with self._cond:
-            return any((i.store, i.uids.sop_uid) == (store, sop_uid) for i in self._in_flight.values())
+            return any(instance_key(i.store, i.uids) == key for i in self._in_flight.values())
 
-    def has_pending(self, store: str, sop_uid: str) -> bool:
+    def has_pending(self, store: str, uids: DicomUids) -> bool:
         """Whether a copy of this instance is queued and not yet being sent."""
         with self._cond:
-            return (store, sop_uid) in self._by_sop
+            return instance_key(store, uids) in self._by_instance
 
     def holds(self, store: str, study: str, series: str | None = None, sop: str | None = None) -> bool:
         """Whether an upload not ended yet (waiting or being sent) goes to this study, or to
         this series of it, or is this instance of that series."""
         with self._cond:
-            if sop is not None:
-                item_id = self._by_sop.get((store, sop))
+            if sop is not None and series is not None:
+                item_id = self._by_instance.get((store, study, series, sop))
                 waiting = [self._groups[self._where[item_id]][item_id].item] if item_id is not None else []
             else:
                 waiting = [e.item for e in self._groups.get((store, study), {}).values()]
@@ -783,8 +794,8 @@ class WriteBackQueue:
         ``[item]`` itself when it is the older of the two. ``newest``: True when ``item`` is a
         new submit (it wins), False when it comes back from a failed send (a pending one of its
         SOP was submitted after it was taken), None when recovering (queued_at decides)."""
-        sop_key = (item.store, item.uids.sop_uid)
-        other_id = self._by_sop.get(sop_key)
+        sop_key = instance_key(item.store, item.uids)
+        other_id = self._by_instance.get(sop_key)
         if other_id is not None and other_id != item.id:
             other_key = self._where[other_id]
             other = self._groups[other_key][other_id].item
@@ -797,7 +808,7 @@ class WriteBackQueue:
         key = (item.store, item.uids.study_uid)
         self._groups.setdefault(key, {})[item.id] = _Entry(item, not_before, backoff)
         self._where[item.id] = key
-        self._by_sop[sop_key] = item.id
+        self._by_instance[sop_key] = item.id
         return superseded
 
     def _pop_pending(self, item_id: str) -> _Entry:
@@ -806,9 +817,9 @@ class WriteBackQueue:
         entry = group.pop(item_id)
         if not group:
             del self._groups[key]
-        sop_key = (entry.item.store, entry.item.uids.sop_uid)
-        if self._by_sop.get(sop_key) == item_id:
-            del self._by_sop[sop_key]
+        sop_key = instance_key(entry.item.store, entry.item.uids)
+        if self._by_instance.get(sop_key) == item_id:
+            del self._by_instance[sop_key]
         return entry
 
     def _pick(self, now: float) -> tuple[tuple[GroupKey, list[QueuedUpload]] | None, float | None]:
@@ -820,12 +831,12 @@ class WriteBackQueue:
         retry time."""
         best: tuple[tuple[int, float], GroupKey, list[_Entry]] | None = None
         wake: float | None = None
-        flying = {(i.store, i.uids.sop_uid) for i in self._in_flight.values()}
+        flying = {instance_key(i.store, i.uids) for i in self._in_flight.values()}
         sending = Counter((i.store, i.uids.study_uid) for i in self._in_flight.values())
         for key, group in self._groups.items():
             # A study's batches go in parallel (a cp -r of one big study uses every worker), but
             # a newer copy of an instance waits until the older one being sent is confirmed.
-            entries = [e for e in group.values() if (e.item.store, e.item.uids.sop_uid) not in flying]
+            entries = [e for e in group.values() if instance_key(e.item.store, e.item.uids) not in flying]
             fresh = [e for e in entries if not e.backoff]
             ready = [e for e in entries if e.backoff and e.not_before <= now]
             later = [e.not_before for e in entries if e.backoff and e.not_before > now]
