@@ -867,6 +867,16 @@ def test_truncated_single_part_raises(fake: FakeDicomweb) -> None:
         fake_store(fake).retrieve("1", "2", "3", io.BytesIO())
 
 
+@pytest.mark.parametrize("status", [204, 200])
+def test_an_empty_answer_to_a_retrieve_is_never_a_file(fake: FakeDicomweb, status: int) -> None:
+    """dcm4chee answers 204 to a retrieve of UIDs it does not hold (an instance another client
+    deleted since it was listed): cp copied it as a file of 0 bytes, exit 0."""
+    fake.route = lambda *_: (status, {"Content-Type": "application/dicom"} if status == 200 else {}, b"")
+    with pytest.raises(NotFound if status == 204 else StoreError) as info:
+        fake_store(fake).retrieve("1", "2", "3", io.BytesIO())
+    assert isinstance(info.value, NotFound) == (status == 204)
+
+
 def test_truncated_multipart_raises(fake: FakeDicomweb) -> None:
     body = b"--bnd\r\nContent-Type: application/dicom\r\n\r\n" + b"y" * 5000 + b"\r\n--bnd--"
     content_type = 'multipart/related; type="application/dicom"; boundary="bnd"'

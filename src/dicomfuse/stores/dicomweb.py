@@ -1495,6 +1495,10 @@ def _copy_instance(
     """Stream a WADO-RS answer into ``sink``: the first part of a multipart body, or a
     single-part body; raise if it is cut short. With ``check``, an answer in another transfer
     syntax than the stored one raises :class:`Transcoded` before any byte reaches ``sink``."""
+    if response.status_code == 204:
+        # No content: dcm4chee answers so for UIDs it does not hold (an instance deleted by
+        # another client since it was listed). Never a file of 0 bytes.
+        raise NotFound(f"GET {safe_path(url)}: HTTP 204, no instance")
     media_type, params = parse_content_type(response.headers.get("Content-Type"))
     target: BinaryIO = sink if check is None else check  # type: ignore[assignment]
     with body_errors("GET", url):
@@ -1510,6 +1514,8 @@ def _copy_instance(
         else:
             shown = media_type if media_type in _NAMED_MEDIA_TYPES else "of another kind"
             raise StoreError(f"GET {safe_path(url)}: unexpected Content-Type {shown}")
+    if written == 0:  # a DICOM file has at least its data set; an empty answer is not one
+        raise StoreError(f"GET {safe_path(url)}: HTTP {response.status_code} with an empty body, no instance")
     if check is not None:
         check.finish()
     return written
