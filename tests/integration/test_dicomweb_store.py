@@ -414,11 +414,12 @@ class FakeDicomweb(LoopbackServer):
         super().__init__(self._answer)
         self.route: Callable[[str, str, dict[str, str], bytes], Answer] = lambda *_: (404, {}, b"")
         self.close_early = 0
+        self.stall_paths: tuple[str, ...] = ()  # requests to these never get an answer
         self.datasets: list[DicomwebDataset] = []
 
     def _answer(self, seen: Seen) -> Reply:
         status, headers, body = self.route(seen.method, seen.path, seen.headers, seen.body)
-        return Reply(status, body, headers, short_by=self.close_early)
+        return Reply(status, body, headers, short_by=self.close_early, stall=seen.path.startswith(self.stall_paths))
 
     @property
     def requests(self) -> list[tuple[str, str, dict[str, str]]]:
@@ -1086,3 +1087,27 @@ def test_an_unexpected_content_type_is_named_only_when_it_is_a_known_one(fake: F
     with pytest.raises(StoreError) as caught:
         fake_store(fake).retrieve("1", "2", "3", io.BytesIO())
     assert str(caught.value) == f"GET /dicom-web/studies/1/series/2/instances/3: unexpected Content-Type {named}"
+
+
+@pytest.mark.parametrize("system", ["503", "silent"])
+def test_an_orthanc_detection_that_could_not_ask_is_not_repeated_before_every_call(fake: FakeDicomweb,
+                                                                                   system: str) -> None:
+    """A proxy in front of /dicom-web that answers other paths 503, or drops them: the /system
+    probe was sent again before every lookup, each waiting the full timeout when silent (cp -r
+    of 24 files: 56 s instead of 1 s)."""
+    from dicomfuse.stores.http import RetryPolicy
+
+    def route(method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        if path.startswith("/system") or path.startswith("/tools") or path.startswith("/instances"):
+            return (503, {}, b"")
+        return (200, {"Content-Type": "application/dicom+json"}, b"[]")
+
+    fake.route = route
+    if system == "silent":
+        fake.stall_paths = ("/system",)
+    ds = DicomwebDataset(fake.url, orthanc_rest_url="auto", retry=RetryPolicy(attempts=1), timeout=(1.0, 0.5))
+    fake.datasets.append(ds)
+    for uid in ("1.2.3", "1.2.4", "1.2.5"):
+        assert list(ds.store.studies(uid)) == []
+        assert list(ds.store.series(uid)) == []
+    assert sum(1 for _, path, _ in fake.requests if path.startswith("/system")) == 1

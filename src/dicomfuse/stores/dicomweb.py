@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -106,6 +107,7 @@ STOW_BATCH_BYTES = 64 * 1024 * 1024
 ORTHANC_ID_CACHE = 100_000  # SOP UID -> Orthanc ID entries remembered per store
 STUDY_IDS_REUSE_S = 10.0  # a walk reuses the study listing of the last few seconds (find lists the store first)
 ORTHANC_LIST_MATCH = 50  # SOP UIDs per /tools/find when asking which of them a series holds
+ORTHANC_DETECT_RETRY_S = 60.0  # a detection that could not ask (5xx, refused) is tried again after this
 ORTHANC_FIND_PAGE = 10_000  # resources per /tools/find page when walking Orthanc's index
 SYNTAX_CACHE_ENTRIES = 100_000  # instances whose stored transfer syntax is remembered per store
 SYNTAX_TTL_S = 30.0  # a series' stored transfer syntaxes are searched again after this long
@@ -220,6 +222,12 @@ class OrthancRest:
                 response = client.request(method, probe, data=body, attempts=1, passthrough=range(300, 600),
                                           headers={"Content-Type": "application/json"} if body else None)
             except Unavailable as exc:
+                if exc.timed_out:
+                    # Silent past the timeout (a proxy that drops other paths than DICOMweb's):
+                    # asked again before each call, every call would wait as long.
+                    logger.info("Orthanc's REST API did not answer %s %s within the timeout: reading through "
+                                "DICOMweb only, which lists no file sizes", method, safe_path(probe))
+                    return False
                 logger.debug("Orthanc detection at %s failed: %s", safe_path(probe), exc)
                 return None
             with response:
@@ -677,6 +685,7 @@ class DicomwebStore:
         self._orthanc_lock = threading.Lock()  # protects _orthanc and _orthanc_known
         self._orthanc: OrthancRest | None = None
         self._orthanc_known = orthanc_rest_url is None
+        self._orthanc_unsure_at = -math.inf  # when detection last could not ask
         if orthanc_rest_url not in (None, "auto"):
             self._orthanc = OrthancRest(client, str(orthanc_rest_url))
             self._orthanc_known = True
@@ -710,13 +719,19 @@ class DicomwebStore:
     # -- Orthanc ----------------------------------------------------------------------------------
 
     def orthanc(self) -> OrthancRest | None:
-        """Orthanc's REST API when configured or detected (detection asks once)."""
+        """Orthanc's REST API when configured or detected (detection asks once; when it could
+        not ask, a 5xx or a refused connection, it asks again ``ORTHANC_DETECT_RETRY_S`` later,
+        not before every call)."""
         with self._orthanc_lock:
             if self._orthanc_known:
                 return self._orthanc
+            if time.monotonic() - self._orthanc_unsure_at < ORTHANC_DETECT_RETRY_S:
+                return None
         base = self._orthanc_base_url()
         detected = OrthancRest.detect(self.client, base) if base else False
         with self._orthanc_lock:
+            if detected is None:
+                self._orthanc_unsure_at = time.monotonic()
             if detected is not None and not self._orthanc_known:
                 self._orthanc = OrthancRest(self.client, base) if detected and base else None
                 self._orthanc_known = True
