@@ -120,6 +120,26 @@ def test_retry_after_seconds_is_honoured_and_capped(
     assert sleeps.delays == [3.0, 5.0]
 
 
+def test_a_5xx_retry_after_is_waited_only_within_the_calls_budget(server: ScriptedServer,
+                                                                   sleeps: RecordingSleep) -> None:
+    """A server answering every request 503 with Retry-After 60: one ls waited 4 minutes (4
+    retries of 60 s) whatever --httpTimeout said. The waits stop short of unavailable_wait:
+    the call ends with the error instead of waiting past it."""
+    http = HttpClient(make_session(pool_size=4), timeout=(2, 5), retry=RetryPolicy(), sleep=sleeps)
+    try:
+        server.script(Reply(503, headers={"Retry-After": "12"}))
+        with pytest.raises(Unavailable):
+            http.request("GET", f"{server.url}/maintenance")
+        assert sleeps.delays == [12.0, 12.0] and len(server.seen) == 3  # a third wait would pass 30 s
+        server.script(Reply(503, headers={"Retry-After": "60"}))
+        sleeps.delays.clear()
+        with pytest.raises(Unavailable):
+            http.request("GET", f"{server.url}/maintenance")
+        assert sleeps.delays == []  # longer than the whole budget: said at once
+    finally:
+        http.close()
+
+
 def test_a_quota_exceeded_is_waited_out_beyond_the_attempts(server: ScriptedServer, client: HttpClient,
                                                              sleeps: RecordingSleep) -> None:
     """429 (Google's per-minute quotas): retried with its own growing backoff for up to

@@ -78,13 +78,16 @@ class RetryPolicy:
     """How often and how long to wait. ``attempts`` counts the first try (1 = no retry).
     ``throttled_wait``: 429 answers (a quota exceeded, counted per minute on Google Cloud) are
     retried, with their own backoff, until this many seconds were spent waiting for them; they
-    use none of ``attempts``, which would give up within seconds."""
+    use none of ``attempts``, which would give up within seconds. ``unavailable_wait``: the
+    waits before retries of 5xx answers in one call stop short of this many seconds (a
+    ``Retry-After`` past it ends the call: an ``ls`` does not hang for minutes)."""
 
     attempts: int = 5
     backoff_base: float = 0.5
     backoff_max: float = 20.0
     retry_after_max: float = 60.0
     throttled_wait: float = 90.0
+    unavailable_wait: float = 30.0
 
     def backoff(self, retry_number: int) -> float:
         """Exponential backoff with jitter for the ``retry_number``-th retry (1-based): a random
@@ -467,6 +470,7 @@ class HttpClient:
         attempt = 0
         throttled = 0  # 429 answers so far
         throttled_waited = 0.0
+        unavailable_waited = 0.0  # on 5xx and transport errors, bounded by the policy's unavailable_wait
         while True:
             attempt += 1
             last_try = attempt >= max_attempts
@@ -486,7 +490,9 @@ class HttpClient:
                 if last_try or not (safe_to_repeat or never_sent(exc)) or _hopeless(exc) or (silent and silent_before):
                     raise _transport_error(method, url, exc) from exc
                 silent_before = silent_before or silent
-                self._wait(method, url, attempt, max_attempts, type(exc).__name__, None)
+                delay = self.retry.delay(attempt, None)
+                self._wait(method, url, attempt, max_attempts, type(exc).__name__, delay)
+                unavailable_waited += delay
                 continue
             status = response.status_code
             if 200 <= status < 300 or status in passthrough:
@@ -510,10 +516,14 @@ class HttpClient:
                 self._sleep(delay)
                 attempt -= 1
                 continue
-            if status in RETRYABLE_STATUSES and repeatable and not last_try:
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            delay = self.retry.delay(attempt, retry_after)
+            if status in RETRYABLE_STATUSES and repeatable and not last_try \
+                    and unavailable_waited + delay <= self.retry.unavailable_wait:
+                # Not past the budget: a 503 with Retry-After 60 would hold one ls for 4 minutes.
                 response.close()
-                self._wait(method, url, attempt, max_attempts, f"HTTP {status}", retry_after)
+                self._wait(method, url, attempt, max_attempts, f"HTTP {status}", delay)
+                unavailable_waited += delay
                 continue
             try:
                 error = error_for_response(method, url, response, bad_request=bad_request)
@@ -531,9 +541,8 @@ class HttpClient:
         attempt: int,
         max_attempts: int,
         cause: str,
-        retry_after: float | None,
+        delay: float,
     ) -> None:
-        delay = self.retry.delay(attempt, retry_after)
         logger.info(
             "%s %s: %s, retry %d/%d in %.2f s",
             method,
