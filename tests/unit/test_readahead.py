@@ -91,6 +91,33 @@ def test_an_idle_folder_gets_its_queue_cancelled():
     assert sorted(rec.cancelled) == sorted(NAMES[2:6])
 
 
+def test_a_reader_that_stopped_gets_its_queue_cancelled_with_no_further_open():
+    """A reader read two files in order, then opened nothing more: what it queued was fetched
+    all the same (27 downloads after it stopped, the last 22 s later), as only an open swept."""
+    ra, rec, clock = make(window=4)
+    open_(ra, 0)
+    open_(ra, 1)
+    clock.now = 5
+    ra.sweep()
+    assert rec.cancelled == []  # not idle yet
+    clock.now = 11
+    ra.sweep()
+    assert sorted(rec.cancelled) == sorted(NAMES[2:6])
+    ra.close()
+
+
+def test_the_sweep_timer_runs_while_something_is_queued():
+    from tests.mounting import wait_for
+
+    rec = Recorder()
+    ra = ReadAhead(4, rec.names_of, rec.fetch, rec.cancel, idle=0.05)  # the real clock
+    open_(ra, 0)
+    open_(ra, 1)
+    wait_for(lambda: sorted(rec.cancelled) == sorted(NAMES[2:6]), 10, what="the idle sweep")
+    ra.close()
+    assert ra._timer is None
+
+
 def test_no_room_stops_for_now_and_resumes_from_there():
     ra, rec, _ = make(window=4, room=2)
     open_(ra, 0)

@@ -5,7 +5,8 @@ before they are asked for.
 The pattern is per folder: two opens in a row at consecutive positions (or a step or two ahead,
 as parallel readers do) start it; each further open keeps ``window`` files ahead. An open far
 from the last one (random access) stops it and cancels what is queued but not started, and so
-does a folder left alone for ``idle`` seconds. Fetching, single-flight and the cache bound are
+does a folder left alone for ``idle`` seconds (seen at the next open, or by a timer while anything
+is queued: a reader that stopped opens nothing more). Fetching, single-flight and the cache bound are
 the instance cache's business; this only decides *what* to fetch.
 """
 
@@ -63,6 +64,10 @@ class ReadAhead:
         self._clock = clock
         self._lock = threading.Lock()
         self._patterns: OrderedDict[DicomPath, _Pattern] = OrderedDict()  # guarded by _lock
+        # While anything is scheduled, a timer sweeps idle folders: with no further open (the
+        # reader stopped), nothing else would cancel what they queued. Guarded by _lock.
+        self._timer: threading.Timer | None = None
+        self._closed = False
 
     def opened(self, path: DicomPath) -> None:
         """A file was opened for reading; fetch ahead if that continues a pattern."""
@@ -102,6 +107,26 @@ class ReadAhead:
             with self._lock:
                 pattern.scheduled.add(p.name)
                 pattern.ahead = max(pattern.ahead, pattern.index.get(p.name, pattern.ahead))
+                self._arm()
+
+    def sweep(self) -> None:
+        """Cancel what folders left alone for ``idle`` seconds scheduled (the timer calls this
+        while anything is scheduled)."""
+        with self._lock:
+            self._timer = None
+            dropped = self._sweep_idle(self._clock(), keep=None)
+            if any(p.scheduled for p in self._patterns.values()):
+                self._arm()
+        for p in dropped:
+            self._cancel(p)
+
+    def close(self) -> None:
+        """Stop the sweeping timer (the mount is going away)."""
+        with self._lock:
+            self._closed = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -132,7 +157,14 @@ class ReadAhead:
         pattern.scheduled -= set(dropped)
         return [folder.child(n) for n in dropped]
 
-    def _sweep_idle(self, now: float, keep: DicomPath) -> list[DicomPath]:
+    def _arm(self) -> None:
+        """Caller holds _lock. Start the sweeping timer unless it runs."""
+        if self._timer is None and not self._closed:
+            self._timer = threading.Timer(self.idle, self.sweep)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _sweep_idle(self, now: float, keep: DicomPath | None) -> list[DicomPath]:
         """Caller holds _lock. Cancel what idle folders scheduled."""
         dropped: list[DicomPath] = []
         for folder, pattern in self._patterns.items():

@@ -340,6 +340,7 @@ class Vfs:
 
     def shutdown(self) -> None:
         """Close handles, stop pools, wipe the instance cache (the spool of failures stays)."""
+        self.readahead.close()
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()
