@@ -18,8 +18,10 @@ from dicomfuse.core.uploads import (
     Spool,
     is_sidecar,
     orphans_warning,
+    process_started_at,
     read_sidecar,
     sidecar_path,
+    writer_alive,
 )
 from dicomfuse.samples import make_uid, write_instance
 from tests.conftest import PATIENT_NAME
@@ -94,6 +96,30 @@ def test_orphans_are_files_of_dead_writers(spool):
     found = spool.orphans()
     assert sorted(found) == sorted([orphan, previous_life])
     assert own.exists() and own2.exists() and live.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process start times are read from /proc")
+def test_a_live_pid_that_started_after_the_spool_is_not_its_writer(spool):
+    """pid reuse: a mount that was pid 1 of a container, killed mid-upload; after the restart
+    pid 1 is alive again, but it started after the file's spool was made, so it is not the
+    writer: the file is an orphan (status lists it, retry finds it, the next start rescues it)."""
+    parent = os.getppid()
+    started = process_started_at(parent)
+    assert started is not None and started <= time.time()
+    reused = part(spool, parent, b"r", when=int(started) - 60)  # written before the live process started
+    live = part(spool, parent, b"y", when=int(started))  # its own spool, made the second it started
+    assert writer_alive(parent, int(started)) and not writer_alive(parent, int(started) - 60)
+    assert spool.orphans() == [reused]
+    kept = spool.rescue_orphans()
+    assert len(kept) == 1 and kept[0].read_bytes() == b"r" and not reused.exists()
+    assert live.exists()
+
+
+def test_where_start_times_cannot_be_read_a_live_pid_keeps_its_files(spool, monkeypatch):
+    monkeypatch.setattr("dicomfuse.core.uploads.process_started_at", lambda pid: None)
+    live = part(spool, os.getppid(), b"y", when=1000)
+    assert spool.orphans() == []
+    assert live.exists()
 
 
 def test_rescue_orphans_keeps_bytes_with_a_reason_and_drops_empty_ones(spool, tmp_path):

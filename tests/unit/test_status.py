@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -185,6 +186,22 @@ def test_uploads_left_unconfirmed_by_a_sync_mount_that_stopped(cache, capsys):
     assert str(orphan) in capsys.readouterr().out
     orphan.unlink()
     assert status_report(cache)[1] == EXIT_CLEAN  # what a live mount writes is no reason to worry
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process start times are read from /proc")
+def test_an_upload_whose_pid_a_later_process_took_is_listed(cache, capsys):
+    """A sync mount that was pid 1 of a container, killed mid-upload: after the restart a new
+    pid 1 runs, but it started after the file was named: status lists it and exits 1."""
+    spool_dir = cache / "spool"
+    spool_dir.mkdir(parents=True)
+    orphan = spool_dir / f"{os.getppid()}-1000-0.part"  # the parent of this test started after 1970
+    orphan.write_bytes(b"o" * 2000)
+    text, code = status_report(cache)
+    assert code == EXIT_FAILED
+    assert f"  {orphan}  2.0 KiB  (not confirmed uploaded; dicomfuse retry sends it)\n" in text
+    from dicomfuse.cli.retry import gather
+
+    assert [item.path for item in gather(cache)] == [orphan]
 
 
 def test_status_help_gives_the_exit_codes(capsys):

@@ -4,8 +4,9 @@ A file that fails keeps its bytes in ``spool/failed`` and the user is told where
 sidecar ``<file>.json`` beside it says for which store and why (never patient data), and
 ``dicomfuse retry`` sends them again.
 
-Spool files are named ``<pid>-<time>-<n>.part``: a file whose writer process is gone (the
-mount was killed while writing or uploading it) is an *orphan*, rescued into ``failed/`` at the
+Spool files are named ``<pid>-<time>-<n>.part`` (``<time>``: when the writer made its spool,
+after it started): a file whose writer process is gone (the mount was killed while writing or
+uploading it; another process that started later may have its pid) is an *orphan*, rescued into ``failed/`` at the
 next start (:meth:`Spool.rescue_orphans`).
 """
 
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,13 +137,50 @@ def files_in(folder: Path) -> list[Path]:
 
 pid_alive = portable.pid_alive  # re-exported: status and retry use it from here
 
+# Seconds a process must have started after the time in a spool file's name before it is known
+# not to be its writer: both times are truncated to the second (the name's and the boot time's),
+# and one more covers a small step of the clock.
+START_SLACK = 2.0
+
+
+def process_started_at(pid: int) -> float | None:
+    """When the process ``pid`` started (epoch seconds), or None when it cannot be told (not
+    Linux, no such process, /proc not readable). Linux: field 22 of ``/proc/<pid>/stat`` (clock
+    ticks since boot) plus the boot time (``btime`` of ``/proc/stat``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        # the command name (field 2) is in parentheses and may hold spaces or parentheses itself
+        fields = stat_line[stat_line.rindex(b")") + 1:].split()
+        ticks = int(fields[22 - 3])  # fields[0] is field 3 (the state)
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def writer_alive(pid: int, written_at: int) -> bool:
+    """Whether the process that named a spool file ``<pid>-<written_at>-<n>`` may still be
+    running: a process of that pid exists and did not start after ``written_at`` (a spool is
+    made by a running process, so its name's time is after its writer started; a process that
+    started later has only reused the pid: pid 1 of a restarted container, a service after a
+    reboot). Where the start time cannot be told (not Linux), a live pid counts as the writer."""
+    if not pid_alive(pid):
+        return False
+    started = process_started_at(pid)
+    return started is None or started < written_at + START_SLACK
+
 
 def orphan_files(directory: Path, suffix: str = PART_SUFFIX) -> list[Path]:
     """Spool files of ``directory`` (``<pid>-<time>-<n>.part``, or another ``suffix``) whose
-    writer is gone: its process is dead, or it has this process's pid but was not written by a
-    spool of this process (a restart that reused the pid, as in a container). A live process of
-    another pid keeps its files: a running mount's uploads in progress are never orphans. Reads
-    only (``dicomfuse status`` uses it on a mount's folder)."""
+    writer is gone: its process is dead, or the process with its pid started after the file's
+    spool was made (the pid was reused: pid 1 in a restarted container), or it has this
+    process's pid but was not written by a spool of this process. A live writer of another pid
+    keeps its files: a running mount's uploads in progress are never orphans. Reads only
+    (``dicomfuse status`` uses it on a mount's folder)."""
     try:
         names = sorted(os.listdir(directory))
     except OSError:
@@ -158,7 +197,7 @@ def orphan_files(directory: Path, suffix: str = PART_SUFFIX) -> list[Path]:
         if pid == own_pid:
             if f"{parts[0]}-{parts[1]}" in _OWN_PREFIXES:
                 continue
-        elif pid_alive(pid):
+        elif writer_alive(pid, int(parts[1])):
             continue
         path = directory / name
         if path.is_file():
