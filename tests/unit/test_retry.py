@@ -232,6 +232,25 @@ def test_usage_errors(env, capsys):
     assert kept.exists()
 
 
+def test_a_cache_folder_this_user_cannot_read_is_an_error_not_nothing_to_retry(env, capsys, monkeypatch):
+    src, _ = env.dicom()
+    env.failed_sync(src, "scan.dcm", "ct")
+    spool = env.cache / "spool"
+    real = os.listdir
+
+    def listdir(path="."):
+        if Path(path) == spool or spool in Path(path).parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    assert env.run() == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert "Nothing to retry" not in captured.out
+    assert captured.err == (f"dicomfuse retry: error: cannot read {spool}: Permission denied (run as the user the "
+                            "mount runs as)\n")
+
+
 def test_a_wrong_address_is_said_even_when_nothing_is_to_be_sent(env, capsys):
     """With no failed upload, a mistyped address exited 0 with "Nothing to retry", as if it
     were right; a server's address is not contacted for that."""

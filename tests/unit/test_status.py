@@ -204,10 +204,48 @@ def test_an_upload_whose_pid_a_later_process_took_is_listed(cache, capsys):
     assert [item.path for item in gather(cache)] == [orphan]
 
 
+def deny_reading(monkeypatch, folder: Path) -> None:
+    """``folder`` and what is under it cannot be listed, as for a user other than the mount's
+    (chmod cannot show it when the tests run as root)."""
+    real = os.listdir
+
+    def listdir(path="."):
+        if Path(path) == folder or folder in Path(path).parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+
+
+def test_a_cache_folder_this_user_cannot_read_is_an_error_not_all_clear(cache, capsys, monkeypatch):
+    """status run by another user than the mount's (an admin, a monitoring check) must not say
+    "nothing waiting, none failed" and exit 0 while failed uploads are there."""
+    failed = cache / "spool" / "failed"
+    failed.mkdir(parents=True)
+    (failed / "20250101-000000-0-scan.dcm").write_bytes(b"x")
+    deny_reading(monkeypatch, cache / "spool")
+    assert run_status(["--cacheDir", str(cache)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"dicomfuse status: cannot read {cache / 'spool'}: Permission denied (run as the user "
+                            "the mount runs as)\n")
+
+
+def test_only_an_unreadable_queue_folder_is_said_too(cache, capsys, monkeypatch):
+    (cache / "spool" / "failed").mkdir(parents=True)
+    queue_dir(cache).mkdir()
+    deny_reading(monkeypatch, queue_dir(cache))
+    assert run_status(["--cacheDir", str(cache)]) == 2
+    assert f"cannot read {queue_dir(cache)}: Permission denied" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert run_status(["--cacheDir", str(cache)]) == EXIT_CLEAN  # folders missing or empty: all clear
+
+
 def test_status_help_gives_the_exit_codes(capsys):
     assert run_status(["--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "1 some uploads failed or were left unconfirmed by a mount that stopped" in out
+    assert "2 the cache folder is not a folder or cannot be read by this user" in out
     assert "3 uploads pending" in out
 
 

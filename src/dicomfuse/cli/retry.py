@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dicomfuse.cli.settings import parse_http_timeout
+from dicomfuse.cli.status import unreadable
 from dicomfuse.core import portable
 from dicomfuse.core.uploads import (
     FailedInfo,
@@ -94,6 +95,10 @@ def run_retry(argv: list[str]) -> int:
         print(f"dicomfuse retry: error: --cacheDir: {root} is not a folder (give the mount's --cacheDir)",
               file=sys.stderr)
         return EXIT_USAGE
+    problem = unreadable(root)
+    if problem is not None:  # an unreadable folder must not read as "nothing to retry" either
+        print(f"dicomfuse retry: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return _retry(root, ns)
     except _Usage as exc:
@@ -107,7 +112,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         description="Send the failed uploads kept in the cache folder again. A file is deleted once the "
                     "server confirmed it; a file the server already holds identically counts as sent; a "
                     "different version on the server is never overwritten. "
-                    "Exit code: 0 all sent (nothing left to send), 1 some remain, 2 usage error. "
+                    "Exit code: 0 all sent (nothing left to send), 1 some remain, 2 usage error (or the cache "
+                    "folder cannot be read by this user). "
                     "With --dry-run: 0 nothing needs sending (none, or all already on the server), "
                     "3 they would all be sent (nothing was), 1 some would remain.",
     )

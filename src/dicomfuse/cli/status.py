@@ -14,6 +14,8 @@ named by UIDs, generated IDs or the user's file names, so nothing here is patien
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import time
 from collections import defaultdict
@@ -40,8 +42,10 @@ EXIT_PENDING = 3
 SYNC_FAILED_DIR = ("spool", "failed")
 SPOOL_DIR = "spool"
 ORPHAN_NOTE = "not confirmed uploaded; dicomfuse retry sends it"
+EXIT_UNUSABLE = 2  # the cache folder is not a folder, or this user cannot read it
 HELP_EXIT_CODES = ("Exit code: 0 nothing pending or failed; 1 some uploads failed or were left unconfirmed by a "
-                   "mount that stopped; 3 uploads pending (none failed).")
+                   "mount that stopped; 2 the cache folder is not a folder or cannot be read by this user; "
+                   "3 uploads pending (none failed).")
 STALE_GRACE = 5.0  # seconds beyond three missed heartbeats before a mount counts as gone
 
 
@@ -100,7 +104,11 @@ def run_status(argv: list[str]) -> int:
     if ns.cacheDir is not None and not root.is_dir():
         # A mistyped folder must not read as "nothing pending, nothing failed".
         print(f"dicomfuse status: {root} is not a folder (give the mount's --cacheDir)", file=sys.stderr)
-        return 2
+        return EXIT_UNUSABLE
+    problem = unreadable(root)
+    if problem is not None:
+        print(f"dicomfuse status: {problem}", file=sys.stderr)
+        return EXIT_UNUSABLE
     text, code = status_report(root)
     print(text, end="")
     return code
@@ -108,6 +116,26 @@ def run_status(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # reading
+
+
+def unreadable(cache_root: Path) -> str | None:
+    """Why this user cannot read the folders of ``cache_root`` that status and retry read, in
+    one line, or None when it can (a folder that does not exist holds nothing: fine). The
+    readers below take an unreadable folder for an empty one: a user other than the mount's
+    (an admin, a monitoring check) would be told "nothing pending, nothing failed"."""
+    hint = "(run as the user the mount runs as)"
+    if cache_root.is_dir() and not os.access(cache_root, os.X_OK):  # name the folder that stops it
+        return f"cannot read {cache_root}: {os.strerror(errno.EACCES)} {hint}"
+    spool = cache_root / SPOOL_DIR
+    queue = queue_dir(cache_root)
+    for folder in (spool, cache_root.joinpath(*SYNC_FAILED_DIR), queue, queue / FAILED_DIR):
+        try:
+            os.listdir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            return f"cannot read {folder}: {exc.strerror or exc} {hint}"
+    return None
 
 
 def _pending(queue: Path) -> list[QueuedUpload]:
