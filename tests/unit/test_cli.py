@@ -258,3 +258,22 @@ def test_a_key_file_for_an_address_that_is_not_a_healthcare_dataset_is_said_to_b
         server.stop()
     assert rc == 1
     assert "--keyFile is not used" in (tmp_path / "logs" / "info.log").read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no SIGHUP on Windows")
+def test_sighup_during_the_shutdown_only_prints_still_unmounting():
+    """Closing the terminal (or losing the SSH session) while the shutdown waits for uploads
+    must not end the process: the cache of patient data would stay on disk."""
+    import subprocess
+
+    code = ("import logging, os, signal\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "from dicomfuse.cli.main import _ignore_interrupts\n"
+            "_ignore_interrupts()\n"
+            "for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):\n"
+            "    os.kill(os.getpid(), sig)\n"
+            "print('shutdown finished')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "shutdown finished\n"
+    assert "Still unmounting" in result.stderr

@@ -349,8 +349,8 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
         if refolder:
             os.makedirs(mount_point, exist_ok=True)
         if main_thread:  # the shutdown is done and the program ends: a late Ctrl+C changes nothing
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in _STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
     log.info("Unmounted %s; cache wiped", settings.mountPath)
     return 0
 
@@ -373,19 +373,25 @@ def _on_interrupt(signum: int, frame: object) -> None:
                     "itself, within a minute)")
 
 
+# Signals that end the process by default and that libfuse handles while the mount runs. SIGHUP:
+# the terminal closed or the SSH session dropped during the (up to a minute) shutdown.
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def _ignore_interrupts() -> None:
     """Once the mount is gone, finish the shutdown (uploads in flight, the cache wipe) whatever
-    Ctrl+C or SIGTERM comes next: each one gets a note. A terminal's Ctrl+C reaches a single-file
-    build twice (its bootloader forwards its own copy), a user presses it again, a service
-    manager sends SIGTERM: any of them would cut the shutdown short and leave patient data in
-    the cache. Called by the adapter as soon as the mount is gone (libfuse has just given both
-    signals back their default action, which ends the process at once), and again after."""
+    Ctrl+C, SIGTERM or SIGHUP comes next: each one gets a note. A terminal's Ctrl+C reaches a
+    single-file build twice (its bootloader forwards its own copy), a user presses it again, a
+    service manager sends SIGTERM, the terminal is closed or the SSH session drops (SIGHUP): any
+    of them would cut the shutdown short and leave patient data in the cache. Called by the
+    adapter as soon as the mount is gone (libfuse has just given these signals back their
+    default action, which ends the process at once), and again after."""
     if not _SHUTDOWN.is_set():
         log.debug("The mount is gone: finishing the shutdown")
     _SHUTDOWN.set()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_interrupt)
-        signal.signal(signal.SIGTERM, _on_interrupt)
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, _on_interrupt)
 
 
 def is_mounted(mount_point: str | Path) -> bool:
