@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dicomfuse.cli.main import EXIT_USAGE, main
-from dicomfuse.core.workdirs import FolderError, WorkDirs, private_dir
+from dicomfuse.core.workdirs import FolderError, WorkDirs, private_dir, user_dir
 from dicomfuse.core.writeback import WriteBackQueue, queue_dir, record_paths
 from dicomfuse.dicomfile import DicomUids
 
@@ -58,7 +58,30 @@ def test_a_cache_folder_the_mount_creates_is_private(tmp_path: Path):
         os.umask(old)
     work.wipe()
     assert mode(tmp_path / "new" / "cache") == 0o700
-    assert mode(tmp_path / "new") == 0o755  # a parent it had to make: as mkdir -p makes it
+    assert mode(tmp_path / "new") == 0o700  # a parent it had to make: private too (XDG base directories)
+
+
+@posix_only
+@pytest.mark.parametrize("folder", ["cache", "logs"])
+def test_parents_made_under_umask_000_are_private_and_existing_ones_keep_their_mode(tmp_path: Path, folder):
+    """Under umask 000 the first start made ~/.local, ~/.local/state, ~/.cache... 0777: another
+    user could swap the log folder in them for one of theirs and read the mount's log."""
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chmod(home, 0o755)
+    old = os.umask(0)
+    try:
+        if folder == "cache":
+            target = home / ".cache" / "dicomfuse"
+            WorkDirs(target).wipe()
+        else:
+            target = home / ".local" / "state" / "dicomfuse" / "log"
+            user_dir(target)
+    finally:
+        os.umask(old)
+    made = [p for p in target.parents if home in p.parents] + [target]
+    assert made and all(mode(p) == 0o700 for p in made), [(p, oct(mode(p))) for p in made]
+    assert mode(home) == 0o755
 
 
 @posix_only

@@ -43,13 +43,37 @@ def folder_problem(path: Path, exc: OSError) -> str:
     return f"{path} cannot be used ({exc.strerror or exc}{where})"
 
 
+def make_parents(path: Path) -> None:
+    """Create the missing parents of ``path``, each 0700 whatever the umask (as the XDG base
+    directory spec asks of ``~/.cache`` and ``~/.local/state``): under umask 000, ``mkdir -p``
+    would make them 0777, and another user could then swap the folder below for one of theirs.
+    A parent that exists, or that another process made meanwhile, is left as it is. Raises
+    OSError when one cannot be made (a file in the way, no permission)."""
+    missing = []
+    parent = path.parent
+    while not parent.is_dir():
+        missing.append(parent)
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue  # made meanwhile by another process: not ours to change
+        os.chmod(folder, 0o700)  # ours: 0700 whatever the umask
+
+
 def user_dir(path: Path) -> Path:
     """The folder the user gave (or the default one): used as it is when it exists, whatever
-    its mode (it may be shared); created 0700 (and missing parents as ``mkdir -p`` would) when
-    it does not. Raises OSError when it cannot be (a file, no permission)."""
+    its mode (it may be shared); created 0700 (and its missing parents too, see
+    :func:`make_parents`) when it does not. Raises OSError when it cannot be (a file, no
+    permission)."""
     if path.is_dir():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(path)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -61,11 +85,12 @@ def user_dir(path: Path) -> Path:
 
 
 def private_dir(path: Path, *, windows: bool = portable.WINDOWS) -> Path:
-    """This program's own folder ``path``, 0700: created so (missing parents as ``mkdir -p``
-    would), or, when it exists, checked to be a real folder of this user and made 0700. Raises
-    FolderError for a symbolic link, something that is not a folder, or a folder of another user:
-    in a shared parent someone else may have made it, to read what would be put in it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """This program's own folder ``path``, 0700: created so (missing parents too, see
+    :func:`make_parents`), or, when it exists, checked to be a real folder of this user and made
+    0700. Raises FolderError for a symbolic link, something that is not a folder, or a folder of
+    another user: in a shared parent someone else may have made it, to read what would be put in
+    it."""
+    make_parents(path)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
