@@ -203,7 +203,8 @@ def test_a_missing_fuse_library_is_one_clear_line_not_a_traceback(tmp_path):
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 1
     assert "FUSE is not installed or could not be loaded" in result.stderr and "Traceback" not in result.stderr
-    assert not list((tmp_path / "cache" / "mounts").iterdir()), "the cache of the mount that never came is wiped"
+    left = [p for p in (tmp_path / "cache" / "mounts").iterdir() if p.name != ".lock"]  # Windows: the starts' lock
+    assert not left, "the cache of the mount that never came is wiped"
 
 
 def test_a_mistyped_command_is_named_not_taken_for_a_mount(capsys):

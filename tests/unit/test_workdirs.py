@@ -208,3 +208,76 @@ def test_retry_with_a_cache_folder_that_is_not_one_is_an_error_not_nothing_to_re
                  "--logDir", str(tmp_path / "logs")]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "--cacheDir" in err and "is not a folder" in err
+
+
+def test_a_start_never_sweeps_the_cache_folder_another_start_is_making(tmp_path: Path, monkeypatch):
+    """Two mounts starting at the same moment on one cache folder: one start's new folder has no
+    mount.lock yet (or one not taken yet) when the other sweeps stale caches; it must not be
+    taken for a stale one and removed (the live mount would lose its cache; its start would fail
+    with an unexpected FileNotFoundError)."""
+    import threading
+
+    from dicomfuse.core import portable, workdirs
+
+    root = tmp_path / "cache"
+    WorkDirs(root).wipe()  # the layout exists, no mount lives
+    real_private_dir, real_try_lock = workdirs.private_dir, portable.try_lock
+    this_start = threading.get_ident()
+    other: dict[str, object] = {}
+    other_swept_or_waits = threading.Event()
+
+    def try_lock(fd: int, **kwargs: bool) -> bool:
+        got = real_try_lock(fd, **kwargs)
+        if not got and threading.get_ident() != this_start:
+            other_swept_or_waits.set()  # the other start waits for this one
+        return got
+
+    def other_start() -> None:
+        try:
+            other["work"] = WorkDirs(root)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            other["error"] = exc
+        finally:
+            other_swept_or_waits.set()
+
+    def private_dir(path: Path, **kwargs: bool) -> Path:
+        made = real_private_dir(path, **kwargs)
+        if path.parent == root / "mounts" and threading.get_ident() == this_start and "thread" not in other:
+            # this start's new folder exists and its mount.lock does not yet: the other start now
+            thread = other["thread"] = threading.Thread(target=other_start)
+            thread.start()
+            assert other_swept_or_waits.wait(60)
+        return made
+
+    monkeypatch.setattr(workdirs, "private_dir", private_dir)
+    monkeypatch.setattr(portable, "try_lock", try_lock)
+    work = WorkDirs(root)
+    thread = other["thread"]
+    assert isinstance(thread, threading.Thread)
+    thread.join(60)
+    assert "error" not in other, other.get("error")
+    second = other["work"]
+    assert isinstance(second, WorkDirs)
+    assert work.cache.is_dir() and second.cache.is_dir() and work.mount_dir != second.mount_dir
+    work.wipe()
+    second.wipe()
+
+
+def test_stale_caches_are_moved_aside_then_removed_also_those_a_stopped_start_left(tmp_path: Path, caplog):
+    caplog.set_level("INFO", logger="dicomfuse.core.workdirs")
+    root = tmp_path / "cache"
+    live = WorkDirs(root)
+    try:
+        crashed = root / "mounts" / "0123"
+        (crashed / "cache").mkdir(parents=True)
+        (crashed / "cache" / "a.dcm").write_bytes(b"x")
+        (crashed / "mount.lock").write_bytes(b"")  # free: its process is gone
+        (root / "mounts" / ".stale-4567" / "cache").mkdir(parents=True)  # a start stopped removing it
+        caplog.clear()
+        work = WorkDirs(root)
+        assert sorted(p.name for p in (root / "mounts").iterdir()) == sorted([live.mount_dir.name,
+                                                                              work.mount_dir.name])
+        assert "Removed the instance cache of 2 mount(s)" in caplog.text
+        work.wipe()
+    finally:
+        live.wipe()

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +25,28 @@ from dicomfuse.core import portable
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "mount.lock"
+MOUNTS_LOCK_NAME = ".lock"  # Windows: mounts/.lock (elsewhere the folder mounts/ itself is locked)
+STALE_PREFIX = ".stale-"  # mounts/.stale-<id>: a stale cache being removed
+MOUNTS_LOCK_WAIT = 60.0  # seconds; it is held for a few renames and a mkdir
+
+
+def _lock_mounts(mounts: Path, *, windows: bool = portable.WINDOWS) -> int:
+    """Take the lock that a start holds while it sweeps stale caches and makes its own folder
+    (waiting while another start holds it); return its fd, to close. Linux and macOS: an flock
+    on the folder ``mounts`` itself (no file to leave in it); Windows cannot open a folder:
+    ``mounts/.lock``."""
+    if windows:
+        fd = portable.open_fd(mounts / MOUNTS_LOCK_NAME, os.O_CREAT | os.O_RDWR)
+    else:
+        fd = os.open(mounts, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    deadline = time.monotonic() + MOUNTS_LOCK_WAIT
+    while not portable.try_lock(fd, windows=windows):
+        if time.monotonic() > deadline:
+            os.close(fd)
+            raise FolderError(f"{mounts} has been locked by another dicomfuse start for {MOUNTS_LOCK_WAIT:.0f} s; "
+                              "try again")
+        time.sleep(0.02)
+    return fd
 
 
 class FolderError(Exception):
@@ -141,34 +164,58 @@ class WorkDirs:
         self.mounts = private_dir(root / "mounts")
         self.spool = private_dir(root / "spool")
         self.failed = private_dir(self.spool / "failed")
-        self._wipe_stale_mounts()
-        self.mount_dir = private_dir(self.mounts / uuid.uuid4().hex)
-        self._lock_fd = portable.open_fd(self.mount_dir / LOCK_NAME, os.O_CREAT | os.O_RDWR)
-        if not portable.try_lock(self._lock_fd):
-            raise RuntimeError(f"cannot lock the new cache folder {self.mount_dir}")
+        # A start's new folder has no mount.lock yet, or one not taken yet: another start's sweep
+        # must not see it then (it would remove a live mount's cache). Sweeping and creating are
+        # done holding mounts/.lock; the stale caches are removed after it is released.
+        guard = _lock_mounts(self.mounts)
+        try:
+            stale = self._take_stale_mounts()
+            self.mount_dir = private_dir(self.mounts / uuid.uuid4().hex)
+            self._lock_fd = portable.open_fd(self.mount_dir / LOCK_NAME, os.O_CREAT | os.O_RDWR)
+            if not portable.try_lock(self._lock_fd):
+                raise RuntimeError(f"cannot lock the new cache folder {self.mount_dir}")
+        finally:
+            os.close(guard)
+        self._remove(stale)
         self.cache = private_dir(self.mount_dir / "cache")
         self.side = private_dir(self.mount_dir / "side")
 
-    def _wipe_stale_mounts(self) -> None:
-        """Remove cache dirs of mounts whose process is gone (their lock is free)."""
-        removed = 0
+    def _take_stale_mounts(self) -> list[Path]:
+        """Rename the cache folders of mounts whose process is gone (their lock is free) out of
+        the way (``.stale-<id>``), and return them with those a start that stopped while removing
+        them left, to be removed once mounts/.lock is released. Expects mounts/.lock held."""
+        stale: list[Path] = []
         for child in self.mounts.iterdir():
+            if child.name == MOUNTS_LOCK_NAME:
+                continue
+            if child.name.startswith(STALE_PREFIX):
+                stale.append(child)
+                continue
             lock_path = child / LOCK_NAME
             try:
                 fd = portable.open_fd(lock_path, os.O_RDWR)
-            except FileNotFoundError:
+            except FileNotFoundError:  # a mount that stopped before it made its lock
                 fd = -1
             except OSError:
                 continue
             if fd >= 0:
                 free = portable.try_lock(fd)
-                os.close(fd)  # before the rmtree: Windows cannot delete a file that is open
+                os.close(fd)  # before the rename: Windows cannot move a folder with a file open in it
                 if not free:
                     continue  # a live mount holds it
-            shutil.rmtree(child, ignore_errors=True)
-            removed += 1
-        if removed:
-            log.info("Removed the instance cache of %d mount(s) that ended without cleaning up", removed)
+            target = self.mounts / f"{STALE_PREFIX}{uuid.uuid4().hex}"
+            try:
+                os.rename(child, target)
+            except OSError:
+                target = child  # removed where it is
+            stale.append(target)
+        return stale
+
+    def _remove(self, stale: list[Path]) -> None:
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        if stale:
+            log.info("Removed the instance cache of %d mount(s) that ended without cleaning up", len(stale))
 
     def wipe(self) -> None:
         """Remove this mount's cache (the spool stays)."""
