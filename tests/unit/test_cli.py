@@ -278,3 +278,39 @@ def test_sighup_during_the_shutdown_only_prints_still_unmounting():
     assert result.returncode == 0, result.stderr
     assert result.stdout == "shutdown finished\n"
     assert "Still unmounting" in result.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="WinFsp takes the mount point itself")
+def test_a_second_start_on_a_mount_point_being_mounted_is_refused(tmp_path: Path, capsys):
+    """Two starts on one mount point at the same moment both passed the early checks and both
+    mounted, stacked: the one that comes second to the mount point's lock is refused."""
+    import fcntl
+    import os
+
+    from dicomfuse.cli.main import UsageError, claim_mount_point
+
+    (tmp_path / "ds" / "store").mkdir(parents=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    first = claim_mount_point(str(mnt))  # the other start: it holds the folder while it mounts
+    try:
+        argv = ["-a", str(tmp_path / "ds"), "-p", str(mnt), "--cacheDir", str(tmp_path / "cache"),
+                "--logDir", str(tmp_path / "logs")]
+        assert main(argv) == EXIT_USAGE
+        assert capsys.readouterr().err == f"dicomfuse: error: --mountPath: another dicomfuse is mounting on {mnt}\n"
+        assert not (tmp_path / "cache").exists(), "refused before anything was made"
+    finally:
+        os.close(first)
+    second = claim_mount_point(str(mnt))  # free again once the first start ends
+    try:
+        probe = os.open(mnt, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
+    finally:
+        os.close(second)
+    (mnt / "file").write_text("x")  # checked again once the lock is held
+    with pytest.raises(UsageError, match="is not empty"):
+        claim_mount_point(str(mnt))

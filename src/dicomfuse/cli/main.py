@@ -224,9 +224,53 @@ def _clear_dead_mount(path: Path) -> None:
                 "connected); it was unmounted", path)
 
 
+def claim_mount_point(path: str, platform: str = sys.platform) -> int:
+    """Linux and macOS: an flock on the mount point folder, held by the start that mounts there
+    for the mount's life (return the fd, to close at the end; -1 on Windows, where the mount
+    point itself is taken when WinFsp makes it). check_mount_path ran long before the mount: two
+    starts at the same moment (a service started twice, a retry loop) both passed it and both
+    mounted, stacked, the first hidden and still running. The fd is opened before anything is
+    mounted there, so it is the folder underneath; once it is held, the folder is checked again
+    (a start that finished mounting meanwhile: its mount is found)."""
+    if platform == "win32":
+        return -1
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise UsageError(f"--mountPath: cannot open {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"--mountPath: another dicomfuse is mounting on {path}") from None
+        except OSError as exc:  # a file system without flock: mount as before
+            log.debug("Cannot lock the mount point %s (%s): not guarded against a second start",
+                      path, exc.strerror or exc)
+        if os.path.ismount(path):
+            raise UsageError(f"--mountPath: {path} is already a mount point")
+        if os.listdir(path):
+            raise UsageError(f"--mountPath: {path} is not empty")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> int:
     """Open the dataset, check it answers, mount in the foreground; clean up on exit.
     ``on_mounted`` runs on its own thread once the mount is up."""
+    mount_point = check_mount_path(settings.mountPath)
+    claim = claim_mount_point(mount_point)
+    try:
+        return _mount_at(mount_point, settings, on_mounted)
+    finally:
+        if claim >= 0:
+            os.close(claim)
+
+
+def _mount_at(mount_point: str, settings: Settings, on_mounted: Callable[[], None] | None) -> int:
     from dicomfuse.backends import adapter_name, options
     from dicomfuse.core.vfs import Vfs, VfsConfig
     from dicomfuse.core.workdirs import FolderError, WorkDirs, folder_problem
@@ -235,7 +279,6 @@ def mount(settings: Settings, on_mounted: Callable[[], None] | None = None) -> i
     from dicomfuse.stores.base import Forbidden, NotFound, StoreError, Unavailable, lists_sizes
     from dicomfuse.stores.open import open_dataset, without_login
 
-    mount_point = check_mount_path(settings.mountPath)
     try:
         dataset = open_dataset(settings.datasetAddr, key_file=settings.keyFile, orthanc_rest=settings.orthancRest,
                                pool_size=settings.downloadThreads + 4, timeout=settings.httpTimeout,
