@@ -314,3 +314,25 @@ def test_a_second_start_on_a_mount_point_being_mounted_is_refused(tmp_path: Path
     (mnt / "file").write_text("x")  # checked again once the lock is held
     with pytest.raises(UsageError, match="is not empty"):
         claim_mount_point(str(mnt))
+
+
+def test_a_held_write_back_queue_is_named_for_what_holds_it(tmp_path: Path, capsys):
+    """A sync mount sending uploads an earlier one left holds the queue too: the refusal must not
+    say that a write-back mount uses the folder."""
+    from dicomfuse.core.writeback import WriteBackQueue, queue_dir
+
+    (tmp_path / "ds" / "store").mkdir(parents=True)
+    (tmp_path / "mnt").mkdir()
+    cache = tmp_path / "cache"
+    queue_dir(cache).mkdir(parents=True)
+    holder = WriteBackQueue(queue_dir(cache), lambda store, items: [], settle=0.0)  # the other mount
+    try:
+        assert main(["-a", str(tmp_path / "ds"), "-p", str(tmp_path / "mnt"), "--uploadMode", "writeback",
+                     "--cacheDir", str(cache), "--logDir", str(tmp_path / "logs")]) == EXIT_USAGE
+    finally:
+        holder.stop()
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"dicomfuse: error: --uploadMode writeback: another running mount holds the write-back queue of "
+                   f"the cache folder {cache} (a write-back mount, or one sending uploads an earlier mount left); "
+                   "give this one its own --cacheDir, or stop that mount first")
+    assert "in write-back mode uses" not in err

@@ -340,8 +340,11 @@ def _mount_at(mount_point: str, settings: Settings, on_mounted: Callable[[], Non
     except QueueBusy:
         dataset.close()
         workdirs.wipe()
-        raise UsageError(f"--uploadMode writeback: another mount in write-back mode uses the cache folder "
-                         f"{workdirs.root}; give this one its own --cacheDir") from None
+        # The holder is a write-back mount, or a mount of either mode sending the uploads an
+        # earlier one left (it holds the queue until it ends).
+        raise UsageError(f"--uploadMode writeback: another running mount holds the write-back queue of the cache "
+                         f"folder {workdirs.root} (a write-back mount, or one sending uploads an earlier mount "
+                         "left); give this one its own --cacheDir, or stop that mount first") from None
     except FolderError as exc:  # the write-back queue's folders (spool/writeback) are checked too
         dataset.close()
         workdirs.wipe()
