@@ -51,6 +51,15 @@ class DicomFactory:
         write_instance(path, study_uid, series_uid, sop_uid, pixel_bytes=pixel_bytes, **kwargs)  # type: ignore[arg-type]
         return SampleInstance(path, study_uid, series_uid, sop_uid)
 
+    def edited_copy(self, original: SampleInstance, pixel_bytes: int = 3000) -> SampleInstance:
+        """Another file of ``original``'s SOP Instance UID in another study and series (an edited
+        copy stored beside it, as anonymisers and corrections make)."""
+        study_uid, series_uid = make_uid(self.seed, "study", 8), make_uid(self.seed, "series", 8, 8)
+        path = self.folder / f"edited-{original.sop_uid}.dcm"
+        write_instance(path, study_uid, series_uid, original.sop_uid, pixel_bytes=pixel_bytes,
+                       patient_name=PATIENT_NAME)
+        return SampleInstance(path, study_uid, series_uid, original.sop_uid)
+
     def series(self, n: int, study: int = 0, series: int = 0, **kwargs: object) -> list[SampleInstance]:
         return [self.instance(study, series, **kwargs) for _ in range(n)]
 

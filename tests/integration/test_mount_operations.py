@@ -517,10 +517,7 @@ def test_two_instances_of_one_sop_uid_in_two_series_each_read_their_own_bytes(
     if backend.name == "local":
         pytest.skip("the local store keeps one copy per SOP Instance UID whatever its series")
     a = dicom.instance(study=0, series=0, pixel_bytes=2000)
-    edited = tmp_path / "edited.dcm"
-    study, series = make_uid(dicom.seed, "study", 8), make_uid(dicom.seed, "series", 8, 8)
-    write_instance(edited, study, series, a.sop_uid, pixel_bytes=3000)
-    b = type(a)(edited, study, series, a.sop_uid)
+    b = dicom.edited_copy(a)
     backend.seed([a, b])
     try:
         m = mount_factory(backend)
