@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dicomfuse.core.workdirs import make_parents
 from dicomfuse.samples import write_samples
 from dicomfuse.stores.local import LocalDataset
 
@@ -30,7 +31,7 @@ def ensure_demo_dataset(root: Path) -> Path:
     root = Path(root)
     if _is_non_empty_folder(root):
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(root)  # ~/.local/share: 0700 as the XDG spec asks, not 0777 under umask 000
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
     try:
         _build_demo_dataset(staging)

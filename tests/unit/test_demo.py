@@ -69,3 +69,17 @@ def test_refuses_a_file(tmp_path: Path) -> None:
     (tmp_path / "demo").write_text("x")
     with pytest.raises(NotADirectoryError):
         ensure_demo_dataset(tmp_path / "demo")
+
+
+def test_missing_parents_are_private_under_umask_000(tmp_path: Path) -> None:
+    """~/.local/share made by the demo's first run was 0777 under umask 000 (mkdir -p)."""
+    import os
+    import stat
+
+    old = os.umask(0)
+    try:
+        ensure_demo_dataset(tmp_path / "local" / "share" / "demo")
+    finally:
+        os.umask(old)
+    for made in (tmp_path / "local", tmp_path / "local" / "share"):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
