@@ -16,7 +16,7 @@ from dicomfuse.dicomfile import DicomUids
 from dicomfuse.samples import SampleInstance, make_uid, write_instance, write_samples
 from dicomfuse.stores.base import Dataset, NotFound, Store, StoreError, Transcoded, Unavailable, Unsupported
 from dicomfuse.stores.dicomweb import DicomwebDataset, DicomwebStore, store_name_from_url
-from tests.conftest import PATIENT_NAME
+from tests.conftest import PATIENT_NAME, DicomFactory
 from tests.fakes.http_server import LoopbackServer, Reply, Seen
 from tests.orthanc_server import OrthancServer
 
@@ -1111,3 +1111,60 @@ def test_an_orthanc_detection_that_could_not_ask_is_not_repeated_before_every_ca
         assert list(ds.store.studies(uid)) == []
         assert list(ds.store.series(uid)) == []
     assert sum(1 for _, path, _ in fake.requests if path.startswith("/system")) == 1
+
+
+class _FileSink:
+    """A sink that is a file, as the instance cache's is (it names its path)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()
+
+    def write(self, data: bytes) -> int:
+        return self._file.write(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def test_a_body_ended_by_the_connection_and_cut_is_asked_for_again(tmp_path: Path, dicom: DicomFactory) -> None:
+    """An HTTP/1.0-style server (no Content-Length, not chunked: the body ends when the
+    connection closes) whose connection drops in the middle: the cut file was served as
+    complete, cp exit 0. The DICOM file is checked instead, and the rest is asked for again."""
+    import http.server
+    import socketserver
+    import threading
+
+    whole = dicom.instance(pixel_bytes=8192).path.read_bytes()
+    answers: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):  # HTTP/1.0: the connection closes after each answer
+        def do_GET(self) -> None:  # noqa: N802
+            body = whole if answers else whole[:6000]  # the first answer is cut
+            answers.append(len(body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        from dicomfuse.stores.http import RetryPolicy
+
+        ds = DicomwebDataset(f"http://127.0.0.1:{server.server_address[1]}/dicom-web", orthanc_rest_url=None,
+                             retry=RetryPolicy(attempts=3, backoff_base=0.01, backoff_max=0.02))
+        sink = _FileSink(tmp_path / "copy.dcm")
+        try:
+            written = ds.store.retrieve("1.2.3", "1.2.4", "1.2.5", sink)  # type: ignore[arg-type]
+        finally:
+            sink.close()
+            ds.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answers == [6000, len(whole)]
+    assert written == len(whole) and (tmp_path / "copy.dcm").read_bytes() == whole

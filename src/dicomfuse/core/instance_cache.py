@@ -87,6 +87,12 @@ class _ProgressSink:
         self._limit = limit
         self._outgrown = outgrown
 
+    @property
+    def path(self) -> Path:
+        """The file the bytes go to: a store that cannot tell from HTTP whether an answer came
+        whole (a body ended by closing the connection) checks the DICOM file itself."""
+        return self._entry.path
+
     def write(self, data: bytes) -> int:
         entry = self._entry
         if entry.written + len(data) > self._limit:

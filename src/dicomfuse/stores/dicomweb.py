@@ -28,6 +28,7 @@ import requests
 if TYPE_CHECKING:
     from dicomfuse.dicomfile import DicomUids  # pydicom is imported only when uploading
 
+from dicomfuse.dicomfile import check_upload
 from dicomfuse.stores.base import (
     InstanceInfo,
     InvalidDicom,
@@ -1533,6 +1534,9 @@ def _copy_instance(
         raise StoreError(f"GET {safe_path(url)}: HTTP {response.status_code} with an empty body, no instance")
     if check is not None:
         check.finish()
+    if not media_type.startswith("multipart/") and "Content-Length" not in response.headers \
+            and not getattr(response.raw, "chunked", False):
+        _check_whole(url, sink, written)
     return written
 
 
@@ -1555,6 +1559,20 @@ def _copy_first_part(
             continue
         reader.feed(chunk)
     return reader.finish()
+
+
+def _check_whole(url: str, sink: BinaryIO, written: int) -> None:
+    """A single-part body ended by closing the connection (HTTP/1.0 style: no Content-Length,
+    not chunked): a connection cut in the middle looks the same as its end, so the DICOM file
+    is checked instead: one whose last element runs past its end was cut (the rest is asked
+    for again). Only where the sink is a file (the instance cache)."""
+    path = getattr(sink, "path", None)
+    if path is None:
+        return
+    problem = check_upload(Path(path))
+    if isinstance(problem, str) and "truncated" in problem:
+        raise TransferCut(f"GET {safe_path(url)}: body ended by the connection after {written} bytes, "
+                          "and the DICOM file is cut short")
 
 
 def _copy_single_part(url: str, response: requests.Response, sink: BinaryIO) -> int:

@@ -368,6 +368,11 @@ class ResumingSink:
         self._sum_at_resume = 1
         self._check = 1  # Adler-32 of this attempt's bytes, up to _resume_at
 
+    @property
+    def path(self) -> object:
+        """The real sink's file, if it is one (see ``dicomweb._check_whole``)."""
+        return getattr(self.sink, "path", None)
+
     def restart(self) -> None:
         self.received = 0
         self._resume_at, self._sum_at_resume, self._check = self.delivered, self._sum, 1
