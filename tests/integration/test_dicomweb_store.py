@@ -1168,3 +1168,16 @@ def test_a_body_ended_by_the_connection_and_cut_is_asked_for_again(tmp_path: Pat
         server.server_close()
     assert answers == [6000, len(whole)]
     assert written == len(whole) and (tmp_path / "copy.dcm").read_bytes() == whole
+
+
+def test_search_results_with_tags_in_lower_case_are_read(fake: FakeDicomweb, caplog: pytest.LogCaptureFixture) -> None:
+    """A server writing DICOM JSON tags in lower case (PS3.18 F.2 asks for upper case): the
+    store listed empty, cp -r copied nothing with exit 0, and no log line said why."""
+    studies = [{"0020000d": {"vr": "UI", "Value": [f"1.2.{n}"]}} for n in range(3)]
+    fake.route = lambda *_: (200, {"Content-Type": "application/dicom+json"}, json.dumps(studies).encode())
+    assert list(fake_store(fake).studies()) == ["1.2.0", "1.2.1", "1.2.2"]
+    # Answers with no UID at all are still empty, and now said at WARNING.
+    fake.route = lambda *_: (200, {"Content-Type": "application/dicom+json"}, b'[{"00100010": {"vr": "PN"}}]')
+    with caplog.at_level("WARNING"):
+        assert list(fake_store(fake).studies()) == []
+    assert "none with its UID" in caplog.text

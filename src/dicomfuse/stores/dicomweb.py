@@ -155,6 +155,8 @@ def _first_value(entry: object, tag: str) -> Any:
     if not isinstance(entry, dict):
         return None
     element = entry.get(tag)
+    if element is None:
+        element = entry.get(tag.lower())  # PS3.18 F.2 asks for upper case; some servers write lower
     if not isinstance(element, dict):
         return None
     values = element.get("Value")
@@ -996,6 +998,10 @@ class DicomwebStore:
                 fresh += 1
                 yield uid, entry
             if fresh == 0:
+                if page.entries and not seen:
+                    logger.warning("%s: GET %s: %d search results, none with its UID (%s): not DICOM JSON as "
+                                   "PS3.18 F.2 writes it; listed as empty", self.name, safe_path(url),
+                                   len(page.entries), uid_tag)
                 return
             count = len(page.entries)
             may_be_cut = self._may_be_cut(uid_tag, count)
