@@ -201,7 +201,29 @@ def test_a_login_in_a_dicomweb_address_goes_to_its_session_not_its_urls() -> Non
     dataset = open_dataset("http://ana%40lab:p%3Ass%2Fw%20rd@pacs.example.org:8042/dicom-web")
     assert isinstance(dataset, FakeDicomwebDataset)
     assert dataset.url == "http://pacs.example.org:8042/dicom-web"
-    assert dataset.session.auth == HTTPBasicAuth("ana@lab", "p:ss/w rd")  # type: ignore[attr-defined]
+    auth = dataset.session.auth  # type: ignore[attr-defined]
+    assert (auth.username, auth.password) == ("ana@lab", "p:ss/w rd")
+    # Sent to that host and port only: not to an --orthancRest elsewhere, nor after a redirect.
+    import requests
+
+    def sent(url: str) -> str | None:
+        return auth(requests.Request("GET", url).prepare()).headers.get("Authorization")
+
+    assert sent("http://pacs.example.org:8042/dicom-web/studies") == \
+        HTTPBasicAuth("ana@lab", "p:ss/w rd")(requests.Request("GET", "http://x").prepare()).headers["Authorization"]
+    assert sent("http://pacs.example.org:8043/tools/find") is None
+    assert sent("http://other.example.org:8042/dicom-web/studies") is None
+
+
+@pytest.mark.parametrize("address", ["http://alice:pa/SECRET@127.0.0.1:8042/dicom-web",
+                                     "http://alice:pa#SECRET@127.0.0.1:8042/dicom-web",
+                                     "http://alice:pa?SECRET@127.0.0.1:8042/dicom-web"])
+def test_a_login_with_unencoded_characters_is_refused_without_showing_it(address: str) -> None:
+    """urlsplit ends the host at the first / ? #: the rest of the password became the path,
+    printed in 'Cannot reach the dataset: GET /SECRET@127.0.0.1:…' and every log."""
+    with pytest.raises(ValueError, match="percent-encoded") as info:
+        open_dataset(address)
+    assert "SECRET" not in str(info.value) and "pa" not in str(info.value).split(":")[0]
 
 
 @pytest.mark.parametrize(("address", "shown"), [

@@ -57,6 +57,31 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "PUT"})
 _ERROR_BODY_READ_LIMIT = 16 * 1024
 
 
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return (parts.hostname or "").lower(), parts.port or (443 if parts.scheme.lower() == "https" else 80)
+
+
+class HostAuth(requests.auth.HTTPBasicAuth):
+    """HTTP basic authentication sent to one host and port only: the server the login was
+    given with (``url``), not an --orthancRest on another host, nor a redirect's target."""
+
+    def __init__(self, username: str, password: str, *, url: str) -> None:
+        super().__init__(username, password)
+        self.host = _host_port(url)
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if _host_port(request.url or "") != self.host:
+            return request
+        return super().__call__(request)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HostAuth) and (self.username, self.password, self.host) == (
+            other.username, other.password, other.host)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def make_session(pool_size: int = 16, ca_bundle: str | os.PathLike[str] | None = None) -> requests.Session:
     """A session with one pooled adapter for http and https, sized for ``pool_size`` concurrent
     requests to one host. urllib3's own retries are off: :class:`HttpClient` retries."""

@@ -55,6 +55,18 @@ def split_login(address: str) -> tuple[str, tuple[str, str] | None]:
     return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
 
 
+def check_authority(address: str) -> None:
+    """Raise ValueError when the host and port of an http(s) address cannot be read, as when a
+    password holds an unencoded ``/ ? # @`` (``http://u:pa/ss@host``: the host would be
+    ``u``, the rest of the password a path, shown in messages). Never repeats the address."""
+    parts = urlsplit(address.strip())
+    host_port = parts.netloc.rsplit("@", 1)[-1]
+    port = host_port.rsplit(":", 1)[1] if ":" in host_port and not host_port.endswith("]") else ""
+    if port and not port.isdigit():
+        raise ValueError("its host and port cannot be read: a user name or password holding / ? # @ or : must be "
+                         "percent-encoded (%2F %3F %23 %40 %3A), or put in ~/.netrc")
+
+
 def without_login(address: str) -> str:
     """``address`` as it may be shown or logged: a login in it (``USER:PASSWORD@``, with or without
     a scheme) is dropped."""
@@ -133,6 +145,8 @@ def open_dataset(
     scheme = scheme_match.group(1).lower()
     if scheme == "file":
         return _local_dataset(_file_url_path(text), text, rescan_interval)
+    if scheme in ("http", "https"):
+        check_authority(text)
     if scheme not in ("http", "https"):
         if _looks_like_a_host(shown):  # localhost:8042/dicom-web
             raise ValueError(f"{shown!r} has no http:// or https://: did you mean http://{shown}?")
@@ -219,17 +233,14 @@ def _dicomweb_dataset(
     ca_bundle: str | Path | None = None,
 ) -> Dataset:
     """``orthanc_rest``: "auto" (detect), None or "off" (never), or the REST API's URL."""
-    from requests.auth import HTTPBasicAuth
-
     from dicomfuse.stores.dicomweb import DicomwebDataset  # lazy: only remote mounts need it
-    from dicomfuse.stores.http import make_session
+    from dicomfuse.stores.http import HostAuth, make_session
 
     rest = None if orthanc_rest in (None, "off") else orthanc_rest
     url, login = split_login(url)
     session = make_session(pool_size, ca_bundle)
     if login is not None:
-        # Sent to this server only: requests drops it on a redirect to another host.
-        session.auth = HTTPBasicAuth(*login)
+        session.auth = HostAuth(*login, url=url)
     if timeout is None:
         dataset: Dataset = DicomwebDataset(url, session, orthanc_rest_url=rest)
     else:
