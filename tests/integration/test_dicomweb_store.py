@@ -1127,7 +1127,9 @@ class _FileSink:
         self._file.close()
 
 
-def test_a_body_ended_by_the_connection_and_cut_is_asked_for_again(tmp_path: Path, dicom: DicomFactory) -> None:
+@pytest.mark.parametrize("kind", ["image", "no-pixel-data"])
+def test_a_body_ended_by_the_connection_and_cut_is_asked_for_again(tmp_path: Path, dicom: DicomFactory,
+                                                                   kind: str) -> None:
     """An HTTP/1.0-style server (no Content-Length, not chunked: the body ends when the
     connection closes) whose connection drops in the middle: the cut file was served as
     complete, cp exit 0. The DICOM file is checked instead, and the rest is asked for again."""
@@ -1136,11 +1138,21 @@ def test_a_body_ended_by_the_connection_and_cut_is_asked_for_again(tmp_path: Pat
     import threading
 
     whole = dicom.instance(pixel_bytes=8192).path.read_bytes()
+    if kind == "no-pixel-data":  # image attributes, no pixel data: a spectroscopy object is so, whole
+        import io as _io
+
+        import pydicom
+
+        ds = pydicom.dcmread(_io.BytesIO(whole))
+        del ds.PixelData
+        out = _io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        whole = out.getvalue()
     answers: list[int] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):  # HTTP/1.0: the connection closes after each answer
         def do_GET(self) -> None:  # noqa: N802
-            body = whole if answers else whole[:6000]  # the first answer is cut
+            body = whole if answers or kind == "no-pixel-data" else whole[:6000]  # the image's first answer is cut
             answers.append(len(body))
             self.send_response(200)
             self.send_header("Content-Type", "application/dicom")
@@ -1166,7 +1178,7 @@ def test_a_body_ended_by_the_connection_and_cut_is_asked_for_again(tmp_path: Pat
     finally:
         server.shutdown()
         server.server_close()
-    assert answers == [6000, len(whole)]
+    assert answers == ([6000, len(whole)] if kind == "image" else [len(whole)])
     assert written == len(whole) and (tmp_path / "copy.dcm").read_bytes() == whole
 
 
@@ -1181,3 +1193,29 @@ def test_search_results_with_tags_in_lower_case_are_read(fake: FakeDicomweb, cap
     with caplog.at_level("WARNING"):
         assert list(fake_store(fake).studies()) == []
     assert "none with its UID" in caplog.text
+
+
+def test_an_orthanc_detection_that_fails_slowly_is_not_asked_again(fake: FakeDicomweb,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway that holds /system and then answers 504 (or closes): asked again every minute,
+    inline, the detection held a user's ls for as long each time (hunt 58: 30-60 s)."""
+    import time as _time
+
+    from dicomfuse.stores import dicomweb
+    from dicomfuse.stores.http import RetryPolicy
+
+    monkeypatch.setattr(dicomweb, "ORTHANC_DETECT_SLOW_S", 0.2)
+    monkeypatch.setattr(dicomweb, "ORTHANC_DETECT_RETRY_S", 0.0)  # a quick failure would be asked each time
+
+    def route(method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        if path.startswith("/system"):
+            _time.sleep(0.3)
+            return (504, {}, b"")
+        return (200, {"Content-Type": "application/dicom+json"}, b"[]")
+
+    fake.route = route
+    ds = DicomwebDataset(fake.url, orthanc_rest_url="auto", retry=RetryPolicy(attempts=1))
+    fake.datasets.append(ds)
+    for uid in ("1.2.3", "1.2.4", "1.2.5"):
+        assert list(ds.store.studies(uid)) == []
+    assert sum(1 for _, path, _ in fake.requests if path.startswith("/system")) == 1

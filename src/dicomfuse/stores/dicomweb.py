@@ -109,6 +109,7 @@ ORTHANC_ID_CACHE = 100_000  # SOP UID -> Orthanc ID entries remembered per store
 STUDY_IDS_REUSE_S = 10.0  # a walk reuses the study listing of the last few seconds (find lists the store first)
 ORTHANC_LIST_MATCH = 50  # SOP UIDs per /tools/find when asking which of them a series holds
 ORTHANC_DETECT_RETRY_S = 60.0  # a detection that could not ask (5xx, refused) is tried again after this
+ORTHANC_DETECT_SLOW_S = 3.0  # ... unless it failed only after this long: then never again
 ORTHANC_FIND_PAGE = 10_000  # resources per /tools/find page when walking Orthanc's index
 SYNTAX_CACHE_ENTRIES = 100_000  # instances whose stored transfer syntax is remembered per store
 SYNTAX_TTL_S = 30.0  # a series' stored transfer syntaxes are searched again after this long
@@ -731,7 +732,14 @@ class DicomwebStore:
             if time.monotonic() - self._orthanc_unsure_at < ORTHANC_DETECT_RETRY_S:
                 return None
         base = self._orthanc_base_url()
+        started = time.monotonic()
         detected = OrthancRest.detect(self.client, base) if base else False
+        if detected is None and time.monotonic() - started >= ORTHANC_DETECT_SLOW_S:
+            # Failed only after a long wait (a gateway's 504, a connection held then closed):
+            # asked again, it would hold a user's call as long. None for the mount's life.
+            logger.info("%s: Orthanc's REST API failed to answer after %.0f s: reading through DICOMweb only, "
+                        "which lists no file sizes", self.name, time.monotonic() - started)
+            detected = False
         with self._orthanc_lock:
             if detected is None:
                 self._orthanc_unsure_at = time.monotonic()
@@ -1567,6 +1575,9 @@ def _copy_first_part(
     return reader.finish()
 
 
+_CUT_PROBLEMS = ("truncated DICOM file", "truncated or corrupt DICOM", "no readable data set")
+
+
 def _check_whole(url: str, sink: BinaryIO, written: int) -> None:
     """A single-part body ended by closing the connection (HTTP/1.0 style: no Content-Length,
     not chunked): a connection cut in the middle looks the same as its end, so the DICOM file
@@ -1576,7 +1587,10 @@ def _check_whole(url: str, sink: BinaryIO, written: int) -> None:
     if path is None:
         return
     problem = check_upload(Path(path))
-    if isinstance(problem, str) and "truncated" in problem:
+    # Only what a cut body looks like: an element running past the end, a parse that fails, no
+    # data set after the file meta. Not the upload check's other doubts (an image SOP class
+    # without pixel data is a valid spectroscopy object, served as stored).
+    if isinstance(problem, str) and problem.startswith(_CUT_PROBLEMS):
         raise TransferCut(f"GET {safe_path(url)}: body ended by the connection after {written} bytes, "
                           "and the DICOM file is cut short")
 
