@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dicomfuse.core.errors import FsError
-from dicomfuse.core.instance_cache import InstanceCache
+from dicomfuse.core.instance_cache import InstanceCache, disk_block
 from dicomfuse.stores.base import Unavailable
 
 
@@ -114,6 +114,34 @@ def test_bound_evicts_lru_but_never_pinned(cache: InstanceCache):
     assert cache.known_size(key(1)) is None  # least recently used went first
     cache.release(entries[0])
     assert cache.used_bytes <= cache.capacity
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="disk blocks come from statvfs")
+def test_the_bound_counts_the_disk_blocks_small_files_take(tmp_path: Path):
+    """--cacheSize bounds the disk space: 1000-byte files take a whole block each, so forty
+    of them must not be kept under a bound of forty thousand bytes."""
+    block = disk_block(tmp_path)
+    assert block >= 512
+    capacity = 10 * block
+    cache = InstanceCache(tmp_path, capacity=capacity, ttl=100, workers=2, block=block)
+    cache.start()
+    try:
+        for n in range(40):
+            entry = cache.open(key(n), lambda sink, n=n: sink.write(blob(n)))
+            assert entry.wait_complete() == 1000
+            cache.release(entry)
+        cache.adopt(key(99), _written(tmp_path / "upload.dcm", blob(99)), link=True)  # an upload's copy
+        on_disk = sum(p.stat().st_blocks * 512 for p in tmp_path.glob("*.dcm") if p.name != "upload.dcm")
+        assert on_disk <= capacity and cache.used_bytes <= capacity
+        assert cache.known_size(key(39)) == 1000 and cache.known_size(key(99)) == 1000
+        assert cache.known_size(key(0)) is None, "the oldest made room"
+    finally:
+        cache.stop()
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def test_too_large_is_efbig(cache: InstanceCache):

@@ -233,10 +233,29 @@ DISK_MARGIN = 64 << 20
 being written and for other programs."""
 
 
+MAX_BLOCK = 16 * 1024
+"""A larger reported block (ZFS gives its record size) is not what a small file takes there."""
+
+
+def disk_block(directory: Path) -> int:
+    """The allocation unit of ``directory``'s disk, for :class:`InstanceCache`'s ``block``
+    (4 KiB where the system does not say, as on Windows: NTFS's usual cluster)."""
+    try:
+        disk = os.statvfs(directory) if hasattr(os, "statvfs") else None
+    except OSError:
+        disk = None
+    size = (disk.f_frsize or disk.f_bsize) if disk is not None else 4096
+    return min(MAX_BLOCK, max(1, size))
+
+
 class InstanceCache:
     """Bounded by ``capacity`` bytes (largest file ``capacity // 4``); entries older than ``ttl``
     seconds are fetched again on the next open, and their files deleted once nobody reads them
-    (patient data stays on disk no longer than asked). Entries in use are never evicted."""
+    (patient data stays on disk no longer than asked). Entries in use are never evicted.
+
+    ``block``: the disk's allocation unit; each file counts as its size rounded up to it, so
+    that the bound holds for the disk space used, not only for the bytes (a thousand 1 KiB files
+    take 4 MiB on a disk of 4 KiB blocks). :func:`disk_block` gives a folder's."""
 
     def __init__(
         self,
@@ -246,9 +265,11 @@ class InstanceCache:
         *,
         workers: int = 8,
         clock: Callable[[], float] = time.monotonic,
+        block: int = 1,
     ) -> None:
         self.directory = directory
         self.capacity = capacity
+        self.block = max(1, block)
         self.max_file = capacity // 4
         self.ttl = ttl
         self._clock = clock
@@ -260,7 +281,7 @@ class InstanceCache:
         self._over = False  # the last _make_room left the cache over its bound (files in use)
         self._lock = threading.Lock()
         # Protected by _lock: the index, LRU order, byte total (complete files plus the
-        # reservations of downloads in flight), entries' pins/last_used/reserved/prefetched.
+        # reservations of downloads in flight, each rounded up to whole blocks), entries' pins/last_used/reserved/prefetched.
         self._entries: OrderedDict[CacheKey, CachedInstance] = OrderedDict()
         self._bytes = 0
         self._typical = 0  # size of the last file completed: the guess for read-ahead of unknown size
@@ -382,9 +403,9 @@ class InstanceCache:
                 return True  # cached or in flight: single-flight
             # Unknown size: guess the last file's, or an eighth of the largest file at first.
             size = expected_size if expected_size is not None else (self._typical or self.max_file // 8)
-            self._make_room(size, keep_unread=True)
+            self._make_room(self._on_disk(size), keep_unread=True)
             # Read-ahead leaves room on the disk for a file someone asks for meanwhile.
-            if size > self.max_file or self._bytes + size > self._limit(headroom=size):
+            if size > self.max_file or self._bytes + self._on_disk(size) > self._limit(headroom=size):
                 self.prefetch_stats["refused"] += 1
                 return False
             if entry is not None:
@@ -416,7 +437,7 @@ class InstanceCache:
         entry = CachedInstance(key, self.directory / f"{next(self._names)}.dcm", now)
         self._entries[key] = entry
         entry.reserved = reserve
-        self._bytes += reserve
+        self._bytes += self._on_disk(reserve)
         self._in_flight.add(entry)
         self._make_room(0)
         os.close(portable.open_fd(entry.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC))
@@ -468,7 +489,7 @@ class InstanceCache:
                 os.chmod(entry.path, 0o600)
             entry.written, entry.complete = size, True
             self._entries[key] = entry
-            self._bytes += size
+            self._bytes += self._on_disk(size)
             self._make_room(0)
         return size
 
@@ -512,10 +533,14 @@ class InstanceCache:
                 if entry.pins <= 0:
                     self._unlink(entry)
             else:
-                self._bytes += entry.written - entry.reserved
+                self._bytes += self._on_disk(entry.written) - self._on_disk(entry.reserved)
                 entry.reserved = 0
                 self._typical = entry.written
                 self._make_room(0)
+
+    def _on_disk(self, size: int) -> int:
+        """The disk space a file of ``size`` bytes takes: whole blocks."""
+        return -(-size // self.block) * self.block
 
     def _disk_full(self) -> None:
         """A download found the cache's disk full: said once a minute at ERROR (the read fails
@@ -535,10 +560,10 @@ class InstanceCache:
         with self._lock:
             if entry.retired or entry.complete:
                 return
-            extra = entry.written - entry.reserved
-            if extra > 0:
-                entry.reserved += extra
-                self._bytes += extra
+            written = entry.written
+            if written > entry.reserved:
+                self._bytes += self._on_disk(written) - self._on_disk(entry.reserved)
+                entry.reserved = written
                 self._make_room(0)
 
     def _expired(self, entry: CachedInstance, now: float) -> bool:
@@ -558,7 +583,7 @@ class InstanceCache:
             del self._entries[entry.key]
         if not entry.retired:
             entry.retired = True
-            self._bytes -= entry.written if entry.complete else entry.reserved
+            self._bytes -= self._on_disk(entry.written if entry.complete else entry.reserved)
             entry.reserved = 0
             self._in_flight.discard(entry)
         if entry.pins <= 0:

@@ -23,7 +23,7 @@ from typing import TypeVar
 from dicomfuse.core import portable
 from dicomfuse.core.discovery import WalkDetector, build_tree
 from dicomfuse.core.errors import ENOATTR, FsError, from_store_error
-from dicomfuse.core.instance_cache import CachedInstance, CacheKey, InstanceCache
+from dicomfuse.core.instance_cache import CachedInstance, CacheKey, InstanceCache, disk_block
 from dicomfuse.core.paths import (
     DicomPath,
     Level,
@@ -245,7 +245,8 @@ class Vfs:
         self.writeback: WriteBackQueue | None = None
         self.listings = ListingCache(config.listing_ttl, keep=self._still_queued)
         self.cache = InstanceCache(
-            workdirs.cache, config.cache_bytes, config.instance_ttl, workers=config.download_workers
+            workdirs.cache, config.cache_bytes, config.instance_ttl, workers=config.download_workers,
+            block=disk_block(workdirs.cache),
         )
         self.readahead = ReadAhead(config.read_ahead, self._file_names, self._prefetch,
                                    lambda p: self.cache.cancel(self._key(p)))
