@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dicomfuse.core.errors import FsError
-from dicomfuse.core.instance_cache import InstanceCache, disk_block
+from dicomfuse.core.instance_cache import UNCLAIMED_GRACE, InstanceCache, disk_block
 from dicomfuse.stores.base import Unavailable
 
 
@@ -228,6 +228,59 @@ def test_a_download_longer_than_the_cache_time_is_joined_not_started_again(tmp_p
         cache.stop()
 
 
+@pytest.mark.parametrize("how", ["stat", "read-ahead"])
+def test_cache_time_zero_hands_a_copy_fetched_for_a_stat_or_ahead_to_the_open_that_follows(tmp_path: Path, how: str):
+    """With --cacheTime L,0, cp's stat (which fetches an unsized instance to learn its size) or
+    read-ahead must not cost a second download at cp's open: one download per file. Once a
+    program opened it, the cache time 0 holds: the next open downloads again, and nobody's
+    copy stays on disk."""
+    clock = Clock()
+    cache = InstanceCache(tmp_path, capacity=10_000, ttl=0, clock=clock)
+    cache.start()
+    calls = []
+
+    def fetch(sink):
+        calls.append(1)
+        return sink.write(blob(len(calls)))
+
+    try:
+        if how == "stat":
+            probe = cache.open(key(1), fetch, claim=False)
+            assert probe.wait_complete(5) == 1000
+            cache.release(probe)
+        else:
+            assert cache.prefetch(key(1), fetch)
+            wait_for(lambda: cache.known_size(key(1)) == 1000)
+        clock.now = 3  # the program's open comes a moment later
+        assert cache.known_size(key(1)) == 1000
+        opened = cache.open(key(1), fetch)
+        assert read_all(cache, opened) == blob(1) and len(calls) == 1
+        assert cache.known_size(key(1)) is None, "opened: the cache time 0 applies"
+        cache.release(opened)
+        assert list(tmp_path.iterdir()) == []
+        again = cache.open(key(1), fetch)
+        assert again.wait_complete(5) == 1000 and len(calls) == 2
+        cache.release(again)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        cache.stop()
+
+
+def test_a_copy_nobody_opens_leaves_the_disk_after_the_grace(tmp_path: Path):
+    """Fetched for a stat under cache time 0 and never opened: gone after UNCLAIMED_GRACE."""
+    clock = Clock()
+    cache = InstanceCache(tmp_path, capacity=10_000, ttl=0, clock=clock)
+    probe = cache.open(key(1), lambda sink: sink.write(blob(1)), claim=False)
+    try:
+        probe.wait_complete(5)
+        cache.release(probe)
+        assert cache.expire() == 0 and probe.path.exists()
+        clock.now = UNCLAIMED_GRACE
+        assert cache.expire() == 1 and list(tmp_path.iterdir()) == []
+    finally:
+        cache.stop()
+
+
 def test_expired_files_leave_the_disk_once_nobody_reads_them(tmp_path: Path):
     """Patient data stays on disk for the cache time, not until the next open or the unmount."""
     clock = Clock()
@@ -259,12 +312,15 @@ def test_with_no_cache_time_a_file_leaves_the_disk_when_its_reader_closes(tmp_pa
 
 
 def test_expired_files_are_swept_without_any_further_use_of_the_cache(tmp_path: Path):
-    """A file fetched ahead that nobody opened: no release ever comes for it."""
-    cache = InstanceCache(tmp_path, capacity=10_000, ttl=0.2)
+    """A file fetched ahead that nobody opened: no release ever comes for it. (It waits for
+    its reader UNCLAIMED_GRACE, longer than this cache time.)"""
+    clock = Clock()
+    cache = InstanceCache(tmp_path, capacity=10_000, ttl=0.2, clock=clock)
     cache.start()
     assert cache.prefetch(key(1), lambda sink: sink.write(blob(1)))
     wait_for(lambda: cache.used_bytes == 1000)
     assert len(list(tmp_path.iterdir())) == 1
+    clock.now = UNCLAIMED_GRACE
     wait_for(lambda: list(tmp_path.iterdir()) == [])
     assert cache.used_bytes == 0
     cache.stop()

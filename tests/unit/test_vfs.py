@@ -1727,6 +1727,24 @@ def test_a_stat_waits_for_an_unknown_size_as_long_as_its_bytes_keep_arriving(dat
     vfs.shutdown()
 
 
+def test_cache_time_zero_downloads_once_for_cps_stat_then_open(dataset, tmp_path, dicom: DicomFactory, monkeypatch):
+    """cp stats an instance of unknown size (which fetches it to learn its size), then opens it:
+    with an instance cache time of 0 the open downloaded it a second time."""
+    inst, path = on_server(dataset, dicom)
+    store_class = _sizes_unlisted(dataset, monkeypatch)
+    fetched: list[str] = []
+    retrieve = store_class.retrieve
+    monkeypatch.setattr(store_class, "retrieve",
+                        lambda self, *args: fetched.append(args[2]) or retrieve(self, *args))
+    vfs = make_vfs(dataset, tmp_path, instance_ttl=0)
+    whole = inst.path.read_bytes()
+    assert vfs.getattr(path, caller=100).size == len(whole)
+    assert read(vfs, path) == whole and fetched == [inst.sop_uid]
+    assert read(vfs, path) == whole and len(fetched) == 2, "opened again: cache time 0, asked again"
+    assert _cache_files(tmp_path) == []
+    vfs.shutdown()
+
+
 def test_an_instance_of_unknown_size_too_large_to_read_is_not_shown_empty(dataset, tmp_path,
                                                                          dicom: DicomFactory, monkeypatch):
     """Shown as 0, tar archived it empty and exited 0 (it never opens a file of size 0); shown

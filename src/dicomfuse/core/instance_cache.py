@@ -52,6 +52,9 @@ class CachedInstance:
         self.reserved = 0  # bytes counted for it in the cache's total while it downloads
         self.task: _Task | None = None  # its download, while queued or running
         self.prefetched = False  # fetched ahead of time, not opened yet
+        # Fetched for someone still to come (read-ahead, a stat learning the size), not opened
+        # by a program yet: kept at least UNCLAIMED_GRACE for it, whatever the cache time.
+        self.unclaimed = False
 
     @property
     def size(self) -> int | None:
@@ -233,6 +236,11 @@ DISK_MARGIN = 64 << 20
 being written and for other programs."""
 
 
+UNCLAIMED_GRACE = 10.0
+"""Seconds a copy nobody opened yet (fetched ahead, or by a stat to learn its size) stays fresh
+for the program that opens it next, even under a shorter cache time: with ``--cacheTime L,0``
+every file would otherwise be downloaded twice, once for ``cp``'s stat and again for its open."""
+
 MAX_BLOCK = 16 * 1024
 """A larger reported block (ZFS gives its record size) is not what a small file takes there."""
 
@@ -347,9 +355,12 @@ class InstanceCache:
             self._pin(entry, self._clock())
             return entry
 
-    def _pin(self, entry: CachedInstance, now: float) -> None:
+    def _pin(self, entry: CachedInstance, now: float, *, claim: bool = True) -> None:
         """Caller holds _lock. Pin ``entry`` for a reader: a queued read-ahead of it becomes a
-        download someone waits for (moved to the front, and never cancelled from now on)."""
+        download someone waits for (moved to the front, and never cancelled from now on).
+        ``claim``: a program's open, from which the cache time is the one asked for."""
+        if claim:
+            entry.unclaimed = False
         entry.pins += 1
         entry.last_used = now
         self._entries.move_to_end(entry.key)
@@ -372,10 +383,12 @@ class InstanceCache:
 
     # -- use --------------------------------------------------------------------------------
 
-    def open(self, key: CacheKey, fetch: Fetch, expected_size: int | None = None) -> CachedInstance:
+    def open(self, key: CacheKey, fetch: Fetch, expected_size: int | None = None, *,
+             claim: bool = True) -> CachedInstance:
         """A pinned entry for ``key``: the cached one if fresh, the download in flight if any
         (a queued read-ahead is moved to the front), else a new download. Call :meth:`release`
-        when done."""
+        when done. ``claim=False``: not for a program's open (a stat learning the size), so the
+        copy waits for that open (UNCLAIMED_GRACE) even if the cache time is shorter."""
         if expected_size is not None and expected_size > self.max_file:
             raise FsError(errno.EFBIG, f"instance of {expected_size} bytes exceeds cacheSize/4")
         now = self._clock()
@@ -385,10 +398,11 @@ class InstanceCache:
                 self._retire(entry)
                 entry = None
             if entry is not None:
-                self._pin(entry, now)
+                self._pin(entry, now, claim=claim)
                 return entry
             entry = self._new_entry(key, now, expected_size or 0)
             entry.pins = 1
+            entry.unclaimed = not claim
         self._submit(entry, fetch, DEMAND)
         return entry
 
@@ -411,7 +425,7 @@ class InstanceCache:
             if entry is not None:
                 self._retire(entry)
             entry = self._new_entry(key, now, size)
-            entry.prefetched = True
+            entry.prefetched = entry.unclaimed = True
             self.prefetch_stats["started"] += 1
         self._submit(entry, fetch, AHEAD)
         return True
@@ -568,14 +582,17 @@ class InstanceCache:
 
     def _expired(self, entry: CachedInstance, now: float) -> bool:
         """Caller holds _lock. Complete (or failed) and older than the TTL."""
-        return (entry.complete or entry.error is not None) and now - entry.fetched_at >= self.ttl
+        return (entry.complete or entry.error is not None) and now - entry.fetched_at >= self._ttl_of(entry)
+
+    def _ttl_of(self, entry: CachedInstance) -> float:
+        return max(self.ttl, UNCLAIMED_GRACE) if entry.unclaimed and entry.error is None else self.ttl
 
     def _stale(self, entry: CachedInstance, now: float) -> bool:
         """Not to be handed out again: failed, or complete for longer than the cache time. A
         download still in flight is never stale, whatever the cache time (even 0) and however
         long it takes: a second reader joins it (single-flight) instead of starting another
         download beside it, whose bytes the cache bound would not see."""
-        return entry.error is not None or (entry.complete and now - entry.fetched_at >= self.ttl)
+        return entry.error is not None or (entry.complete and now - entry.fetched_at >= self._ttl_of(entry))
 
     def _retire(self, entry: CachedInstance) -> None:
         """Caller holds _lock. Drop from the index; delete the file once nobody reads it."""

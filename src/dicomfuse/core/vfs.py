@@ -1315,11 +1315,13 @@ class Vfs:
                     self._page_owner[handle.path] = cached.serial
         return cached
 
-    def _cache_open(self, p: DicomPath, expected_size: int | None = None) -> CachedInstance:
-        """The pinned cache entry of instance ``p``, downloading it if needed (single-flight)."""
+    def _cache_open(self, p: DicomPath, expected_size: int | None = None, *, claim: bool = True) -> CachedInstance:
+        """The pinned cache entry of instance ``p``, downloading it if needed (single-flight);
+        ``claim=False`` for a stat's fetch (see InstanceCache.open)."""
         key = self._key(p)
         store = self._store(p.store)
-        return self.cache.open(key, lambda sink: store.retrieve(p.study, p.series, key[3], sink), expected_size)
+        return self.cache.open(key, lambda sink: store.retrieve(p.study, p.series, key[3], sink), expected_size,
+                               claim=claim)
 
     def _file_names(self, folder: DicomPath) -> list[str]:
         """The instance names of a series folder in the order readdir gives them (sorted):
@@ -1358,7 +1360,7 @@ class Vfs:
     def _fetch_size(self, p: DicomPath) -> int | None:
         """Fetch an instance into the cache to learn its size (bounded wait)."""
         try:
-            cached = self._cache_open(p)
+            cached = self._cache_open(p, claim=False)
         except FsError as exc:
             if exc.errno != errno.EFBIG:
                 raise
