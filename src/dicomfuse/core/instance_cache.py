@@ -289,7 +289,8 @@ class InstanceCache:
         self._over = False  # the last _make_room left the cache over its bound (files in use)
         self._lock = threading.Lock()
         # Protected by _lock: the index, LRU order, byte total (complete files plus the
-        # reservations of downloads in flight, each rounded up to whole blocks), entries' pins/last_used/reserved/prefetched.
+        # reservations of downloads in flight, each rounded up to whole blocks), entries'
+        # pins/last_used/reserved/prefetched.
         self._entries: OrderedDict[CacheKey, CachedInstance] = OrderedDict()
         self._bytes = 0
         self._typical = 0  # size of the last file completed: the guess for read-ahead of unknown size
