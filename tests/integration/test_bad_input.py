@@ -74,6 +74,32 @@ def test_a_bad_value_holding_the_patient_name_is_refused_without_quoting_it(loca
     assert PATIENT_NAME not in m.log_text() and PATIENT_NAME.split("^")[0] not in m.log_text()
 
 
+def test_files_named_after_the_patient_keep_the_name_out_of_the_logs(local: Backend, mount_factory,
+                                                                    dicom: DicomFactory, tmp_path: Path):
+    """Exports are often named after the patient. Copied in (stored, refused, overwritten,
+    looked up before it exists, renamed, removed), the name never reaches a log line, DEBUG
+    included, nor the terminal; the lines about one file still say which one (a placeholder)."""
+    inst = dicom.instance()
+    named = tmp_path / f"{PATIENT_NAME}.dcm"
+    named.write_bytes(inst.path.read_bytes())
+    refused = tmp_path / f"{PATIENT_NAME} notes.dcm"
+    refused.write_text("not DICOM")
+    m = mount_factory(local)
+    store = m.path / local.store_name
+    assert run("ls", store / named.name).returncode != 0  # looked up before it exists
+    assert run("cp", named, store).returncode == 0
+    assert run("cp", named, store).returncode == 0  # again: the same instance
+    r = run("cp", refused, store)
+    assert r.returncode != 0 and "Invalid argument" in r.stderr, r.stderr
+    run("mv", store / named.name, store / f"{PATIENT_NAME} 2.dcm")  # allowed or not, both names are logged
+    assert run("rm", "-f", store / named.name, store / f"{PATIENT_NAME} 2.dcm").returncode == 0
+    assert len(kept_bytes(m.cache_dir)) == 1
+    m.stop()
+    text = m.log_text()
+    assert "Uploaded /" in text and "<name-" in text
+    assert PATIENT_NAME not in text and PATIENT_NAME.split("^")[0] not in text
+
+
 def test_a_file_larger_than_a_quarter_of_the_cache_is_efbig(local: Backend, mount_factory, dicom: DicomFactory):
     big = dicom.instance(pixel_bytes=1_500_000)  # the cache's largest file is 4 MB / 4 = 1 MiB
     m = mount_factory(local, "--cacheSize", "4")

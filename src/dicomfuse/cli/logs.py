@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
+from dicomfuse.core.privacy import HIDDEN
 from dicomfuse.tracebacks import format_without_messages
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -130,7 +131,12 @@ class ConsoleLog(logging.StreamHandler):  # type: ignore[type-arg]
 class MessageFreeFormatter(logging.Formatter):
     """Formats a record's traceback (``log.exception``, ``exc_info=True``) with its frames and
     exception types but not their messages: ``int()``, pydicom and others quote the values that
-    failed, and one can be a patient's name. Every handler of the mount uses it, at every level."""
+    failed, and one can be a patient's name. Every handler of the mount uses it, at every level.
+    Names users gave files (``core.privacy``) are shown as their placeholders."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = HIDDEN.redact(record.message)
+        return super().formatMessage(record)
 
     def formatException(  # noqa: N802 - logging's name
         self, ei: tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from enum import IntEnum
 
+from dicomfuse.core.privacy import HIDDEN
 from dicomfuse.dicomfile import is_uid
 from dicomfuse.stores.base import is_valid_store_id as is_valid_store_id  # the one store ID rule
 
@@ -96,6 +97,14 @@ class DicomPath:
             uid = instance_uid(parts[3])
             if uid is not None:
                 parts = (*parts[:3], instance_name(uid))
+        # A name that is no UID may be a patient's: below a store, and a file at the top
+        # (store names are the dataset's, or the user's new store's, and stay visible).
+        if parts and not is_gui_folder_name(parts[0]) and (
+                not is_valid_store_id(parts[0]) or parts[0].lower().endswith(INSTANCE_SUFFIX)):
+            HIDDEN.hide(parts[0])
+        for part in parts[1:]:
+            if not is_uid(part) and instance_uid(part) is None:
+                HIDDEN.hide(part)
         return cls(parts)
 
     @property

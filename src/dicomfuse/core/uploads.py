@@ -26,6 +26,7 @@ from typing import Any
 
 from dicomfuse.core import portable
 from dicomfuse.core.errors import FsError
+from dicomfuse.core.privacy import HIDDEN
 from dicomfuse.dicomfile import DicomUids, check_upload
 from dicomfuse.tracebacks import describe
 
@@ -239,11 +240,13 @@ class Spool:
                     ours: bool = True) -> Path:
         """Move a failed upload's bytes to ``failed/`` under a recognisable name, with a sidecar
         ``<name>.json`` (store, name, reason, time); return the kept path. ``label`` (the file
-        name or UIDs) and ``reason`` (our own message) must not be patient data."""
+        name or UIDs; a name that may be a patient's is hidden in log lines) and ``reason`` (our
+        own message) must not be patient data."""
         # no trailing dot: Windows drops it from a file name (and the sidecar would not match)
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)[-120:].rstrip(".") or "upload"
         if safe.endswith(SIDECAR_SUFFIX):
             safe += "_"  # kept bytes never look like a sidecar
+        HIDDEN.hide_like(safe, label)  # the log line naming where it is kept hides it as it hid the name
         stamp = time.strftime("%Y%m%d-%H%M%S")
         target = self.failed / f"{stamp}-{next(_NAMES)}-{safe}"
         while target.exists() or sidecar_path(target).exists():  # another process, same second

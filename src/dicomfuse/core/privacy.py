@@ -1,0 +1,104 @@
+"""Names users give files may be patients' names: log lines show them as ``<name-N>``.
+
+Instances are listed under their UIDs, but a file copied in keeps the name it had (``cp
+DOE^JANE.dcm store/``), and exports are often named after the patient. Every name below a store
+that is not a UID is noted here when a path holding it is parsed (so before the kernel's first
+lookup of it is logged); the log handlers' filter (``cli.logs``) replaces each noted name with its
+placeholder in every line, wherever it appears as a path component (after ``/``), as the name
+part of a kept upload's file (after ``-``) or quoted (after ``'``). The same name keeps the same
+placeholder for the life of the process, so the lines about one file can still be followed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+
+LIMIT = 20_000
+"""Names remembered (the most recently seen): a mount that sees more forgets the oldest."""
+
+_BEFORE = frozenset("/-'")
+_AFTER = frozenset(" \t\n)]};,:'\"/")
+
+
+class HiddenNames:
+    """Thread-safe registry of names to keep out of log lines."""
+
+    def __init__(self, limit: int = LIMIT) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._names: OrderedDict[str, str] = OrderedDict()
+        self._lengths: Counter[int] = Counter()
+        self._by_length: list[int] = []  # distinct lengths, longest first
+        self._next = 1
+
+    def hide(self, name: str) -> None:
+        if not name:
+            return
+        with self._lock:
+            if name in self._names:
+                self._names.move_to_end(name)
+                return
+            self._names[name] = f"<name-{self._next}>"
+            self._next += 1
+            self._count(len(name), +1)
+            while len(self._names) > self._limit:
+                old, _ = self._names.popitem(last=False)
+                self._count(len(old), -1)
+
+    def hide_like(self, alias: str, name: str) -> None:
+        """Show ``alias`` (another spelling of ``name``: the kept file of a failed upload) as
+        ``name``'s placeholder, if ``name`` is hidden."""
+        with self._lock:
+            found = self._names.get(name)
+            if found is None or not alias or alias in self._names:
+                return
+            self._names[alias] = found
+            self._count(len(alias), +1)
+
+    def _count(self, length: int, step: int) -> None:
+        self._lengths[length] += step
+        if self._lengths[length] <= 0:
+            del self._lengths[length]
+        if step > 0 and self._lengths[length] == 1 or step < 0 and length not in self._lengths:
+            self._by_length = sorted(self._lengths, reverse=True)
+
+    def placeholder(self, name: str) -> str | None:
+        with self._lock:
+            return self._names.get(name)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every noted name that stands between the separators above replaced."""
+        if not self._names:
+            return text
+        with self._lock:
+            names, lengths = self._names, self._by_length
+            out: list[str] = []
+            start = i = 0
+            end = len(text)
+            while i < end:
+                if text[i] in _BEFORE:
+                    for length in lengths:
+                        stop = i + 1 + length
+                        if stop > end:
+                            continue
+                        if stop < end and text[stop] not in _AFTER:
+                            continue
+                        found = names.get(text[i + 1:stop])
+                        if found is not None:
+                            out.append(text[start:i + 1])
+                            out.append(found)
+                            start = i = stop
+                            break
+                    else:
+                        i += 1
+                else:
+                    i += 1
+            if not out:
+                return text
+            out.append(text[start:])
+            return "".join(out)
+
+
+HIDDEN = HiddenNames()
+"""The process's registry: filled by ``DicomPath.parse``, read by the log filter."""
