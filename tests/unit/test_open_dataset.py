@@ -233,6 +233,8 @@ def test_a_login_with_unencoded_characters_is_refused_without_showing_it(address
     ("http://h:8042/dicom-web", "http://h:8042/dicom-web"),
     ("/data/user@site/dicoms", "/data/user@site/dicoms"),
     ("scans@2024/x", "scans@2024/x"),  # a folder name with an @ and no password
+    ("https://kheops.example/api/link/B18jTXCzTrQzj1ZednqHUY/", "https://kheops.example/api/link/<token>/"),
+    ("https://litevna.app/key_3b1f9a/dicomweb", "https://litevna.app/key_<token>/dicomweb"),
 ])
 def test_without_login(address: str, shown: str) -> None:
     from dicomfuse.stores.open import has_login, without_login
@@ -267,3 +269,21 @@ def test_garbage_is_refused_naming_what_is_accepted(address: str) -> None:
         open_dataset(address)
     message = str(info.value)
     assert "folder path" in message and "http(s)://" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("url", "store"), [
+    ("https://kheops.example/api/link/B18jTXCzTrQzj1ZednqHUY", "kheops.example"),
+    ("https://kheops.example/api/link/B18jTXCzTrQzj1ZednqHUY/", "kheops.example"),
+    ("https://litevna.app/key_3b1f9a/dicomweb", "litevna.app"),
+    ("http://h:8080/dcm4chee-arc/aets/DCM4CHEE/rs", "DCM4CHEE"),
+    ("http://h/links/dicom-web", "links"),
+])
+def test_an_access_token_in_the_path_names_no_store_and_is_never_shown(url: str, store: str) -> None:
+    """Kheops' "link URL" (/api/link/{token}) named the store folder after the token, which then
+    stood in every log line, failed-upload record and status line."""
+    from dicomfuse.stores.dicomweb import store_name_from_url
+    from dicomfuse.stores.http import safe_path
+
+    assert store_name_from_url(url) == store
+    shown = safe_path(url + "/studies/1.2.3")
+    assert "B18jTX" not in shown and "3b1f9a" not in shown and shown.endswith("/studies/1.2.3")

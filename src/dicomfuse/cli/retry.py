@@ -48,6 +48,7 @@ from dicomfuse.core.writeback import (
 )
 from dicomfuse.dicomfile import DicomUids, check_upload
 from dicomfuse.stores.base import Dataset, Store, StoreError
+from dicomfuse.stores.http import hide_path_tokens
 
 EXIT_DONE = 0
 EXIT_REMAINING = 1
@@ -264,7 +265,7 @@ class _Sender:
             self._kept(item, "no store known for this file: give --store NAME")
             return None
         if item.dataset and self.label and not same_dataset(item.dataset, self.label):
-            self._kept(item, f"it was written to another dataset ({item.dataset})")
+            self._kept(item, f"it was written to another dataset ({hide_path_tokens(item.dataset)})")
             return None
         if store not in self.stores:
             self._kept(item, f"no store called {store!r} in the dataset")

@@ -35,6 +35,7 @@ from dicomfuse.core.writeback import (
     record_paths,
     same_dataset,
 )
+from dicomfuse.stores.http import hide_path_tokens
 
 EXIT_CLEAN = 0
 EXIT_FAILED = 1
@@ -204,7 +205,7 @@ def _pending_lines(pending: list[QueuedUpload], snapshot: dict[str, Any] | None,
     for item in pending:
         per_store[(dataset_label(item.dataset), item.store)].append(item)  # one dataset however spelt
     for (dataset, store), items in sorted(per_store.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
-        where = f"store {store}" + (f" of {dataset}" if dataset else "")
+        where = f"store {store}" + (f" of {hide_path_tokens(dataset)}" if dataset else "")
         lines.append(f"  {where}: {_count(len(items), 'upload')}, {_bytes(sum(i.size for i in items))}")
     # The status snapshot is of the last mount that held the queue: it says nothing of uploads
     # of another dataset (that mount keeps them for their own dataset's next mount).

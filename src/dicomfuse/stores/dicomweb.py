@@ -50,6 +50,7 @@ from dicomfuse.stores.http import (
     TransferCut,
     body_errors,
     error_for_response,
+    is_path_token,
     make_session,
     parse_content_type,
     safe_path,
@@ -91,7 +92,7 @@ RETRIEVE_ACCEPTS = (
 )
 """WADO-RS Accept headers, best first. Orthanc answers 400 to ``application/dicom``."""
 
-GENERIC_PATH_SEGMENTS = frozenset({"dicom-web", "dicomweb", "rs", "wado", "wado-rs", "qido-rs", "stow-rs"})
+GENERIC_PATH_SEGMENTS = frozenset({"dicom-web", "dicomweb", "rs", "wado", "wado-rs", "qido-rs", "stow-rs", "api"})
 _API_VERSION = re.compile(r"v\d+(\.\d+)*(beta\d*)?", re.IGNORECASE)
 _FORBIDDEN_NAME_CHARACTERS = '<>:"/\\|?*'
 
@@ -140,8 +141,12 @@ def store_name_from_url(url: str) -> str:
     ``http://127.0.0.1:8042/dicom-web`` → ``127.0.0.1``;
     ``http://h:8080/dcm4chee-arc/aets/DCM4CHEE/rs`` → ``DCM4CHEE``."""
     segments = [unquote(s) for s in urlsplit(url).path.split("/") if s]
-    for segment in reversed(segments):
-        # An API version (Microsoft's DICOM service: /v1, /v2) names no store either.
+    for index in reversed(range(len(segments))):
+        segment = segments[index]
+        # An API version (Microsoft's DICOM service: /v1, /v2) names no store either, nor does
+        # an access token in the path (Kheops' /api/link/{token}) or the word before it.
+        if is_path_token(segments, index) or (index + 1 < len(segments) and is_path_token(segments, index + 1)):
+            continue
         if segment.lower() not in GENERIC_PATH_SEGMENTS and not _API_VERSION.fullmatch(segment):
             return _folder_safe(segment)
     return host_name(url)

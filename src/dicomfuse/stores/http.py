@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import time
 import zlib
@@ -149,9 +150,27 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 # Error mapping
 
 
+_PATH_TOKENS = re.compile(r"(?i)(/link/)[^/?#]+|(/key_)[^/?#]+")
+"""Access tokens some servers take in the path instead of a header: Kheops' "link URL"
+(``/api/link/{token}/studies``) and LiteVNA's (``/key_{token}/dicomweb``)."""
+
+TOKEN_SHOWN = "<token>"
+
+
+def hide_path_tokens(text: str) -> str:
+    """``text`` (an address, a URL or its path) with access tokens in its path replaced."""
+    return _PATH_TOKENS.sub(lambda m: (m.group(1) or m.group(2)) + TOKEN_SHOWN, text)
+
+
+def is_path_token(segments: list[str], index: int) -> bool:
+    """Whether path segment ``index`` of ``segments`` is an access token (see above)."""
+    return (index > 0 and segments[index - 1].lower() == "link") or segments[index].lower().startswith("key_")
+
+
 def safe_path(url: str) -> str:
-    """The URL's path only: no scheme, host, credentials, query or fragment."""
-    return urlsplit(url).path or "/"
+    """The URL's path only: no scheme, host, credentials, query or fragment, and no access
+    token a server takes in the path."""
+    return hide_path_tokens(urlsplit(url).path or "/")
 
 
 def _describe(method: str, url: str) -> str:

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 from dicomfuse.stores.base import Dataset
+from dicomfuse.stores.http import hide_path_tokens
 from dicomfuse.stores.local import DEFAULT_RESCAN_INTERVAL, LocalDataset
 
 HEALTHCARE_HOST = "healthcare.googleapis.com"
@@ -69,14 +70,14 @@ def check_authority(address: str) -> None:
 
 def without_login(address: str) -> str:
     """``address`` as it may be shown or logged: a login in it (``USER:PASSWORD@``, with or without
-    a scheme) is dropped."""
+    a scheme) is dropped, and an access token in its path (Kheops' ``/link/{token}``) hidden."""
     text = address.strip()
     if _SCHEME_RE.match(text):
-        return split_login(text)[0]
+        return hide_path_tokens(split_login(text)[0])
     head, sep, rest = text.partition("/")  # user:password@host:8042/dicom-web, written without http://
     if "@" in head and ":" in head.rsplit("@", 1)[0]:
-        return head.rsplit("@", 1)[1] + sep + rest
-    return text
+        return hide_path_tokens(head.rsplit("@", 1)[1] + sep + rest)
+    return hide_path_tokens(text)
 
 
 def has_login(address: str) -> bool:
