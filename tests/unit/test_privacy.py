@@ -42,10 +42,11 @@ def test_another_spelling_of_a_hidden_name_gets_its_placeholder():
 def test_paths_hide_names_below_a_store_and_files_at_the_top_but_not_uids_or_store_names():
     DicomPath.parse(f"/research/Pat^Smith.dcm/{UID}/{UID}.dcm")
     DicomPath.parse("/Top^File.dcm")
-    DicomPath.parse("/untitled folder")
-    line = HIDDEN.redact(f"/research/Pat^Smith.dcm /Top^File.dcm /research/{UID}/{UID}.dcm '/untitled folder'")
+    DicomPath.parse("/untitled folder 314")
+    DicomPath.parse("/research/untitled folder 314")  # Finder's default names are no one's
+    line = HIDDEN.redact(f"/research/Pat^Smith.dcm /Top^File.dcm /research/{UID}/{UID}.dcm '/untitled folder 314'")
     assert "Smith" not in line and "Top^File" not in line
-    assert f"/research/{UID}/{UID}.dcm" in line and "/untitled folder" in line
+    assert f"/research/{UID}/{UID}.dcm" in line and "/untitled folder 314" in line
 
 
 def test_the_log_formatter_hides_them_in_every_line():

@@ -103,7 +103,7 @@ class DicomPath:
                 not is_valid_store_id(parts[0]) or parts[0].lower().endswith(INSTANCE_SUFFIX)):
             HIDDEN.hide(parts[0])
         for part in parts[1:]:
-            if not is_uid(part) and instance_uid(part) is None:
+            if not is_uid(part) and instance_uid(part) is None and not is_gui_folder_name(part):
                 HIDDEN.hide(part)
         return cls(parts)
 
