@@ -650,3 +650,49 @@ def test_read_ahead_never_reserves_more_of_the_disk_than_is_free(tmp_path: Path,
     finally:
         gate.set()
         cache.stop()
+
+
+def test_a_file_that_cannot_be_created_leaves_no_entry_behind(tmp_path: Path, monkeypatch):
+    """No file descriptor left for a moment (or the cache folder read-only): the entry was
+    indexed before its file was created, so every later open of that instance was handed a
+    download that never started, and read ENOENT until unmount."""
+    from dicomfuse.core import portable
+
+    cache = InstanceCache(tmp_path, capacity=10_000, ttl=100, workers=2)
+    cache.start()
+    open_fd = portable.open_fd
+
+    def exhausted(path, flags, *args):  # type: ignore[no-untyped-def]
+        if flags & os.O_CREAT:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return open_fd(path, flags, *args)
+
+    try:
+        monkeypatch.setattr(portable, "open_fd", exhausted)
+        with pytest.raises(FsError) as refused:
+            cache.open(key(1), lambda sink: sink.write(blob(1)))
+        assert refused.value.errno == errno.EMFILE
+        assert not cache.prefetch(key(2), lambda sink: sink.write(blob(2)))
+        assert cache.used_bytes == 0
+        monkeypatch.setattr(portable, "open_fd", open_fd)
+        entry = cache.open(key(1), lambda sink: sink.write(blob(1)))
+        assert read_all(cache, entry) == blob(1)
+        cache.release(entry)
+    finally:
+        cache.stop()
+
+
+def test_a_cache_folder_removed_meanwhile_is_made_again(tmp_path: Path):
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    cache = InstanceCache(folder, capacity=10_000, ttl=100, workers=2)
+    cache.start()
+    try:
+        folder.rmdir()
+        entry = cache.open(key(1), lambda sink: sink.write(blob(1)))
+        assert read_all(cache, entry) == blob(1)
+        cache.release(entry)
+        if sys.platform != "win32":
+            assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
+    finally:
+        cache.stop()

@@ -295,6 +295,7 @@ class InstanceCache:
         self._bytes = 0
         self._typical = 0  # size of the last file completed: the guess for read-ahead of unknown size
         self._disk_full_said = float("-inf")
+        self._create_failed_said = float("-inf")
         self._in_flight: set[CachedInstance] = set()  # downloads not ended: their reservations are not on disk yet
         self.prefetch_stats = {"started": 0, "refused": 0, "cancelled": 0, "promoted": 0}
 
@@ -425,7 +426,11 @@ class InstanceCache:
                 return False
             if entry is not None:
                 self._retire(entry)
-            entry = self._new_entry(key, now, size)
+            try:
+                entry = self._new_entry(key, now, size)
+            except FsError:  # no file for it now (said at ERROR): a reader's open will say why
+                self.prefetch_stats["refused"] += 1
+                return False
             entry.prefetched = entry.unclaimed = True
             self.prefetch_stats["started"] += 1
         self._submit(entry, fetch, AHEAD)
@@ -447,16 +452,47 @@ class InstanceCache:
             return True
 
     def _new_entry(self, key: CacheKey, now: float, reserve: int) -> CachedInstance:
-        """Caller holds _lock. Index a new entry, reserve its expected bytes, create its file
-        (empty, 0600: a second opener may open it for reading at once)."""
+        """Caller holds _lock. Create the entry's file (empty, 0600: a second opener may open it
+        for reading at once), then index it and reserve its expected bytes. A file that cannot
+        be created indexes nothing (else every later open would be handed a download that never
+        starts): FsError with the system's errno."""
         entry = CachedInstance(key, self.directory / f"{next(self._names)}.dcm", now)
+        self._create_file(entry.path)
         self._entries[key] = entry
         entry.reserved = reserve
         self._bytes += self._on_disk(reserve)
         self._in_flight.add(entry)
         self._make_room(0)
-        os.close(portable.open_fd(entry.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC))
         return entry
+
+    def _create_file(self, path: Path) -> None:
+        """Caller holds _lock. Create ``path`` empty; a cache folder removed meanwhile is made
+        again (0700). Failing, said at ERROR once a minute (one line naming the folder and the
+        system's reason), and FsError for the read that needed it."""
+        try:
+            try:
+                os.close(portable.open_fd(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC))
+                return
+            except FileNotFoundError:
+                if self.directory.exists():
+                    raise
+            from dicomfuse.core.workdirs import FolderError, private_dir
+
+            try:
+                private_dir(self.directory)
+            except FolderError as exc:
+                raise OSError(errno.EIO, str(exc)) from None
+            log.warning("The instance cache folder %s had been removed; it is made again", self.directory)
+            os.close(portable.open_fd(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC))
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            reason = exc.strerror or str(exc)
+            now = self._clock()
+            if now - self._create_failed_said >= 60:
+                self._create_failed_said = now
+                log.error("Cannot create a file in the instance cache (%s): %s; reads of files not cached yet "
+                          "fail until it can", self.directory, reason)
+            raise FsError(code, f"cannot create a file in the instance cache: {reason}") from None
 
     def _submit(self, entry: CachedInstance, fetch: Fetch, priority: int) -> None:
         if self._pool is None:
