@@ -626,6 +626,35 @@ def test_a_queued_file_cannot_be_changed_through_the_handle_that_queued_it(datas
     vfs.shutdown()
 
 
+def test_a_queued_file_this_computer_cannot_read_for_a_moment_is_sent_later(dataset, tmp_path, dicom: DicomFactory,
+                                                                             monkeypatch):
+    """No file descriptor left while a batch was being sent: the whole batch went to failed/ for
+    good (cp had succeeded), as if the server had refused it. It is sent again later now."""
+    from dicomfuse.stores.base import LocalReadError
+
+    store_class = type(dataset.open_store("store"))
+    store_files = store_class.store_files
+    calls: list[int] = []
+
+    def short_of_fds(self, paths, uids=None):  # type: ignore[no-untyped-def]
+        calls.append(len(paths))
+        if len(calls) == 1:
+            raise LocalReadError("cannot read 1.dcm while sending it (Too many open files)")
+        return store_files(self, paths, uids)
+
+    monkeypatch.setattr(store_class, "store_files", short_of_fds)
+    vfs = make_vfs(dataset, tmp_path, upload_mode="writeback")
+    assert vfs.writeback is not None
+    vfs.writeback.backoff_base = 0.05
+    inst = dicom.instance()
+    upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+    assert vfs.writeback.wait_idle(10)
+    stored = dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+    assert stored.read_bytes() == inst.path.read_bytes() and len(calls) == 2
+    assert not vfs.writeback.failed()
+    vfs.shutdown()
+
+
 def test_a_failed_rm_leaves_the_queued_upload_queued(dataset, tmp_path, dicom: DicomFactory, monkeypatch):
     """rm answers EIO when the server cannot delete: then nothing changed, and the copy waiting
     in the write-back queue is still sent (it was dropped before the server was asked)."""

@@ -42,6 +42,7 @@ from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, da
 from dicomfuse.dicomfile import PREAMBLE_BYTES, DicomUids, same_past_preamble
 from dicomfuse.stores.base import (
     Dataset,
+    LocalReadError,
     Store,
     StoreError,
     Unavailable,
@@ -1711,6 +1712,8 @@ class Vfs:
             self._send_batch_to(store, store_name, items, results)
         except Unavailable:
             raise  # the server could not be reached: the queue sends the batch again later
+        except LocalReadError as exc:  # this computer's trouble (no file descriptor left): later too
+            raise Unavailable(str(exc)) from None
         except StoreError as exc:  # refused for good (permission, bad request): no retry helps
             done = {id(r[0]) for r in results}
             results += [(item, False, str(exc)) for item in items if id(item) not in done]

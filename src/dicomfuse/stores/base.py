@@ -117,6 +117,11 @@ class Transcoded(StoreError):
     the stored bytes. The message names the instance and both transfer syntax UIDs."""
 
 
+class LocalReadError(StoreError):
+    """A file being sent could not be read from this computer's disk (no file descriptor left,
+    an I/O error): no fault of the file nor of the server; worth sending again later."""
+
+
 class Unavailable(StoreError):
     """Server error, quota, timeout or dropped connection, after the retries were spent."""
 

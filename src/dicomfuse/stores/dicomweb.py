@@ -32,6 +32,7 @@ from dicomfuse.dicomfile import check_upload
 from dicomfuse.stores.base import (
     InstanceInfo,
     InvalidDicom,
+    LocalReadError,
     NotFound,
     StoreError,
     StowOutcome,
@@ -509,7 +510,7 @@ def _read_exactly(path: Path, size: int) -> Iterator[bytes]:
                 sent += len(chunk)
                 yield chunk
     except OSError as exc:
-        raise StoreError(f"cannot read {path.name} while sending it ({exc.strerror})") from exc
+        raise LocalReadError(f"cannot read {path.name} while sending it ({exc.strerror})") from exc
     if sent != size:
         raise StoreError(f"{path.name} changed size while being sent")
 
