@@ -9,6 +9,7 @@ and from pixel data shorter than the image attributes say.
 
 from __future__ import annotations
 
+import errno as _errno
 import io
 import logging
 import os
@@ -120,6 +121,18 @@ def uids_of(ds: pydicom.Dataset) -> DicomUids | str:
     return DicomUids(*values)
 
 
+class Unreadable(str):
+    """check_upload's reason when the file could not be read (no file descriptor left, an I/O
+    error): this computer's trouble, not the file's; ``errno`` is the system's."""
+
+    errno: int
+
+    def __new__(cls, exc: OSError) -> Unreadable:
+        text = super().__new__(cls, f"cannot read the file ({exc.strerror or type(exc).__name__})")
+        text.errno = exc.errno or _errno.EIO
+        return text
+
+
 def check_upload(path: Path) -> DicomUids | str:
     """The UIDs of a file to store, or the reason to refuse it.
 
@@ -131,7 +144,7 @@ def check_upload(path: Path) -> DicomUids | str:
         data, size = _read_if_small(path)
         ds = pydicom.dcmread(path if data is None else io.BytesIO(data), defer_size=_DEFER_SIZE)
     except OSError as exc:
-        return f"cannot read the file ({exc.strerror or type(exc).__name__})"
+        return Unreadable(exc)
     except InvalidDicomError:
         return "not a DICOM Part-10 file (no 'DICM' preamble or file meta information)"
     except Exception as exc:  # pydicom raises many types on garbage; their messages quote bytes
@@ -144,6 +157,8 @@ def check_upload(path: Path) -> DicomUids | str:
     except UnusableElement as exc:  # names the element, not its value
         log.debug("cannot check an upload: %s", exc)
         return f"inconsistent DICOM attributes ({exc})"
+    except OSError as exc:  # reading a deferred value or the end of the file
+        return Unreadable(exc)
     except Exception as exc:  # anything else: its type and where, never its message
         log.debug("cannot check an upload: %s", describe(exc))
         return f"inconsistent DICOM attributes ({type(exc).__name__})"

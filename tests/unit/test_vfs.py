@@ -655,6 +655,28 @@ def test_a_queued_file_this_computer_cannot_read_for_a_moment_is_sent_later(data
     vfs.shutdown()
 
 
+@pytest.mark.parametrize("mode", ["sync", "writeback"])
+def test_a_valid_file_the_mount_cannot_read_to_check_is_not_called_bad_dicom(dataset, tmp_path, dicom: DicomFactory,
+                                                                             monkeypatch, mode: str):
+    """No file descriptor left at close(): cp said "Invalid argument", the errno for a file that
+    is not DICOM, and the log called the file refused. The system's errno now, bytes kept."""
+    from dicomfuse import dicomfile
+
+    def exhausted(path):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(dicomfile, "_read_if_small", exhausted)
+    vfs = make_vfs(dataset, tmp_path, upload_mode=mode)
+    inst = dicom.instance()
+    fh = vfs.create("/store/a.dcm").fh
+    vfs.write(fh, inst.path.read_bytes(), 0)
+    assert errno_of(vfs.flush, fh) == errno.EMFILE
+    vfs.release(fh)
+    kept = [p for p in (tmp_path / "work").rglob("failed/*") if not p.name.endswith(".json")]
+    assert [p.read_bytes() for p in kept] == [inst.path.read_bytes()]
+    vfs.shutdown()
+
+
 def test_a_failed_rm_leaves_the_queued_upload_queued(dataset, tmp_path, dicom: DicomFactory, monkeypatch):
     """rm answers EIO when the server cannot delete: then nothing changed, and the copy waiting
     in the write-back queue is still sent (it was dropped before the server was asked)."""

@@ -27,7 +27,7 @@ from typing import Any
 from dicomfuse.core import portable
 from dicomfuse.core.errors import FsError
 from dicomfuse.core.privacy import HIDDEN
-from dicomfuse.dicomfile import DicomUids, check_upload
+from dicomfuse.dicomfile import DicomUids, Unreadable, check_upload
 from dicomfuse.tracebacks import describe
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,8 @@ def inspect_dicom(path: Path) -> DicomUids:
     if path.stat().st_size == 0:
         raise FsError(errno.EINVAL, "empty file is not DICOM", logging.ERROR)
     result = check_upload(path)
+    if isinstance(result, Unreadable):  # no file descriptor left, say: not the file's fault
+        raise FsError(result.errno, f"{result} to check it", logging.ERROR)
     if isinstance(result, str):
         raise FsError(errno.EINVAL, result, logging.ERROR)
     return result

@@ -1517,6 +1517,8 @@ class Vfs:
         try:
             ident = inspect_dicom(h.spool_path)
         except FsError as exc:
+            if exc.errno != errno.EINVAL:  # the file could not be read to check it: not refused
+                raise FsError(exc.errno or errno.EIO, f"upload {h.path}: {exc.strerror}", logging.ERROR) from None
             raise FsError(errno.EINVAL, f"upload {h.path} refused: {exc.strerror}", logging.ERROR) from None
         replaced = self._replaced_by(h, ident)
         if not self.config.deletion_enabled:
