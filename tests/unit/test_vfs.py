@@ -677,6 +677,23 @@ def test_a_valid_file_the_mount_cannot_read_to_check_is_not_called_bad_dicom(dat
     vfs.shutdown()
 
 
+def test_an_upload_the_cache_cannot_take_leaves_no_unconfirmed_file(dataset, tmp_path, dicom: DicomFactory,
+                                                                     monkeypatch):
+    """The cache folder on another disk, or read-only: the stored upload's spool file stayed, and
+    dicomfuse status then said the server may not have it (exit 1)."""
+    vfs = make_vfs(dataset, tmp_path)
+
+    def elsewhere(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(vfs.cache, "adopt", elsewhere)
+    inst = dicom.instance()
+    upload(vfs, "/store/a.dcm", inst.path.read_bytes())
+    assert (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").exists()
+    assert [p.name for p in (tmp_path / "work" / "spool").iterdir() if p.is_file()] == []
+    vfs.shutdown()
+
+
 def test_a_failed_rm_leaves_the_queued_upload_queued(dataset, tmp_path, dicom: DicomFactory, monkeypatch):
     """rm answers EIO when the server cannot delete: then nothing changed, and the copy waiting
     in the write-back queue is still sent (it was dropped before the server was asked)."""

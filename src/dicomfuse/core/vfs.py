@@ -832,9 +832,8 @@ class Vfs:
                 self._keep_placeholder(handle)
             elif handle.uploaded is not None and not handle.dirty and not handle.altered:
                 ident = handle.uploaded
-                self.cache.adopt((handle.path.store, ident.study_uid, ident.series_uid, ident.sop_uid),
-                                 handle.spool_path)
-                Spool.discard(handle.spool_path)
+                self._adopt_stored((handle.path.store, ident.study_uid, ident.series_uid, ident.sop_uid),
+                                   handle.spool_path)
             elif handle.spool_path.parent == self.spool.directory:
                 Spool.discard(handle.spool_path)  # never written, or stored as the server changed it
             return
@@ -2093,7 +2092,18 @@ class Vfs:
         with self._lock:
             self._local.pop(po, None)
         if not handle.queued:  # write-back: the queue has the bytes, and the cache a link to them
-            self.cache.adopt((pn.store, ident.study_uid, ident.series_uid, ident.sop_uid), node.path)
+            self._adopt_stored((pn.store, ident.study_uid, ident.series_uid, ident.sop_uid), node.path)
+
+    def _adopt_stored(self, key: CacheKey, path: Path) -> None:
+        """The spool file of an upload the server confirmed becomes its cached copy; if the cache
+        cannot take it (its folder read-only, on another disk), it is only deleted: left in the
+        spool, it would be reported as an upload the server may not have."""
+        try:
+            self.cache.adopt(key, path)
+        except OSError as exc:
+            log.debug("cannot keep the stored %s in the cache: %s", key[3], exc.strerror or exc)
+        finally:
+            Spool.discard(path)
 
     def _move_time(self, old: DicomPath, new: DicomPath) -> None:
         """Caller holds _lock. A time given to ``old`` goes with its file to ``new``."""
