@@ -694,6 +694,39 @@ def test_an_upload_the_cache_cannot_take_leaves_no_unconfirmed_file(dataset, tmp
     vfs.shutdown()
 
 
+def test_an_upload_that_finds_the_disk_full_makes_cached_copies_nobody_reads_go(dataset, tmp_path,
+                                                                                dicom: DicomFactory, monkeypatch):
+    """cp into the mount failed with ENOSPC while the disk was full of the mount's own cached
+    copies, none of them open: they give way to the upload now (ones being read stay)."""
+    from dicomfuse.core import portable
+
+    read_inst, read_path = on_server(dataset, dicom)
+    open_inst, open_path = on_server(dataset, dicom)
+    vfs = make_vfs(dataset, tmp_path)
+    assert read(vfs, read_path) == read_inst.path.read_bytes()  # cached, then closed
+    held = vfs.open(open_path, os.O_RDONLY).fh
+    assert vfs.read(held, 1 << 20, 0) == open_inst.path.read_bytes()  # cached and open
+    cached = _cache_files(tmp_path)
+    assert len(cached) == 2
+    full = {"disk": True}
+    monkeypatch.setattr(vfs.cache, "_free_bytes", lambda: 0 if full["disk"] else 1 << 40)
+    pwrite = portable.pwrite
+
+    def on_a_full_disk(fd, data, offset):  # type: ignore[no-untyped-def]
+        if full["disk"] and len(_cache_files(tmp_path)) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        full["disk"] = False
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(portable, "pwrite", on_a_full_disk)
+    inst = dicom.instance()
+    upload(vfs, "/store/new.dcm", inst.path.read_bytes())
+    assert (dataset.root / "store" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm").exists()
+    assert vfs.read(held, 1 << 20, 0) == open_inst.path.read_bytes()  # the open one stayed
+    vfs.release(held)
+    vfs.shutdown()
+
+
 def test_a_failed_rm_leaves_the_queued_upload_queued(dataset, tmp_path, dicom: DicomFactory, monkeypatch):
     """rm answers EIO when the server cannot delete: then nothing changed, and the copy waiting
     in the write-back queue is still sent (it was dropped before the server was asked)."""

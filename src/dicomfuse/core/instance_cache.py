@@ -233,7 +233,8 @@ class _PriorityPool:
 
 DISK_MARGIN = 64 << 20
 """Free space the cache leaves on its disk (at most a twentieth of the disk): room for uploads
-being written and for other programs."""
+being written and for other programs (an upload that needs more makes files nobody reads go:
+:meth:`InstanceCache.give_way`)."""
 
 
 UNCLAIMED_GRACE = 10.0
@@ -296,6 +297,7 @@ class InstanceCache:
         self._typical = 0  # size of the last file completed: the guess for read-ahead of unknown size
         self._disk_full_said = float("-inf")
         self._create_failed_said = float("-inf")
+        self._gave_way_said = float("-inf")
         self._in_flight: set[CachedInstance] = set()  # downloads not ended: their reservations are not on disk yet
         self.prefetch_stats = {"started": 0, "refused": 0, "cancelled": 0, "promoted": 0}
 
@@ -543,6 +545,33 @@ class InstanceCache:
             self._bytes += self._on_disk(size)
             self._make_room(0)
         return size
+
+    def give_way(self, needed: int) -> bool:
+        """Delete cached files nobody reads, least recently used first, until the cache's disk
+        has ``needed`` bytes free: an upload being written to the same disk found it full.
+        True if any went (worth writing again)."""
+        gone = False
+        with self._lock:
+            for key in list(self._entries):
+                if self._free_bytes() >= needed:
+                    break
+                entry = self._entries[key]
+                if entry.pins <= 0 and entry.complete:
+                    self._retire(entry)
+                    gone = True
+        if gone:
+            now = self._clock()
+            if now - self._gave_way_said >= 60:
+                self._gave_way_said = now
+                log.info("The cache's disk was full: cached copies nobody was reading were deleted for an upload")
+        return gone
+
+    def _free_bytes(self) -> int:
+        try:
+            disk = os.statvfs(self.directory) if hasattr(os, "statvfs") else None
+        except OSError:
+            return 0
+        return 0 if disk is None else disk.f_bavail * disk.f_frsize
 
     def evict(self, key: CacheKey) -> None:
         """Forget ``key`` (deleted or overwritten): open readers keep their bytes."""

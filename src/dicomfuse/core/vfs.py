@@ -201,6 +201,11 @@ class LocalHandle:
     fd: int
 
 
+GIVE_WAY_BYTES = 16 << 20
+"""Room asked of the cache beyond the write that found the disk full (the rest of the file is
+likely to come): fewer rounds of deletions."""
+
+
 @dataclass
 class WriteHandle:
     """A file being written: bytes go to a spool file, sent at flush/close."""
@@ -732,7 +737,15 @@ class Vfs:
                               f"(cacheSize/4 = {self.cache.max_file} bytes)", logging.ERROR)
             handle.dirty = not handle.discarded
             try:
-                return portable.pwrite(handle.fd, data, offset)
+                try:
+                    return portable.pwrite(handle.fd, data, offset)
+                except OSError as exc:
+                    # The disk is full: copies nobody reads give way to the upload (the spool and
+                    # the cache share a disk), once.
+                    full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+                    if not full or not self.cache.give_way(len(data) + GIVE_WAY_BYTES):
+                        raise
+                    return portable.pwrite(handle.fd, data, offset)
             except OSError as exc:  # the spool's disk is full (ENOSPC, EDQUOT) or failing
                 handle.write_error = exc.errno or errno.EIO
                 raise FsError(handle.write_error, f"write: {handle.path}: {exc.strerror or exc} "
