@@ -160,3 +160,19 @@ def test_an_orphan_the_check_fails_on_is_logged_without_the_message(spool, monke
     assert orphan.exists()
     assert "ValueError at test_spool.py" in caplog.text and "in broken" in caplog.text
     assert PATIENT_NAME not in caplog.text
+
+
+def test_a_spool_folder_removed_while_mounted_is_made_again(spool: Spool):
+    """Every cp into the mount failed with ENOENT once the spool folder had been removed (a
+    clean-up script, a tmp cleaner); and a failed upload's bytes could not be kept."""
+    import shutil
+
+    shutil.rmtree(spool.directory)
+    path, fd = spool.new_file()
+    os.write(fd, b"bytes")
+    os.close(fd)
+    if sys.platform != "win32":
+        assert stat.S_IMODE(spool.directory.stat().st_mode) == 0o700
+    assert not spool.failed.exists()  # it was inside
+    kept = spool.keep_failed(path, "upload.dcm", store="s", reason="refused")
+    assert kept.read_bytes() == b"bytes" and kept.parent == spool.failed

@@ -235,8 +235,27 @@ class Spool:
         """A new empty 0600 file and a read/write fd on it: an upload being written, or with
         ``BACKUP_SUFFIX`` the copy of an instance an overwrite may have to store back."""
         path = self.directory / f"{self._prefix}-{next(_NAMES)}{suffix}"
-        fd = portable.open_fd(path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
+        try:
+            fd = portable.open_fd(path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
+        except FileNotFoundError:
+            if not self._made_again(self.directory):
+                raise
+            fd = portable.open_fd(path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
         return path, fd
+
+    @staticmethod
+    def _made_again(folder: Path) -> bool:
+        """A spool folder removed while mounted is made again (0700); False if it was there."""
+        if folder.exists():
+            return False
+        from dicomfuse.core.workdirs import FolderError, private_dir
+
+        try:
+            private_dir(folder)
+        except FolderError as exc:
+            raise OSError(errno.EIO, str(exc)) from None
+        log.warning("The upload spool folder %s had been removed; it is made again", folder)
+        return True
 
     def keep_failed(self, path: Path, label: str, *, store: str | None = None, reason: str | None = None,
                     ours: bool = True) -> Path:
@@ -250,6 +269,7 @@ class Spool:
             safe += "_"  # kept bytes never look like a sidecar
         HIDDEN.hide_like(safe, label)  # the log line naming where it is kept hides it as it hid the name
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        self._made_again(self.failed)
         target = self.failed / f"{stamp}-{next(_NAMES)}-{safe}"
         while target.exists() or sidecar_path(target).exists():  # another process, same second
             target = self.failed / f"{stamp}-{next(_NAMES)}-{safe}"
