@@ -1051,6 +1051,43 @@ def test_an_instance_says_whether_the_cache_holds_it(dataset, tmp_path, dicom: D
     vfs.shutdown()
 
 
+def test_a_reader_that_stopped_at_the_old_size_before_the_download_ended_is_warned_about(
+        dataset, tmp_path, dicom: DicomFactory, caplog, monkeypatch):
+    """The instance grew on the server after it was listed; the OS stops its reader at the listed
+    size, and a quick reader (cp) closed while the rest was still arriving: the warning that its
+    copy may be incomplete was only given if the download had ended by the close."""
+    import threading
+
+    from dicomfuse.samples import write_instance
+    from tests.mounting import wait_for
+
+    inst = dicom.instance(pixel_bytes=2000)
+    dataset.open_store("store").store_files([inst.path])
+    store_class = type(dataset.open_store("store"))
+    vfs = make_vfs(dataset, tmp_path)
+    series = f"/store/{inst.study_uid}/{inst.series_uid}"
+    name = f"{inst.sop_uid}.dcm"
+    listed = dict(vfs.readdir(series))[name].size
+    bigger = write_instance(tmp_path / "bigger.dcm", inst.study_uid, inst.series_uid, inst.sop_uid, pixel_bytes=9000)
+    whole = bigger.read_bytes()
+    rest = threading.Event()
+
+    def slow(self, study, series_uid, sop, sink):  # type: ignore[no-untyped-def]
+        sink.write(whole[:listed])
+        rest.wait(5)
+        sink.write(whole[listed:])
+        return len(whole)
+
+    monkeypatch.setattr(store_class, "retrieve", slow)
+    fh = vfs.open(f"{series}/{name}", os.O_RDONLY).fh
+    assert vfs.read(fh, listed, 0) == whole[:listed]  # the OS asks no further than the listed size
+    vfs.release(fh)
+    assert "changed on the server since it was listed" not in caplog.text
+    rest.set()
+    wait_for(lambda: "changed on the server since it was listed" in caplog.text, 5, what="the warning")
+    vfs.shutdown()
+
+
 def test_an_instance_replaced_on_the_server_after_it_was_listed_shows_its_new_size(dataset, tmp_path,
                                                                                   dicom: DicomFactory, caplog):
     """Another client replaced the instance (same UIDs, other size) after this mount listed

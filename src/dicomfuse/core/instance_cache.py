@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from dicomfuse.core import portable
 from dicomfuse.core.errors import FsError
+from dicomfuse.tracebacks import describe
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class CachedInstance:
         self.retired = False
         self.reserved = 0  # bytes counted for it in the cache's total while it downloads
         self.task: _Task | None = None  # its download, while queued or running
+        self.then: list[Callable[[int], None]] = []  # told the size once complete (guarded by cond)
         self.prefetched = False  # fetched ahead of time, not opened yet
         # Fetched for someone still to come (read-ahead, a stat learning the size), not opened
         # by a program yet: kept at least UNCLAIMED_GRACE for it, whatever the cache time.
@@ -607,6 +609,7 @@ class InstanceCache:
                 entry.complete = True
                 entry.fetched_at = self._clock()  # the cache time counts from here
                 entry.cond.notify_all()
+                then, entry.then = entry.then, []
             entry.task = None
             self._in_flight.discard(entry)
             if entry.retired:
@@ -617,6 +620,22 @@ class InstanceCache:
                 entry.reserved = 0
                 self._typical = entry.written
                 self._make_room(0)
+        for call in then:
+            try:
+                call(entry.written)
+            except Exception as exc:  # noqa: BLE001 - a caller's bug must not fail the download
+                log.debug("a call after the download of %s failed: %s", entry.key[3], describe(exc))
+
+    @staticmethod
+    def when_complete(entry: CachedInstance, call: Callable[[int], None]) -> None:
+        """Call ``call(size)`` once ``entry``'s download has ended whole: now if it has, else
+        from the downloading thread (never if it fails)."""
+        with entry.cond:
+            if not entry.complete:
+                if entry.error is None:
+                    entry.then.append(call)
+                return
+        call(entry.written)
 
     def _on_disk(self, size: int) -> int:
         """The disk space a file of ``size`` bytes takes: whole blocks."""

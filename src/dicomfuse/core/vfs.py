@@ -819,9 +819,11 @@ class Vfs:
                 if entry is not None:
                     self._close_fd(handle.fd)
                     self.cache.release(entry)
-            if (entry is not None and entry.complete and handle.expected_size is not None
-                    and entry.written > handle.expected_size):
-                self._size_changed(handle, entry.written)  # the reader stopped at the old size: say so
+            expected = handle.expected_size
+            if entry is not None and expected is not None:
+                # The reader may have stopped at the old size: said once the download has ended
+                # (it may still be arriving when a quick reader closes).
+                self.cache.when_complete(entry, lambda size: size > expected and self._size_changed(handle, size))
             return
         if isinstance(handle, WriteHandle):
             with self._lock:
