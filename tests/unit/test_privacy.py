@@ -55,3 +55,11 @@ def test_the_log_formatter_hides_them_in_every_line():
                                ("/store/Formatter^Patient.dcm",), None)
     out = MessageFreeFormatter("%(levelname)s %(message)s").format(record)
     assert "Formatter^Patient" not in out and out.startswith("ERROR Upload of /store/<name-")
+
+
+def test_the_mounts_own_folder_names_are_never_hidden():
+    names = HiddenNames()
+    for name in ("cache", "spool", "failed", "mounts"):
+        names.hide(name)
+    line = "Cannot create a file in the instance cache (/home/u/.cache/dicomfuse/mounts/1f/cache)"
+    assert names.redact(line) == line

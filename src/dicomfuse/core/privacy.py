@@ -17,6 +17,10 @@ from collections import Counter, OrderedDict
 LIMIT = 20_000
 """Names remembered (the most recently seen): a mount that sees more forgets the oldest."""
 
+OWN_NAMES = frozenset({"mounts", "cache", "spool", "failed", "writeback", "dicomfuse", "log"})
+"""The mount's own folder names (``<cacheDir>/spool/failed``…): never hidden, or a stray ``ls
+store/cache`` would garble every later line naming the cache folder."""
+
 _BEFORE = frozenset("/-'")
 _AFTER = frozenset(" \t\n)]};,:'\"/")
 
@@ -33,7 +37,7 @@ class HiddenNames:
         self._next = 1
 
     def hide(self, name: str) -> None:
-        if not name:
+        if not name or name in OWN_NAMES:
             return
         with self._lock:
             if name in self._names:
