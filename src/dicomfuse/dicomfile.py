@@ -54,17 +54,6 @@ _IMAGE_PIXEL_ATTRIBUTES = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated"
 _OTHER_PIXEL_SOURCES = ("FloatPixelData", "DoubleFloatPixelData", "PixelDataProviderURL")
 
 
-PREAMBLE_BYTES = 128
-
-
-def same_past_preamble(head_a: bytes, head_b: bytes) -> bool:
-    """Whether two files that begin with ``head_a`` and ``head_b`` (their first 132 bytes or
-    more) are both DICOM Part-10 files, to be compared past their preambles: PS3.10 leaves the
-    128-byte preamble to the application, and a server may blank it (Microsoft's DICOM service
-    stores it as zeros), so one instance copied in twice would look changed."""
-    return head_a[PREAMBLE_BYTES:PREAMBLE_BYTES + 4] == b"DICM" == head_b[PREAMBLE_BYTES:PREAMBLE_BYTES + 4]
-
-
 def is_uid(value: object) -> bool:
     """A DICOM UID: digits and dots, at most 64 characters."""
     return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None

@@ -95,29 +95,6 @@ def test_deletion_disabled(dataset, tmp_path, dicom: DicomFactory):
     vfs.shutdown()
 
 
-@pytest.mark.parametrize("mode", ["sync", "writeback"])
-@pytest.mark.parametrize("deletion", [True, False])
-def test_copying_an_instance_again_whose_preamble_the_server_blanked_changes_nothing(
-        dataset, tmp_path, dicom: DicomFactory, monkeypatch, mode: str, deletion: bool):
-    """Microsoft's DICOM service stores the 128-byte preamble as zeros (PS3.10 leaves it to the
-    application). The same file copied in again looked changed: refused (EPERM) with deletion
-    disabled, else deleted and stored again for nothing."""
-    inst = dicom.instance()
-    original = bytearray(inst.path.read_bytes())
-    original[:4] = b"II*\x00"  # a dual-format file's TIFF header, say
-    blanked = tmp_path / "blanked.dcm"
-    blanked.write_bytes(bytes(128) + bytes(original[128:]))
-    dataset.open_store("store").store_files([blanked])
-    vfs = make_vfs(dataset, tmp_path / "m", deletion_enabled=deletion, upload_mode=mode)
-    store_class = type(dataset.open_store("store"))
-    deleted: list[str] = []
-    delete = store_class.delete_instance
-    monkeypatch.setattr(store_class, "delete_instance", lambda self, *a: deleted.append(a[2]) or delete(self, *a))
-    upload(vfs, "/store/again.dcm", bytes(original))
-    vfs.shutdown()
-    assert deleted == []
-
-
 def test_deletion_disabled_refuses_renaming_a_store(dataset, tmp_path):
     """Renaming a store deletes the old one: with deletion disabled it is refused, and nothing
     is created or deleted."""

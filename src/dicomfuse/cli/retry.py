@@ -46,7 +46,7 @@ from dicomfuse.core.writeback import (
     read_record,
     same_dataset,
 )
-from dicomfuse.dicomfile import PREAMBLE_BYTES, DicomUids, check_upload, same_past_preamble
+from dicomfuse.dicomfile import DicomUids, check_upload
 from dicomfuse.stores.base import Dataset, Store, StoreError
 from dicomfuse.stores.http import hide_path_tokens
 
@@ -404,12 +404,6 @@ def _write_reason(item: Failed, reason: str) -> None:
 
 
 def _equal(a: BinaryIO, b: BinaryIO) -> bool:
-    """The same bytes; for two DICOM files, past their preambles (see same_past_preamble)."""
-    head_a, head_b = a.read(PREAMBLE_BYTES + 4), b.read(PREAMBLE_BYTES + 4)
-    if not same_past_preamble(head_a, head_b) and head_a != head_b:
-        return False
-    if head_a[PREAMBLE_BYTES:] != head_b[PREAMBLE_BYTES:]:
-        return False
     while True:
         x, y = a.read(_CHUNK), b.read(_CHUNK)
         if x != y:

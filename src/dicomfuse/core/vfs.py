@@ -39,7 +39,7 @@ from dicomfuse.core.tree import Entry, ListingCache
 from dicomfuse.core.uploads import BACKUP_SUFFIX, ORPHANS_WARNING, Spool, inspect_dicom, sidecar_path
 from dicomfuse.core.workdirs import WorkDirs
 from dicomfuse.core.writeback import QueueBusy, QueuedUpload, WriteBackQueue, dataset_label, queue_dir, record_paths
-from dicomfuse.dicomfile import PREAMBLE_BYTES, DicomUids, same_past_preamble
+from dicomfuse.dicomfile import DicomUids
 from dicomfuse.stores.base import (
     Dataset,
     LocalReadError,
@@ -2210,15 +2210,14 @@ copies; later, rm is the user's."""
 
 
 def _same_content(fd_a: int, fd_b: int) -> bool:
-    """The same bytes; for two DICOM files, past their preambles (see same_past_preamble)."""
     if os.fstat(fd_a).st_size != os.fstat(fd_b).st_size:
         return False
-    start = PREAMBLE_BYTES if same_past_preamble(portable.pread(fd_a, 132, 0), portable.pread(fd_b, 132, 0)) else 0
-    return _digest(fd_a, start) == _digest(fd_b, start)
+    return _digest(fd_a) == _digest(fd_b)
 
 
-def _digest(fd: int, offset: int = 0) -> bytes:
+def _digest(fd: int) -> bytes:
     h = hashlib.sha256()
+    offset = 0
     while chunk := portable.pread(fd, 1 << 20, offset):
         h.update(chunk)
         offset += len(chunk)
