@@ -272,11 +272,14 @@ def test_garbage_is_refused_naming_what_is_accepted(address: str) -> None:
 
 
 @pytest.mark.parametrize(("url", "store"), [
-    ("https://kheops.example/api/link/B18jTXCzTrQzj1ZednqHUY", "kheops.example"),
-    ("https://kheops.example/api/link/B18jTXCzTrQzj1ZednqHUY/", "kheops.example"),
+    ("https://kheops.example/api/link/B18jTXCzTrQzj1ZednqHUY", "api"),  # as for Kheops' plain /api root
+    ("https://kheops.example/api/link/B18jTXCzTrQzj1ZednqHUY/", "api"),
+    ("https://kheops.example/api", "api"),  # unchanged: queued uploads name their store
     ("https://litevna.app/key_3b1f9a/dicomweb", "litevna.app"),
     ("http://h:8080/dcm4chee-arc/aets/DCM4CHEE/rs", "DCM4CHEE"),
+    ("http://h:8080/dcm4chee-arc/aets/KEY_IMAGES/rs", "KEY_IMAGES"),  # an AE title, no token
     ("http://h/links/dicom-web", "links"),
+    ("http://h/link/dicom-web", "link"),
 ])
 def test_an_access_token_in_the_path_names_no_store_and_is_never_shown(url: str, store: str) -> None:
     """Kheops' "link URL" (/api/link/{token}) named the store folder after the token, which then
@@ -287,3 +290,4 @@ def test_an_access_token_in_the_path_names_no_store_and_is_never_shown(url: str,
     assert store_name_from_url(url) == store
     shown = safe_path(url + "/studies/1.2.3")
     assert "B18jTX" not in shown and "3b1f9a" not in shown and shown.endswith("/studies/1.2.3")
+    assert ("<token>" in shown) == ("B18jTX" in url or "3b1f9a" in url)

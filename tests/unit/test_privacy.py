@@ -63,3 +63,11 @@ def test_the_mounts_own_folder_names_are_never_hidden():
         names.hide(name)
     line = "Cannot create a file in the instance cache (/home/u/.cache/dicomfuse/mounts/1f/cache)"
     assert names.redact(line) == line
+
+
+def test_a_name_repr_quotes_with_double_quotes_is_hidden_too():
+    """repr() of a name holding an apostrophe uses double quotes (mkdir's "not a valid store ID")."""
+    names = HiddenNames()
+    names.hide("O'BRIEN^PAT")
+    assert names.redact(f"mkdir: {chr(34)}O'BRIEN^PAT{chr(34)} is not a valid store ID") == (
+        'mkdir: "<name-1>" is not a valid store ID')

@@ -21,7 +21,7 @@ OWN_NAMES = frozenset({"mounts", "cache", "spool", "failed", "writeback", "dicom
 """The mount's own folder names (``<cacheDir>/spool/failed``…): never hidden, or a stray ``ls
 store/cache`` would garble every later line naming the cache folder."""
 
-_BEFORE = frozenset("/-'")
+_BEFORE = frozenset("/-'\"")  # also as repr() quotes a name holding an apostrophe
 _AFTER = frozenset(" \t\n)]};,:'\"/")
 
 

@@ -93,7 +93,7 @@ RETRIEVE_ACCEPTS = (
 )
 """WADO-RS Accept headers, best first. Orthanc answers 400 to ``application/dicom``."""
 
-GENERIC_PATH_SEGMENTS = frozenset({"dicom-web", "dicomweb", "rs", "wado", "wado-rs", "qido-rs", "stow-rs", "api"})
+GENERIC_PATH_SEGMENTS = frozenset({"dicom-web", "dicomweb", "rs", "wado", "wado-rs", "qido-rs", "stow-rs"})
 _API_VERSION = re.compile(r"v\d+(\.\d+)*(beta\d*)?", re.IGNORECASE)
 _FORBIDDEN_NAME_CHARACTERS = '<>:"/\\|?*'
 
@@ -145,8 +145,10 @@ def store_name_from_url(url: str) -> str:
     for index in reversed(range(len(segments))):
         segment = segments[index]
         # An API version (Microsoft's DICOM service: /v1, /v2) names no store either, nor does
-        # an access token in the path (Kheops' /api/link/{token}) or the word before it.
-        if is_path_token(segments, index) or (index + 1 < len(segments) and is_path_token(segments, index + 1)):
+        # an access token in the path or Kheops' "link" before it (its store is "api", as for
+        # Kheops' plain /api root).
+        if is_path_token(segments, index) or (segment == "link" and index + 1 < len(segments)
+                                               and is_path_token(segments, index + 1)):
             continue
         if segment.lower() not in GENERIC_PATH_SEGMENTS and not _API_VERSION.fullmatch(segment):
             return _folder_safe(segment)

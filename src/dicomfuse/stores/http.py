@@ -150,7 +150,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 # Error mapping
 
 
-_PATH_TOKENS = re.compile(r"(?i)(/link/)[^/?#]+|(/key_)[^/?#]+")
+_PATH_TOKENS = re.compile(r"(/api/link/)[^/?#]+|(/key_)[^/?#]+(?=/dicomweb(?:$|[/?#]))")
 """Access tokens some servers take in the path instead of a header: Kheops' "link URL"
 (``/api/link/{token}/studies``) and LiteVNA's (``/key_{token}/dicomweb``)."""
 
@@ -163,8 +163,12 @@ def hide_path_tokens(text: str) -> str:
 
 
 def is_path_token(segments: list[str], index: int) -> bool:
-    """Whether path segment ``index`` of ``segments`` is an access token (see above)."""
-    return (index > 0 and segments[index - 1].lower() == "link") or segments[index].lower().startswith("key_")
+    """Whether path segment ``index`` of ``segments`` is an access token (see above): only in
+    those two shapes (a dcm4chee AE title ``KEY_IMAGES`` is not one)."""
+    if index >= 2 and segments[index - 2] == "api" and segments[index - 1] == "link":
+        return True
+    return (segments[index].startswith("key_") and index + 1 < len(segments)
+            and segments[index + 1].lower() == "dicomweb")
 
 
 def safe_path(url: str) -> str:
