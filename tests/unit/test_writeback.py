@@ -1146,3 +1146,20 @@ def test_the_warning_about_another_datasets_uploads_says_either_mode(queues, qdi
     text = caplog.text
     assert "belong to another dataset" in text and "in either upload mode" in text
     assert "in write-back mode" not in text
+
+
+def test_a_queue_folder_removed_while_mounted_is_made_again_with_its_lock(queues, qdir, files):
+    """rm -rf of the cache folder while mounted: every later copy in failed with ENOENT (could
+    not queue it), though the spool itself was made again."""
+    import shutil
+
+    sender = FakeSender()
+    q = make_queue(queues, qdir, sender)
+    q.start()
+    shutil.rmtree(qdir)
+    item = q.submit("ct", *files.make(study=1))
+    assert q.wait_idle(5)
+    assert sender.batches("1.2.826.1") == [[item.uids.sop_uid]]
+    assert stat.S_IMODE(qdir.stat().st_mode) == 0o700 and failed_files(qdir) == []
+    with pytest.raises(QueueBusy):
+        WriteBackQueue(qdir, sender)  # the queue is held again

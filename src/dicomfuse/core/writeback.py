@@ -581,7 +581,24 @@ class WriteBackQueue:
                 if not self._accepting:
                     self._cond.notify_all()  # stop() waits for submits in progress
 
+    def _folder_back(self) -> None:
+        """The queue's folder removed while mounted (a cleaner, rm -rf of the cache folder): made
+        again (0700), with its lock taken again, or every copy in would fail with ENOENT."""
+        if self.directory.exists():
+            return
+        with self._cond:
+            if self.directory.exists():
+                return
+            private_dir(self.directory)
+            private_dir(self.failed_dir)
+            old, self._lock_fd = self._lock_fd, _lock(self.directory / LOCK_NAME)
+            if old is not None:
+                os.close(old)
+        log.warning("The write-back queue's folder %s had been removed (with the uploads it held); it is made "
+                    "again", self.directory)
+
     def _submit(self, item_id: str, store: str, uids: DicomUids, source: Path, durable: bool) -> QueuedUpload:
+        self._folder_back()
         item = QueuedUpload(
             id=item_id, store=store, uids=uids, size=os.stat(source).st_size,
             path=self.directory / (item_id + DATA_SUFFIX), attempts=0, queued_at=time.time(),
