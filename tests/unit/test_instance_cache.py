@@ -696,3 +696,20 @@ def test_a_cache_folder_removed_meanwhile_is_made_again(tmp_path: Path):
             assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
     finally:
         cache.stop()
+
+
+def test_giving_way_keeps_links_to_queued_uploads_whose_deletion_frees_nothing(tmp_path: Path, monkeypatch):
+    cache = InstanceCache(tmp_path, capacity=10**6, ttl=100, workers=2)
+    try:
+        queued = tmp_path / "queued.dcm"
+        queued.write_bytes(blob(1))
+        cache.adopt(key(1), queued, link=True)
+        plain = tmp_path / "stored.dcm"
+        plain.write_bytes(blob(2))
+        cache.adopt(key(2), plain)
+        monkeypatch.setattr(cache, "_free_bytes", lambda: 0)  # a disk that stays full
+        assert cache.give_way(1000)
+        assert cache.known_size(key(1)) == 1000 and cache.known_size(key(2)) is None
+        assert not cache.give_way(1000), "nothing left that would free the disk"
+    finally:
+        cache.stop()

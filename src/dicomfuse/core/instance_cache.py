@@ -53,6 +53,7 @@ class CachedInstance:
         self.reserved = 0  # bytes counted for it in the cache's total while it downloads
         self.task: _Task | None = None  # its download, while queued or running
         self.then: list[Callable[[int], None]] = []  # told the size once complete (guarded by cond)
+        self.linked = False  # a hard link to a queued upload's file: deleting it frees no disk
         self.prefetched = False  # fetched ahead of time, not opened yet
         # Fetched for someone still to come (read-ahead, a stat learning the size), not opened
         # by a program yet: kept at least UNCLAIMED_GRACE for it, whatever the cache time.
@@ -539,6 +540,7 @@ class InstanceCache:
             entry = CachedInstance(key, self.directory / f"{next(self._names)}.dcm", now)
             if link:
                 os.link(source, entry.path)
+                entry.linked = True
             else:
                 os.replace(source, entry.path)
                 os.chmod(entry.path, 0o600)
@@ -558,7 +560,7 @@ class InstanceCache:
                 if self._free_bytes() >= needed:
                     break
                 entry = self._entries[key]
-                if entry.pins <= 0 and entry.complete:
+                if entry.pins <= 0 and entry.complete and not entry.linked:
                     self._retire(entry)
                     gone = True
         if gone:
