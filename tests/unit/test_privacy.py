@@ -71,3 +71,15 @@ def test_a_name_repr_quotes_with_double_quotes_is_hidden_too():
     names.hide("O'BRIEN^PAT")
     assert names.redact(f"mkdir: {chr(34)}O'BRIEN^PAT{chr(34)} is not a valid store ID") == (
         'mkdir: "<name-1>" is not a valid store ID')
+
+
+def test_the_mounts_own_paths_stay_readable_whatever_was_looked_up():
+    """ls store/tmp (a typo, a probe) hid 'tmp', and every later line naming the mount point or
+    where a failed upload is kept read /<name-1>/..."""
+    names = HiddenNames()
+    names.hide("tmp")
+    names.hide("DOE^JANE.dcm")
+    names.keep_shown("/tmp/work/cache")
+    names.hide("work")
+    line = "kept at /tmp/work/cache/spool/failed/1-2-DOE^JANE.dcm"
+    assert names.redact(line) == "kept at /tmp/work/cache/spool/failed/1-2-<name-2>"

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from dicomfuse import __version__
 from dicomfuse.cli.settings import Settings
+from dicomfuse.core.privacy import HIDDEN
 
 log = logging.getLogger("dicomfuse")
 
@@ -319,6 +320,8 @@ def _mount_at(mount_point: str, settings: Settings, on_mounted: Callable[[], Non
         return EXIT_FAILURE
     log.info("Dataset %s has %d store(s)", dataset.name, len(stores))
     cache_root = settings.cacheDir or default_cache_dir()
+    for own in (mount_point, cache_root):
+        HIDDEN.keep_shown(own)
     try:
         workdirs = WorkDirs(cache_root)
     except (FolderError, OSError) as exc:
@@ -522,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(settings_argv)
         settings = parse_settings(args)
         folder = _setup_logging(settings.logDir)
+        HIDDEN.keep_shown(folder)
         log.debug("Log files in %s", folder)
         return mount(settings)
     except UsageError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
+from pathlib import Path
 
 LIMIT = 20_000
 """Names remembered (the most recently seen): a mount that sees more forgets the oldest."""
@@ -35,9 +36,21 @@ class HiddenNames:
         self._lengths: Counter[int] = Counter()
         self._by_length: list[int] = []  # distinct lengths, longest first
         self._next = 1
+        self._shown: set[str] = set(OWN_NAMES)
+
+    def keep_shown(self, path: str | Path) -> None:
+        """The components of one of the mount's own paths (the mount point, the cache and log
+        folders) are never hidden: a stray ``ls store/tmp`` would garble every later line naming
+        them (where failed uploads are kept, say)."""
+        names = {part for part in Path(path).parts if part and part != "/"}
+        with self._lock:
+            self._shown |= names
+            for name in names & self._names.keys():
+                del self._names[name]
+                self._count(len(name), -1)
 
     def hide(self, name: str) -> None:
-        if not name or name in OWN_NAMES:
+        if not name or name in self._shown:
             return
         with self._lock:
             if name in self._names:
