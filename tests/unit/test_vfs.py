@@ -704,6 +704,19 @@ def test_an_upload_that_finds_the_disk_full_makes_cached_copies_nobody_reads_go(
     vfs.shutdown()
 
 
+def test_a_cached_copy_deleted_behind_the_mount_is_downloaded_again(dataset, tmp_path, dicom: DicomFactory):
+    """The cache folder removed while mounted: a copy cached before read ENOENT until its cache
+    time ended (300 s by default)."""
+    inst, path = on_server(dataset, dicom)
+    vfs = make_vfs(dataset, tmp_path)
+    assert read(vfs, path) == inst.path.read_bytes()
+    for cached in _cache_files(tmp_path):
+        cached.unlink()
+    assert read(vfs, path) == inst.path.read_bytes()
+    assert read(vfs, path) == inst.path.read_bytes()
+    vfs.shutdown()
+
+
 def test_a_failed_rm_leaves_the_queued_upload_queued(dataset, tmp_path, dicom: DicomFactory, monkeypatch):
     """rm answers EIO when the server cannot delete: then nothing changed, and the copy waiting
     in the write-back queue is still sent (it was dropped before the server was asked)."""

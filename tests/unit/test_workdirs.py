@@ -281,3 +281,17 @@ def test_stale_caches_are_moved_aside_then_removed_also_those_a_stopped_start_le
         work.wipe()
     finally:
         live.wipe()
+
+
+def test_a_mount_folder_removed_while_mounted_is_made_again_and_held(tmp_path: Path):
+    """Made again without its lock, the next start took it for a dead mount's and removed it."""
+    import shutil
+
+    first = WorkDirs(tmp_path)
+    shutil.rmtree(first.mounts)
+    first.restore()
+    assert first.cache.is_dir() and first.side.is_dir()
+    second = WorkDirs(tmp_path)
+    assert first.cache.is_dir(), "a live mount's folder is not stale"
+    second.wipe()
+    first.wipe()

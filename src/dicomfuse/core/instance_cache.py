@@ -278,10 +278,12 @@ class InstanceCache:
         workers: int = 8,
         clock: Callable[[], float] = time.monotonic,
         block: int = 1,
+        remake: Callable[[], None] | None = None,
     ) -> None:
         self.directory = directory
         self.capacity = capacity
         self.block = max(1, block)
+        self._remake = remake  # makes the folder again (and what guards it) if it was removed
         self.max_file = capacity // 4
         self.ttl = ttl
         self._clock = clock
@@ -484,7 +486,10 @@ class InstanceCache:
             from dicomfuse.core.workdirs import FolderError, private_dir
 
             try:
-                private_dir(self.directory)
+                if self._remake is not None:
+                    self._remake()
+                else:
+                    private_dir(self.directory)
             except FolderError as exc:
                 raise OSError(errno.EIO, str(exc)) from None
             log.warning("The instance cache folder %s had been removed; it is made again", self.directory)

@@ -252,7 +252,7 @@ class Vfs:
         self.listings = ListingCache(config.listing_ttl, keep=self._still_queued)
         self.cache = InstanceCache(
             workdirs.cache, config.cache_bytes, config.instance_ttl, workers=config.download_workers,
-            block=disk_block(workdirs.cache),
+            block=disk_block(workdirs.cache), remake=workdirs.restore,
         )
         self.readahead = ReadAhead(config.read_ahead, self._file_names, self._prefetch,
                                    lambda p: self.cache.cancel(self._key(p)))
@@ -1314,7 +1314,20 @@ class Vfs:
         with handle.lock:
             if handle.fd >= 0:
                 return cached
-            handle.fd = portable.open_fd(cached.path, os.O_RDONLY)
+            try:
+                handle.fd = portable.open_fd(cached.path, os.O_RDONLY)
+            except FileNotFoundError:
+                # Its file was deleted behind the mount (the cache folder removed): forgotten and
+                # downloaded again, once; nothing was read from it yet.
+                handle.entry = None
+                self.cache.release(cached)
+                self.cache.evict(self._key(handle.path))
+                cached = None
+        if cached is None:
+            cached = self._pin_copy(handle)
+            with handle.lock:
+                if handle.fd < 0:
+                    handle.fd = portable.open_fd(cached.path, os.O_RDONLY)
         self.readahead.opened(handle.path)
         return cached
 

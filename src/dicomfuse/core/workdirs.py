@@ -12,6 +12,7 @@ shared root, to read what the mount puts there) is refused with :class:`FolderEr
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -179,6 +180,28 @@ class WorkDirs:
         self._remove(stale)
         self.cache = private_dir(self.mount_dir / "cache")
         self.side = private_dir(self.mount_dir / "side")
+
+    def restore(self) -> None:
+        """This mount's folders, removed while it runs (a cleaner, rm -rf), made again and locked
+        again, under mounts/.lock: without its lock another start would take the new cache
+        folder for a dead mount's and remove it."""
+        self.mounts = private_dir(self.mounts)
+        guard = _lock_mounts(self.mounts)
+        try:
+            private_dir(self.mount_dir)
+            fd = portable.open_fd(self.mount_dir / LOCK_NAME, os.O_CREAT | os.O_RDWR)
+            if not portable.try_lock(fd):
+                os.close(fd)
+                raise OSError(errno.EBUSY, f"cannot lock the cache folder {self.mount_dir} again")
+            old, self._lock_fd = self._lock_fd, fd
+            try:
+                os.close(old)
+            except OSError:
+                pass
+        finally:
+            os.close(guard)
+        private_dir(self.cache)
+        private_dir(self.side)
 
     def _take_stale_mounts(self) -> list[Path]:
         """Rename the cache folders of mounts whose process is gone (their lock is free) out of
