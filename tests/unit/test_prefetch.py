@@ -108,3 +108,19 @@ def test_only_instances_are_counted_not_placeholders_or_side_files(tmp_path: Pat
     for name in ("1.2.3.4.dcm", "placeholder.dcm", ".DS_Store", "._1.2.3.5.dcm", "1.2.3.6.dcm"):
         (series / name).write_bytes(b"")
     assert prefetch.instance_files(tmp_path) == [series / "1.2.3.4.dcm", series / "1.2.3.6.dcm"]
+
+
+def test_a_folder_the_mount_cannot_look_up_is_said_not_a_crash(tree: Path, monkeypatch):
+    """The server down: stat of the study folder answers EIO, and prefetch stopped on "an
+    unexpected OSError"."""
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(os.fspath(path)).name == "bad":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    out = io.StringIO()
+    assert prefetch.prefetch_running_mount(tree / "bad", 2, out) == 1
+    assert out.getvalue() == f"dicomfuse prefetch: cannot look up {tree / 'bad'}: {os.strerror(errno.EIO)}\n"

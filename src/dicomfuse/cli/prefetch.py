@@ -186,7 +186,12 @@ def mount_type(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> st
 
 
 def prefetch_running_mount(path: Path, threads: int, out: TextIO = sys.stderr) -> int:
-    if not path.is_dir():
+    try:
+        folder = path.is_dir()
+    except OSError as exc:  # the mount could not look it up (its server down: EIO)
+        print(f"dicomfuse prefetch: cannot look up {path}: {exc.strerror or exc}", file=out)
+        return 1
+    if not folder:
         print(f"dicomfuse prefetch: {path} is not a folder of a mount", file=out)
         return 2
     kind = mount_type(path)
