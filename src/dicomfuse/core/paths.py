@@ -6,6 +6,7 @@ Explorer or an editor make on their own ("side files") are recognised here, once
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import IntEnum
@@ -82,6 +83,19 @@ def instance_name(sop_uid: str) -> str:
     return sop_uid + INSTANCE_SUFFIX
 
 
+@functools.lru_cache(maxsize=4096)
+def _may_be_a_persons(name: str, top: bool) -> bool:
+    """Whether ``name`` may be a patient's, so kept out of log lines (``core.privacy``): a name
+    below a store that is no UID, and a file's at the top (store names are the dataset's, or the
+    user's new store's, and stay visible); never Finder's or Explorer's default folder names.
+    Cached: every path the kernel asks about is parsed, and its names are mostly the same UIDs."""
+    if is_gui_folder_name(name):
+        return False
+    if top:
+        return not is_valid_store_id(name) or name.lower().endswith(INSTANCE_SUFFIX)
+    return not is_uid(name) and instance_uid(name) is None
+
+
 @dataclass(frozen=True)
 class DicomPath:
     """A parsed mount path. ``parts`` are the components below the root."""
@@ -97,13 +111,8 @@ class DicomPath:
             uid = instance_uid(parts[3])
             if uid is not None:
                 parts = (*parts[:3], instance_name(uid))
-        # A name that is no UID may be a patient's: below a store, and a file at the top
-        # (store names are the dataset's, or the user's new store's, and stay visible).
-        if parts and not is_gui_folder_name(parts[0]) and (
-                not is_valid_store_id(parts[0]) or parts[0].lower().endswith(INSTANCE_SUFFIX)):
-            HIDDEN.hide(parts[0])
-        for part in parts[1:]:
-            if not is_uid(part) and instance_uid(part) is None and not is_gui_folder_name(part):
+        for index, part in enumerate(parts):
+            if _may_be_a_persons(part, index == 0):
                 HIDDEN.hide(part)
         return cls(parts)
 
