@@ -249,13 +249,18 @@ MAX_BLOCK = 16 * 1024
 """A larger reported block (ZFS gives its record size) is not what a small file takes there."""
 
 
+def _statvfs(directory: Path) -> os.statvfs_result | None:
+    """The figures of ``directory``'s disk; None where the system gives none (Windows)."""
+    try:
+        return os.statvfs(directory) if hasattr(os, "statvfs") else None
+    except OSError:
+        return None
+
+
 def disk_block(directory: Path) -> int:
     """The allocation unit of ``directory``'s disk, for :class:`InstanceCache`'s ``block``
     (4 KiB where the system does not say, as on Windows: NTFS's usual cluster)."""
-    try:
-        disk = os.statvfs(directory) if hasattr(os, "statvfs") else None
-    except OSError:
-        disk = None
+    disk = _statvfs(directory)
     size = (disk.f_frsize or disk.f_bsize) if disk is not None else 4096
     return min(MAX_BLOCK, max(1, size))
 
@@ -300,9 +305,8 @@ class InstanceCache:
         self._entries: OrderedDict[CacheKey, CachedInstance] = OrderedDict()
         self._bytes = 0
         self._typical = 0  # size of the last file completed: the guess for read-ahead of unknown size
-        self._disk_full_said = float("-inf")
-        self._create_failed_said = float("-inf")
-        self._gave_way_said = float("-inf")
+        self._said: dict[str, float] = {}  # when each once-a-minute line was last logged
+        self._said_lock = threading.Lock()  # apart: lines are said with or without _lock held
         self._in_flight: set[CachedInstance] = set()  # downloads not ended: their reservations are not on disk yet
         self.prefetch_stats = {"started": 0, "refused": 0, "cancelled": 0, "promoted": 0}
 
@@ -497,9 +501,7 @@ class InstanceCache:
         except OSError as exc:
             code = exc.errno or errno.EIO
             reason = exc.strerror or str(exc)
-            now = self._clock()
-            if now - self._create_failed_said >= 60:
-                self._create_failed_said = now
+            if self._now_and_then("create failed"):
                 log.error("Cannot create a file in the instance cache (%s): %s; reads of files not cached yet "
                           "fail until it can", self.directory, reason)
             raise FsError(code, f"cannot create a file in the instance cache: {reason}") from None
@@ -568,18 +570,12 @@ class InstanceCache:
                 if entry.pins <= 0 and entry.complete and not entry.linked:
                     self._retire(entry)
                     gone = True
-        if gone:
-            now = self._clock()
-            if now - self._gave_way_said >= 60:
-                self._gave_way_said = now
-                log.info("The cache's disk was full: cached copies nobody was reading were deleted for an upload")
+        if gone and self._now_and_then("gave way"):
+            log.info("The cache's disk was full: cached copies nobody was reading were deleted for an upload")
         return gone
 
     def _free_bytes(self) -> int:
-        try:
-            disk = os.statvfs(self.directory) if hasattr(os, "statvfs") else None
-        except OSError:
-            return 0
+        disk = _statvfs(self.directory)
         return 0 if disk is None else disk.f_bavail * disk.f_frsize
 
     def evict(self, key: CacheKey) -> None:
@@ -648,14 +644,21 @@ class InstanceCache:
         """The disk space a file of ``size`` bytes takes: whole blocks."""
         return -(-size // self.block) * self.block
 
+    def _now_and_then(self, line: str) -> bool:
+        """Whether to log ``line`` now: each is said at most once a minute (a full disk fails
+        every read and write until there is room)."""
+        now = self._clock()
+        with self._said_lock:
+            if now - self._said.get(line, float("-inf")) < 60:
+                return False
+            self._said[line] = now
+            return True
+
     def _disk_full(self) -> None:
         """A download found the cache's disk full: said once a minute at ERROR (the read fails
         with ENOSPC, which would otherwise leave the user guessing which disk)."""
-        now = self._clock()
-        with self._lock:
-            if now - self._disk_full_said < 60:
-                return
-            self._disk_full_said = now
+        if not self._now_and_then("disk full"):
+            return
         log.error("The disk of the instance cache (%s) is full: files cannot be read through the mount until "
                   "there is room (free space there, or give a smaller --cacheSize)", self.directory)
 
@@ -735,10 +738,7 @@ class InstanceCache:
         The total counts what downloads in flight reserved; the part of it not written yet has
         not left the free space yet: it is taken off, or every reservation would raise the
         limit by as much as it adds, and read-ahead would overcommit the disk."""
-        try:
-            disk = os.statvfs(self.directory) if hasattr(os, "statvfs") else None
-        except OSError:
-            disk = None
+        disk = _statvfs(self.directory)
         if disk is None:
             return self.capacity
         free = disk.f_bavail * disk.f_frsize
