@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from dicomfuse.core import portable
 from dicomfuse.core.errors import FsError
+from dicomfuse.core.workdirs import make_again
 from dicomfuse.tracebacks import describe
 
 log = logging.getLogger(__name__)
@@ -283,12 +284,13 @@ class InstanceCache:
         workers: int = 8,
         clock: Callable[[], float] = time.monotonic,
         block: int = 1,
-        remake: Callable[[], None] | None = None,
+        remake: Callable[[], object] | None = None,
     ) -> None:
         self.directory = directory
         self.capacity = capacity
         self.block = max(1, block)
-        self._remake = remake  # makes the folder again (and what guards it) if it was removed
+        # Makes the folder again (and what guards it) if it was removed; OSError if it cannot.
+        self._remake = remake or (lambda: make_again(directory, "instance cache"))
         self.max_file = capacity // 4
         self.ttl = ttl
         self._clock = clock
@@ -487,16 +489,7 @@ class InstanceCache:
             except FileNotFoundError:
                 if self.directory.exists():
                     raise
-            from dicomfuse.core.workdirs import FolderError, private_dir
-
-            try:
-                if self._remake is not None:
-                    self._remake()
-                else:
-                    private_dir(self.directory)
-            except FolderError as exc:
-                raise OSError(errno.EIO, str(exc)) from None
-            log.warning("The instance cache folder %s had been removed; it is made again", self.directory)
+            self._remake()
             os.close(portable.open_fd(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC))
         except OSError as exc:
             code = exc.errno or errno.EIO

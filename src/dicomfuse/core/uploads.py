@@ -27,6 +27,7 @@ from typing import Any
 from dicomfuse.core import portable
 from dicomfuse.core.errors import FsError
 from dicomfuse.core.privacy import HIDDEN
+from dicomfuse.core.workdirs import make_again
 from dicomfuse.dicomfile import DicomUids, Unreadable, check_upload
 from dicomfuse.tracebacks import describe
 
@@ -238,24 +239,10 @@ class Spool:
         try:
             fd = portable.open_fd(path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
         except FileNotFoundError:
-            if not self._made_again(self.directory):
+            if not make_again(self.directory, "upload spool"):
                 raise
             fd = portable.open_fd(path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
         return path, fd
-
-    @staticmethod
-    def _made_again(folder: Path) -> bool:
-        """A spool folder removed while mounted is made again (0700); False if it was there."""
-        if folder.exists():
-            return False
-        from dicomfuse.core.workdirs import FolderError, private_dir
-
-        try:
-            private_dir(folder)
-        except FolderError as exc:
-            raise OSError(errno.EIO, str(exc)) from None
-        log.warning("The upload spool folder %s had been removed; it is made again", folder)
-        return True
 
     def keep_failed(self, path: Path, label: str, *, store: str | None = None, reason: str | None = None,
                     ours: bool = True) -> Path:
@@ -269,7 +256,7 @@ class Spool:
             safe += "_"  # kept bytes never look like a sidecar
         HIDDEN.hide_like(safe, label)  # the log line naming where it is kept hides it as it hid the name
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self._made_again(self.failed)
+        make_again(self.failed, "failed uploads")
         target = self.failed / f"{stamp}-{next(_NAMES)}-{safe}"
         while target.exists() or sidecar_path(target).exists():  # another process, same second
             target = self.failed / f"{stamp}-{next(_NAMES)}-{safe}"

@@ -154,6 +154,20 @@ def _check_own_dir(path: Path, *, windows: bool) -> None:
         os.close(fd)
 
 
+def make_again(folder: Path, what: str) -> bool:
+    """``folder``, one of this program's (``what`` names it in the log), made again (0700) if it
+    was removed while the mount runs (a cleaner, rm -rf of the cache folder); False if it is
+    there. OSError (EIO, with the reason) if it cannot be made safely."""
+    if folder.exists():
+        return False
+    try:
+        private_dir(folder)
+    except FolderError as exc:
+        raise OSError(errno.EIO, str(exc)) from None
+    log.warning("The %s folder %s had been removed; it is made again", what, folder)
+    return True
+
+
 class WorkDirs:
     """``root/mounts/<id>/cache`` for this mount (held by an flock while it lives) and
     ``root/spool`` shared by mounts of this user. ``root`` itself holds nothing else and is left
@@ -184,7 +198,14 @@ class WorkDirs:
     def restore(self) -> None:
         """This mount's folders, removed while it runs (a cleaner, rm -rf), made again and locked
         again, under mounts/.lock: without its lock another start would take the new cache
-        folder for a dead mount's and remove it."""
+        folder for a dead mount's and remove it. OSError (EIO) if they cannot be made safely."""
+        try:
+            self._restore()
+        except FolderError as exc:
+            raise OSError(errno.EIO, str(exc)) from None
+        log.warning("The instance cache folder %s had been removed; it is made again", self.cache)
+
+    def _restore(self) -> None:
         self.mounts = private_dir(self.mounts)
         guard = _lock_mounts(self.mounts)
         try:

@@ -52,7 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dicomfuse.core import portable
 from dicomfuse.core.uploads import write_json, write_json_atomic
-from dicomfuse.core.workdirs import private_dir
+from dicomfuse.core.workdirs import make_again, private_dir
 from dicomfuse.dicomfile import DicomUids, check_upload, is_uid
 from dicomfuse.stores.base import StoreError, Unavailable
 from dicomfuse.tracebacks import describe, format_without_messages
@@ -587,15 +587,12 @@ class WriteBackQueue:
         if self.directory.exists():
             return
         with self._cond:
-            if self.directory.exists():
+            if not make_again(self.directory, "write-back queue (and the uploads it held)"):
                 return
-            private_dir(self.directory)
             private_dir(self.failed_dir)
             old, self._lock_fd = self._lock_fd, _lock(self.directory / LOCK_NAME)
             if old is not None:
                 os.close(old)
-        log.warning("The write-back queue's folder %s had been removed (with the uploads it held); it is made "
-                    "again", self.directory)
 
     def _submit(self, item_id: str, store: str, uids: DicomUids, source: Path, durable: bool) -> QueuedUpload:
         self._folder_back()
