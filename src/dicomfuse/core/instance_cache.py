@@ -508,8 +508,12 @@ class InstanceCache:
             if entry.task is None and not entry.complete and entry.error is None:
                 entry.task = task
 
-    def release(self, entry: CachedInstance) -> None:
+    def release(self, entry: CachedInstance, *, gone: bool = False) -> None:
+        """Unpin ``entry``; ``gone``: its file was deleted behind the cache, so this copy is
+        forgotten (a newer copy of the instance is not touched)."""
         with self._lock:
+            if gone:
+                self._retire(entry)
             entry.pins -= 1
             if entry.pins <= 0 and entry.retired:
                 self._unlink(entry)

@@ -1310,24 +1310,21 @@ class Vfs:
         """The first read of ``handle``: its cache entry (pinned at open when it was cached then,
         else now, downloading it if needed), the cache file opened, and read-ahead told a
         program goes through this folder."""
-        cached = self._pin_copy(handle)
-        with handle.lock:
-            if handle.fd >= 0:
-                return cached
-            try:
-                handle.fd = portable.open_fd(cached.path, os.O_RDONLY)
-            except FileNotFoundError:
-                # Its file was deleted behind the mount (the cache folder removed): forgotten and
-                # downloaded again, once; nothing was read from it yet.
-                handle.entry = None
-                self.cache.release(cached)
-                self.cache.evict(self._key(handle.path))
-                cached = None
-        if cached is None:
+        for again in (True, False):
             cached = self._pin_copy(handle)
             with handle.lock:
-                if handle.fd < 0:
+                if handle.fd >= 0:
+                    return cached
+                try:
                     handle.fd = portable.open_fd(cached.path, os.O_RDONLY)
+                    break
+                except FileNotFoundError:
+                    if not again:
+                        raise
+                    # Its file was deleted behind the mount (the cache folder removed): that copy
+                    # is forgotten and the instance downloaded again; nothing was read from it yet.
+                    handle.entry = None
+                    self.cache.release(cached, gone=True)
         self.readahead.opened(handle.path)
         return cached
 
