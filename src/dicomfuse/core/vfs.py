@@ -1736,12 +1736,8 @@ class Vfs:
         results: list[tuple[QueuedUpload, bool, str | None]] = []
         try:
             self._send_batch_to(store, store_name, items, results)
-        except Unavailable:
-            raise  # the server could not be reached: the queue sends the batch again later
-        except LocalReadError as exc:  # this computer's trouble (no file descriptor left): waited for,
-            unavailable = Unavailable(str(exc))  # as a server that cannot be reached, not given up on
-            unavailable.unreachable = True
-            raise unavailable from None
+        except (Unavailable, LocalReadError):
+            raise  # the server could not be reached, or the files read: the queue sends them later
         except StoreError as exc:  # refused for good (permission, bad request): no retry helps
             done = {id(r[0]) for r in results}
             results += [(item, False, str(exc)) for item in items if id(item) not in done]

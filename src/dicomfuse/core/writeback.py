@@ -54,7 +54,7 @@ from dicomfuse.core import portable
 from dicomfuse.core.uploads import write_json, write_json_atomic
 from dicomfuse.core.workdirs import make_again, private_dir
 from dicomfuse.dicomfile import DicomUids, check_upload, is_uid
-from dicomfuse.stores.base import StoreError, Unavailable
+from dicomfuse.stores.base import LocalReadError, StoreError, Unavailable
 from dicomfuse.tracebacks import describe, format_without_messages
 
 log = logging.getLogger(__name__)
@@ -932,7 +932,9 @@ class WriteBackQueue:
                 answers[item.id] = (bool(stored), reason)
         except StoreError as exc:
             error = str(exc) or type(exc).__name__
-            unreachable = isinstance(exc, Unavailable) and exc.unreachable
+            # Waited for however long it lasts: a server that cannot be reached, or this
+            # computer unable to read the queued files for a while (no file descriptor left).
+            unreachable = (isinstance(exc, Unavailable) and exc.unreachable) or isinstance(exc, LocalReadError)
         except Exception as exc:  # a bug in send_batch: retried like a transient failure, never lost
             error = f"unexpected {type(exc).__name__}"
             log.error("Sending uploads of study %s to store %s raised an unexpected %s; they will be retried",
