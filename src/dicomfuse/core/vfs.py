@@ -1540,10 +1540,9 @@ class Vfs:
             raise FsError(errno.EFBIG, f"upload {h.path}: {size} bytes exceeds cacheSize/4", logging.ERROR)
         try:
             ident = inspect_dicom(h.spool_path)
-        except FsError as exc:
-            if exc.errno != errno.EINVAL:  # the file could not be read to check it: not refused
-                raise FsError(exc.errno or errno.EIO, f"upload {h.path}: {exc.strerror}", logging.ERROR) from None
-            raise FsError(errno.EINVAL, f"upload {h.path} refused: {exc.strerror}", logging.ERROR) from None
+        except FsError as exc:  # its errno as inspect_dicom says: EINVAL refuses the file, others are ours
+            refused = " refused" if exc.errno == errno.EINVAL else ""
+            raise FsError(exc.errno or errno.EIO, f"upload {h.path}{refused}: {exc.strerror}", logging.ERROR) from None
         replaced = self._replaced_by(h, ident)
         if not self.config.deletion_enabled:
             self._refuse_deleting(h, ident, replaced)
