@@ -51,11 +51,11 @@ from dicomfuse.stores.http import (
     TransferCut,
     body_errors,
     error_for_response,
-    is_path_token,
     make_session,
     parse_content_type,
     safe_path,
     server_error_detail,
+    without_path_tokens,
     write_all,
 )
 from dicomfuse.stores.transfer_syntax import (
@@ -141,15 +141,10 @@ def store_name_from_url(url: str) -> str:
 
     ``http://127.0.0.1:8042/dicom-web`` → ``127.0.0.1``;
     ``http://h:8080/dcm4chee-arc/aets/DCM4CHEE/rs`` → ``DCM4CHEE``."""
-    segments = [unquote(s) for s in urlsplit(url).path.split("/") if s]
-    for index in reversed(range(len(segments))):
-        segment = segments[index]
-        # An API version (Microsoft's DICOM service: /v1, /v2) names no store either, nor does
-        # an access token in the path or Kheops' "link" before it (its store is "api", as for
-        # Kheops' plain /api root).
-        if is_path_token(segments, index) or (segment == "link" and index + 1 < len(segments)
-                                               and is_path_token(segments, index + 1)):
-            continue
+    # An access token in the path names no store: a Kheops link's store is "api", as its root's.
+    segments = [unquote(s) for s in without_path_tokens(urlsplit(url).path).split("/") if s]
+    for segment in reversed(segments):
+        # An API version (Microsoft's DICOM service: /v1, /v2) names no store either.
         if segment.lower() not in GENERIC_PATH_SEGMENTS and not _API_VERSION.fullmatch(segment):
             return _folder_safe(segment)
     return host_name(url)

@@ -150,25 +150,23 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 # Error mapping
 
 
-_PATH_TOKENS = re.compile(r"(/api/link/)[^/?#]+|(/key_)[^/?#]+(?=/dicomweb(?:$|[/?#]))")
-"""Access tokens some servers take in the path instead of a header: Kheops' "link URL"
-(``/api/link/{token}/studies``) and LiteVNA's (``/key_{token}/dicomweb``)."""
+_PATH_TOKENS = re.compile(r"(?P<api>/api)/link/[^/?#]+|/key_[^/?#]+(?=/(?i:dicomweb)(?:$|[/?#]))")
+"""Access tokens some servers take in the path instead of a header, in these two shapes only (a
+dcm4chee AE title ``KEY_IMAGES`` is none): Kheops' "link URL" (``/api/link/{token}/studies``)
+and LiteVNA's (``/key_{token}/dicomweb``)."""
 
 TOKEN_SHOWN = "<token>"
 
 
 def hide_path_tokens(text: str) -> str:
     """``text`` (an address, a URL or its path) with access tokens in its path replaced."""
-    return _PATH_TOKENS.sub(lambda m: (m.group(1) or m.group(2)) + TOKEN_SHOWN, text)
+    return _PATH_TOKENS.sub(lambda m: f"{m['api']}/link/{TOKEN_SHOWN}" if m["api"] else f"/key_{TOKEN_SHOWN}", text)
 
 
-def is_path_token(segments: list[str], index: int) -> bool:
-    """Whether path segment ``index`` of ``segments`` is an access token (see above): only in
-    those two shapes (a dcm4chee AE title ``KEY_IMAGES`` is not one)."""
-    if index >= 2 and segments[index - 2] == "api" and segments[index - 1] == "link":
-        return True
-    return (segments[index].startswith("key_") and index + 1 < len(segments)
-            and segments[index + 1].lower() == "dicomweb")
+def without_path_tokens(path: str) -> str:
+    """``path`` as if it held no access token: Kheops' ``/api/link/{token}`` is its ``/api``
+    root, LiteVNA's ``/key_{token}/dicomweb`` its ``/dicomweb``."""
+    return _PATH_TOKENS.sub(lambda m: m["api"] or "", path)
 
 
 def safe_path(url: str) -> str:

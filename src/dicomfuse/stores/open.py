@@ -73,10 +73,11 @@ def without_login(address: str) -> str:
     a scheme) is dropped, and an access token in its path (Kheops' ``/link/{token}``) hidden."""
     text = address.strip()
     if _SCHEME_RE.match(text):
-        return hide_path_tokens(split_login(text)[0])
-    head, sep, rest = text.partition("/")  # user:password@host:8042/dicom-web, written without http://
-    if "@" in head and ":" in head.rsplit("@", 1)[0]:
-        return hide_path_tokens(head.rsplit("@", 1)[1] + sep + rest)
+        text = split_login(text)[0]
+    else:
+        head, sep, rest = text.partition("/")  # user:password@host:8042/dicom-web, written without http://
+        if "@" in head and ":" in head.rsplit("@", 1)[0]:
+            text = head.rsplit("@", 1)[1] + sep + rest
     return hide_path_tokens(text)
 
 
