@@ -135,7 +135,12 @@ class MessageFreeFormatter(logging.Formatter):
     Names users gave files (``core.privacy``) are shown as their placeholders."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        record.message = HIDDEN.redact(record.message)
+        # A record goes to up to four handlers (terminal, debug, info, error): hidden once.
+        done = getattr(record, "_dicomfuse_hidden", None)
+        if done is None or done[0] != record.message:
+            done = (record.message, HIDDEN.redact(record.message))
+            record._dicomfuse_hidden = done  # type: ignore[attr-defined]
+        record.message = done[1]
         return super().formatMessage(record)
 
     def formatException(  # noqa: N802 - logging's name
