@@ -11,6 +11,7 @@ placeholder for the life of the process, so the lines about one file can still b
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -22,7 +23,7 @@ OWN_NAMES = frozenset({"mounts", "cache", "spool", "failed", "writeback", "dicom
 """The mount's own folder names (``<cacheDir>/spool/failed``…): never hidden, or a stray ``ls
 store/cache`` would garble every later line naming the cache folder."""
 
-_BEFORE = frozenset("/-'\"")  # also as repr() quotes a name holding an apostrophe
+_BEFORE = re.compile("[/'\"-]")  # also " as repr() quotes a name holding an apostrophe
 _AFTER = frozenset(" \t\n)]};,:'\"/")
 
 
@@ -74,47 +75,38 @@ class HiddenNames:
             self._count(len(alias), +1)
 
     def _count(self, length: int, step: int) -> None:
+        """Caller holds _lock. Count a name of ``length`` in (+1) or out (-1)."""
+        known = length in self._lengths
         self._lengths[length] += step
         if self._lengths[length] <= 0:
             del self._lengths[length]
-        if step > 0 and self._lengths[length] == 1 or step < 0 and length not in self._lengths:
+        if (length in self._lengths) != known:
             self._by_length = sorted(self._lengths, reverse=True)
-
-    def placeholder(self, name: str) -> str | None:
-        with self._lock:
-            return self._names.get(name)
 
     def redact(self, text: str) -> str:
         """``text`` with every noted name that stands between the separators above replaced."""
         if not self._names:
             return text
+        out: list[str] = []
+        start, end = 0, len(text)
         with self._lock:
-            names, lengths = self._names, self._by_length
-            out: list[str] = []
-            start = i = 0
-            end = len(text)
-            while i < end:
-                if text[i] in _BEFORE:
-                    for length in lengths:
-                        stop = i + 1 + length
-                        if stop > end:
-                            continue
-                        if stop < end and text[stop] not in _AFTER:
-                            continue
-                        found = names.get(text[i + 1:stop])
-                        if found is not None:
-                            out.append(text[start:i + 1])
-                            out.append(found)
-                            start = i = stop
-                            break
-                    else:
-                        i += 1
-                else:
-                    i += 1
-            if not out:
-                return text
-            out.append(text[start:])
-            return "".join(out)
+            for before in _BEFORE.finditer(text):
+                first = before.end()
+                if first <= start:
+                    continue  # within a name just replaced
+                for length in self._by_length:  # the longest name that stands there
+                    stop = first + length
+                    if stop > end or (stop < end and text[stop] not in _AFTER):
+                        continue
+                    found = self._names.get(text[first:stop])
+                    if found is not None:
+                        out += (text[start:first], found)
+                        start = stop
+                        break
+        if not out:
+            return text
+        out.append(text[start:])
+        return "".join(out)
 
 
 HIDDEN = HiddenNames()
