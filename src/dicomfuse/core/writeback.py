@@ -574,28 +574,32 @@ class WriteBackQueue:
                 raise RuntimeError("the write-back queue is stopped")
             self._submitting.add(item_id)  # recover() running meanwhile must not take it for debris
         try:
-            return self._submit(item_id, store, uids, source, durable)
+            try:
+                return self._submit(item_id, store, uids, source, durable)
+            except FileNotFoundError:
+                if not self._folder_back():
+                    raise
+                return self._submit(item_id, store, uids, source, durable)
         finally:
             with self._cond:
                 self._submitting.discard(item_id)
                 if not self._accepting:
                     self._cond.notify_all()  # stop() waits for submits in progress
 
-    def _folder_back(self) -> None:
+    def _folder_back(self) -> bool:
         """The queue's folder removed while mounted (a cleaner, rm -rf of the cache folder): made
-        again (0700), with its lock taken again, or every copy in would fail with ENOENT."""
-        if self.directory.exists():
-            return
+        again (0700), with its lock taken again, or every copy in would fail with ENOENT. False
+        if it was there (asked only when a submit found no folder: no stat per upload)."""
         with self._cond:
             if not make_again(self.directory, "write-back queue (and the uploads it held)"):
-                return
+                return False
             private_dir(self.failed_dir)
             old, self._lock_fd = self._lock_fd, _lock(self.directory / LOCK_NAME)
             if old is not None:
                 os.close(old)
+            return True
 
     def _submit(self, item_id: str, store: str, uids: DicomUids, source: Path, durable: bool) -> QueuedUpload:
-        self._folder_back()
         item = QueuedUpload(
             id=item_id, store=store, uids=uids, size=os.stat(source).st_size,
             path=self.directory / (item_id + DATA_SUFFIX), attempts=0, queued_at=time.time(),
